@@ -1,0 +1,75 @@
+"""The one interface every model backend implements, and the settings they share.
+
+A backend turns validated requests (:mod:`ostiary.protocol.requests`) into normalized
+output (:mod:`ostiary.protocol.generation`). It raises only
+:class:`~ostiary.protocol.errors.OpenAIError` subclasses; anything else escaping a
+backend is a bug, which the runtime logs and shows the client as a plain 500.
+
+Generation is an async iterator of :class:`Delta` pieces that ends with exactly one
+:class:`Usage`. The runtime always closes the iterator (``aclose``), also when the
+client leaves early, and runs it inside a cancel scope: a backend must stop its work
+promptly when cancelled and must not hold a slot after ``aclose``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import attrs
+
+from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
+from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+__all__ = ["Backend", "BackendSettings", "Generation"]
+
+Generation = AsyncIterator[Delta | Usage]
+
+
+def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class BackendSettings:
+    """Keys every ``[[backends]]`` table has; each kind adds its own."""
+
+    name: str
+    kind: str
+    models: tuple[str, ...]
+    #: Requests this backend runs at once.
+    max_concurrency: int = attrs.field(default=64, validator=_positive)
+    #: Requests waiting for a slot before new ones are refused with 503.
+    max_queue: int = attrs.field(default=256, validator=_positive)
+
+
+class Backend(Protocol):
+    """A model backend. Constructed from its settings by the runtime, entered as an
+    async context manager (``async with backend:``) for its whole life."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def models(self) -> tuple[str, ...]: ...
+
+    async def __aenter__(self) -> Backend: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    def chat(self, request: ChatCompletionRequest) -> Generation:
+        """Generate a chat completion: Delta pieces, then one Usage."""
+        ...
+
+    def complete(self, request: CompletionRequest) -> Generation:
+        """Generate a text completion: Delta pieces, then one Usage."""
+        ...
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
+
+    async def check_ready(self) -> None:
+        """Return if the backend can serve now; raise an OpenAIError if not."""
+        ...
+
+

@@ -1,0 +1,52 @@
+"""What backends produce, normalized: the one vocabulary between backends and core.
+
+A generation is an async stream of :class:`Delta` (text or tool-call pieces for one
+choice, possibly with a finish reason) ending with one :class:`Usage`. Embeddings are
+an :class:`EmbeddingResult`.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["Delta", "EmbeddingResult", "FinishReason", "ToolCallDelta", "Usage"]
+
+#: The finish reasons OpenAI's API defines.
+FinishReason = str
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+
+
+@attrs.frozen
+class ToolCallDelta:
+    """A piece of one tool call: the first piece carries ``id`` and ``name``."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@attrs.frozen
+class Delta:
+    """New output for choice ``choice``; ``finish_reason`` set on its last piece."""
+
+    text: str = ""
+    choice: int = 0
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    finish_reason: FinishReason | None = None
+
+
+@attrs.frozen
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.frozen
+class EmbeddingResult:
+    vectors: tuple[tuple[float, ...], ...]
+    usage: Usage

@@ -13,7 +13,7 @@ promptly when cancelled and must not hold a slot after ``aclose``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 import attrs
@@ -23,12 +23,8 @@ from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, 
 
 __all__ = ["Backend", "BackendSettings", "Generation"]
 
-Generation = AsyncIterator[Delta | Usage]
-
-
-def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+#: What chat and completion calls return: an async generator the caller closes.
+Generation = AsyncGenerator[Delta | Usage, None]
 
 
 @attrs.frozen(kw_only=True)
@@ -39,9 +35,9 @@ class BackendSettings:
     kind: str
     models: tuple[str, ...]
     #: Requests this backend runs at once.
-    max_concurrency: int = attrs.field(default=64, validator=_positive)
+    max_concurrency: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     #: Requests waiting for a slot before new ones are refused with 503.
-    max_queue: int = attrs.field(default=256, validator=_positive)
+    max_queue: int = attrs.field(default=256, validator=attrs.validators.ge(1))
 
 
 class Backend(Protocol):
@@ -71,5 +67,3 @@ class Backend(Protocol):
     async def check_ready(self) -> None:
         """Return if the backend can serve now; raise an OpenAIError if not."""
         ...
-
-

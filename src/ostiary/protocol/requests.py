@@ -128,6 +128,24 @@ class ChatCompletionRequest:
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = attrs.field(default=None, eq=False)
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    verbosity: str | None = None
+    # Accepted as sent and forwarded to OpenAI-compatible upstreams untouched; the
+    # core does not read them. A backend that cannot honour one refuses it by name.
+    modalities: Any = attrs.field(default=None, eq=False)
+    audio: Any = attrs.field(default=None, eq=False)
+    prediction: Any = attrs.field(default=None, eq=False)
+    web_search_options: Any = attrs.field(default=None, eq=False)
+    functions: Any = attrs.field(default=None, eq=False)
+    function_call: Any = attrs.field(default=None, eq=False)
+    moderation: Any = attrs.field(default=None, eq=False)
+    prompt_cache_options: Any = attrs.field(default=None, eq=False)
+    prompt_cache_retention: Any = attrs.field(default=None, eq=False)
     raw: JsonObject = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
@@ -178,7 +196,7 @@ class CompletionRequest:
         if isinstance(p, str):
             return (p,)
         if p and isinstance(p[0], int):
-            return (p,)  # type: ignore[return-value]
+            return (p,)
         return p  # type: ignore[return-value]
 
 
@@ -197,5 +215,5 @@ class EmbeddingRequest:
         if isinstance(i, str):
             return (i,)
         if i and isinstance(i[0], int):
-            return (i,)  # type: ignore[return-value]
+            return (i,)
         return i  # type: ignore[return-value]

@@ -1,0 +1,131 @@
+"""A deterministic backend for tests and benchmarks.
+
+It answers every chat or completion request with the same reply, cut into ``chunks``
+pieces that arrive ``chunk_delay`` seconds apart, and embeds text into unit vectors
+derived from a hash of it. Everything it reports is computed, not made up: a "token"
+here is one chunk of the reply, and prompt tokens are whitespace-separated words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+
+import attrs
+import trio
+
+from ostiary.protocol.errors import InvalidRequestError
+from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
+from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+from .base import BackendSettings, Generation
+
+__all__ = ["ScriptedBackend", "ScriptedSettings"]
+
+
+@attrs.frozen(kw_only=True)
+class ScriptedSettings(BackendSettings):
+    kind: str = "scripted"
+    name: str = "scripted"
+    models: tuple[str, ...] = ("scripted",)
+    #: The reply every generation produces (cut into ``chunks`` pieces).
+    reply: str = "Hello from Ostiary's scripted backend. This reply is deterministic."
+    #: Pieces the reply is cut into; each counts as one completion token.
+    chunks: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    #: Seconds between pieces (0: as fast as the consumer takes them).
+    chunk_delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    #: Dimensions of the embeddings it returns.
+    embedding_dimensions: int = attrs.field(default=384, validator=attrs.validators.ge(1))
+
+
+def _cut(text: str, pieces: int) -> tuple[str, ...]:
+    """``text`` in ``pieces`` near-equal parts (empty parts when it is too short)."""
+    size, extra = divmod(len(text), pieces)
+    out = []
+    start = 0
+    for i in range(pieces):
+        end = start + size + (1 if i < extra else 0)
+        out.append(text[start:end])
+        start = end
+    return tuple(out)
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+class ScriptedBackend:
+    """Deterministic output with configurable timing (see module docstring)."""
+
+    def __init__(self, settings: ScriptedSettings) -> None:
+        self._settings = settings
+        self._pieces = _cut(settings.reply, settings.chunks)
+
+    @property
+    def name(self) -> str:
+        return self._settings.name
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self._settings.models
+
+    async def __aenter__(self) -> ScriptedBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def check_ready(self) -> None:
+        return None
+
+    def chat(self, request: ChatCompletionRequest) -> Generation:
+        prompt = sum(_words(m.text()) for m in request.messages)
+        return self._generate(prompt, request.n or 1, request.output_limit)
+
+    def complete(self, request: CompletionRequest) -> Generation:
+        prompts = request.prompts()
+        words = sum(_words(p) if isinstance(p, str) else len(p) for p in prompts)
+        return self._generate(words, (request.n or 1) * len(prompts), request.max_tokens)
+
+    async def _generate(self, prompt_tokens: int, choices: int, limit: int | None) -> Generation:
+        pieces = self._pieces if limit is None else self._pieces[:limit]
+        finish = "length" if len(pieces) < len(self._pieces) else "stop"
+        delay = self._settings.chunk_delay
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            if delay:
+                await trio.sleep(delay)
+            for choice in range(choices):
+                yield Delta(text=piece, choice=choice, finish_reason=finish if i == last else None)
+        yield Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces) * choices)
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        dims = self._settings.embedding_dimensions
+        if request.dimensions is not None and request.dimensions > dims:
+            raise InvalidRequestError(
+                f"Invalid 'dimensions': this model gives at most {dims}.",
+                param="dimensions",
+                code="invalid_value",
+            )
+        wanted = request.dimensions or dims
+        vectors = []
+        tokens = 0
+        for item in request.inputs():
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += _words(text) if isinstance(item, str) else len(item)
+            vectors.append(_unit_vector(text, wanted))
+        return EmbeddingResult(vectors=tuple(vectors), usage=Usage(prompt_tokens=tokens))
+
+
+def _unit_vector(text: str, dims: int) -> tuple[float, ...]:
+    """A unit vector determined by ``text`` alone (SHA-256 in counter mode)."""
+    raw = bytearray()
+    counter = 0
+    seed = text.encode("utf-8", "surrogateescape")
+    while len(raw) < dims * 2:
+        raw += hashlib.sha256(counter.to_bytes(4, "big") + seed).digest()
+        counter += 1
+    values = [v / 32768.0 - 1.0 for v in struct.unpack(f">{dims}H", bytes(raw[: dims * 2]))]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return tuple(v / norm for v in values)

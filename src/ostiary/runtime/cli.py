@@ -1,0 +1,112 @@
+"""The ``ostiary`` command line.
+
+``ostiary serve [--config F] [--host H] [--port P]``,
+``ostiary keys create --name N --role R`` (prints the secret, only that, on stdout),
+``ostiary keys list``, ``ostiary keys revoke ID``, ``ostiary config check F``.
+Every subcommand takes ``--config F``. Errors go to stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from .config import Config, ConfigError, default_config, load_config
+from .keystore import KeyStore, KeyStoreError
+from .logs import setup_logging
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ostiary", description="A secure, fair and fast OpenAI-compatible API server."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML config file")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the server")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", parents=[common], help="create a key")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True)
+    keys_sub.add_parser("list", parents=[common], help="list keys (never their secrets)")
+    revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key")
+    revoke.add_argument("id")
+
+    config = sub.add_parser("config", help="config files")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", parents=[common], help="validate a config file")
+    check.add_argument("file", nargs="?")
+    return parser
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path) if path else default_config()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    server = config.server
+    if args.host is not None:
+        server = attrs.evolve(server, host=args.host)
+    if args.port is not None:
+        server = attrs.evolve(server, port=args.port)
+    config = attrs.evolve(config, server=server)
+    setup_logging(server.log_level, server.log_format)
+    from .server import run_server
+
+    trio.run(run_server, config)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    store = KeyStore(_load(args.config).keys_db)
+    if args.keys_command == "create":
+        _, secret = store.create(args.name, args.role)
+        print(secret)
+    elif args.keys_command == "list":
+        for key in store.list():
+            state = "revoked" if key.revoked_at is not None else "active"
+            print(f"{key.id}\t{key.name}\t{key.role}\t{state}")
+    else:
+        store.revoke(args.id)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    if not path:
+        raise ConfigError("config check needs a FILE")
+    config = load_config(path)
+    models = sum(len(b.models) for b in config.backends)
+    print(f"{path}: ok ({len(config.backends)} backends, {models} models)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "keys":
+            return _keys(args)
+        return _config(args)
+    except (ConfigError, KeyStoreError) as exc:
+        print(f"ostiary: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The one config loader: a TOML file into frozen attrs settings.
+
+Tables: ``[server]`` (:class:`ServerSettings`, which includes the HTTP limits),
+``[auth]``, ``[limits]`` (:class:`~ostiary.protocol.request_limits.RequestLimits`)
+and ``[[backends]]`` (one table per backend; ``kind`` picks its settings class).
+An unknown key, a wrong type or a bad value is a :class:`ConfigError` naming the key
+and the file. With no file at all, :func:`default_config` gives the zero-config
+setup: one embedded backend (SmolLM2 and multilingual-e5-small).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from ostiary.backends import SETTINGS_BY_KIND, BackendSettings
+from ostiary.backends.embedded import EmbeddedSettings
+from ostiary.protocol.decoding import first_structure_error
+from ostiary.protocol.request_limits import RequestLimits
+
+from .http import HttpSettings
+
+__all__ = [
+    "AuthSettings",
+    "Config",
+    "ConfigError",
+    "ServerSettings",
+    "default_config",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+@attrs.frozen(kw_only=True)
+class ServerSettings(HttpSettings):
+    host: str = "127.0.0.1"
+    port: int = attrs.field(
+        default=8000, validator=[attrs.validators.ge(0), attrs.validators.le(65535)]
+    )
+    #: Where the key store and the bootstrap admin key live.
+    state_dir: str = ".ostiary"
+    #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    drain_timeout: float = attrs.field(default=15.0, validator=attrs.validators.ge(0))
+    #: One log record per request.
+    access_log: bool = True
+    log_level: str = attrs.field(default="info", validator=attrs.validators.in_(_LEVELS))
+    #: "json" (one object per line) or "text".
+    log_format: str = attrs.field(default="json", validator=attrs.validators.in_(("json", "text")))
+
+    def http(self) -> HttpSettings:
+        fields = {a.name for a in attrs.fields(HttpSettings)}
+        return HttpSettings(**{k: v for k, v in attrs.asdict(self).items() if k in fields})
+
+
+@attrs.frozen(kw_only=True)
+class AuthSettings:
+    #: SQLite file of API keys (default: ``<state_dir>/keys.sqlite3``).
+    keys_db: str | None = None
+    #: Seconds between checks of the key store for changes made with the CLI.
+    key_reload_interval: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    server: ServerSettings = attrs.field(factory=ServerSettings)
+    auth: AuthSettings = attrs.field(factory=AuthSettings)
+    limits: RequestLimits = attrs.field(factory=RequestLimits)
+    backends: tuple[BackendSettings, ...] = ()
+    #: The file it came from ("" for the built-in default).
+    source: str = ""
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.server.state_dir)
+
+    @property
+    def keys_db(self) -> Path:
+        if self.auth.keys_db:
+            return Path(self.auth.keys_db)
+        return self.state_dir / "keys.sqlite3"
+
+
+def _converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+    def strict(kind: type, label: str) -> Any:
+        def hook(value: object, _: object) -> object:
+            if type(value) is kind:
+                return value
+            raise TypeError(f"expected {label}, got {type(value).__name__}")
+
+        return hook
+
+    def number(value: object, _: object) -> float:
+        if type(value) is float or type(value) is int:
+            return float(value)
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+
+    conv.register_structure_hook(str, strict(str, "a string"))
+    conv.register_structure_hook(int, strict(int, "an integer"))
+    conv.register_structure_hook(float, number)
+    conv.register_structure_hook(bool, strict(bool, "a boolean"))
+
+    def backend(value: object, _: object) -> BackendSettings:
+        if not isinstance(value, dict):
+            raise TypeError("expected a table")
+        kind = value.get("kind")
+        cls = SETTINGS_BY_KIND.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise ValueError(
+                f"kind must be one of {', '.join(sorted(SETTINGS_BY_KIND))}, got {kind!r}"
+            )
+        return conv.structure(value, cls)
+
+    conv.register_structure_hook(BackendSettings, backend)
+    return conv
+
+
+_CONVERTER = _converter()
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Parse TOML ``text`` read from ``source`` (named in every error)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = _CONVERTER.structure(data, Config)
+    except (ClassValidationError, IterableValidationError) as exc:
+        raise ConfigError(_describe(exc, source, data)) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    config = attrs.evolve(config, source=source)
+    _check(config)
+    return config
+
+
+def _describe(exc: BaseException, source: str, data: dict[str, Any]) -> str:
+    leaf, path = first_structure_error(exc)
+    path = _backend_path(path, data)
+    if isinstance(leaf, ForbiddenExtraKeysError):
+        key = sorted(leaf.extra_fields)[0]
+        where = f"{path}.{key}" if path else key
+        return f"{source}: unknown key '{where}'"
+    if isinstance(leaf, KeyError):
+        return f"{source}: missing required key '{path}'"
+    return f"{source}: invalid value for '{path}': {leaf}"
+
+
+def _backend_path(path: str, data: dict[str, Any]) -> str:
+    """``backends[1]`` reads better as ``backends[1] (name "x")``."""
+    if not path.startswith("backends["):
+        return path
+    index = int(path[len("backends[") : path.index("]")])
+    backends = data.get("backends")
+    if isinstance(backends, list) and index < len(backends):
+        name = backends[index].get("name") if isinstance(backends[index], dict) else None
+        if isinstance(name, str):
+            return path.replace(f"backends[{index}]", f'backends[{index}] ("{name}")', 1)
+    return path
+
+
+def _check(config: Config) -> None:
+    source = config.source
+    if not config.backends:
+        raise ConfigError(f"{source}: no [[backends]] configured")
+    names: set[str] = set()
+    models: dict[str, str] = {}
+    for b in config.backends:
+        if b.name in names:
+            raise ConfigError(f"{source}: two backends are named '{b.name}'")
+        names.add(b.name)
+        if not b.models:
+            raise ConfigError(f"{source}: backend '{b.name}' lists no models")
+        for model in b.models:
+            if model in models:
+                raise ConfigError(
+                    f"{source}: model '{model}' is served by both '{models[model]}' and '{b.name}'"
+                )
+            models[model] = b.name
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    return parse_config(text, str(p))
+
+
+def default_config() -> Config:
+    """The zero-config setup: the embedded local model."""
+    return Config(backends=(EmbeddedSettings(),), source="(built-in default)")

@@ -1,0 +1,422 @@
+"""An HTTP/1.1 server: h11 driven directly over trio sockets, one task per connection.
+
+Defences, each a setting with a default (:class:`HttpSettings`): a deadline for the
+request head counted from its first byte (slow-loris), a deadline for the body, an
+idle deadline between keep-alive requests, a deadline for every write (a client that
+stops reading is dropped), bounds on head and body size (413 from ``content-length``
+alone, before a byte of the body is read), a bound on connections (503 beyond), a
+bound on requests per connection, refusal of ``content-length`` together with
+``transfer-encoding`` (request smuggling: 400 and close; h11 already refuses
+conflicting lengths), ``expect: 100-continue`` answered only when we mean to read the
+body, and a graceful drain: on :meth:`HttpServer.drain` no new connections are taken,
+idle ones close at once, and busy ones close after their current response.
+
+While a request is being handled, a watcher reads from the socket: if the client goes
+away, the handler's cancel scope is cancelled at once, so its backend work stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import attrs
+import h11
+import trio
+
+__all__ = ["ClientDisconnected", "HttpRequest", "HttpServer", "HttpSettings", "Responder"]
+
+log = logging.getLogger("ostiary.http")
+
+Header = tuple[bytes, bytes]
+_READ_SIZE = 65536
+_SERVER_HEADER = (b"server", b"ostiary")
+
+
+@attrs.frozen(kw_only=True)
+class HttpSettings:
+    """Connection-level limits; the ``[server]`` table of the config file."""
+
+    #: Seconds from a request's first byte until its head must be complete.
+    header_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    #: Seconds from the end of the head until the body must be complete.
+    body_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    #: Seconds a keep-alive connection may wait for its next request.
+    idle_timeout: float = attrs.field(default=75.0, validator=attrs.validators.gt(0))
+    #: Seconds one write may take (a client that stops reading is dropped).
+    send_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    #: Bytes of a request line plus headers.
+    max_header_bytes: int = attrs.field(default=16 * 1024, validator=attrs.validators.gt(0))
+    #: Connections open at once; more get 503 and are closed.
+    max_connections: int = attrs.field(default=1024, validator=attrs.validators.gt(0))
+    #: Requests served on one connection before it is closed.
+    max_requests_per_connection: int = attrs.field(default=10_000, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen
+class HttpRequest:
+    method: str
+    target: str
+    headers: tuple[Header, ...]
+    body: bytes
+    client: str
+
+
+class ClientDisconnected(Exception):
+    """The client went away (or stopped reading) before the response was complete."""
+
+
+Handler = Callable[[HttpRequest, "Responder"], Awaitable[None]]
+
+
+class Responder:
+    """Writes one response: whole (:meth:`respond`) or streamed (:meth:`start`,
+    :meth:`send`, :meth:`end`). Raises :class:`ClientDisconnected` if the client is
+    gone or too slow to read."""
+
+    __slots__ = ("_close", "_conn", "_send_timeout", "_stream", "finished", "started")
+
+    def __init__(
+        self, conn: h11.Connection, stream: trio.abc.Stream, send_timeout: float, close: bool
+    ) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._send_timeout = send_timeout
+        self._close = close
+        self.started = False
+        self.finished = False
+
+    def _headers(self, headers: tuple[Header, ...] | list[Header]) -> list[Header]:
+        out = [_SERVER_HEADER, *headers]
+        if self._close:
+            out.append((b"connection", b"close"))
+        return out
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            with trio.fail_after(self._send_timeout):
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            raise ClientDisconnected() from exc
+
+    async def respond(self, status: int, headers: tuple[Header, ...], body: bytes) -> None:
+        conn = self._conn
+        hdrs = self._headers(headers)
+        hdrs.append((b"content-length", str(len(body)).encode()))
+        data = conn.send(h11.Response(status_code=status, headers=hdrs))
+        assert data is not None
+        if body:
+            data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        self.started = self.finished = True
+        await self._write(data)
+
+    async def start(self, status: int, headers: tuple[Header, ...]) -> None:
+        hdrs = self._headers(headers)
+        hdrs.append((b"transfer-encoding", b"chunked"))
+        data = self._conn.send(h11.Response(status_code=status, headers=hdrs))
+        self.started = True
+        await self._write(data or b"")
+
+    async def send(self, data: bytes) -> None:
+        if data:
+            await self._write(self._conn.send(h11.Data(data=data)) or b"")
+
+    async def end(self) -> None:
+        self.finished = True
+        await self._write(self._conn.send(h11.EndOfMessage()) or b"")
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error_body(status: int, message: str) -> bytes:
+    # The OpenAI error shape, written by hand: this module knows nothing of the core.
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    escaped = message.replace("\\", "\\\\").replace('"', '\\"')
+    return (
+        f'{{"error":{{"message":"{escaped}","type":"{kind}","param":null,"code":null}}}}'
+    ).encode()
+
+
+def _event(conn: h11.Connection) -> object:
+    try:
+        return conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise _BadRequest(exc.error_status_hint, "Malformed HTTP request.") from None
+
+
+class HttpServer:
+    """Serves ``handler`` on listeners until cancelled (see the module docstring)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        settings: HttpSettings | None = None,
+        *,
+        max_body_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self._handler = handler
+        self.settings = settings if settings is not None else HttpSettings()
+        #: The core's ``limits.max_body_bytes``: one limit, enforced while reading.
+        self.max_body_bytes = max_body_bytes
+        self._connections = 0
+        self._idle: set[trio.CancelScope] = set()
+        self._draining = False
+        self._accepting = trio.CancelScope()
+        self._all_closed = trio.Event()
+        self._all_closed.set()
+
+    @property
+    def connections(self) -> int:
+        return self._connections
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until :meth:`drain`, then wait for the open ones to
+        close (cancel the caller's scope to stop them sooner)."""
+        async with trio.open_nursery() as handlers:
+            with self._accepting:
+                task_status.started()
+                await trio.serve_listeners(
+                    self._serve_connection, listeners, handler_nursery=handlers
+                )
+            for listener in listeners:
+                await listener.aclose()
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, close idle connections, and wait (until ``deadline``,
+        trio time) for busy ones to finish their current response."""
+        self._draining = True
+        self._accepting.cancel()
+        for scope in list(self._idle):
+            scope.cancel()
+        with trio.move_on_at(deadline):
+            await self._all_closed.wait()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        settings = self.settings
+        if self._connections >= settings.max_connections or self._draining:
+            await self._refuse(stream)
+            return
+        self._connections += 1
+        self._all_closed = self._all_closed if self._connections > 1 else trio.Event()
+        try:
+            await self._connection_loop(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ClientDisconnected):
+            pass
+        finally:
+            self._connections -= 1
+            if self._connections == 0:
+                self._all_closed.set()
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        body = _error_body(503, "The server is at its connection limit; retry shortly.")
+        head = (
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"retry-after: 1\r\nretry-after-ms: 1000\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        with (
+            trio.move_on_after(1.0),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_all(head + body)
+        await trio.aclose_forcefully(stream)
+
+    async def _connection_loop(self, stream: trio.SocketStream) -> None:
+        settings = self.settings
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
+        try:
+            peer = stream.socket.getpeername()
+            client = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        except OSError:
+            client = ""
+        served = 0
+        while True:
+            try:
+                request = await self._read_request(conn, stream, client, first=served == 0)
+            except _BadRequest as bad:
+                await self._reject(conn, stream, bad)
+                return
+            if request is None:
+                return
+            served += 1
+            close = self._draining or served >= settings.max_requests_per_connection
+            responder = Responder(conn, stream, settings.send_timeout, close)
+            gone = await self._handle(request, responder, conn, stream)
+            if gone:
+                return
+            if not responder.finished:
+                # The handler must always answer; if it did not, the connection is
+                # in an unknown state and is closed.
+                log.error("handler returned without a complete response")
+                return
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _handle(
+        self,
+        request: HttpRequest,
+        responder: Responder,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+    ) -> bool:
+        """Run the handler with a disconnect watcher; True if the client went away."""
+        gone = False
+        async with trio.open_nursery() as nursery:
+            handler_scope = trio.CancelScope()
+
+            async def watch() -> None:
+                nonlocal gone
+                buffered = 0
+                while buffered <= self.settings.max_header_bytes:
+                    try:
+                        data = await stream.receive_some(_READ_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    if not data:
+                        gone = True
+                        handler_scope.cancel()
+                        return
+                    buffered += len(data)
+                    conn.receive_data(data)  # a pipelined request, kept for later
+
+            nursery.start_soon(watch)
+            with handler_scope:
+                try:
+                    await self._handler(request, responder)
+                except ClientDisconnected:
+                    gone = True
+            nursery.cancel_scope.cancel()
+        return gone
+
+    async def _read_request(
+        self, conn: h11.Connection, stream: trio.SocketStream, client: str, *, first: bool
+    ) -> HttpRequest | None:
+        settings = self.settings
+        event = _event(conn)
+        if event is h11.NEED_DATA:
+            # Wait for the first byte (idle deadline), then for the whole head.
+            idle = trio.CancelScope(
+                deadline=trio.current_time()
+                + (settings.header_timeout if first else settings.idle_timeout)
+            )
+            self._idle.add(idle)
+            try:
+                if self._draining:
+                    return None
+                with idle:
+                    data = await stream.receive_some(_READ_SIZE)
+                if idle.cancelled_caught:
+                    return None
+            finally:
+                self._idle.discard(idle)
+            if not data:
+                return None
+            conn.receive_data(data)
+            with trio.move_on_after(settings.header_timeout) as head_scope:
+                event = await self._next_event(conn, stream)
+            if head_scope.cancelled_caught:
+                raise _BadRequest(408, "Timed out waiting for the request headers.")
+        elif event is h11.PAUSED:
+            return None
+        if isinstance(event, h11.ConnectionClosed) or event is h11.NEED_DATA:
+            return None
+        if not isinstance(event, h11.Request):
+            raise _BadRequest(400, "Malformed request.")
+        headers = tuple(event.headers)
+        length: int | None = None
+        chunked = False
+        for name, value in headers:
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        if length is not None and chunked:
+            raise _BadRequest(400, "Content-Length and Transfer-Encoding must not both be set.")
+        if length is not None and length > self.max_body_bytes:
+            raise _BadRequest(413, f"The request body is larger than {self.max_body_bytes} bytes.")
+        body = b""
+        if length or chunked:
+            with trio.move_on_after(settings.body_timeout) as body_scope:
+                body = await self._read_body(conn, stream)
+            if body_scope.cancelled_caught:
+                raise _BadRequest(408, "Timed out waiting for the request body.")
+        else:
+            end = _event(conn)
+            if not isinstance(end, h11.EndOfMessage):
+                raise _BadRequest(400, "Malformed request.")
+        return HttpRequest(
+            method=event.method.decode("ascii", "replace"),
+            target=event.target.decode("ascii", "replace"),
+            headers=headers,
+            body=body,
+            client=client,
+        )
+
+    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream) -> object:
+        while True:
+            event = _event(conn)
+            if event is not h11.NEED_DATA:
+                return event
+            if conn.they_are_waiting_for_100_continue:
+                await stream.send_all(
+                    conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                )
+            data = await stream.receive_some(_READ_SIZE)
+            if not data:
+                raise _BadRequest(400, "The request ended early.")
+            conn.receive_data(data)
+
+    async def _read_body(self, conn: h11.Connection, stream: trio.SocketStream) -> bytes:
+        limit = self.max_body_bytes
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._next_event(conn, stream)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise _BadRequest(413, f"The request body is larger than {limit} bytes.")
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            else:
+                raise _BadRequest(400, "Malformed request body.")
+
+    async def _reject(
+        self, conn: h11.Connection, stream: trio.SocketStream, bad: _BadRequest
+    ) -> None:
+        """Answer a request we could not read, then close the connection."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = _error_body(bad.status, bad.message)
+        headers = [
+            _SERVER_HEADER,
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            data = conn.send(h11.Response(status_code=bad.status, headers=headers)) or b""
+            data += conn.send(h11.Data(data=body)) or b""
+            data += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            return
+        with trio.move_on_after(self.settings.send_timeout):
+            await stream.send_all(data)

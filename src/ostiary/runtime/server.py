@@ -1,0 +1,119 @@
+"""Running the server: key store, backends, gateway, driver and HTTP in one nursery.
+
+:func:`run_server` is what ``ostiary serve`` runs. It loads the keys (writing a
+bootstrap admin key on first start), enters every backend, serves until SIGINT or
+SIGTERM, then drains: no new connections, in-flight requests get ``drain_timeout``
+seconds to finish, then everything left is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from contextlib import AsyncExitStack
+
+import trio
+
+from ostiary.backends import Backend, create_backend
+from ostiary.protocol.gateway import Gateway, ModelRoute
+
+from .config import Config
+from .driver import BackendSlots, Driver
+from .http import HttpServer
+from .keystore import KeyStore, KeyStoreError, write_bootstrap_key
+
+__all__ = ["bootstrap_keys", "run_server"]
+
+log = logging.getLogger("ostiary.server")
+
+
+def bootstrap_keys(config: Config) -> KeyStore:
+    """Open the key store; on an empty one, create the bootstrap admin key and write
+    it to ``<state_dir>/admin.key`` (mode 0600). Logs the path, never the key."""
+    store = KeyStore(config.keys_db)
+    _, _, total = store.load()
+    if total == 0:
+        _, secret = store.create("bootstrap-admin", "admin")
+        path = config.state_dir / "admin.key"
+        write_bootstrap_key(path, secret)
+        log.warning(
+            "created a bootstrap admin key", extra={"fields": {"path": str(path.resolve())}}
+        )
+    return store
+
+
+async def _watch_keys(store: KeyStore, gateway: Gateway, generation: int, every: float) -> None:
+    """Swap in a fresh key table whenever the store's change counter moves."""
+    while True:
+        await trio.sleep(every)
+        try:
+            current = await trio.to_thread.run_sync(store.generation)
+            if current != generation:
+                generation, table, _ = await trio.to_thread.run_sync(store.load)
+                gateway.keys = table
+                log.info("reloaded API keys", extra={"fields": {"active_keys": len(table.keys)}})
+        except KeyStoreError as exc:
+            log.error("cannot reload API keys", extra={"fields": {"error": str(exc)}})
+
+
+async def run_server(
+    config: Config,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``config`` until a signal (or cancellation); ``task_status.started``
+    reports the bound listeners (useful with port 0)."""
+    store = await trio.to_thread.run_sync(bootstrap_keys, config)
+    generation, table, _ = await trio.to_thread.run_sync(store.load)
+    routes = [ModelRoute(m, b.name, owned_by=b.name) for b in config.backends for m in b.models]
+    gateway = Gateway(routes=routes, keys=table, limits=config.limits, created=int(time.time()))
+    async with AsyncExitStack() as stack:
+        backends: dict[str, Backend] = {}
+        for settings in config.backends:
+            backend = create_backend(settings)
+            backends[settings.name] = await stack.enter_async_context(backend)
+            log.info(
+                "backend ready",
+                extra={
+                    "fields": {
+                        "backend": settings.name,
+                        "kind": settings.kind,
+                        "models": list(settings.models),
+                    }
+                },
+            )
+        slots = {b.name: BackendSlots(b.max_concurrency, b.max_queue) for b in config.backends}
+        driver = Driver(gateway, backends, slots, access_log=config.server.access_log)
+        server = HttpServer(
+            driver, config.server.http(), max_body_bytes=config.limits.max_body_bytes
+        )
+        listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _watch_keys, store, gateway, generation, config.auth.key_reload_interval
+            )
+            await nursery.start(server.serve, listeners)
+            for listener in listeners:
+                host, port = listener.socket.getsockname()[:2]
+                log.info("listening", extra={"fields": {"url": f"http://{host}:{port}"}})
+            task_status.started(listeners)
+            if not handle_signals:
+                await trio.sleep_forever()
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info(
+                        "draining",
+                        extra={
+                            "fields": {
+                                "signal": signal.Signals(signum).name,
+                                "in_flight": gateway.in_flight,
+                                "timeout_s": config.server.drain_timeout,
+                            }
+                        },
+                    )
+                    break
+            await server.drain(trio.current_time() + config.server.drain_timeout)
+            nursery.cancel_scope.cancel()
+    log.info("stopped")

@@ -18,7 +18,9 @@ away, the handler's cancel scope is cancelled at once, so its backend work stops
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from http import HTTPStatus
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -104,7 +106,7 @@ class Responder:
         conn = self._conn
         hdrs = self._headers(headers)
         hdrs.append((b"content-length", str(len(body)).encode()))
-        data = conn.send(h11.Response(status_code=status, headers=hdrs))
+        data = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_reason(status)))
         assert data is not None
         if body:
             data += conn.send(h11.Data(data=body)) or b""
@@ -115,7 +117,9 @@ class Responder:
     async def start(self, status: int, headers: tuple[Header, ...]) -> None:
         hdrs = self._headers(headers)
         hdrs.append((b"transfer-encoding", b"chunked"))
-        data = self._conn.send(h11.Response(status_code=status, headers=hdrs))
+        data = self._conn.send(
+            h11.Response(status_code=status, headers=hdrs, reason=_reason(status))
+        )
         self.started = True
         await self._write(data or b"")
 
@@ -126,6 +130,14 @@ class Responder:
     async def end(self) -> None:
         self.finished = True
         await self._write(self._conn.send(h11.EndOfMessage()) or b"")
+
+
+@functools.cache
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 class _BadRequest(Exception):
@@ -142,6 +154,16 @@ def _error_body(status: int, message: str) -> bytes:
     return (
         f'{{"error":{{"message":"{escaped}","type":"{kind}","param":null,"code":null}}}}'
     ).encode()
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    """The client's address, or "" for a stream that is not a socket."""
+    sock = getattr(stream, "socket", None)
+    try:
+        peer = sock.getpeername() if sock is not None else ""
+    except OSError:
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 def _event(conn: h11.Connection) -> object:
@@ -188,7 +210,7 @@ class HttpServer:
             with self._accepting:
                 task_status.started()
                 await trio.serve_listeners(
-                    self._serve_connection, listeners, handler_nursery=handlers
+                    self.serve_connection, listeners, handler_nursery=handlers
                 )
             for listener in listeners:
                 await listener.aclose()
@@ -203,7 +225,9 @@ class HttpServer:
         with trio.move_on_at(deadline):
             await self._all_closed.wait()
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until it closes (public so tests and other
+        transports can hand in any trio stream)."""
         settings = self.settings
         if self._connections >= settings.max_connections or self._draining:
             await self._refuse(stream)
@@ -220,7 +244,7 @@ class HttpServer:
                 self._all_closed.set()
             await trio.aclose_forcefully(stream)
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
+    async def _refuse(self, stream: trio.abc.Stream) -> None:
         body = _error_body(503, "The server is at its connection limit; retry shortly.")
         head = (
             b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -234,14 +258,10 @@ class HttpServer:
             await stream.send_all(head + body)
         await trio.aclose_forcefully(stream)
 
-    async def _connection_loop(self, stream: trio.SocketStream) -> None:
+    async def _connection_loop(self, stream: trio.abc.Stream) -> None:
         settings = self.settings
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
-        try:
-            peer = stream.socket.getpeername()
-            client = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        except OSError:
-            client = ""
+        client = _peer(stream)
         served = 0
         while True:
             try:
@@ -274,7 +294,7 @@ class HttpServer:
         request: HttpRequest,
         responder: Responder,
         conn: h11.Connection,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
     ) -> bool:
         """Run the handler with a disconnect watcher; True if the client went away."""
         gone = False
@@ -294,7 +314,7 @@ class HttpServer:
                         handler_scope.cancel()
                         return
                     buffered += len(data)
-                    conn.receive_data(data)  # a pipelined request, kept for later
+                    conn.receive_data(bytes(data))  # a pipelined request, kept for later
 
             nursery.start_soon(watch)
             with handler_scope:
@@ -306,7 +326,7 @@ class HttpServer:
         return gone
 
     async def _read_request(
-        self, conn: h11.Connection, stream: trio.SocketStream, client: str, *, first: bool
+        self, conn: h11.Connection, stream: trio.abc.Stream, client: str, *, first: bool
     ) -> HttpRequest | None:
         settings = self.settings
         event = _event(conn)
@@ -328,7 +348,7 @@ class HttpServer:
                 self._idle.discard(idle)
             if not data:
                 return None
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             with trio.move_on_after(settings.header_timeout) as head_scope:
                 event = await self._next_event(conn, stream)
             if head_scope.cancelled_caught:
@@ -369,7 +389,7 @@ class HttpServer:
             client=client,
         )
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream) -> object:
+    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream) -> object:
         while True:
             event = _event(conn)
             if event is not h11.NEED_DATA:
@@ -381,9 +401,9 @@ class HttpServer:
             data = await stream.receive_some(_READ_SIZE)
             if not data:
                 raise _BadRequest(400, "The request ended early.")
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
 
-    async def _read_body(self, conn: h11.Connection, stream: trio.SocketStream) -> bytes:
+    async def _read_body(self, conn: h11.Connection, stream: trio.abc.Stream) -> bytes:
         limit = self.max_body_bytes
         parts: list[bytes] = []
         size = 0
@@ -400,7 +420,7 @@ class HttpServer:
                 raise _BadRequest(400, "Malformed request body.")
 
     async def _reject(
-        self, conn: h11.Connection, stream: trio.SocketStream, bad: _BadRequest
+        self, conn: h11.Connection, stream: trio.abc.Stream, bad: _BadRequest
     ) -> None:
         """Answer a request we could not read, then close the connection."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -413,7 +433,10 @@ class HttpServer:
             (b"connection", b"close"),
         ]
         try:
-            data = conn.send(h11.Response(status_code=bad.status, headers=headers)) or b""
+            response = h11.Response(
+                status_code=bad.status, headers=headers, reason=_reason(bad.status)
+            )
+            data = conn.send(response) or b""
             data += conn.send(h11.Data(data=body)) or b""
             data += conn.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:

@@ -1,0 +1,359 @@
+"""Strict request decoding: every failure is a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ostiary.protocol.decoding import (
+    decode_chat,
+    decode_completion,
+    decode_embedding,
+    parse_json_object,
+)
+from ostiary.protocol.errors import InvalidRequestError, OpenAIError
+from ostiary.protocol.request_limits import RequestLimits
+
+LIMITS = RequestLimits()
+USER = {"role": "user", "content": "hi"}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "messages": [USER]}
+    body.update(fields)
+    return body
+
+
+def reject(body: dict[str, Any] | bytes, limits: RequestLimits = LIMITS) -> InvalidRequestError:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    with pytest.raises(InvalidRequestError) as info:
+        decode_chat(raw, limits)
+    assert info.value.status == 400
+    assert info.value.type == "invalid_request_error"
+    return info.value
+
+
+def test_minimal_chat_request() -> None:
+    req = decode_chat(orjson.dumps(chat()), LIMITS)
+    assert req.model == "m"
+    assert req.messages[0].text() == "hi"
+    assert req.stream is False
+    assert req.raw == chat()
+
+
+def test_full_chat_request() -> None:
+    body = chat(
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]},
+        ],
+        stream=True,
+        stream_options={"include_usage": True},
+        max_completion_tokens=10,
+        max_tokens=20,
+        n=2,
+        temperature=0,
+        top_p=0.5,
+        stop=["x", "y"],
+        seed=1,
+        presence_penalty=-1.5,
+        frequency_penalty=1,
+        logit_bias={"12": -100},
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        response_format={"type": "json_object"},
+        user="u",
+        metadata={"a": "b"},
+    )
+    req = decode_chat(orjson.dumps(body), LIMITS)
+    assert req.messages[1].text() == "ab"
+    assert req.messages[2].tool_calls is not None
+    assert req.messages[2].tool_calls[0].function.name == "f"
+    assert req.messages[4].content is not None and not isinstance(req.messages[4].content, str)
+    assert req.messages[4].content[0].data == {"type": "image_url", "image_url": {"url": "data:x"}}
+    assert req.include_usage
+    assert req.output_limit == 10
+    assert req.stop == ("x", "y")
+    assert req.temperature == 0.0 and isinstance(req.temperature, float)
+    assert req.tool_choice is not None and req.tool_choice.function == "f"
+
+
+def test_stop_string_becomes_one_sequence() -> None:
+    assert decode_chat(orjson.dumps(chat(stop="END")), LIMITS).stop == ("END",)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        (chat(foo=1), "foo", "Unrecognized request argument supplied: foo"),
+        (chat(raw={}), "raw", "Unrecognized request argument supplied: raw"),
+        ({"model": "m"}, "messages", "Missing required parameter"),
+        ({"messages": [USER]}, "model", "Missing required parameter"),
+        (chat(model=5), "model", "expected a string, but got an integer"),
+        (chat(model=""), "model", "must not be empty"),
+        (chat(messages="hi"), "messages", "expected an array, but got a string"),
+        (chat(messages=[]), "messages", "empty array"),
+        (chat(messages=[{"role": "bot", "content": "x"}]), "messages[0].role", "must be one of"),
+        (chat(messages=[{"role": "user"}]), "messages[0].content", "Missing required"),
+        (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content", "expected a string"),
+        (chat(messages=[{"role": "user", "content": "x", "x": 1}]), "messages[0].x", "Unrecognized"),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+            "messages[0].content[0].text",
+            "expected a string, but got null",
+        ),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "video"}]}]),
+            "messages[0].content[0].type",
+            "must be one of",
+        ),
+        (
+            chat(messages=[{"role": "user", "content": [{"text": "a"}]}]),
+            "messages[0].content[0].type",
+            "Missing required",
+        ),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]),
+            "messages[0].content[0].image_url",
+            "expected an object",
+        ),
+        (chat(messages=[{"role": "assistant"}]), "messages[0].content", "needs 'content' or"),
+        (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0].tool_call_id", "Missing"),
+        (
+            chat(messages=[{"role": "user", "content": "x", "tool_calls": []}]),
+            "messages[0].tool_calls",
+            "only assistant",
+        ),
+        (chat(temperature="1"), "temperature", "expected a number, but got a string"),
+        (chat(temperature=True), "temperature", "expected a number, but got a boolean"),
+        (chat(temperature=2.5), "temperature", "above maximum"),
+        (chat(top_p=-0.1), "top_p", "below minimum"),
+        (chat(presence_penalty=3), "presence_penalty", "above maximum"),
+        (chat(frequency_penalty=-3), "frequency_penalty", "below minimum"),
+        (chat(n=0), "n", "below minimum"),
+        (chat(n=9), "n", "above maximum"),
+        (chat(n=1.0), "n", "expected an integer, but got a decimal"),
+        (chat(max_tokens="5"), "max_tokens", "expected an integer"),
+        (chat(max_tokens=0), "max_tokens", "below minimum"),
+        (chat(max_tokens=10**9), "max_tokens", "above maximum"),
+        (chat(max_completion_tokens=0), "max_completion_tokens", "below minimum"),
+        (chat(stream="yes"), "stream", "expected a boolean"),
+        (chat(stream_options={"include_usage": True}), "stream_options", "only allowed when"),
+        (chat(stream=True, stream_options={"x": 1}), "stream_options.x", "Unrecognized"),
+        (chat(stop=["a", 1]), "stop[1]", "expected a string"),
+        (chat(stop=["a", "b", "c", "d", "e"]), "stop", "too many"),
+        (chat(stop=[""]), "stop[0]", "must not be empty"),
+        (chat(stop=5), "stop", "expected an array of strings"),
+        (chat(logit_bias={"1": "x"}), "logit_bias.1", "expected a number"),
+        (chat(logit_bias={"1": 101}), "logit_bias.1", "above maximum"),
+        (chat(logit_bias=[1]), "logit_bias", "expected an object"),
+        (chat(top_logprobs=21), "top_logprobs", "above maximum"),
+        (chat(response_format={"type": "xml"}), "response_format.type", "must be one of"),
+        (chat(tools="x"), "tools", "expected an array"),
+        (chat(tools=[{"type": "function"}]), "tools[0].function", "Missing required"),
+        (
+            chat(tools=[{"type": "retrieval", "function": {"name": "f"}}]),
+            "tools[0].type",
+            "expected 'function'",
+        ),
+        (chat(tool_choice="auto"), "tool_choice", "only allowed when 'tools'"),
+        (chat(tool_choice="maybe"), "tool_choice", "must be 'none'"),
+        (chat(tool_choice=3), "tool_choice", "expected a string or an object"),
+        (chat(tool_choice={"type": "x"}), "tool_choice.type", "must be 'function'"),
+        (chat(tool_choice={"type": "function"}), "tool_choice.function.name", "expected a string"),
+        (
+            chat(
+                messages=[
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": 3}}],
+                    }
+                ]
+            ),
+            "messages[0].tool_calls[0].function.arguments",
+            "expected a string, but got an integer",
+        ),
+    ],
+)
+def test_rejections_name_the_field(body: dict[str, Any], param: str, words: str) -> None:
+    error = reject(body)
+    assert error.param == param
+    assert words in error.message
+
+
+def test_no_string_to_number_conversion_anywhere() -> None:
+    for field in ("n", "seed", "max_tokens", "top_logprobs"):
+        assert reject(chat(**{field: "1"})).param == field
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b"", "empty"),
+        (b"{", "could not parse"),
+        (b'{"a": NaN}', "could not parse"),
+        (b"\xff\xfe", "could not parse"),
+        (b"[1, 2]", "must be a JSON object, but got an array"),
+        (b'"x"', "but got a string"),
+        (b"null", "but got null"),
+        (b"1.5", "but got a decimal"),
+        (b"true", "but got a boolean"),
+    ],
+)
+def test_bad_json(raw: bytes, words: str) -> None:
+    error = reject(raw)
+    assert error.code == "invalid_json"
+    assert words in error.message
+
+
+def test_depth_limit() -> None:
+    deep: Any = "x"
+    for _ in range(40):
+        deep = {"a": deep}
+    with pytest.raises(InvalidRequestError, match="nests more than 32"):
+        parse_json_object(orjson.dumps(deep), 32)
+    assert parse_json_object(orjson.dumps({"a": [[1]]}), 3) == {"a": [[1]]}
+    with pytest.raises(InvalidRequestError):
+        parse_json_object(orjson.dumps({"a": [[1]]}), 2)
+
+
+def test_very_deep_json_is_a_clean_error() -> None:
+    reject(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_limits_are_configurable() -> None:
+    limits = RequestLimits(max_messages=1, max_message_chars=3, max_n=1, max_tools=0 + 1)
+    assert reject(chat(messages=[USER, USER]), limits).param == "messages"
+    assert reject(chat(messages=[{"role": "user", "content": "long"}]), limits).param == (
+        "messages[0].content"
+    )
+    tools = [{"type": "function", "function": {"name": "f"}}] * 2
+    assert reject(chat(tools=tools), limits).param == "tools"
+    assert reject(chat(n=2), limits).param == "n"
+
+
+def test_completion_prompts() -> None:
+    def dec(**fields: Any) -> Any:
+        return decode_completion(orjson.dumps({"model": "m", **fields}), LIMITS)
+
+    assert dec(prompt="hi").prompts() == ("hi",)
+    assert dec(prompt=["a", "b"]).prompts() == ("a", "b")
+    assert dec(prompt=[1, 2]).prompts() == ((1, 2),)
+    assert dec(prompt=[[1], [2, 3]]).prompts() == ((1,), (2, 3))
+    assert dec(prompt="x", best_of=2, echo=True, suffix="s", logprobs=2).best_of == 2
+    for bad, param in [
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [True]}, "prompt[0]"),
+        ({"prompt": [[1], 2]}, "prompt[1]"),
+        ({"prompt": [[1, "x"]]}, "prompt[0][1]"),
+        ({"prompt": [1, "x"]}, "prompt[1]"),
+        ({"prompt": ["a", 1]}, "prompt[1]"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": [[]]}, "prompt[0]"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "best_of": 0}, "best_of"),
+        ({"prompt": "x", "messages": []}, "messages"),
+        ({"prompt": "x", "model": ""}, "model"),
+    ]:
+        with pytest.raises(InvalidRequestError) as info:
+            dec(**bad)
+        assert info.value.param == param, bad
+
+
+def test_embedding_inputs() -> None:
+    def dec(**fields: Any) -> Any:
+        return decode_embedding(orjson.dumps({"model": "e", **fields}), LIMITS)
+
+    assert dec(input="hi").inputs() == ("hi",)
+    assert dec(input=["a", "b"], encoding_format="base64", dimensions=8).encoding_format == "base64"
+    for bad, param in [
+        ({"input": ""}, "input"),
+        ({"input": ["a", ""]}, "input[1]"),
+        ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ({"input": "x", "dimensions": 0}, "dimensions"),
+        ({}, "input"),
+        ({"input": "x", "model": ""}, "model"),
+    ]:
+        with pytest.raises(InvalidRequestError) as info:
+            dec(**bad)
+        assert info.value.param == param, bad
+    limits = RequestLimits(max_batch_inputs=1)
+    with pytest.raises(InvalidRequestError) as info:
+        decode_embedding(orjson.dumps({"model": "e", "input": ["a", "b"]}), limits)
+    assert info.value.param == "input"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(
+        st.sampled_from(["model", "messages", "role", "content", "stop", "n", "type", "x"])
+        | st.text(max_size=5),
+        children,
+        max_size=5,
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values)
+def test_random_json_never_raises_anything_but_openai_errors(value: Any) -> None:
+    raw = json.dumps(value).encode()  # stdlib: also writes integers beyond 64 bits
+    for decode in (decode_chat, decode_completion, decode_embedding):
+        try:
+            decode(raw, LIMITS)
+        except OpenAIError as error:
+            assert error.status == 400
+
+
+chat_like = st.fixed_dictionaries(
+    {"model": st.text(min_size=1, max_size=8), "messages": st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "assistant", "developer"]),
+             "content": st.text(max_size=20) | st.integers(-(2**40), 2**40) | st.none()}
+        ),
+        max_size=3,
+    )},
+    optional={
+        "temperature": st.floats(-1, 3, allow_nan=False) | st.text(max_size=2),
+        "n": st.integers(-1, 10),
+        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5),
+        "stream": st.booleans(),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(chat_like)
+def test_near_valid_chat_bodies(value: dict[str, Any]) -> None:
+    try:
+        req = decode_chat(orjson.dumps(value), LIMITS)
+    except InvalidRequestError as error:
+        assert error.param is not None
+    else:
+        assert req.model == value["model"]
+        assert len(req.messages) == len(value["messages"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes(raw: bytes) -> None:
+    try:
+        decode_chat(raw, LIMITS)
+    except OpenAIError:
+        pass

@@ -80,7 +80,11 @@ class Responder:
     __slots__ = ("_close", "_conn", "_send_timeout", "_stream", "finished", "started")
 
     def __init__(
-        self, conn: h11.Connection, stream: trio.abc.Stream, send_timeout: float, close: bool
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        send_timeout: float,
+        close: Callable[[], bool],
     ) -> None:
         self._conn = conn
         self._stream = stream
@@ -91,7 +95,7 @@ class Responder:
 
     def _headers(self, headers: tuple[Header, ...] | list[Header]) -> list[Header]:
         out = [_SERVER_HEADER, *headers]
-        if self._close:
+        if self._close():
             out.append((b"connection", b"close"))
         return out
 
@@ -272,8 +276,10 @@ class HttpServer:
             if request is None:
                 return
             served += 1
-            close = self._draining or served >= settings.max_requests_per_connection
-            responder = Responder(conn, stream, settings.send_timeout, close)
+            last = served >= settings.max_requests_per_connection
+            responder = Responder(
+                conn, stream, settings.send_timeout, lambda: last or self._draining
+            )
             gone = await self._handle(request, responder, conn, stream)
             if gone:
                 return
@@ -360,6 +366,11 @@ class HttpServer:
         if not isinstance(event, h11.Request):
             raise _BadRequest(400, "Malformed request.")
         headers = tuple(event.headers)
+        # h11 bounds a head that arrives in pieces; one that arrives whole is
+        # measured here.
+        head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
+        if head_size > settings.max_header_bytes:
+            raise _BadRequest(431, "The request headers are too large.")
         length: int | None = None
         chunked = False
         for name, value in headers:

@@ -1,0 +1,377 @@
+"""The h11 server's defences, over in-memory streams on trio's MockClock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from ostiary.runtime.http import (
+    ClientDisconnected,
+    HttpRequest,
+    HttpServer,
+    HttpSettings,
+    Responder,
+)
+
+
+class Recorder:
+    """A handler that answers with the body length, or misbehaves on request."""
+
+    def __init__(self) -> None:
+        self.requests: list[HttpRequest] = []
+        self.cancelled = 0
+        self.entered = trio.Event()
+
+    async def __call__(self, request: HttpRequest, responder: Responder) -> None:
+        self.requests.append(request)
+        if request.target == "/forever":
+            self.entered.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled += 1
+        if request.target == "/firehose":
+            await responder.start(200, ())
+            while True:
+                await responder.send(b"x" * 65536)
+        if request.target == "/silent":
+            return
+        if request.target == "/slow":
+            self.entered.set()
+            await trio.sleep(5)
+        body = str(len(request.body)).encode()
+        await responder.respond(200, ((b"content-type", b"text/plain"),), body)
+
+
+class Client:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def request(
+        self, method: str = "POST", target: str = "/", body: bytes = b"", **headers: str
+    ) -> None:
+        hdrs = [("host", "t"), *headers.items()]
+        if body or method == "POST":
+            hdrs.append(("content-length", str(len(body))))
+        data = self.conn.send(h11.Request(method=method, target=target, headers=hdrs)) or b""
+        data += self.conn.send(h11.Data(data=body)) or b"" if body else b""
+        data += self.conn.send(h11.EndOfMessage()) or b""
+        await self.stream.send_all(data)
+
+    async def send_head(self, content_length: int) -> None:
+        headers = [
+            ("host", "t"),
+            ("content-length", str(content_length)),
+            ("expect", "100-continue"),
+        ]
+        await self.stream.send_all(
+            self.conn.send(h11.Request(method="POST", target="/", headers=headers)) or b""
+        )
+
+    async def response(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        status = 0
+        headers: dict[bytes, bytes] = {}
+        body = b""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+                continue
+            if isinstance(event, h11.Response):
+                status, headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.InformationalResponse):
+                return event.status_code, dict(event.headers), b""
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                return status, headers, body
+            else:
+                raise AssertionError(event)
+
+    async def closed(self) -> bool:
+        """True when the server has closed its side (reads EOF)."""
+        while True:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return True
+
+
+@asynccontextmanager
+async def serving(
+    settings: HttpSettings | None = None, *, lockstep: bool = False, max_body_bytes: int = 1000
+) -> AsyncIterator[tuple[HttpServer, Recorder, Any]]:
+    recorder = Recorder()
+    server = HttpServer(recorder, settings or HttpSettings(), max_body_bytes=max_body_bytes)
+
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> Client:
+            pair = (
+                trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+            )
+            client, srv = pair()
+            nursery.start_soon(server.serve_connection, srv)
+            return Client(client)
+
+        yield server, recorder, connect
+        nursery.cancel_scope.cancel()
+
+
+async def test_keep_alive_serves_several_requests(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as (server, recorder, connect):
+        client = await connect()
+        for body in (b"abc", b"", b"12345"):
+            await client.request(body=body)
+            status, headers, data = await client.response()
+            assert (status, data) == (200, str(len(body)).encode())
+            assert b"connection" not in headers
+        assert server.connections == 1
+        assert [len(r.body) for r in recorder.requests] == [3, 0, 5]
+
+
+async def test_pipelined_requests(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        raw = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 1\r\n\r\nx"
+        await client.send_raw(raw + raw.replace(b"1\r\n\r\nx", b"2\r\n\r\nxy"))
+        received = b""
+        while received.count(b"HTTP/1.1 200") < 2 or not received.endswith(b"2"):
+            received += await client.stream.receive_some(65536)
+        first, second = received.split(b"HTTP/1.1 200")[1:]
+        assert first.endswith(b"\r\n\r\n1")
+        assert second.endswith(b"\r\n\r\n2")
+        assert len(recorder.requests) == 2
+
+
+async def test_413_from_content_length_before_reading(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n\r\n")
+        status, headers, body = await client.response()
+        assert status == 413
+        assert headers[b"connection"] == b"close"
+        assert b'"type":"invalid_request_error"' in body
+        assert await client.closed()
+        assert recorder.requests == []
+
+
+async def test_413_for_chunked_body_over_limit(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(max_body_bytes=10) as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(
+            b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n"
+        )
+        assert (await client.response())[0] == 413
+        assert recorder.requests == []
+
+
+async def test_chunked_body_within_limit(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(
+            b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        assert (await client.response())[2] == b"3"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: x\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",  # no host header
+    ],
+)
+async def test_smuggling_and_malformed_requests_are_refused(
+    head: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(head + b"abc")
+        status, headers, _ = await client.response()
+        assert status == 400
+        assert headers[b"connection"] == b"close"
+        assert await client.closed()
+        assert recorder.requests == []
+
+
+async def test_oversized_head_is_refused(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(max_header_bytes=1024)) as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(b"GET / HTTP/1.1\r\nhost: t\r\nx-big: " + b"a" * 4096 + b"\r\n\r\n")
+        assert (await client.response())[0] == 431
+        assert recorder.requests == []
+
+
+async def test_expect_100_continue(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as (_, _recorder, connect):
+        client = await connect()
+        await client.send_head(content_length=2)
+        assert (await client.response())[0] == 100
+        await client.send_raw(
+            (client.conn.send(h11.Data(data=b"ok")) or b"")
+            + (client.conn.send(h11.EndOfMessage()) or b"")
+        )
+        assert (await client.response())[2] == b"2"
+
+
+async def test_no_100_continue_when_refusing(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as (_, _recorder, connect):
+        client = await connect()
+        await client.send_head(content_length=5000)
+        assert (await client.response())[0] == 413
+
+
+async def test_slow_head_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(header_timeout=3)) as (_, _recorder, connect):
+        client = await connect()
+        start = trio.current_time()
+        await client.send_raw(b"POST / HTTP/1.1\r\nhost: t\r\n")
+        status, _, _ = await client.response()
+        assert status == 408
+        assert trio.current_time() - start == pytest.approx(3)
+        assert await client.closed()
+
+
+async def test_slow_body_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(body_timeout=4)) as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc")
+        assert (await client.response())[0] == 408
+        assert recorder.requests == []
+
+
+async def test_silent_new_connection_is_closed(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(header_timeout=2, idle_timeout=50)) as (_, _recorder, connect):
+        client = await connect()
+        start = trio.current_time()
+        assert await client.closed()
+        assert trio.current_time() - start == pytest.approx(2)
+
+
+async def test_idle_keep_alive_connection_is_closed(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(idle_timeout=7)) as (server, _recorder, connect):
+        client = await connect()
+        await client.request()
+        await client.response()
+        start = trio.current_time()
+        assert await client.closed()
+        assert trio.current_time() - start == pytest.approx(7)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connections == 0
+
+
+async def test_connection_limit(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(max_connections=1)) as (server, _recorder, connect):
+        first = await connect()
+        await first.request()
+        await first.response()
+        second = await connect()
+        status, headers, body = await second.response()
+        assert status == 503
+        assert headers[b"retry-after"] == b"1"
+        assert b"connection limit" in body
+        assert server.connections == 1
+
+
+async def test_requests_per_connection_limit(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(max_requests_per_connection=2)) as (_, _recorder, connect):
+        client = await connect()
+        await client.request()
+        assert b"connection" not in (await client.response())[1]
+        await client.request()
+        assert (await client.response())[1][b"connection"] == b"close"
+        assert await client.closed()
+
+
+async def test_client_leaving_cancels_the_handler(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as (server, recorder, connect):
+        client = await connect()
+        await client.request(target="/forever")
+        await recorder.entered.wait()
+        await client.stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.cancelled == 1
+        assert server.connections == 0
+
+
+async def test_client_that_stops_reading_is_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    settings = HttpSettings(send_timeout=5)
+    async with serving(settings, lockstep=True) as (server, _recorder, connect):
+        client = await connect()
+        await client.request(target="/firehose")
+        await client.stream.receive_some(100)  # then never read again
+        start = trio.current_time()
+        while server.connections:
+            await trio.sleep(1)
+        assert trio.current_time() - start <= 6
+
+
+async def test_handler_that_never_answers_closes_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as (_, _recorder, connect):
+        client = await connect()
+        await client.request(target="/silent")
+        assert await client.closed()
+
+
+async def test_drain_closes_idle_and_finishes_busy(autojump_clock: trio.testing.MockClock) -> None:
+    recorder = Recorder()
+    server = HttpServer(recorder, HttpSettings())
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, listeners)
+        idle = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        busy = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        await idle.request()
+        await idle.response()
+        await busy.request(target="/slow")
+        await recorder.entered.wait()
+        await server.drain(trio.current_time() + 30)
+        status, headers, _ = await busy.response()
+        assert (status, headers[b"connection"]) == (200, b"close")
+        assert await idle.closed()
+        assert await busy.closed()
+        assert server.connections == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_drain_deadline_returns(autojump_clock: trio.testing.MockClock) -> None:
+    recorder = Recorder()
+    server = HttpServer(recorder, HttpSettings())
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, listeners)
+        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        await client.request(target="/forever")
+        await recorder.entered.wait()
+        start = trio.current_time()
+        await server.drain(start + 3)
+        assert trio.current_time() - start == pytest.approx(3)
+        assert server.connections == 1
+        nursery.cancel_scope.cancel()
+    assert recorder.cancelled == 1
+
+
+def test_client_disconnected_is_an_exception() -> None:
+    assert issubclass(ClientDisconnected, Exception)

@@ -85,7 +85,7 @@ class Client:
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(65536))
+                self.conn.receive_data(bytes(await self.stream.receive_some(65536)))
                 continue
             if isinstance(event, h11.Response):
                 status, headers = event.status_code, dict(event.headers)
@@ -181,7 +181,7 @@ async def test_413_for_chunked_body_over_limit(autojump_clock: trio.testing.Mock
 
 
 async def test_chunked_body_within_limit(autojump_clock: trio.testing.MockClock) -> None:
-    async with serving() as (_, recorder, connect):
+    async with serving() as (_, _recorder, connect):
         client = await connect()
         await client.send_raw(
             b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
@@ -319,7 +319,7 @@ async def test_client_that_stops_reading_is_dropped(autojump_clock: trio.testing
         await client.request(target="/firehose")
         await client.stream.receive_some(100)  # then never read again
         start = trio.current_time()
-        while server.connections:
+        while server.connections:  # noqa: ASYNC110 - polls virtual time
             await trio.sleep(1)
         assert trio.current_time() - start <= 6
 

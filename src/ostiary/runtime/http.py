@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from http import HTTPStatus
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import attrs
 import h11
@@ -276,10 +276,7 @@ class HttpServer:
             if request is None:
                 return
             served += 1
-            last = served >= settings.max_requests_per_connection
-            responder = Responder(
-                conn, stream, settings.send_timeout, lambda: last or self._draining
-            )
+            responder = Responder(conn, stream, settings.send_timeout, self._closer(served))
             gone = await self._handle(request, responder, conn, stream)
             if gone:
                 return
@@ -294,6 +291,13 @@ class HttpServer:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+
+    def _closer(self, served: int) -> Callable[[], bool]:
+        """Whether the response to the ``served``-th request must close the
+        connection; asked when its head is written, so a drain that began while it
+        was being handled is honoured."""
+        last = served >= self.settings.max_requests_per_connection
+        return lambda: last or self._draining
 
     async def _handle(
         self,

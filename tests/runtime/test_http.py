@@ -12,7 +12,6 @@ import trio
 import trio.testing
 
 from ostiary.runtime.http import (
-    ClientDisconnected,
     HttpRequest,
     HttpServer,
     HttpSettings,
@@ -371,7 +370,3 @@ async def test_drain_deadline_returns(autojump_clock: trio.testing.MockClock) ->
         assert server.connections == 1
         nursery.cancel_scope.cancel()
     assert recorder.cancelled == 1
-
-
-def test_client_disconnected_is_an_exception() -> None:
-    assert issubclass(ClientDisconnected, Exception)

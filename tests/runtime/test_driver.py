@@ -1,0 +1,334 @@
+"""The driver end to end in-process: HTTP bytes in, gateway, scripted backend, bytes out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from ostiary.backends.base import Generation
+from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
+from ostiary.protocol.errors import BackendUnavailableError
+from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
+from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ostiary.runtime.driver import BackendSlots, Driver
+from ostiary.runtime.http import HttpServer, HttpSettings
+from tests.conftest import auth_headers, chat_body, key_table
+from tests.runtime.test_http import Client
+
+
+class Faulty(ScriptedBackend):
+    """Scripted output, then a failure chosen by the model name."""
+
+    def __init__(self) -> None:
+        super().__init__(ScriptedSettings(name="faulty", models=("fail-early", "fail-late", "bug")))
+        self.closed = 0
+        self.ready_error: BaseException | None = None
+
+    def chat(self, request: ChatCompletionRequest) -> Generation:
+        return self._gen(request.model)
+
+    async def _gen(self, model: str) -> Generation:
+        try:
+            if model == "fail-late":
+                yield Delta("partial")
+                await trio.lowlevel.checkpoint()
+                raise BackendUnavailableError("upstream went away")
+            if model == "bug":
+                raise ZeroDivisionError("secret internal detail")
+            raise BackendUnavailableError("cannot reach upstream", retry_after=2)
+        finally:
+            self.closed += 1
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        raise RuntimeError("secret internal detail")
+
+    async def check_ready(self) -> None:
+        if self.ready_error is not None:
+            raise self.ready_error
+
+
+class Blocking(ScriptedBackend):
+    """Streams one piece, then waits forever (until cancelled)."""
+
+    def __init__(self) -> None:
+        super().__init__(ScriptedSettings(name="blocking", models=("block",)))
+        self.started = trio.Event()
+        self.cancelled = 0
+
+    def complete(self, request: CompletionRequest) -> Generation:
+        return self._gen()
+
+    def chat(self, request: ChatCompletionRequest) -> Generation:
+        return self._gen()
+
+    async def _gen(self) -> Generation:
+        yield Delta("first")
+        self.started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.cancelled += 1
+        yield Usage(1)  # pragma: no cover
+
+
+@asynccontextmanager
+async def running(
+    *, max_concurrency: int = 4, max_queue: int = 4, access_log: bool = True
+) -> AsyncIterator[tuple[Any, Driver, dict[str, Any]]]:
+    scripted = ScriptedBackend(ScriptedSettings(models=("s",), chunks=4))
+    slow = ScriptedBackend(
+        ScriptedSettings(name="slow", models=("slow",), chunks=3, chunk_delay=1.0)
+    )
+    faulty, blocking = Faulty(), Blocking()
+    backends: dict[str, Any] = {
+        "scripted": scripted,
+        "slow": slow,
+        "faulty": faulty,
+        "blocking": blocking,
+    }
+    routes = [ModelRoute(m, name) for name, b in backends.items() for m in b.models]
+    gateway = Gateway(routes=routes, keys=key_table())
+    slots = {name: BackendSlots(max_concurrency, max_queue) for name in backends}
+    driver = Driver(gateway, backends, slots, access_log=access_log, ready_timeout=3)
+    server = HttpServer(driver, HttpSettings())
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> Client:
+            client, srv = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_connection, srv)
+            return Client(client)
+
+        yield connect, driver, backends
+        nursery.cancel_scope.cancel()
+
+
+async def post(
+    client: Client, target: str, body: bytes, secret: bool = True
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    headers = {"authorization": auth_headers()[0][1].decode()} if secret else {}
+    await client.request(target=target, body=body, **headers)
+    return await client.response()
+
+
+def events(body: bytes) -> list[Any]:
+    out = []
+    for block in body.split(b"\n\n"):
+        if block:
+            payload = block.removeprefix(b"data: ")
+            out.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
+    return out
+
+
+async def test_chat_non_stream_and_stream(autojump_clock: trio.testing.MockClock) -> None:
+    async with running() as (connect, driver, _):
+        client = await connect()
+        status, headers, body = await post(client, "/v1/chat/completions", chat_body(model="s"))
+        assert status == 200
+        result = orjson.loads(body)
+        assert result["choices"][0]["message"]["content"] == ScriptedSettings().reply
+        assert headers[b"x-request-id"].decode() in result["id"]
+        status, headers, body = await post(
+            client, "/v1/chat/completions", chat_body(model="s", stream=True)
+        )
+        assert status == 200
+        assert headers[b"transfer-encoding"] == b"chunked"
+        chunks = events(body)
+        assert chunks[-1] == "[DONE]"
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+        assert text == ScriptedSettings().reply
+        assert driver.gateway.in_flight == 0
+
+
+async def test_stream_paces_with_the_backend(autojump_clock: trio.testing.MockClock) -> None:
+    async with running() as (connect, _, _):
+        client = await connect()
+        start = trio.current_time()
+        _, _, body = await post(
+            client,
+            "/v1/completions",
+            orjson.dumps(
+                {
+                    "model": "slow",
+                    "prompt": "x",
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            ),
+        )
+        assert trio.current_time() - start == pytest.approx(3.0)
+        chunks = events(body)
+        assert chunks[-2]["usage"]["completion_tokens"] == 3
+
+
+async def test_embeddings(autojump_clock: trio.testing.MockClock) -> None:
+    async with running() as (connect, _, _):
+        client = await connect()
+        status, _, body = await post(
+            client, "/v1/embeddings", orjson.dumps({"model": "s", "input": ["a", "b"]})
+        )
+        assert status == 200
+        assert [len(d["embedding"]) for d in orjson.loads(body)["data"]] == [384, 384]
+
+
+async def test_backend_error_before_stream(autojump_clock: trio.testing.MockClock) -> None:
+    async with running() as (connect, _, backends):
+        client = await connect()
+        status, headers, body = await post(
+            client, "/v1/chat/completions", chat_body(model="fail-early", stream=True)
+        )
+        assert status == 503
+        assert headers[b"retry-after"] == b"2"
+        assert orjson.loads(body)["error"]["message"] == "cannot reach upstream"
+        assert backends["faulty"].closed == 1
+
+
+async def test_backend_error_mid_stream(autojump_clock: trio.testing.MockClock) -> None:
+    async with running() as (connect, driver, _):
+        client = await connect()
+        status, _, body = await post(
+            client, "/v1/chat/completions", chat_body(model="fail-late", stream=True)
+        )
+        assert status == 200
+        chunks = events(body)
+        assert chunks[0]["choices"][0]["delta"]["content"] == "partial"
+        assert chunks[-1]["error"]["message"] == "upstream went away"
+        assert "[DONE]" not in chunks
+        # The connection stays usable.
+        status, _, _ = await post(client, "/v1/chat/completions", chat_body(model="s"))
+        assert status == 200
+        assert driver.gateway.in_flight == 0
+
+
+async def test_bugs_are_500_without_details(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running() as (connect, _, _):
+        client = await connect()
+        for target, body in [
+            ("/v1/chat/completions", chat_body(model="bug")),
+            ("/v1/chat/completions", chat_body(model="bug", stream=True)),
+            ("/v1/embeddings", orjson.dumps({"model": "fail-early", "input": "x"})),
+        ]:
+            status, _, data = await post(client, target, body)
+            assert status == 500
+            assert b"secret internal detail" not in data
+            assert orjson.loads(data)["error"]["type"] == "server_error"
+    assert "ZeroDivisionError" in caplog.text
+
+
+async def test_client_leaving_mid_stream_cancels_backend(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running() as (connect, driver, backends):
+        client = await connect()
+        await client.request(
+            target="/v1/chat/completions",
+            body=chat_body(model="block", stream=True),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        await backends["blocking"].started.wait()
+        assert driver.gateway.in_flight == 1
+        await client.stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert backends["blocking"].cancelled == 1
+        assert driver.gateway.in_flight == 0
+
+
+async def test_client_leaving_non_stream_cancels_backend(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running() as (connect, driver, backends):
+        client = await connect()
+        await client.request(
+            target="/v1/completions",
+            body=orjson.dumps({"model": "block", "prompt": "x"}),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        await backends["blocking"].started.wait()
+        await client.stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert backends["blocking"].cancelled == 1
+        assert driver.gateway.in_flight == 0
+
+
+async def test_busy_backend_queues_then_refuses(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(max_concurrency=1, max_queue=1) as (connect, _, backends):
+        holder = await connect()
+        await holder.request(
+            target="/v1/chat/completions",
+            body=chat_body(model="block", stream=True),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        await backends["blocking"].started.wait()
+        waiter = await connect()
+        await waiter.request(
+            target="/v1/chat/completions",
+            body=chat_body(model="block"),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        refused = await connect()
+        status, headers, body = await post(
+            refused, "/v1/chat/completions", chat_body(model="block")
+        )
+        assert status == 503
+        assert headers[b"retry-after-ms"] == b"1000"
+        assert orjson.loads(body)["error"]["code"] == "backend_busy"
+
+
+async def test_readiness(autojump_clock: trio.testing.MockClock) -> None:
+    async with running() as (connect, _, backends):
+        client = await connect()
+        await client.request(method="GET", target="/readyz")
+        assert (await client.response())[0] == 200
+        for problem in (BackendUnavailableError("down"), ValueError("bug")):
+            backends["faulty"].ready_error = problem
+            await client.request(method="GET", target="/readyz")
+            status, _, body = await client.response()
+            assert status == 503
+            assert orjson.loads(body)["backends"] == {"faulty": "unavailable"}
+
+
+async def test_readiness_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    async with running() as (connect, _, backends):
+
+        async def hang() -> None:
+            await trio.sleep_forever()
+
+        backends["faulty"].check_ready = hang
+        client = await connect()
+        await client.request(method="GET", target="/readyz")
+        start = trio.current_time()
+        assert (await client.response())[0] == 503
+        assert trio.current_time() - start == pytest.approx(3)
+
+
+async def test_access_log_records_without_secrets(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    async with running() as (connect, _, _):
+        client = await connect()
+        await post(client, "/v1/chat/completions", chat_body(model="s"))
+        await post(client, "/v1/chat/completions", chat_body(model="s"), secret=False)
+    records = [r for r in caplog.records if r.name == "ostiary.access"]
+    assert [r.fields["status"] for r in records] == [200, 401]  # type: ignore[attr-defined]
+    assert auth_headers()[0][1].decode().split()[1] not in caplog.text
+
+
+async def test_access_log_can_be_off(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    async with running(access_log=False) as (connect, _, _):
+        client = await connect()
+        await post(client, "/v1/chat/completions", chat_body(model="s"))
+    assert not [r for r in caplog.records if r.name == "ostiary.access"]

@@ -37,9 +37,8 @@ def bootstrap_keys(config: Config) -> KeyStore:
         _, secret = store.create("bootstrap-admin", "admin")
         path = config.state_dir / "admin.key"
         write_bootstrap_key(path, secret)
-        log.warning(
-            "created a bootstrap admin key", extra={"fields": {"path": str(path.resolve())}}
-        )
+        where = str(path.resolve())
+        log.warning("created a bootstrap admin key in %s", where, extra={"fields": {"path": where}})
     return store
 
 

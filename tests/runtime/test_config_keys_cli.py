@@ -1,0 +1,290 @@
+"""Config loading, the SQLite key store, the CLI and log redaction."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from ostiary.backends.scripted import ScriptedSettings
+from ostiary.protocol.auth import parse_key_id
+from ostiary.runtime.cli import main
+from ostiary.runtime.config import ConfigError, default_config, load_config, parse_config
+from ostiary.runtime.keystore import KeyStore, KeyStoreError
+from ostiary.runtime.logs import redact, setup_logging
+from ostiary.runtime.server import _watch_keys, bootstrap_keys
+
+SCRIPTED = """
+[[backends]]
+name = "s"
+kind = "scripted"
+models = ["a", "b"]
+"""
+
+
+def test_full_config() -> None:
+    text = (
+        """
+[server]
+host = "0.0.0.0"
+port = 9000
+header_timeout = 5
+max_connections = 10
+access_log = false
+log_format = "text"
+[auth]
+key_reload_interval = 0.5
+[limits]
+max_messages = 3
+max_body_bytes = 2048
+"""
+        + SCRIPTED
+        + """
+chunks = 3
+chunk_delay = 0.5
+[[backends]]
+name = "up"
+kind = "openai"
+models = ["relay"]
+base_url = "http://127.0.0.1:1/v1"
+api_key_env = "UPSTREAM_KEY"
+max_concurrency = 2
+"""
+    )
+    config = parse_config(text, "f.toml")
+    assert config.server.port == 9000
+    assert config.server.header_timeout == 5.0
+    assert isinstance(config.server.header_timeout, float)
+    assert config.server.http().max_connections == 10
+    assert config.limits.max_messages == 3
+    assert config.auth.key_reload_interval == 0.5
+    scripted, upstream = config.backends
+    assert isinstance(scripted, ScriptedSettings)
+    assert scripted.chunks == 3
+    assert upstream.kind == "openai"
+    assert upstream.max_concurrency == 2
+    assert config.keys_db == Path(".ostiary/keys.sqlite3")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[server]\nprot = 1\n" + SCRIPTED, "unknown key 'server.prot'"),
+        ("[sever]\n" + SCRIPTED, "unknown key 'sever'"),
+        ("[server]\nport = '80'\n" + SCRIPTED, "invalid value for 'server.port'"),
+        ("[server]\nport = 70000\n" + SCRIPTED, "server"),
+        ("[server]\naccess_log = 1\n" + SCRIPTED, "invalid value for 'server.access_log'"),
+        ("[server]\nlog_level = 'loud'\n" + SCRIPTED, "log_level"),
+        ("[limits]\nmax_n = 0\n" + SCRIPTED, "max_n"),
+        (SCRIPTED + "chunkz = 1\n", "unknown key 'backends[0] (\"s\").chunkz'"),
+        (SCRIPTED + "chunks = 0\n", "chunks"),
+        (SCRIPTED.replace("scripted", "magic"), "kind must be one of"),
+        (
+            '[[backends]]\nname = "u"\nkind = "openai"\nmodels = ["x"]\n',
+            "missing required key 'backends[0] (\"u\").base_url'",
+        ),
+        ("", "no [[backends]]"),
+        (SCRIPTED + SCRIPTED, "two backends are named 's'"),
+        (SCRIPTED + SCRIPTED.replace('"s"', '"t"'), "model 'a' is served by both"),
+        (SCRIPTED.replace('["a", "b"]', "[]"), "lists no models"),
+        ("[server\n", "not valid TOML"),
+        ("backends = 3", "backends"),
+    ],
+)
+def test_config_errors_name_file_and_key(text: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "my.toml")
+    assert str(info.value).startswith("my.toml: ")
+    assert words in str(info.value)
+
+
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)
+    good = tmp_path / "good.toml"
+    good.write_text(SCRIPTED)
+    assert load_config(good).source == str(good)
+
+
+def test_default_config_is_the_embedded_model() -> None:
+    config = default_config()
+    (backend,) = config.backends
+    assert backend.kind == "embedded"
+    assert "smollm2-135m-instruct" in backend.models
+
+
+def test_key_store_lifecycle(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "state" / "keys.sqlite3")
+    assert store.load()[2] == 0
+    info, secret = store.create("ci", "user")
+    assert parse_key_id(secret) == info.id
+    assert len(secret) >= 4 + 12 + 1 + 43
+    gen, table, total = store.load()
+    assert total == 1
+    assert table.authenticate(b"Bearer " + secret.encode()).role == "user"
+    raw = (tmp_path / "state" / "keys.sqlite3").read_bytes()
+    assert secret.encode() not in raw
+    assert secret.split("_")[-1].encode() not in raw
+    assert stat.S_IMODE((tmp_path / "state" / "keys.sqlite3").stat().st_mode) == 0o600
+    store.revoke(info.id)
+    assert store.generation() > gen
+    assert store.load()[1].keys == {}
+    assert store.list()[0].revoked_at is not None
+    with pytest.raises(KeyStoreError, match="no active key"):
+        store.revoke(info.id)
+    with pytest.raises(KeyStoreError, match="non-empty"):
+        store.create("", "x")
+
+
+def test_unusable_key_store(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(KeyStoreError):
+        KeyStore(blocker / "keys.sqlite3").list()
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(KeyStoreError):
+        KeyStore(garbage).list()
+
+
+def write_config(tmp_path: Path) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "st"}"\n' + SCRIPTED)
+    return path
+
+
+def test_bootstrap_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    config = load_config(write_config(tmp_path))
+    bootstrap_keys(config)
+    key_file = tmp_path / "st" / "admin.key"
+    secret = key_file.read_text().strip()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert str(key_file) in caplog.text
+    assert secret not in caplog.text
+    bootstrap_keys(config)  # not empty any more: nothing new
+    assert key_file.read_text().strip() == secret
+    assert len(KeyStore(config.keys_db).list()) == 1
+
+
+def test_cli_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = str(write_config(tmp_path))
+    assert main(["keys", "create", "--name", "svc", "--role", "user", "--config", cfg]) == 0
+    secret = capsys.readouterr().out
+    assert secret.endswith("\n") and secret.count("\n") == 1
+    key_id = parse_key_id(secret.strip())
+    assert key_id is not None
+    assert main(["keys", "list", "--config", cfg]) == 0
+    listing = capsys.readouterr().out
+    assert f"{key_id}\tsvc\tuser\tactive" in listing
+    assert secret.strip() not in listing
+    assert main(["keys", "revoke", key_id, "--config", cfg]) == 0
+    assert main(["keys", "list", "--config", cfg]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert main(["keys", "revoke", key_id, "--config", cfg]) == 1
+    assert "no active key" in capsys.readouterr().err
+
+
+def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path)
+    assert main(["config", "check", str(cfg)]) == 0
+    assert "ok (1 backends, 2 models)" in capsys.readouterr().out
+    assert main(["config", "check", "--config", str(cfg)]) == 0
+    cfg.write_text("[nope]\n" + SCRIPTED)
+    assert main(["config", "check", str(cfg)]) == 1
+    assert "unknown key 'nope'" in capsys.readouterr().err
+    assert main(["config", "check"]) == 1
+
+
+class CountingStore(KeyStore):
+    polls = 0
+
+    def generation(self) -> int:
+        self.polls += 1
+        return super().generation()
+
+
+async def test_running_server_picks_up_key_changes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Polls are 1 s apart and a change is seen by the poll under way when it is made
+    or the next one: a key created or revoked with the CLI works (or stops working)
+    within 2 s."""
+    from ostiary.protocol.gateway import Gateway
+
+    store = CountingStore(tmp_path / "k.sqlite3")
+    generation, table, _ = store.load()
+    gateway = Gateway(routes=[], keys=table)
+
+    async def polls_until(check: Callable[[], bool]) -> int:
+        before = store.polls
+        with trio.fail_after(30):
+            while not check():  # noqa: ASYNC110 - polls virtual time
+                await trio.sleep(0.05)
+        return store.polls - before
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_keys, store, gateway, generation, 1.0)
+        while store.polls < 2:  # noqa: ASYNC110 - polls virtual time
+            await trio.sleep(0.05)
+        info, secret = store.create("n", "r")
+        assert await polls_until(lambda: bool(gateway.keys.keys)) <= 2
+        assert gateway.keys.authenticate(f"Bearer {secret}".encode()).id == info.id
+        store.revoke(info.id)
+        assert await polls_until(lambda: not gateway.keys.keys) <= 2
+        nursery.cancel_scope.cancel()
+
+
+def test_redaction() -> None:
+    secret = "ost_0123456789ab_" + "Z" * 43
+    text = f"key {secret} and Bearer abc.def and sk-proj-ABCDEFGH12345678 done"
+    out = redact(text)
+    assert secret not in out and "abc.def" not in out and "ABCDEFGH" not in out
+    assert out.endswith("done")
+
+
+def test_logging_redacts_messages_fields_and_tracebacks() -> None:
+    stream = io.StringIO()
+    setup_logging("debug", "json", stream)
+    try:
+        secret = "ost_0123456789ab_" + "Q" * 43
+        log = logging.getLogger("ostiary.test")
+        log.info(
+            "got %s",
+            secret,
+            extra={
+                "fields": {
+                    "authorization": "Bearer x",
+                    "note": secret,
+                    "prompt_tokens": 3,
+                    "key_id": "abc",
+                }
+            },
+        )
+        try:
+            raise ValueError(secret)
+        except ValueError:
+            log.exception("boom")
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert secret not in stream.getvalue()
+        assert lines[0]["authorization"] == "[redacted]"
+        assert lines[0]["prompt_tokens"] == 3
+        assert lines[0]["key_id"] == "abc"
+        assert "ValueError" in lines[1]["exc"]
+        text_stream = io.StringIO()
+        setup_logging("info", "text", text_stream)
+        log.info("plain", extra={"fields": {"a": 1}})
+        assert "plain a=1" in text_stream.getvalue()
+    finally:
+        setup_logging("warning", "text")

@@ -288,3 +288,10 @@ def test_logging_redacts_messages_fields_and_tracebacks() -> None:
         assert "plain a=1" in text_stream.getvalue()
     finally:
         setup_logging("warning", "text")
+
+
+def test_example_configs_are_valid() -> None:
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
+    assert len(examples) >= 6
+    for path in examples:
+        assert load_config(path).backends, path

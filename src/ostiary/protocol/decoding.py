@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import attrs
 import cattrs
 import orjson
 from cattrs.errors import (
@@ -446,7 +445,10 @@ def _structure(payload: JsonObject, cls: type[T]) -> T:
         value = _CONVERTER.structure(payload, cls)
     except (ClassValidationError, IterableValidationError, _Invalid, KeyError) as exc:
         raise _to_openai_error(exc, payload) from None
-    return attrs.evolve(value, raw=payload)  # type: ignore[misc]
+    # ``raw`` is never structured from the body (a client cannot set it); it is set
+    # here once, as attrs itself sets frozen fields (evolve() would copy it all).
+    object.__setattr__(value, "raw", payload)
+    return value
 
 
 # -- range checks ------------------------------------------------------------------------

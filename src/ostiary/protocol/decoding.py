@@ -51,7 +51,9 @@ JsonObject = dict[str, Any]
 class _Invalid(Exception):
     """Raised inside hooks; turned into an InvalidRequestError with the full path."""
 
-    def __init__(self, message: str, *, expected: str | None = None, suffix: str = "") -> None:
+    def __init__(
+        self, message: str, *, expected: str | None = None, suffix: tuple[str | int, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.expected = expected
@@ -162,14 +164,14 @@ def _str_list(value: object) -> tuple[str, ...]:
         raise _wrong_type("an array of strings")
     for i, item in enumerate(value):
         if type(item) is not str:
-            raise _Invalid("", expected="a string", suffix=f"[{i}]")
+            raise _Invalid("", expected="a string", suffix=(i,))
     return tuple(value)
 
 
-def _int_list(value: list[Any], suffix: str = "") -> tuple[int, ...]:
+def _int_list(value: list[Any], prefix: tuple[str | int, ...] = ()) -> tuple[int, ...]:
     for i, item in enumerate(value):
         if type(item) is not int:
-            raise _Invalid("", expected="an integer", suffix=f"{suffix}[{i}]")
+            raise _Invalid("", expected="an integer", suffix=(*prefix, i))
     return tuple(value)
 
 
@@ -196,10 +198,10 @@ def _text_or_tokens(value: object, _: object) -> Any:
         out = []
         for i, item in enumerate(value):
             if type(item) is not list:
-                raise _Invalid("", expected="an array of integers", suffix=f"[{i}]")
-            out.append(_int_list(item, f"[{i}]"))
+                raise _Invalid("", expected="an array of integers", suffix=(i,))
+            out.append(_int_list(item, (i,)))
         return tuple(out)
-    raise _Invalid("", expected="a string or an integer", suffix="[0]")
+    raise _Invalid("", expected="a string or an integer", suffix=(0,))
 
 
 _PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
@@ -211,21 +213,21 @@ def _content_part(value: object, _: object) -> ContentPart:
     kind = value.get("type")
     if kind not in _PART_TYPES:
         if kind is None:
-            raise _Invalid("Missing required parameter", suffix=".type")
+            raise _Invalid("Missing required parameter", suffix=("type",))
         raise _Invalid(
             f"must be one of {', '.join(sorted(_PART_TYPES))}, but got {kind!r}",
-            suffix=".type",
+            suffix=("type",),
         )
     if kind in ("text", "refusal"):
         text = value.get(kind)
         if type(text) is not str:
-            raise _Invalid("", expected="a string", suffix=f".{kind}")
+            raise _Invalid("", expected="a string", suffix=(kind,))
         extra = set(value) - {"type", kind}
         if extra:
             raise _Invalid(f"unrecognized parameter {sorted(extra)[0]!r}")
         return ContentPart(type=kind, text=text)
     if type(value.get(kind)) is not dict:
-        raise _Invalid("", expected="an object", suffix=f".{kind}")
+        raise _Invalid("", expected="an object", suffix=(kind,))
     return ContentPart(type=kind, data=value)
 
 
@@ -240,10 +242,10 @@ def _tool_choice(value: object, _: object) -> ToolChoice:
     if type(value) is not dict:
         raise _wrong_type("a string or an object")
     if value.get("type") != "function":
-        raise _Invalid("must be 'function'", suffix=".type")
+        raise _Invalid("must be 'function'", suffix=("type",))
     fn = value.get("function")
     if type(fn) is not dict or type(fn.get("name")) is not str:
-        raise _Invalid("", expected="a string", suffix=".function.name")
+        raise _Invalid("", expected="a string", suffix=("function", "name"))
     return ToolChoice(mode="function", function=fn["name"])
 
 
@@ -322,7 +324,7 @@ def _logit_bias(value: object, _: object) -> dict[str, float]:
     obj = _json_object(value, None)
     for key, bias in obj.items():
         if type(bias) not in (int, float):
-            raise _Invalid("", expected="a number", suffix=f".{key}")
+            raise _Invalid("", expected="a number", suffix=(key,))
     return obj
 
 
@@ -354,37 +356,53 @@ _CONVERTER = _make_converter()
 # -- error translation -------------------------------------------------------------------
 
 
-def _join(path: str, part: str | int) -> str:
-    if isinstance(part, int):
-        return f"{path}[{part}]"
-    return f"{path}.{part}" if path else part
+Path = tuple[str | int, ...]
 
 
-def first_structure_error(exc: BaseException, path: str = "") -> tuple[BaseException, str]:
-    """Walk cattrs' exception groups down to the first leaf and its field path
-    (``messages[2].content``). Shared with the runtime's config loader."""
+def format_path(path: Path) -> str:
+    """OpenAI's way of naming a field: ``messages[2].content``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _first_leaf(exc: BaseException) -> tuple[BaseException, Path]:
+    """Walk cattrs' exception groups down to the first leaf and its field path."""
+    path: Path = ()
     while isinstance(exc, ClassValidationError | IterableValidationError):
         if isinstance(exc, ClassValidationError):
             named, _ = exc.group_exceptions()
             if not named:
                 return exc.exceptions[0], path
             exc, note = named[0]
-            path = _join(path, note.name)
+            path = (*path, note.name)
         else:
             indexed, _ = exc.group_exceptions()
             if not indexed:
                 return exc.exceptions[0], path
             exc, inote = indexed[0]
-            path = _join(path, int(inote.index))
+            path = (*path, int(inote.index))
     return exc, path
+
+
+def first_structure_error(exc: BaseException) -> tuple[BaseException, str]:
+    """The first leaf error inside cattrs' exception groups, and its field path
+    (``messages[2].content``). Shared with the runtime's config loader."""
+    leaf, path = _first_leaf(exc)
+    return leaf, format_path(path)
 
 
 def _to_openai_error(exc: BaseException, payload: JsonObject) -> InvalidRequestError:
     # Extra keys come unattributed (no note), but in the group of their own class.
-    leaf, path = first_structure_error(exc)
+    leaf, tokens = _first_leaf(exc)
+    path = format_path(tokens)
     if isinstance(leaf, ForbiddenExtraKeysError):
         name = sorted(leaf.extra_fields)[0]
-        param = _join(path, name)
+        param = format_path((*tokens, name))
         if not path:
             return InvalidRequestError(
                 f"Unrecognized request argument supplied: {name}",
@@ -399,9 +417,10 @@ def _to_openai_error(exc: BaseException, payload: JsonObject) -> InvalidRequestE
             f"Missing required parameter: '{path}'.", param=path, code="missing_required_parameter"
         )
     if isinstance(leaf, _Invalid):
-        param = path + leaf.suffix
+        full = (*tokens, *leaf.suffix)
+        param = format_path(full)
         if leaf.expected is not None:
-            got = _kind(_lookup(payload, param))
+            got = _kind(_lookup(payload, full))
             return InvalidRequestError(
                 f"Invalid type for '{param}': expected {leaf.expected}, but got {got} instead.",
                 param=param,
@@ -422,21 +441,18 @@ def _to_openai_error(exc: BaseException, payload: JsonObject) -> InvalidRequestE
     )
 
 
-def _lookup(payload: object, param: str) -> object:
-    """The value at an OpenAI-style path such as ``messages[1].content``, or None."""
+def _lookup(payload: object, path: Path) -> object:
+    """The value at ``path`` in the parsed body, or None."""
     node = payload
-    for token in param.replace("[", ".[").split("."):
-        if not token:
-            continue
-        if token.startswith("["):
-            index = int(token[1:-1])
-            if not isinstance(node, list) or index >= len(node):
+    for part in path:
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
                 return None
-            node = node[index]
+            node = node[part]
         else:
             if not isinstance(node, dict):
                 return None
-            node = node.get(token)
+            node = node.get(part)
     return node
 
 

@@ -81,11 +81,10 @@ class SseEncoder:
             "created": created,
             "model": model,
         }
-        if chat:
-            head["system_fingerprint"] = None
         # '{"id":...,"model":"m"' without its closing brace; chunks append the rest.
         self._head = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'
-        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        # The chat chunk schema has a nullable ``usage``; the completion one does not.
+        self._tail = b',"usage":null}\n\n' if include_usage and chat else b"}\n\n"
         self._started: set[int] = set()
 
     def _choice(self, delta: Delta) -> dict[str, Any]:

@@ -356,8 +356,6 @@ class Gateway:
             "choices": collected.chat_choices() if is_chat else collected.text_choices(),
             "usage": usage_dict(usage),
         }
-        if is_chat:
-            body["system_fingerprint"] = None
         return self._finish(exchange, 200, orjson.dumps(body), now)
 
     def _on_embeddings(self, exchange: _Exchange, event: EmbeddingsComputed) -> list[Action]:

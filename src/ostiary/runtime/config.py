@@ -124,7 +124,7 @@ def _converter() -> cattrs.Converter:
             )
         return conv.structure(value, cls)
 
-    conv.register_structure_hook(BackendSettings, backend)
+    conv.register_structure_hook_func(lambda t: t is BackendSettings, backend)
     return conv
 
 

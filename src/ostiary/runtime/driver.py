@@ -111,11 +111,12 @@ class Driver:
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
 
-    def _next_id(self) -> str:
+    def next_request_id(self) -> str:
+        """A new request id: unique within the process, unpredictable across runs."""
         return f"{self._prefix}{next(self._counter):08x}"
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
-        request_id = self._next_id()
+        request_id = self.next_request_id()
         event = RequestReceived(
             request_id=request_id,
             method=request.method,

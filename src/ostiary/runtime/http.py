@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 import attrs
 import h11
+import orjson
 import trio
 
 __all__ = ["ClientDisconnected", "HttpRequest", "HttpServer", "HttpSettings", "Responder"]
@@ -77,7 +79,7 @@ class Responder:
     :meth:`send`, :meth:`end`). Raises :class:`ClientDisconnected` if the client is
     gone or too slow to read."""
 
-    __slots__ = ("_close", "_conn", "_send_timeout", "_stream", "finished", "started")
+    __slots__ = ("_close", "_conn", "_head", "_send_timeout", "_stream", "finished", "started")
 
     def __init__(
         self,
@@ -85,8 +87,11 @@ class Responder:
         stream: trio.abc.Stream,
         send_timeout: float,
         close: Callable[[], bool],
+        *,
+        head: bool = False,
     ) -> None:
         self._conn = conn
+        self._head = head
         self._stream = stream
         self._send_timeout = send_timeout
         self._close = close
@@ -106,34 +111,38 @@ class Responder:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             raise ClientDisconnected() from exc
 
+    def _send(self, event: h11.Event) -> bytes:
+        try:
+            return self._conn.send(event) or b""
+        except h11.LocalProtocolError:
+            # Our bug, not the client's: the connection is in an unknown state.
+            log.exception("cannot write the response")
+            raise ClientDisconnected() from None
+
     async def respond(self, status: int, headers: tuple[Header, ...], body: bytes) -> None:
-        conn = self._conn
         hdrs = self._headers(headers)
         hdrs.append((b"content-length", str(len(body)).encode()))
-        data = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_reason(status)))
-        assert data is not None
-        if body:
-            data += conn.send(h11.Data(data=body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
+        data = self._send(h11.Response(status_code=status, headers=hdrs, reason=_reason(status)))
+        if body and not self._head:
+            data += self._send(h11.Data(data=body))
+        data += self._send(h11.EndOfMessage())
         self.started = self.finished = True
         await self._write(data)
 
     async def start(self, status: int, headers: tuple[Header, ...]) -> None:
         hdrs = self._headers(headers)
         hdrs.append((b"transfer-encoding", b"chunked"))
-        data = self._conn.send(
-            h11.Response(status_code=status, headers=hdrs, reason=_reason(status))
-        )
+        data = self._send(h11.Response(status_code=status, headers=hdrs, reason=_reason(status)))
         self.started = True
-        await self._write(data or b"")
+        await self._write(data)
 
     async def send(self, data: bytes) -> None:
-        if data:
-            await self._write(self._conn.send(h11.Data(data=data)) or b"")
+        if data and not self._head:
+            await self._write(self._send(h11.Data(data=data)))
 
     async def end(self) -> None:
         self.finished = True
-        await self._write(self._conn.send(h11.EndOfMessage()) or b"")
+        await self._write(self._send(h11.EndOfMessage()))
 
 
 @functools.cache
@@ -144,6 +153,15 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+_CODES = {
+    400: "invalid_request",
+    408: "request_timeout",
+    413: "request_too_large",
+    431: "headers_too_large",
+    503: "connection_limit",
+}
+
+
 class _BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -152,12 +170,15 @@ class _BadRequest(Exception):
 
 
 def _error_body(status: int, message: str) -> bytes:
-    # The OpenAI error shape, written by hand: this module knows nothing of the core.
+    # The OpenAI error shape, built here: this module knows nothing of the core.
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    escaped = message.replace("\\", "\\\\").replace('"', '\\"')
-    return (
-        f'{{"error":{{"message":"{escaped}","type":"{kind}","param":null,"code":null}}}}'
-    ).encode()
+    error = {"message": message, "type": kind, "param": None, "code": _CODES.get(status)}
+    return orjson.dumps({"error": error})
+
+
+def _counter_ids() -> Callable[[], str]:
+    counter = itertools.count(1)
+    return lambda: f"http-{next(counter):x}"
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -186,8 +207,12 @@ class HttpServer:
         settings: HttpSettings | None = None,
         *,
         max_body_bytes: int = 4 * 1024 * 1024,
+        request_ids: Callable[[], str] | None = None,
     ) -> None:
         self._handler = handler
+        #: Ids for the responses this layer writes itself (the handler's own come
+        #: from the handler); the same source keeps them unique.
+        self._request_ids = request_ids if request_ids is not None else _counter_ids()
         self.settings = settings if settings is not None else HttpSettings()
         #: The core's ``limits.max_body_bytes``: one limit, enforced while reading.
         self.max_body_bytes = max_body_bytes
@@ -242,6 +267,9 @@ class HttpServer:
             await self._connection_loop(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ClientDisconnected):
             pass
+        except Exception:
+            # A bug must cost one connection, never the server.
+            log.exception("connection failed")
         finally:
             self._connections -= 1
             if self._connections == 0:
@@ -253,6 +281,7 @@ class HttpServer:
         head = (
             b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
             b"retry-after: 1\r\nretry-after-ms: 1000\r\nconnection: close\r\n"
+            b"x-request-id: " + self._request_ids().encode() + b"\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
         )
         with (
@@ -276,7 +305,13 @@ class HttpServer:
             if request is None:
                 return
             served += 1
-            responder = Responder(conn, stream, settings.send_timeout, self._closer(served))
+            responder = Responder(
+                conn,
+                stream,
+                settings.send_timeout,
+                self._closer(served),
+                head=request.method == "HEAD",
+            )
             gone = await self._handle(request, responder, conn, stream)
             if gone:
                 return
@@ -444,6 +479,7 @@ class HttpServer:
         headers = [
             _SERVER_HEADER,
             (b"content-type", b"application/json"),
+            (b"x-request-id", self._request_ids().encode()),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]

@@ -86,7 +86,10 @@ async def run_server(
         slots = {b.name: BackendSlots(b.max_concurrency, b.max_queue) for b in config.backends}
         driver = Driver(gateway, backends, slots, access_log=config.server.access_log)
         server = HttpServer(
-            driver, config.server.http(), max_body_bytes=config.limits.max_body_bytes
+            driver,
+            config.server.http(),
+            max_body_bytes=config.limits.max_body_bytes,
+            request_ids=driver.next_request_id,
         )
         listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,132 @@
+"""A sans-IO decoder for ``text/event-stream`` bodies (the WHATWG SSE format).
+
+:class:`SseDecoder` turns arbitrarily split bytes into the ``data`` payloads of
+complete events, the only field an OpenAI-style stream uses (``event``, ``id``,
+``retry`` and comments are ignored). It works on whole buffers: everything a
+``feed`` completes is decoded and split at once, with a fast path for the common
+one-line ``data: ...`` event, so a receive holding twenty upstream chunks costs one
+pass, not twenty.
+
+The result never depends on how the bytes were split. Line endings may be ``\\n``,
+``\\r\\n`` or ``\\r`` (a ``\\r\\n`` split across two feeds counts once). An event, in
+bytes with its line endings normalized to ``\\n`` and not counting the blank line
+that ends it, may be at most ``max_event_bytes``; a larger one, complete or still
+arriving, raises :class:`~ostiary.protocol.errors.BackendError`, so memory stays
+bounded whatever the upstream sends.
+"""
+
+from __future__ import annotations
+
+from ostiary.protocol.errors import BackendError
+
+__all__ = ["SseDecoder"]
+
+#: Default bound on one event's size: far above any OpenAI chunk.
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+
+
+class SseDecoder:
+    """Incremental SSE decoder: ``feed`` bytes in, ``data`` payloads out."""
+
+    __slots__ = ("_after_cr", "_buffer", "_max_event_bytes", "_started")
+
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        if max_event_bytes < 1:
+            raise ValueError(f"max_event_bytes must be at least 1, got {max_event_bytes}")
+        self._max_event_bytes = max_event_bytes
+        #: Normalized bytes of the event in progress; never holds a blank line.
+        self._buffer = b""
+        #: The last byte fed was ``\r``, so a ``\n`` starting the next feed is its pair.
+        self._after_cr = False
+        self._started = False
+
+    def feed(self, data: bytes) -> list[str]:
+        """Add bytes; return the ``data`` of every event they complete, in order.
+
+        Multi-line data is joined with ``\\n``. Raises :class:`BackendError` if an
+        event exceeds ``max_event_bytes``.
+        """
+        if not data:
+            return []
+        if self._after_cr and data[0] == 0x0A:
+            data = data[1:]
+        self._after_cr = data.endswith(b"\r")
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        # A blank line with no event before it dispatches nothing: drop it here so
+        # that the buffer holds only the event in progress.
+        if self._buffer:
+            buffer = self._buffer + data
+        else:
+            buffer = data.lstrip(b"\n")
+            if len(buffer) != len(data):
+                self._started = True  # the stream did not start with a BOM
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._check_partial(buffer)
+            self._buffer = buffer
+            return []
+        rest = buffer[end + 2 :]
+        self._check_partial(rest)
+        self._buffer = rest
+        return self._dispatch(buffer[:end])
+
+    def close(self) -> list[str]:
+        """End of stream. An event whose lines are all complete but that lacks the
+        final blank line is dispatched (lenient to servers that omit it); a stream
+        that stops in the middle of a line raises :class:`BackendError` (the body
+        was truncated). The decoder is then reset."""
+        rest, self._buffer, self._after_cr = self._buffer, b"", False
+        if not rest:
+            return []
+        if not rest.endswith(b"\n"):
+            raise BackendError("upstream event stream ended in the middle of an event")
+        return self._dispatch(rest[:-1])
+
+    def _check_partial(self, partial: bytes) -> None:
+        if len(partial) > self._max_event_bytes:
+            self._too_large()
+
+    def _too_large(self) -> None:
+        self._buffer = b""
+        raise BackendError(
+            f"upstream sent an event stream event over {self._max_event_bytes} bytes"
+        )
+
+    def _dispatch(self, block: bytes) -> list[str]:
+        """Payloads of the events in ``block``: complete events separated by blank
+        lines, without the blank line that ends the last one."""
+        if len(block) >= self._max_event_bytes:
+            limit = self._max_event_bytes
+            for raw in block.split(b"\n\n"):
+                if len(raw.lstrip(b"\n")) + 1 > limit:
+                    self._too_large()
+        text = block.decode("utf-8", "replace")
+        if not self._started:
+            self._started = True
+            if text.startswith("\ufeff"):
+                text = text[1:]
+        payloads: list[str] = []
+        for event in text.split("\n\n"):
+            if event.startswith("data:") and "\n" not in event:
+                value = event[5:]
+                payloads.append(value[1:] if value.startswith(" ") else value)
+            elif event:
+                _parse_event(event, payloads)
+        return payloads
+
+
+def _parse_event(event: str, payloads: list[str]) -> None:
+    """The general path: any mix of fields, comments and blank lines."""
+    data: list[str] = []
+    for line in event.split("\n"):
+        if not line:
+            if data:
+                payloads.append("\n".join(data))
+                data = []
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        payloads.append("\n".join(data))

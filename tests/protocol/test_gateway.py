@@ -452,3 +452,21 @@ def test_every_exchange_ends_exactly_once_and_replays_identically(
         ends = sum(isinstance(a, EndStream) for a in mine)
         assert responds + starts <= len([d for d in dispatched if d == rid])
         assert ends <= starts
+
+
+def test_admits_judges_the_head_alone() -> None:
+    gw = gateway()
+    assert gw.admits("POST", "/v1/chat/completions", auth_headers())
+    assert gw.admits("GET", "/healthz", ())
+    assert not gw.admits("POST", "/v1/chat/completions", ())
+    assert not gw.admits("POST", "/v1/nothing", auth_headers())
+    assert not gw.admits("GET", "/v1/chat/completions", auth_headers())
+    assert not gw.admits("POST", "/v1/chat/completions", auth_headers() + auth_headers(USER_SECRET))
+
+
+def test_two_authorization_headers_are_refused() -> None:
+    gw = gateway()
+    headers = (*auth_headers(), (b"authorization", b"Bearer junk"))
+    status, body, _ = json_of(gw.handle(request(body=chat_body(), headers=headers)))
+    assert status == 401
+    assert "exactly one" in body["error"]["message"]

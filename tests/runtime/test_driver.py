@@ -332,3 +332,27 @@ async def test_access_log_can_be_off(
         client = await connect()
         await post(client, "/v1/chat/completions", chat_body(model="s"))
     assert not [r for r in caplog.records if r.name == "ostiary.access"]
+
+
+async def test_failed_final_write_is_logged_as_client_gone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ostiary.protocol.actions import Log, Respond
+    from ostiary.runtime.http import ClientDisconnected
+
+    class GoneResponder:
+        async def respond(self, *args: object) -> None:
+            raise ClientDisconnected()
+
+    caplog.set_level("INFO")
+    async with running() as (_, driver, _):
+        actions = [
+            Respond("r1", 200, (), b"{}"),
+            Log("info", "request", {"request_id": "r1", "status": 200}),
+            Log("warning", "other", {"x": 1}),
+        ]
+        with pytest.raises(ClientDisconnected):
+            await driver._execute(actions, GoneResponder())  # type: ignore[arg-type]
+    records = [r for r in caplog.records if r.name == "ostiary.access"]
+    assert [r.fields["status"] for r in records] == [499]  # type: ignore[attr-defined]
+    assert any(r.getMessage() == "other" for r in caplog.records)

@@ -370,3 +370,54 @@ async def test_drain_deadline_returns(autojump_clock: trio.testing.MockClock) ->
         assert server.connections == 1
         nursery.cancel_scope.cancel()
     assert recorder.cancelled == 1
+
+
+async def test_screened_request_body_is_never_read(autojump_clock: trio.testing.MockClock) -> None:
+    recorder = Recorder()
+    seen: list[tuple[str, str]] = []
+
+    def screen(method: str, target: str, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+        seen.append((method, target))
+        return False
+
+    server = HttpServer(recorder, HttpSettings(), max_body_bytes=1000, screen=screen)
+    async with trio.open_nursery() as nursery:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_connection, server_stream)
+        client = Client(client_stream)
+        await client.send_head(content_length=500)  # with expect: 100-continue
+        status, headers, body = await client.response()
+        assert status == 200  # the handler's answer, not a 100 Continue
+        assert body == b"0"
+        assert headers[b"connection"] == b"close"
+        assert recorder.requests[0].body_skipped
+        assert seen == [("POST", "/")]
+        assert await client.closed()
+        nursery.cancel_scope.cancel()
+
+
+async def test_screen_is_not_asked_without_a_body(autojump_clock: trio.testing.MockClock) -> None:
+    recorder = Recorder()
+    server = HttpServer(recorder, HttpSettings(), screen=lambda m, t, h: False)
+    async with trio.open_nursery() as nursery:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_connection, server_stream)
+        client = Client(client_stream)
+        await client.request(method="GET", target="/x")
+        status, headers, _ = await client.response()
+        assert status == 200
+        assert b"connection" not in headers
+        assert not recorder.requests[0].body_skipped
+        nursery.cancel_scope.cancel()
+
+
+async def test_rejected_client_still_sending_gets_the_response(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as (_, _recorder, connect):
+        client = await connect()
+        await client.send_raw(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 9999999\r\n\r\n")
+        await client.send_raw(b"x" * 200_000)  # the server discards this while lingering
+        status, headers, _ = await client.response()
+        assert status == 413
+        assert headers[b"x-request-id"]

@@ -96,6 +96,8 @@ class ScriptedBackend:
         for i, piece in enumerate(pieces):
             if delay:
                 await trio.sleep(delay)
+            elif i % 32 == 31:
+                await trio.lowlevel.checkpoint()  # never hog the event loop
             for choice in range(choices):
                 yield Delta(text=piece, choice=choice, finish_reason=finish if i == last else None)
         yield Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces) * choices)

@@ -42,6 +42,7 @@ from .encoding import (
     usage_dict,
 )
 from .errors import (
+    AuthenticationError,
     MethodNotAllowedError,
     NotFoundError,
     OpenAIError,
@@ -91,6 +92,7 @@ _ROUTES: dict[str, tuple[str, Endpoint]] = {
     "/readyz": ("GET", Endpoint.READY),
 }
 _MODEL_PREFIX = "/v1/models/"
+_PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY})
 
 _DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits], BackendCall]] = {
     Endpoint.CHAT: decoding.decode_chat,
@@ -154,11 +156,18 @@ def _is_hex(pair: bytes) -> bool:
     return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
 
 
-def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+def _authorization(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The one ``authorization`` header; two are refused (a proxy in front might
+    read the other one)."""
+    found = None
     for key, value in headers:
-        if key == name:
-            return value
-    return None
+        if key == b"authorization":
+            if found is not None:
+                raise AuthenticationError(
+                    "Send exactly one Authorization header.", code="invalid_api_key"
+                )
+            found = value
+    return found
 
 
 @attrs.define(slots=True)
@@ -203,6 +212,18 @@ class Gateway:
     def in_flight(self) -> int:
         """Exchanges started and not yet finished."""
         return len(self._exchanges)
+
+    def admits(self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+        """Whether a request's body is worth reading, judged from its head alone:
+        a known route, and valid credentials where the route needs them. A refused
+        request still goes through :meth:`handle` (with no body) for its answer."""
+        try:
+            endpoint, _ = route(method, target)
+            if endpoint not in _PUBLIC:
+                self.keys.authenticate(_authorization(headers))
+        except OpenAIError:
+            return False
+        return True
 
     def state_of(self, request_id: str) -> ExchangeState | None:
         exchange = self._exchanges.get(request_id)
@@ -250,7 +271,7 @@ class Gateway:
                 exchange.state = ExchangeState.CHECKING
                 self._exchanges[event.request_id] = exchange
                 return [CheckReadiness(event.request_id)]
-            exchange.key = self.keys.authenticate(_header(event.headers, b"authorization"))
+            exchange.key = self.keys.authenticate(_authorization(event.headers))
             if endpoint is Endpoint.MODELS:
                 models = (self._model_dict(r) for r in self._routes.values())
                 return self._finish(exchange, 200, encode_models(models), event.now)

@@ -54,6 +54,8 @@ log = logging.getLogger("ostiary.driver")
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _INTERNAL = "The server had an error while processing your request."
+#: Pieces of a non-streamed generation handed to the gateway at once.
+_BATCH = 256
 
 
 class BackendSlots:
@@ -169,23 +171,37 @@ class Driver:
             log.log(_LEVELS[action.level], action.message, extra={"fields": action.fields})
 
     async def _execute(self, actions: Sequence[Action], responder: Responder) -> None:
-        for action in actions:
-            if isinstance(action, SendBytes):
-                await responder.send(action.data)
-            elif isinstance(action, Respond):
-                await responder.respond(action.status, action.headers, action.body)
-            elif isinstance(action, StartStream):
-                await responder.start(action.status, action.headers)
-            elif isinstance(action, EndStream):
-                await responder.end()
-            elif isinstance(action, Log):
-                self._log(action)
-            elif isinstance(action, Dispatch):
-                await self._execute(await self._dispatch(action, responder), responder)
-            elif isinstance(action, CheckReadiness):
-                await self._execute(await self._check_ready(action.request_id), responder)
-            # CancelBackend needs nothing here: the backend call runs inside this
-            # request's task, and is already being cancelled when it is emitted.
+        for i, action in enumerate(actions):
+            try:
+                await self._execute_one(action, responder)
+            except ClientDisconnected:
+                # The exchange's last write failed: its record still gets logged, as
+                # the client leaving (the gateway has already forgotten it).
+                for later in actions[i + 1 :]:
+                    if isinstance(later, Log):
+                        fields = later.fields
+                        if later.message == "request":
+                            fields = {**fields, "status": 499}
+                        self._log(Log(later.level, later.message, fields))
+                raise
+
+    async def _execute_one(self, action: Action, responder: Responder) -> None:
+        if isinstance(action, SendBytes):
+            await responder.send(action.data)
+        elif isinstance(action, Respond):
+            await responder.respond(action.status, action.headers, action.body)
+        elif isinstance(action, StartStream):
+            await responder.start(action.status, action.headers)
+        elif isinstance(action, EndStream):
+            await responder.end()
+        elif isinstance(action, Log):
+            self._log(action)
+        elif isinstance(action, Dispatch):
+            await self._execute(await self._dispatch(action, responder), responder)
+        elif isinstance(action, CheckReadiness):
+            await self._execute(await self._check_ready(action.request_id), responder)
+        # CancelBackend needs nothing here: the backend call runs inside this
+        # request's task, and is already being cancelled when it is emitted.
 
     async def _dispatch(self, action: Dispatch, responder: Responder) -> Sequence[Action]:
         """Run the call; return the actions for its ending (stream output is
@@ -207,16 +223,29 @@ class Driver:
                     if failure is not None:
                         raise failure
                 else:
-                    async with aclosing(generation):
-                        pieces = tuple([piece async for piece in generation])
-                    self.gateway.handle(BackendChunk(rid, pieces))
+                    await self._collect(rid, generation)
         except OpenAIError as error:
             return self.gateway.handle(BackendFailed(rid, error, trio.current_time()))
+        except ClientDisconnected:
+            raise
         except Exception:
             log.exception("backend failed", extra={"fields": {"request_id": rid}})
             internal = InternalServerError(_INTERNAL)
             return self.gateway.handle(BackendFailed(rid, internal, trio.current_time()))
         return self.gateway.handle(BackendFinished(rid, trio.current_time()))
+
+    async def _collect(self, rid: str, generation: Generation) -> None:
+        """Feed a non-streamed generation to the gateway in batches, yielding to
+        other tasks between them (a huge answer must not stall the event loop)."""
+        batch: list[Delta | Usage] = []
+        async with aclosing(generation):
+            async for piece in generation:
+                batch.append(piece)
+                if len(batch) >= _BATCH:
+                    self.gateway.handle(BackendChunk(rid, tuple(batch)))
+                    batch = []
+                    await trio.lowlevel.checkpoint()
+        self.gateway.handle(BackendChunk(rid, tuple(batch)))
 
     async def _pump(
         self, rid: str, generation: Generation, responder: Responder
@@ -234,6 +263,8 @@ class Driver:
                 try:
                     async for piece in generation:
                         await send.send(piece)
+                except trio.BrokenResourceError:
+                    pass  # the consumer stopped first; it reports why
                 except OpenAIError as error:
                     failure = error
                 except Exception:

@@ -35,6 +35,8 @@ log = logging.getLogger("ostiary.http")
 
 Header = tuple[bytes, bytes]
 _READ_SIZE = 65536
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1024 * 1024
 _SERVER_HEADER = (b"server", b"ostiary")
 
 
@@ -65,6 +67,9 @@ class HttpRequest:
     headers: tuple[Header, ...]
     body: bytes
     client: str
+    #: The head was refused by the screen, so the body was never read (and the
+    #: connection closes after the response).
+    body_skipped: bool = False
 
 
 class ClientDisconnected(Exception):
@@ -72,6 +77,9 @@ class ClientDisconnected(Exception):
 
 
 Handler = Callable[[HttpRequest, "Responder"], Awaitable[None]]
+#: Decides from the head alone whether a request's body is worth reading (route and
+#: credentials); a refused request goes to the handler with no body, which answers it.
+Screen = Callable[[str, str, tuple[Header, ...]], bool]
 
 
 class Responder:
@@ -208,8 +216,10 @@ class HttpServer:
         *,
         max_body_bytes: int = 4 * 1024 * 1024,
         request_ids: Callable[[], str] | None = None,
+        screen: Screen | None = None,
     ) -> None:
         self._handler = handler
+        self._screen = screen
         #: Ids for the responses this layer writes itself (the handler's own come
         #: from the handler); the same source keeps them unique.
         self._request_ids = request_ids if request_ids is not None else _counter_ids()
@@ -309,11 +319,14 @@ class HttpServer:
                 conn,
                 stream,
                 settings.send_timeout,
-                self._closer(served),
+                self._closer(served, request.body_skipped),
                 head=request.method == "HEAD",
             )
             gone = await self._handle(request, responder, conn, stream)
             if gone:
+                return
+            if request.body_skipped:
+                await self._linger(stream)
                 return
             if not responder.finished:
                 # The handler must always answer; if it did not, the connection is
@@ -327,12 +340,29 @@ class HttpServer:
             except h11.LocalProtocolError:
                 return
 
-    def _closer(self, served: int) -> Callable[[], bool]:
+    def _closer(self, served: int, body_skipped: bool) -> Callable[[], bool]:
         """Whether the response to the ``served``-th request must close the
         connection; asked when its head is written, so a drain that began while it
         was being handled is honoured."""
-        last = served >= self.settings.max_requests_per_connection
+        last = body_skipped or served >= self.settings.max_requests_per_connection
         return lambda: last or self._draining
+
+    async def _linger(self, stream: trio.abc.Stream) -> None:
+        """Close without a reset: a client still sending a body we will not read
+        would otherwise lose the response we just sent. Half-close, then discard
+        what arrives for a moment (bounded in time and bytes)."""
+        with trio.move_on_after(_LINGER_SECONDS):
+            try:
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+                discarded = 0
+                while discarded < _LINGER_BYTES:
+                    data = await stream.receive_some(_READ_SIZE)
+                    if not data:
+                        break
+                    discarded += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _handle(
         self,
@@ -422,6 +452,11 @@ class HttpServer:
         if length is not None and length > self.max_body_bytes:
             raise _BadRequest(413, f"The request body is larger than {self.max_body_bytes} bytes.")
         body = b""
+        method = event.method.decode("ascii", "replace")
+        target = event.target.decode("ascii", "replace")
+        screen = self._screen
+        if (length or chunked) and screen is not None and not screen(method, target, headers):
+            return HttpRequest(method, target, headers, b"", client, body_skipped=True)
         if length or chunked:
             with trio.move_on_after(settings.body_timeout) as body_scope:
                 body = await self._read_body(conn, stream)
@@ -431,13 +466,7 @@ class HttpServer:
             end = _event(conn)
             if not isinstance(end, h11.EndOfMessage):
                 raise _BadRequest(400, "Malformed request.")
-        return HttpRequest(
-            method=event.method.decode("ascii", "replace"),
-            target=event.target.decode("ascii", "replace"),
-            headers=headers,
-            body=body,
-            client=client,
-        )
+        return HttpRequest(method, target, headers, body, client)
 
     async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream) -> object:
         while True:
@@ -494,3 +523,4 @@ class HttpServer:
             return
         with trio.move_on_after(self.settings.send_timeout):
             await stream.send_all(data)
+        await self._linger(stream)

@@ -90,6 +90,7 @@ async def run_server(
             config.server.http(),
             max_body_bytes=config.limits.max_body_bytes,
             request_ids=driver.next_request_id,
+            screen=gateway.admits,
         )
         listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
         async with trio.open_nursery() as nursery:

@@ -382,3 +382,53 @@ def test_near_valid_chat_bodies(value: dict[str, Any]) -> None:
 def test_random_bytes(raw: bytes) -> None:
     with contextlib.suppress(OpenAIError):
         decode_chat(raw, LIMITS)
+
+
+def test_openai_accepts_these_so_do_we() -> None:
+    req = decode_chat(
+        orjson.dumps(
+            chat(
+                stream=None,
+                messages=[
+                    USER,
+                    {"role": "assistant", "content": "x", "audio": {"id": "a1"}},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "function_call": {"name": "f", "arguments": "{}"},
+                        "tool_calls": [],
+                    },
+                ],
+            )
+        ),
+        LIMITS,
+    )
+    assert req.stream is False
+    assert req.messages[1].audio == {"id": "a1"}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "param"),
+    [
+        ({f"k{i}": "v" for i in range(17)}, "metadata"),
+        ({"k" * 65: "v"}, "metadata"),
+        ({"k": 1}, "metadata.k"),
+        ({"k": "v" * 513}, "metadata.k"),
+    ],
+)
+def test_metadata_follows_openai_rules(metadata: dict[str, Any], param: str) -> None:
+    assert reject(chat(metadata=metadata)).param == param
+    assert decode_chat(orjson.dumps(chat(metadata={"a": "b" * 512})), LIMITS).metadata
+
+
+def test_choices_times_prompts_is_bounded() -> None:
+    body = {"model": "m", "prompt": ["p"] * 300, "n": 8}
+    with pytest.raises(InvalidRequestError) as info:
+        decode_completion(orjson.dumps(body), LIMITS)
+    assert info.value.param == "n"
+    body["n"] = 6
+    assert len(decode_completion(orjson.dumps(body), LIMITS).prompts()) == 300
+
+
+def test_range_errors_show_the_exact_value() -> None:
+    assert "got 2.0000001 instead" in reject(chat(temperature=2.0000001)).message

@@ -81,7 +81,11 @@ class Blocking(ScriptedBackend):
 
 @asynccontextmanager
 async def running(
-    *, max_concurrency: int = 4, max_queue: int = 4, access_log: bool = True
+    *,
+    max_concurrency: int = 4,
+    max_queue: int = 4,
+    access_log: bool = True,
+    ready_cache: float = 0.0,
 ) -> AsyncIterator[tuple[Any, Driver, dict[str, Any]]]:
     scripted = ScriptedBackend(ScriptedSettings(models=("s",), chunks=4))
     slow = ScriptedBackend(
@@ -97,7 +101,9 @@ async def running(
     routes = [ModelRoute(m, name) for name, b in backends.items() for m in b.models]
     gateway = Gateway(routes=routes, keys=key_table())
     slots = {name: BackendSlots(max_concurrency, max_queue) for name in backends}
-    driver = Driver(gateway, backends, slots, access_log=access_log, ready_timeout=3)
+    driver = Driver(
+        gateway, backends, slots, access_log=access_log, ready_timeout=3, ready_cache=ready_cache
+    )
     server = HttpServer(driver, HttpSettings())
     async with trio.open_nursery() as nursery:
 
@@ -356,3 +362,23 @@ async def test_failed_final_write_is_logged_as_client_gone(
     records = [r for r in caplog.records if r.name == "ostiary.access"]
     assert [r.fields["status"] for r in records] == [499]  # type: ignore[attr-defined]
     assert any(r.getMessage() == "other" for r in caplog.records)
+
+
+async def test_readiness_checks_are_cached(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(ready_cache=5.0) as (connect, _, backends):
+        calls = 0
+
+        async def counted() -> None:
+            nonlocal calls
+            calls += 1
+
+        backends["faulty"].check_ready = counted
+        client = await connect()
+        for _ in range(3):
+            await client.request(method="GET", target="/readyz")
+            assert (await client.response())[0] == 200
+        assert calls == 1
+        await trio.sleep(5)
+        await client.request(method="GET", target="/readyz")
+        await client.response()
+        assert calls == 2

@@ -61,6 +61,9 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    # Assistant-message fields OpenAI accepts; kept as sent for upstreams.
+    audio: Any = attrs.field(default=None, eq=False)
+    function_call: Any = attrs.field(default=None, eq=False)
 
     def text(self) -> str:
         """The message's text: the string content, or its text parts joined."""
@@ -109,7 +112,8 @@ class ResponseFormat:
 class ChatCompletionRequest:
     model: str
     messages: tuple[ChatMessage, ...]
-    stream: bool = False
+    #: ``null`` is accepted (OpenAI's spec has it nullable) and means false.
+    stream: bool | None = attrs.field(default=False, converter=bool)
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -164,7 +168,7 @@ class ChatCompletionRequest:
 class CompletionRequest:
     model: str
     prompt: str | tuple[str, ...] | tuple[int, ...] | tuple[tuple[int, ...], ...]
-    stream: bool = False
+    stream: bool | None = attrs.field(default=False, converter=bool)
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     n: int | None = None

@@ -126,14 +126,11 @@ class SseDecoder:
 
 
 def _parse_event(event: str, payloads: list[str]) -> None:
-    """The general path: any mix of fields, comments and blank lines."""
+    """The general path: any mix of fields and comments. ``event`` holds no blank
+    line after its first field (events were split at blank lines), so it is one
+    event; a leading blank line parses as an ignored empty field name."""
     data: list[str] = []
     for line in event.split("\n"):
-        if not line:
-            if data:
-                payloads.append("\n".join(data))
-                data = []
-            continue
         name, _, value = line.partition(":")
         if name == "data":
             data.append(value[1:] if value.startswith(" ") else value)

@@ -63,9 +63,13 @@ def _serve(args: argparse.Namespace) -> int:
         server = attrs.evolve(server, port=args.port)
     config = attrs.evolve(config, server=server)
     setup_logging(server.log_level, server.log_format)
-    from .server import run_server
+    from .server import StartupError, run_server
 
-    trio.run(run_server, config)
+    try:
+        trio.run(run_server, config)
+    except StartupError as exc:
+        print(f"ostiary: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -103,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config(args)
     except (ConfigError, KeyStoreError) as exc:
         print(f"ostiary: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # A port in use, an unreadable model file...: one line, not a traceback.
+        print(f"ostiary: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

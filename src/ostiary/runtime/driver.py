@@ -103,6 +103,7 @@ class Driver:
         access_log: bool = True,
         stream_buffer: int = 64,
         ready_timeout: float = 5.0,
+        ready_cache: float = 1.0,
     ) -> None:
         self.gateway = gateway
         self._backends = backends
@@ -110,6 +111,10 @@ class Driver:
         self._access_log = access_log
         self._stream_buffer = stream_buffer
         self._ready_timeout = ready_timeout
+        self._ready_cache = ready_cache
+        self._ready_lock = trio.Lock()
+        self._ready_until = -float("inf")
+        self._ready_failures: tuple[tuple[str, str], ...] = ()
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
 
@@ -292,6 +297,16 @@ class Driver:
         return failure
 
     async def _check_ready(self, request_id: str) -> Sequence[Action]:
+        """Check every backend at most once per ``ready_cache`` seconds, however
+        often ``/readyz`` is asked (anyone may ask it: no amplification)."""
+        async with self._ready_lock:
+            if trio.current_time() >= self._ready_until:
+                self._ready_failures = await self._check_backends()
+                self._ready_until = trio.current_time() + self._ready_cache
+            failures = self._ready_failures
+        return self.gateway.handle(ReadinessChecked(request_id, failures, trio.current_time()))
+
+    async def _check_backends(self) -> tuple[tuple[str, str], ...]:
         failures: list[tuple[str, str]] = []
 
         async def check(name: str, backend: Backend) -> None:
@@ -308,7 +323,4 @@ class Driver:
         async with trio.open_nursery() as nursery:
             for name, backend in self._backends.items():
                 nursery.start_soon(check, name, backend)
-        failures.sort()
-        return self.gateway.handle(
-            ReadinessChecked(request_id, tuple(failures), trio.current_time())
-        )
+        return tuple(sorted(failures))

@@ -60,23 +60,27 @@ class KeyStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._ready = False
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.path.exists():
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # Create it readable by its owner only, before anything is in it.
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise KeyStoreError(f"cannot open key store {self.path}: {exc}") from None
         try:
-            conn.executescript(_SCHEMA)
+            if not self._ready:
+                conn.executescript(_SCHEMA)
+                self._ready = True
             yield conn
         except sqlite3.Error as exc:
             raise KeyStoreError(f"key store {self.path}: {exc}") from None
         finally:
             conn.close()
-        if self.path.exists():
-            os.chmod(self.path, 0o600)
 
     def create(self, name: str, role: str) -> tuple[KeyInfo, str]:
         """Create a key; returns its record and the secret (shown once, never stored)."""
@@ -140,7 +144,7 @@ class KeyStore:
 def write_bootstrap_key(path: Path, secret: str) -> None:
     """Write the bootstrap admin secret to ``path``, readable by its owner only."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, secret.encode("ascii") + b"\n")

@@ -21,11 +21,15 @@ from ostiary.protocol.gateway import Gateway, ModelRoute
 from .config import Config
 from .driver import BackendSlots, Driver
 from .http import HttpServer
-from .keystore import KeyStore, KeyStoreError, write_bootstrap_key
+from .keystore import KeyStore, write_bootstrap_key
 
-__all__ = ["bootstrap_keys", "run_server"]
+__all__ = ["StartupError", "bootstrap_keys", "run_server"]
 
 log = logging.getLogger("ostiary.server")
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (the message says why, in one line)."""
 
 
 def bootstrap_keys(config: Config) -> KeyStore:
@@ -52,8 +56,9 @@ async def _watch_keys(store: KeyStore, gateway: Gateway, generation: int, every:
                 generation, table, _ = await trio.to_thread.run_sync(store.load)
                 gateway.keys = table
                 log.info("reloaded API keys", extra={"fields": {"active_keys": len(table.keys)}})
-        except KeyStoreError as exc:
-            log.error("cannot reload API keys", extra={"fields": {"error": str(exc)}})
+        except Exception as exc:
+            # Keep serving with the keys we have; say why the reload failed.
+            log.error("cannot reload API keys", extra={"fields": {"error": repr(exc)}})
 
 
 async def run_server(
@@ -72,7 +77,10 @@ async def run_server(
         backends: dict[str, Backend] = {}
         for settings in config.backends:
             backend = create_backend(settings)
-            backends[settings.name] = await stack.enter_async_context(backend)
+            try:
+                backends[settings.name] = await stack.enter_async_context(backend)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise StartupError(f"backend {settings.name!r} cannot start: {exc}") from exc
             log.info(
                 "backend ready",
                 extra={

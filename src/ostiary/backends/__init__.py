@@ -8,7 +8,7 @@ builds the backend for a settings object. Backends whose dependencies are heavy
 from __future__ import annotations
 
 from .base import Backend, BackendSettings, Generation
-from .embedded import EmbeddedSettings
+from .llama_engine import EmbeddedSettings
 from .ollama import OllamaSettings
 from .openai_compat import OpenAISettings
 from .scripted import ScriptedSettings

@@ -12,7 +12,6 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from fake_ollama import FakeOllama, Fault, serve_fake_ollama
 
 from ostiary.backends.base import Backend, Generation
 from ostiary.backends.httpclient import HttpClient
@@ -40,6 +39,7 @@ from ostiary.protocol.requests import (
     ToolCall,
     ToolChoice,
 )
+from tests.backends.fake_ollama import FakeOllama, Fault, serve_fake_ollama
 
 REPLY_TOKENS = ["The", " sky", " is", " blue", " because", " of", " Rayleigh", " scattering."]
 QUESTION = (ChatMessage(role="user", content="Why is the sky blue?"),)

@@ -1,0 +1,808 @@
+"""HttpClient against real loopback servers run in the test's nursery: the fast mock
+upstream for the happy paths, scripted servers for misbehaviour."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import ipaddress
+import math
+import socket
+import ssl
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ostiary.backends.httpclient import (
+    ConnectError,
+    ConnectTimeout,
+    HttpClient,
+    HttpClientError,
+    ReadTimeout,
+    RemoteProtocolError,
+    _ChunkedBody,
+    _framing,
+    _LengthBody,
+    _parse_head,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from mock_upstream import (
+    LAST_CHUNK,
+    MockStats,
+    ScriptedRequest,
+    http_response,
+    serve,
+    serve_scripted,
+)
+
+Handler = Callable[[ScriptedRequest, trio.SocketStream], Awaitable[bool]]
+
+
+async def start_mock(nursery: trio.Nursery, stats: MockStats | None = None) -> str:
+    port = await nursery.start(lambda task_status: serve(0, stats=stats, task_status=task_status))
+    return f"http://127.0.0.1:{port}/v1"
+
+
+async def start_scripted(
+    nursery: trio.Nursery, handler: Handler, stats: MockStats | None = None
+) -> str:
+    port = await nursery.start(
+        lambda task_status: serve_scripted(handler, stats=stats, task_status=task_status)
+    )
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def reply(data: bytes, keep_alive: bool = True) -> Handler:
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(data)
+        return keep_alive
+
+    return handler
+
+
+def abort(stream: trio.SocketStream) -> None:
+    """Make the coming close send an RST instead of a FIN."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- happy paths and keep-alive --------------------------------------------------------
+
+
+async def test_request_roundtrip_and_keep_alive_reuse(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    async with HttpClient(await start_mock(nursery, stats)) as client:
+        status, headers, body = await client.request("GET", "/models")
+        assert status == 200
+        assert (b"content-type", b"application/json") in headers
+        assert b"mock-model" in body
+        for _ in range(20):
+            status, _, body = await client.request("POST", "/chat/completions", body=b"{}")
+            assert status == 200
+            assert body.startswith(b'{"id":"mock-1"')
+    assert stats.accepted == 1
+    assert stats.requests == 21
+
+
+async def test_path_prefix_headers_and_body_sent(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    url = await start_scripted(nursery, reply(http_response(200, b"ok")), stats)
+    client = HttpClient(
+        url + "/", default_headers=[("X-Default", "1"), ("Content-Type", "text/plain")]
+    )
+    async with client:
+        response = await client.request(
+            "post", "/things?x=1", headers=[("content-type", "application/json")], body=b"{}"
+        )
+    assert response == (
+        200,
+        [(b"content-type", b"application/json"), (b"content-length", b"2")],
+        b"ok",
+    )
+    seen = stats.last_request
+    assert seen is not None
+    assert (seen.method, seen.path, seen.body) == ("POST", "/v1/things?x=1", b"{}")
+    assert seen.headers["host"] == url.split("/")[2]
+    assert seen.headers["x-default"] == "1"
+    assert seen.headers["content-type"] == "application/json"
+    assert seen.headers["content-length"] == "2"
+
+
+async def test_empty_post_sends_content_length_zero(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    url = await start_scripted(nursery, reply(http_response(204, b"")), stats)
+    async with HttpClient(url) as client:
+        assert (await client.request("POST", "/x"))[0] == 204
+    assert stats.last_request is not None
+    assert stats.last_request.headers["content-length"] == "0"
+
+
+async def test_iter_bytes_joins_buffered_chunks(nursery: trio.Nursery) -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    body = b"".join(b"1\r\n%d\r\n" % (i % 10) for i in range(30)) + LAST_CHUNK
+    stats = MockStats()
+    async with HttpClient(await start_scripted(nursery, reply(head + body), stats)) as client:
+        for _ in range(2):
+            async with client.stream("GET", "/s") as response:
+                assert response.header(b"transfer-encoding") == b"chunked"
+                assert response.header(b"missing") is None
+                assert not response.complete
+                chunks = [c async for c in response.iter_bytes()]
+                assert response.complete
+            assert b"".join(chunks) == b"".join(b"%d" % (i % 10) for i in range(30))
+            assert len(chunks) < 30
+    assert stats.accepted == 1
+
+
+async def test_informational_response_is_skipped(nursery: trio.Nursery) -> None:
+    data = b"HTTP/1.1 100 Continue\r\n\r\n" + http_response(200, b"done")
+    async with HttpClient(await start_scripted(nursery, reply(data))) as client:
+        assert (await client.request("POST", "/x", body=b"1"))[2] == b"done"
+
+
+async def test_connection_close_response_is_not_reused(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    data = http_response(200, b"x", headers=[("connection", "close")])
+    async with HttpClient(await start_scripted(nursery, reply(data, False), stats)) as client:
+        for _ in range(3):
+            assert (await client.request("GET", "/x"))[2] == b"x"
+    assert stats.accepted == 3
+
+
+async def test_body_read_to_end_before_an_exception_keeps_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    stats = MockStats()
+    async with HttpClient(await start_mock(nursery, stats)) as client:
+        with pytest.raises(KeyError):
+            async with client.stream("GET", "/models") as response:
+                await response.read()
+                raise KeyError("boom")
+        await client.request("GET", "/models")
+    assert stats.accepted == 1
+
+
+async def test_close_delimited_and_http10_responses_are_not_pooled(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    answers = iter(
+        [
+            b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            http_response(200, b"kept"),
+        ]
+    )
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        answer = next(answers)
+        await stream.send_all(answer)
+        return b"content-length" in answer or b"204" in answer
+
+    async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
+        assert (await client.request("GET", "/x"))[2] == b"until the end"
+        assert (await client.request("GET", "/x"))[2] == b"ok"
+        assert (await client.request("GET", "/x"))[2] == b"ok"
+        assert (await client.request("GET", "/x"))[:2] == (204, [])
+        assert (await client.request("GET", "/x"))[2] == b"kept"
+    assert stats.accepted == 4
+
+
+async def test_head_request_has_no_body(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    data = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"
+    async with HttpClient(await start_scripted(nursery, reply(data), stats)) as client:
+        for _ in range(2):
+            assert await client.request("HEAD", "/x") == (200, [(b"content-length", b"1000")], b"")
+    assert stats.accepted == 1
+
+
+async def test_chunked_body_trickling_in(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    data = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1 \r\n,\r\n6\r\n world\r\n0\r\ntrailer: x\r\n\r\n"
+    )
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        for i in range(len(data)):
+            await stream.send_all(data[i : i + 1])
+            await trio.testing.wait_all_tasks_blocked()
+        return True
+
+    async with HttpClient(
+        await start_scripted(nursery, handler, stats), read_timeout=math.inf
+    ) as c:
+        for _ in range(2):
+            assert (await c.request("GET", "/x"))[2] == b"hello, world"
+    assert stats.accepted == 1
+
+
+# -- body framing, sans I/O -------------------------------------------------------------------
+
+
+def chunked(pieces: list[bytes], extension: bool, trailers: bool) -> bytes:
+    out = b"".join(
+        b"%x%s\r\n%s\r\n" % (len(p), b";k=v" if extension else b"", p) for p in pieces if p
+    )
+    return out + b"0\r\n" + (b"a: b\r\nc: d\r\n" if trailers else b"") + b"\r\n"
+
+
+@given(
+    st.lists(st.binary(max_size=40), max_size=8),
+    st.booleans(),
+    st.booleans(),
+    st.lists(st.integers(min_value=0), max_size=10),
+    st.binary(max_size=3),
+)
+def test_chunked_decoding_however_split(
+    pieces: list[bytes], extension: bool, trailers: bool, cuts: list[int], extra: bytes
+) -> None:
+    wire = chunked(pieces, extension, trailers) + extra
+    points = sorted({c % (len(wire) + 1) for c in cuts})
+    body = _ChunkedBody()
+    out = b""
+    for a, b in zip([0, *points], [*points, len(wire)], strict=True):
+        if not body.done:
+            out += body.feed(wire[a:b])
+    assert out == b"".join(pieces)
+    assert body.done
+    # Bytes after the end are noticed when they come with it, not after.
+    assert body.excess == (bool(extra) and len(wire) - len(extra) not in points)
+
+
+def ours(message: bytes, method: bytes) -> object:
+    """What the client makes of a whole response followed by EOF."""
+    buffer = message
+    try:
+        while (head := _parse_head(buffer)) is not None:
+            status, _, headers, buffer = head
+            if status >= 200:
+                body, _ = _framing(method, status, headers)
+                content = body.feed(buffer) if buffer and not body.done else b""
+                if not body.done:
+                    body.end()
+                return status, normalized(headers), content
+        return "error"
+    except RemoteProtocolError:
+        return "error"
+
+
+def theirs(message: bytes, method: bytes) -> object:
+    """What h11 makes of it."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(message)
+    conn.receive_data(b"")
+    content = b""
+    try:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Response):
+                status, headers = event.status_code, list(event.headers)
+            elif isinstance(event, h11.Data):
+                content += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, normalized(headers), content
+            elif not isinstance(event, h11.InformationalResponse):
+                return "error"
+    except h11.RemoteProtocolError:
+        return "error"
+
+
+def normalized(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """h11 keeps one content-length (deduplicated) and lower-cases transfer-encoding."""
+    framing = {b"content-length", b"transfer-encoding"}
+    return [(n, v) for n, v in headers if n not in framing]
+
+
+_status_lines = st.sampled_from(
+    [b"HTTP/1.1 200 OK"] * 8
+    + [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200",
+        b"HTTP/1.0 201 Created fine",
+        b"HTTP/1.1 204 No Content",
+        b"HTTP/1.1 304 ",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK",
+        b"HTTP/1.1 099 Low",
+        b"HTTP/1.1 20 OK",
+        b"http/1.1 200 OK",
+        b"HTTP/1.1 200 O\x00K",
+        b"HTTP/1.1  200 OK",
+        b"",
+    ]
+)
+_names = st.sampled_from([b"x-a", b"Content-Type", b"X_B"] * 3 + [b"bad name", b"", b"\xff"])
+_values = st.text(alphabet=" \tab,;:=\x01\x7f\x80\xff", max_size=6).map(
+    lambda t: t.encode("latin-1")
+)
+_framing_fields = st.sampled_from(
+    [
+        b"Content-Length: 5",
+        b"content-length: 5, 5",
+        b"Content-Length: 4",
+        b"Content-Length: 5, 6",
+        b"Content-Length: +5",
+        b"Content-Length: " + b"9" * 21,
+        b"Transfer-Encoding: chunked",
+        b"Transfer-Encoding: Chunked",
+        b"Transfer-Encoding: gzip",
+        b"Connection: close",
+        b" folded continuation",
+        b"\tfolded\ttab ",
+    ]
+)
+_fields = st.one_of(
+    st.builds(lambda n, v, sp: n + b":" + sp + v, _names, _values, st.sampled_from([b"", b" "])),
+    _framing_fields,
+)
+_bodies = st.sampled_from([b"", b"hello", b"hello world", b"5\r\nhello\r\n0\r\n\r\n"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    _status_lines,
+    st.lists(_fields, max_size=5),
+    st.sampled_from([b"\r\n", b"\n"]),
+    _bodies,
+    st.sampled_from([b"GET", b"HEAD"]),
+)
+def test_response_parsing_agrees_with_h11(
+    status_line: bytes, fields: list[bytes], eol: bytes, body: bytes, method: bytes
+) -> None:
+    message = eol.join([status_line, *fields]) + eol + eol + body
+    assert ours(message, method) == theirs(message, method)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [b"zz\r\n", b"0x5\r\n", b" 5\r\n", b"+5\r\n", b"\r\n", b"1\r\naXX", b"1" * 70_000],
+)
+def test_chunked_decoding_rejects_garbage(wire: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        _ChunkedBody().feed(wire)
+
+
+def test_body_ends_early() -> None:
+    with pytest.raises(RemoteProtocolError, match="middle of a chunked body"):
+        _ChunkedBody().end()
+    body = _LengthBody(5)
+    assert body.feed(b"ab") == b"ab"
+    assert not body.done
+    with pytest.raises(RemoteProtocolError, match=r"3 bytes before the body's end"):
+        body.end()
+    assert body.feed(b"cdefg") == b"cde"
+    assert body.done
+    assert body.excess
+
+
+# -- the pool ------------------------------------------------------------------------------
+
+
+async def test_pool_never_exceeds_max_connections(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    gate = trio.Event()
+    waiting = 0
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        nonlocal waiting
+        waiting += 1
+        if waiting == 3:
+            gate.set()
+        await gate.wait()
+        await stream.send_all(http_response(200, b"ok"))
+        return True
+
+    results: list[int] = []
+    async with HttpClient(await start_scripted(nursery, handler, stats), max_connections=3) as c:
+
+        async def one() -> None:
+            results.append((await c.request("GET", "/x"))[0])
+
+        async with trio.open_nursery() as inner:
+            for _ in range(25):
+                inner.start_soon(one)
+    assert results == [200] * 25
+    assert stats.accepted == 3
+    assert stats.peak_open == 3
+
+
+async def test_idle_connections_expire(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    stats = MockStats()
+    async with HttpClient(await start_mock(nursery, stats), idle_timeout=30) as client:
+        await client.request("GET", "/models")
+        mock_clock.jump(10)
+        await client.request("GET", "/models")
+        assert stats.accepted == 1
+        mock_clock.jump(31)
+        await client.request("GET", "/models")
+        assert stats.accepted == 2
+
+
+def hang_up_detector(closed: trio.Event) -> Handler:
+    """Answers one request, then sets ``closed`` when the client hangs up."""
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(http_response(200, b"ok"))
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some()
+        closed.set()
+        return False
+
+    return handler
+
+
+async def test_aclose_closes_idle_and_refuses_new_requests(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+    client = HttpClient(await start_scripted(nursery, hang_up_detector(closed)))
+    await client.request("GET", "/x")
+    await client.aclose()
+    await closed.wait()
+    with pytest.raises(HttpClientError, match="closed"):
+        await client.request("GET", "/x")
+
+
+async def test_connection_in_use_at_aclose_is_closed_on_release(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+    client = HttpClient(await start_scripted(nursery, hang_up_detector(closed)))
+    async with client.stream("GET", "/x") as response:
+        await client.aclose()
+        assert await response.read() == b"ok"
+    await closed.wait()
+
+
+# -- stale keep-alive retry, and when not to retry -------------------------------------------
+
+
+async def test_stale_keep_alive_is_retried_once_on_a_fresh_connection(
+    nursery: trio.Nursery,
+) -> None:
+    stats = MockStats()
+    # Claims keep-alive but closes after every response.
+    url = await start_scripted(nursery, reply(http_response(200, b"ok"), False), stats)
+    async with HttpClient(url) as client:
+        for _ in range(3):
+            assert (await client.request("POST", "/x", body=b"{}"))[2] == b"ok"
+    assert stats.accepted == 3
+    assert stats.requests == 3
+
+
+async def test_reset_idle_connection_is_retried(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    reset = trio.Event()
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(http_response(200, b"ok"))
+        if stats.requests == 1:
+            # Close with an RST so that the client's next send fails outright.
+            abort(stream)
+            stream.socket.close()
+            reset.set()
+            return False
+        return True
+
+    async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
+        await client.request("GET", "/x")
+        await reset.wait()
+        assert (await client.request("POST", "/x", body=b"1" * 100_000))[2] == b"ok"
+    assert stats.accepted == 2
+
+
+async def test_fresh_connection_closed_without_response_is_not_retried(
+    nursery: trio.Nursery,
+) -> None:
+    stats = MockStats()
+    url = await start_scripted(nursery, reply(b"", False), stats)
+    async with HttpClient(url) as client:
+        with pytest.raises(RemoteProtocolError, match="without responding"):
+            await client.request("GET", "/x")
+    assert stats.accepted == 1
+
+
+async def test_reused_connection_failing_mid_response_is_not_retried(
+    nursery: trio.Nursery,
+) -> None:
+    stats = MockStats()
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        if stats.requests == 1:
+            await stream.send_all(http_response(200, b"ok"))
+            return True
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-le")
+        return False
+
+    async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
+        await client.request("GET", "/x")
+        with pytest.raises(RemoteProtocolError):
+            await client.request("GET", "/x")
+    assert stats.accepted == 1
+
+
+async def test_reused_connection_timing_out_is_not_retried(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    stats = MockStats()
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        if stats.requests == 1:
+            await stream.send_all(http_response(200, b"ok"))
+            return True
+        await trio.sleep_forever()
+        return False  # pragma: no cover
+
+    async with HttpClient(await start_scripted(nursery, handler, stats), read_timeout=5) as c:
+        await c.request("GET", "/x")
+        with pytest.raises(ReadTimeout):
+            await c.request("GET", "/x")
+    assert stats.accepted == 1
+
+
+# -- early exit and cancellation ----------------------------------------------------------------
+
+
+def stalled_stream(closed: trio.Event) -> Handler:
+    """Sends a head and one chunk, then waits for the client to hang up."""
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        try:
+            while await stream.receive_some():
+                pass  # pragma: no cover
+        except trio.BrokenResourceError:  # pragma: no cover
+            pass
+        closed.set()
+        return False
+
+    return handler
+
+
+async def test_early_exit_closes_the_connection(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    closed = trio.Event()
+    async with HttpClient(await start_scripted(nursery, stalled_stream(closed), stats)) as client:
+        async with client.stream("GET", "/s") as response:
+            async for chunk in response.iter_bytes():
+                assert chunk == b"abc"
+                break
+        await closed.wait()
+
+
+async def test_cancellation_closes_the_connection(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+    async with HttpClient(await start_scripted(nursery, stalled_stream(closed))) as client:
+        with trio.CancelScope() as scope:
+            async with client.stream("GET", "/s") as response:
+                chunks = response.iter_bytes()
+                assert await chunks.__anext__() == b"abc"
+                scope.cancel()
+                await chunks.__anext__()
+        assert scope.cancelled_caught
+        await closed.wait()
+
+
+async def test_unread_but_complete_body_is_pooled(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    async with HttpClient(await start_mock(nursery, stats)) as client:
+        async with client.stream("GET", "/models"):
+            pass
+        await client.request("GET", "/models")
+    assert stats.accepted == 1
+
+
+async def test_unread_and_incomplete_body_is_not_pooled(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some()
+        closed.set()
+        return False
+
+    async with HttpClient(await start_scripted(nursery, handler)) as client:
+        async with client.stream("GET", "/x"):
+            pass
+        await closed.wait()
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+async def test_refused_port_is_a_connect_error() -> None:
+    async with HttpClient(f"http://127.0.0.1:{free_port()}") as client:
+        with pytest.raises(ConnectError) as info:
+            await client.request("GET", "/")
+        assert not isinstance(info.value, ConnectTimeout)
+
+
+async def test_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def hang(host: str, port: int) -> trio.SocketStream:
+        await trio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    monkeypatch.setattr(trio, "open_tcp_stream", hang)
+    async with HttpClient("http://127.0.0.1:9", connect_timeout=2) as client:
+        with pytest.raises(ConnectTimeout):
+            await client.request("GET", "/")
+        assert trio.current_time() == pytest.approx(2)
+
+
+async def test_read_timeout_before_and_during_the_body(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def never(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await trio.sleep_forever()
+        return False  # pragma: no cover
+
+    async with HttpClient(await start_scripted(nursery, never), read_timeout=7) as client:
+        with pytest.raises(ReadTimeout):
+            await client.request("GET", "/x")
+        assert trio.current_time() == pytest.approx(7)
+    closed = trio.Event()
+    async with HttpClient(
+        await start_scripted(nursery, stalled_stream(closed)), read_timeout=3
+    ) as client:
+        with pytest.raises(ReadTimeout):
+            await client.request("GET", "/s")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nabc",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000,
+        b"\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n",
+    ],
+    ids=["garbage", "truncated", "truncated-chunked", "bad-chunk", "huge-head", "empty", "101"],
+)
+async def test_protocol_errors(nursery: trio.Nursery, data: bytes) -> None:
+    async with HttpClient(await start_scripted(nursery, reply(data, False))) as client:
+        with pytest.raises(RemoteProtocolError):
+            await client.request("GET", "/x")
+
+
+async def test_body_over_the_limit(nursery: trio.Nursery) -> None:
+    url = await start_scripted(nursery, reply(http_response(200, b"x" * 100)))
+    async with HttpClient(url, max_response_bytes=99) as client:
+        with pytest.raises(RemoteProtocolError, match="exceeds 99 bytes"):
+            await client.request("GET", "/x")
+    async with HttpClient(url, max_response_bytes=100) as client:
+        assert len((await client.request("GET", "/x"))[2]) == 100
+
+
+async def test_connection_reset_mid_body(nursery: trio.Nursery) -> None:
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        abort(stream)
+        return False
+
+    async with HttpClient(await start_scripted(nursery, handler)) as client:
+        with pytest.raises(RemoteProtocolError):
+            await client.request("GET", "/x")
+
+
+async def test_connection_reset_before_response(nursery: trio.Nursery) -> None:
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        abort(stream)
+        return False
+
+    async with HttpClient(await start_scripted(nursery, handler)) as client:
+        with pytest.raises(RemoteProtocolError, match=r"lost|without"):
+            await client.request("GET", "/x")
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(ValueError, match="http"):
+        HttpClient("ftp://example.com")
+    with pytest.raises(ValueError, match="http"):
+        HttpClient("http://")
+    with pytest.raises(ValueError, match="max_connections"):
+        HttpClient("http://127.0.0.1", max_connections=0)
+    with pytest.raises(HttpClientError, match="encodable"):
+        HttpClient("http://127.0.0.1", default_headers=[("x", "\u2603")])
+
+
+async def test_invalid_requests_are_refused_before_sending() -> None:
+    async with HttpClient("http://[::1]:1/v1") as client:
+        with pytest.raises(ValueError, match="start with"):
+            await client.request("GET", "models")
+        with pytest.raises(ValueError, match="URL-encoded"):
+            await client.request("GET", "/a b")
+        with pytest.raises(ValueError, match="method"):
+            await client.request("GE T", "/x")
+        with pytest.raises(HttpClientError, match="invalid request header"):
+            await client.request("GET", "/x", headers=[("x-bad", "a\r\nb")])
+        with pytest.raises(HttpClientError, match="invalid request header"):
+            await client.request("GET", "/x", headers=[("bad name", "v")])
+
+
+# -- https ---------------------------------------------------------------------------------------
+
+
+def self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting it) for 127.0.0.1."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cafile=str(cert_file))
+    return server, client
+
+
+async def test_https(nursery: trio.Nursery, tmp_path: Path) -> None:
+    server_context, client_context = self_signed(tmp_path)
+
+    async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some()
+            await stream.send_all(http_response(200, b"secure"))
+            await stream.receive_some()
+        except trio.BrokenResourceError:
+            pass
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_ssl_over_tcp, host="127.0.0.1"), handle, 0, server_context
+    )
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    async with HttpClient(f"https://127.0.0.1:{port}", ssl_context=client_context) as client:
+        assert (await client.request("GET", "/"))[2] == b"secure"
+    async with HttpClient(f"https://127.0.0.1:{port}") as client:
+        with pytest.raises(ConnectError):
+            await client.request("GET", "/")

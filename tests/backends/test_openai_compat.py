@@ -1,0 +1,797 @@
+"""OpenAIBackend against the mock upstream and scripted misbehaving upstreams."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import struct
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from ostiary.backends.base import Backend
+from ostiary.backends.openai_compat import OpenAIBackend, OpenAISettings, OpenAIUpstreamError
+from ostiary.protocol.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    InvalidRequestError,
+    OpenAIError,
+    RateLimitError,
+    RequestTooLargeError,
+)
+from ostiary.protocol.generation import Delta, EmbeddingResult, ToolCallDelta, Usage
+from ostiary.protocol.requests import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from mock_upstream import (
+    LAST_CHUNK,
+    MockStats,
+    ScriptedRequest,
+    http_response,
+    serve,
+    serve_scripted,
+    sse_chunk,
+    sse_head,
+    sse_response,
+)
+
+Handler = Callable[[ScriptedRequest, trio.SocketStream], Awaitable[bool]]
+Item = Delta | Usage
+
+
+def settings(url: str, **overrides: Any) -> OpenAISettings:
+    return OpenAISettings(name="up", models=("ours", "other"), base_url=url, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def backend_for(url: str, **overrides: Any) -> AsyncIterator[OpenAIBackend]:
+    async with OpenAIBackend(settings(url, **overrides)) as backend:
+        yield backend
+
+
+async def mock_url(nursery: trio.Nursery, stats: MockStats | None = None) -> str:
+    port = await nursery.start(lambda task_status: serve(0, stats=stats, task_status=task_status))
+    return f"http://127.0.0.1:{port}/v1"
+
+
+async def scripted_url(
+    nursery: trio.Nursery, handler: Handler, stats: MockStats | None = None
+) -> str:
+    port = await nursery.start(
+        lambda task_status: serve_scripted(handler, stats=stats, task_status=task_status)
+    )
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def reply(data: bytes) -> Handler:
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(data)
+        return True
+
+    return handler
+
+
+def chat(stream: bool = False, **raw: Any) -> ChatCompletionRequest:
+    body = {"model": "ours", "messages": [{"role": "user", "content": "hi there"}], **raw}
+    if stream:
+        body["stream"] = True
+    return ChatCompletionRequest(
+        model="ours",
+        messages=(ChatMessage(role="user", content="hi there"),),
+        stream=stream,
+        raw=body,
+    )
+
+
+def completion(stream: bool = False) -> CompletionRequest:
+    raw = {"model": "ours", "prompt": "once upon", "stream": stream}
+    return CompletionRequest(model="ours", prompt="once upon", stream=stream, raw=raw)
+
+
+async def collect(generation: AsyncIterator[Item]) -> list[Item]:
+    return [item async for item in generation]
+
+
+def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    return orjson.dumps({"object": "chat.completion.chunk", "choices": choices, **extra})
+
+
+def text_of(items: Sequence[Item], choice: int = 0) -> str:
+    return "".join(i.text for i in items if isinstance(i, Delta) and i.choice == choice)
+
+
+# -- settings and lifetime --------------------------------------------------------------
+
+
+def test_settings_defaults_and_validation() -> None:
+    s = settings("http://127.0.0.1:1/v1")
+    assert (s.kind, s.api_key_env, s.connect_timeout, s.read_timeout) == (
+        "openai",
+        None,
+        5.0,
+        600.0,
+    )
+    assert (s.max_connections, s.upstream_models) == (256, {})
+    hash(s)
+    with pytest.raises(ValueError, match="base_url"):
+        settings("127.0.0.1:8000")
+    with pytest.raises(ValueError, match="read_timeout"):
+        settings("http://x", read_timeout=0)
+    with pytest.raises(ValueError, match="max_connections"):
+        settings("http://x", max_connections=0)
+    with pytest.raises(ValueError, match="kind"):
+        settings("http://x", kind="ollama")
+
+
+async def test_backend_protocol_and_lifetime() -> None:
+    backend: Backend = OpenAIBackend(settings("http://127.0.0.1:1/v1"))
+    assert (backend.name, backend.models) == ("up", ("ours", "other"))
+    with pytest.raises(RuntimeError, match="async with"):
+        await backend.embed(EmbeddingRequest(model="ours", input="x"))
+    async with backend as entered:
+        assert entered is backend
+    await backend.__aexit__(None, None, None)
+
+
+async def test_missing_api_key_variable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OSTIARY_TEST_KEY", raising=False)
+    backend = OpenAIBackend(settings("http://127.0.0.1:1/v1", api_key_env="OSTIARY_TEST_KEY"))
+    with pytest.raises(ValueError, match="OSTIARY_TEST_KEY"):
+        await backend.__aenter__()
+
+
+async def test_api_key_from_environment_is_sent(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OSTIARY_TEST_KEY", "sk-upstream-secret")
+    stats = MockStats()
+    url = await scripted_url(nursery, reply(http_response(200, b'{"data": []}')), stats)
+    async with backend_for(url, api_key_env="OSTIARY_TEST_KEY") as backend:
+        await backend.check_ready()
+    assert stats.last_request is not None
+    assert stats.last_request.headers["authorization"] == "Bearer sk-upstream-secret"
+    assert stats.last_request.path == "/v1/models"
+
+
+async def test_no_key_configured_sends_no_authorization(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    url = await scripted_url(nursery, reply(http_response(200, b'{"data": []}')), stats)
+    async with backend_for(url) as backend:
+        await backend.check_ready()
+    assert stats.last_request is not None
+    assert "authorization" not in stats.last_request.headers
+
+
+# -- generation against the mock ---------------------------------------------------------
+
+
+async def test_chat_non_stream_and_stream(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+    async with backend_for(await mock_url(nursery, stats)) as backend:
+        items = await collect(backend.chat(chat()))
+        assert items == [Delta(text="tok " * 20, finish_reason="stop"), Usage(7, 20)]
+        items = await collect(backend.chat(chat(stream=True)))
+        assert len(items) == 21
+        assert items[0] == Delta(text="tok ")
+        assert items[-2] == Delta(text="tok ", finish_reason="stop")
+        assert items[-1] == Usage(7, 20)
+        for _ in range(5):
+            await collect(backend.chat(chat(stream=True)))
+    assert stats.accepted == 1
+
+
+async def test_completions_non_stream_and_stream(nursery: trio.Nursery) -> None:
+    async with backend_for(await mock_url(nursery)) as backend:
+        items = await collect(backend.complete(completion()))
+        assert items == [Delta(text="tok " * 20, finish_reason="stop"), Usage(7, 20)]
+        items = await collect(backend.complete(completion(stream=True)))
+        assert text_of(items) == "tok " * 20
+        assert items[-1] == Usage(7, 20)
+
+
+async def test_request_body_sent_upstream(nursery: trio.Nursery) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        bodies.append(orjson.loads(request.body))
+        assert request.headers["content-type"] == "application/json"
+        if bodies[-1].get("stream"):
+            await stream.send_all(sse_response([chunk([], usage={"prompt_tokens": 1}), b"[DONE]"]))
+        else:
+            await stream.send_all(http_response(200, b'{"choices": []}'))
+        return True
+
+    url = await scripted_url(nursery, handler)
+    async with backend_for(url, upstream_models={"ours": "their-model"}) as backend:
+        await collect(backend.chat(chat(temperature=0.5, stream_options={"include_usage": False})))
+        await collect(
+            backend.chat(chat(stream=True, stream_options={"include_obfuscation": False}))
+        )
+        await collect(backend.complete(completion(stream=True)))
+    assert bodies[0] == {
+        "model": "their-model",
+        "messages": [{"role": "user", "content": "hi there"}],
+        "temperature": 0.5,
+    }
+    assert bodies[1]["stream"] is True
+    assert bodies[1]["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert bodies[2]["stream_options"] == {"include_usage": True}
+    assert bodies[2]["prompt"] == "once upon"
+
+
+async def test_request_without_raw_is_rebuilt(nursery: trio.Nursery) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        bodies.append(orjson.loads(request.body))
+        await stream.send_all(http_response(200, b'{"choices": [], "data": []}'))
+        return True
+
+    async with backend_for(await scripted_url(nursery, handler)) as backend:
+        message = ChatMessage(role="user", content="hello")
+        await collect(
+            backend.chat(
+                ChatCompletionRequest(model="ours", messages=(message,), max_tokens=5, stop=("x",))
+            )
+        )
+        await collect(backend.complete(CompletionRequest(model="ours", prompt=((1, 2), (3,)))))
+        await collect(backend.complete(CompletionRequest(model="ours", prompt="p", n=2)))
+        with pytest.raises(BackendError):
+            await backend.embed(EmbeddingRequest(model="ours", input=(1, 2), dimensions=4))
+    assert bodies[0] == {
+        "model": "ours",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 5,
+        "stop": ["x"],
+    }
+    assert bodies[1] == {"model": "ours", "prompt": [[1, 2], [3]]}
+    assert bodies[2] == {"model": "ours", "prompt": "p", "n": 2}
+    assert bodies[3] == {
+        "model": "ours",
+        "input": [[1, 2]],
+        "encoding_format": "float",
+        "dimensions": 4,
+    }
+
+
+# -- stream translation ------------------------------------------------------------------------
+
+
+async def test_stream_tool_calls_and_multiple_choices(nursery: trio.Nursery) -> None:
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "f", "arguments": ""},
+    }
+    events = [
+        chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]),
+        chunk(
+            [
+                {"index": 0, "delta": {"content": "A"}, "finish_reason": None},
+                {"index": 1, "delta": {"tool_calls": [call]}, "finish_reason": None},
+            ]
+        ),
+        chunk(
+            [
+                {
+                    "index": 1,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]},
+                }
+            ]
+        ),
+        chunk(
+            [
+                {
+                    "index": 1,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]},
+                }
+            ]
+        ),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "length"}]),
+        chunk([{"index": 1, "delta": {}, "finish_reason": "tool_calls"}]),
+        chunk([], usage={"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}),
+        b"[DONE]",
+        chunk([{"index": 0, "delta": {"content": "ignored after DONE"}}]),
+    ]
+    async with backend_for(await scripted_url(nursery, reply(sse_response(events)))) as backend:
+        items = await collect(backend.chat(chat(stream=True, n=2)))
+    assert items == [
+        Delta(text="A"),
+        Delta(choice=1, tool_calls=(ToolCallDelta(index=0, id="call_1", name="f"),)),
+        Delta(choice=1, tool_calls=(ToolCallDelta(index=0, arguments='{"a"'),)),
+        Delta(choice=1, tool_calls=(ToolCallDelta(index=0, arguments=":1}"),)),
+        Delta(finish_reason="length"),
+        Delta(choice=1, finish_reason="tool_calls"),
+        Usage(11, 9),
+    ]
+
+
+async def test_non_stream_tool_calls_and_multiple_choices(nursery: trio.Nursery) -> None:
+    body = {
+        "choices": [
+            {
+                "index": 1,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        },
+                        {
+                            "id": "c2",
+                            "type": "function",
+                            "function": {"name": "g", "arguments": "[]"},
+                        },
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            },
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hey"},
+                "finish_reason": "weird",
+            },
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    }
+    url = await scripted_url(nursery, reply(http_response(200, orjson.dumps(body))))
+    async with backend_for(url) as backend:
+        items = await collect(backend.chat(chat()))
+    assert items == [
+        Delta(text="hey", finish_reason="stop"),
+        Delta(
+            choice=1,
+            tool_calls=(
+                ToolCallDelta(index=0, id="c1", name="f", arguments="{}"),
+                ToolCallDelta(index=1, id="c2", name="g", arguments="[]"),
+            ),
+            finish_reason="tool_calls",
+        ),
+        Usage(3, 4),
+    ]
+
+
+async def test_usage_is_estimated_when_upstream_sends_none(nursery: trio.Nursery) -> None:
+    stream = sse_response(
+        [chunk([{"index": 0, "delta": {"content": c}}]) for c in ("a", "b", "c")]
+        + [chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]), b"[DONE]"]
+    )
+    whole = http_response(
+        200, orjson.dumps({"choices": [{"index": 0, "text": "12345678", "finish_reason": None}]})
+    )
+    handlers = iter([stream, whole])
+
+    async def handler(request: ScriptedRequest, s: trio.SocketStream) -> bool:
+        await s.send_all(next(handlers))
+        return True
+
+    async with backend_for(await scripted_url(nursery, handler)) as backend:
+        items = await collect(backend.chat(chat(stream=True)))
+        # "hi there": ceil(8 / 4) + 4 per message; one token per streamed piece.
+        assert items[-1] == Usage(6, 3)
+        items = await collect(backend.complete(completion()))
+        assert items == [Delta(text="12345678", finish_reason="stop"), Usage(3, 2)]
+
+
+async def test_stream_answered_with_json_is_translated_whole(nursery: trio.Nursery) -> None:
+    body = {"choices": [{"index": 0, "message": {"content": "x"}, "finish_reason": "stop"}]}
+    url = await scripted_url(nursery, reply(http_response(200, orjson.dumps(body))))
+    async with backend_for(url) as backend:
+        items = await collect(backend.chat(chat(stream=True)))
+    assert items == [Delta(text="x", finish_reason="stop"), Usage(6, 1)]
+
+
+async def test_stream_without_done_but_finished_is_accepted(nursery: trio.Nursery) -> None:
+    event = chunk([{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}])
+    # The second answer's last event lacks its blank line; the third ends with a
+    # "[DONE]" line lacking it.
+    unterminated = b"data: " + event + b"\n"
+    answers = iter(
+        [
+            sse_head() + sse_chunk(event) + LAST_CHUNK,
+            sse_head() + b"%x\r\n%s\r\n" % (len(unterminated), unterminated) + LAST_CHUNK,
+            sse_head() + sse_chunk(event) + b"d\r\ndata: [DONE]\n\r\n" + LAST_CHUNK,
+        ]
+    )
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(next(answers))
+        return True
+
+    async with backend_for(await scripted_url(nursery, handler)) as backend:
+        for _ in range(3):
+            items = await collect(backend.chat(chat(stream=True)))
+            assert items == [Delta(text="x", finish_reason="stop"), Usage(6, 1)]
+
+
+async def test_done_then_slow_end_of_body_keeps_the_connection(nursery: trio.Nursery) -> None:
+    stats = MockStats()
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(sse_head() + sse_chunk(chunk([], usage={"prompt_tokens": 2})))
+        await stream.send_all(sse_chunk(b"[DONE]"))
+        await trio.lowlevel.checkpoint()
+        await stream.send_all(LAST_CHUNK)
+        return True
+
+    async with backend_for(await scripted_url(nursery, handler, stats)) as backend:
+        for _ in range(3):
+            assert await collect(backend.chat(chat(stream=True))) == [Usage(2, 0)]
+    assert stats.accepted == 1
+
+
+async def test_done_without_end_of_body_gives_up_after_a_while(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    stats = MockStats()
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        # Nothing after [DONE]; then far too much after it; then garbage.
+        tail = [b"", sse_chunk(b"x" * 300_000), b"zz\r\n"][stats.requests - 1]
+        await stream.send_all(sse_head() + sse_chunk(b"[DONE]"))
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.send_all(tail)
+        await trio.sleep_forever()
+        return False  # pragma: no cover
+
+    async with backend_for(await scripted_url(nursery, handler, stats)) as backend:
+        for _ in range(3):
+            start = trio.current_time()
+            assert await collect(backend.chat(chat(stream=True))) == [Usage(6, 0)]
+            assert trio.current_time() - start <= 1.0
+    assert stats.accepted == 3
+
+
+# -- garbage from upstream -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        sse_response([b"{not json"]),
+        sse_response([b"[1, 2]"]),
+        sse_response([chunk([{"index": "0", "delta": {"content": "x"}}])]),
+        sse_response([chunk([{"index": 0, "delta": {"content": 5}}])]),
+        sse_response([chunk([{"index": 0, "delta": {"tool_calls": [{"index": "a"}]}}])]),
+        sse_response([chunk([{"index": 0, "delta": {}, "finish_reason": 3}])]),
+        sse_response([chunk([], usage={"prompt_tokens": -1})]),
+        sse_response([chunk([], usage=[1])]),
+        sse_response([orjson.dumps({"error": {"message": "CUDA out of memory at 0x7f"}})]),
+        sse_response([chunk([{"index": 0, "delta": {"content": "x"}}])]),
+        sse_head() + b'9\r\ndata: {"a\r\n' + LAST_CHUNK,
+        sse_head() + sse_chunk(chunk([{"index": 0, "delta": {"content": "x"}}]))[:-7],
+        http_response(200, b"{}", content_type="application/json"),
+        http_response(200, b'{"choices": [{"message": {"content": ["x"]}}]}'),
+    ],
+    ids=[
+        "invalid-json",
+        "not-object",
+        "bad-index",
+        "bad-text",
+        "bad-tool-call",
+        "bad-finish",
+        "bad-usage",
+        "usage-not-object",
+        "error-event",
+        "no-finish-no-done",
+        "partial-line",
+        "truncated-body",
+        "json-without-choices",
+        "json-bad-content",
+    ],
+)
+async def test_garbage_streams_are_backend_errors(nursery: trio.Nursery, data: bytes) -> None:
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(data)
+        return False
+
+    async with backend_for(await scripted_url(nursery, handler)) as backend:
+        with pytest.raises(BackendError) as info:
+            await collect(backend.chat(chat(stream=True)))
+    assert "CUDA" not in info.value.message
+    assert info.value.status == 502
+
+
+@pytest.mark.parametrize("body", [b"garbage", b'{"choices": "x"}', b'{"choices": [{"index": -1}]}'])
+async def test_garbage_non_stream_bodies_are_backend_errors(
+    nursery: trio.Nursery, body: bytes
+) -> None:
+    url = await scripted_url(nursery, reply(http_response(200, body)))
+    async with backend_for(url) as backend:
+        with pytest.raises(BackendError):
+            await collect(backend.chat(chat()))
+
+
+# -- error mapping ----------------------------------------------------------------------------
+
+
+def error_body(message: str, **fields: Any) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": "invalid_request_error", **fields}})
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "expected", "message", "param", "code"),
+    [
+        (
+            400,
+            error_body("bad temperature", param="temperature", code="invalid_value"),
+            (),
+            InvalidRequestError,
+            "bad temperature",
+            "temperature",
+            "invalid_value",
+        ),
+        (
+            404,
+            error_body("The model `their-model` does not exist", code=404),
+            (),
+            InvalidRequestError,
+            "The model `ours` does not exist",
+            None,
+            "404",
+        ),
+        (
+            404,
+            b"<html>Not Found</html>",
+            (),
+            InvalidRequestError,
+            "rejected the request (HTTP 404)",
+            None,
+            None,
+        ),
+        (
+            422,
+            orjson.dumps({"object": "error", "message": "field required", "param": "x"}),
+            (),
+            InvalidRequestError,
+            "field required",
+            "x",
+            None,
+        ),
+        (
+            400,
+            orjson.dumps({"error": "plain string"}),
+            (),
+            InvalidRequestError,
+            "plain string",
+            None,
+            None,
+        ),
+        (400, b"[]", (), InvalidRequestError, "rejected", None, None),
+        (413, error_body("too big"), (), RequestTooLargeError, "too big", None, None),
+        (
+            401,
+            error_body("Incorrect API key provided: sk-abc"),
+            (),
+            BackendError,
+            "rejected our credentials",
+            None,
+            None,
+        ),
+        (403, b"", (), BackendError, "rejected our credentials", None, None),
+        (
+            429,
+            error_body("Rate limit reached for org-secret"),
+            (("retry-after-ms", "1500"),),
+            RateLimitError,
+            "rate limiting",
+            None,
+            None,
+        ),
+        (
+            500,
+            error_body("Traceback (most recent call last): secret"),
+            (),
+            BackendError,
+            "failed (HTTP 500)",
+            None,
+            None,
+        ),
+        (503, b"", (("retry-after", "7"),), BackendUnavailableError, "unavailable", None, None),
+        (504, b"", (), BackendTimeoutError, "timed out", None, None),
+        (418, b"", (), BackendError, "HTTP 418", None, None),
+    ],
+)
+async def test_upstream_status_mapping(
+    nursery: trio.Nursery,
+    status: int,
+    body: bytes,
+    headers: tuple[tuple[str, str], ...],
+    expected: type[OpenAIError],
+    message: str,
+    param: str | None,
+    code: str | None,
+) -> None:
+    url = await scripted_url(nursery, reply(http_response(status, body, headers=headers)))
+    async with backend_for(url, upstream_models={"ours": "their-model"}) as backend:
+        for request in (chat(), chat(stream=True)):
+            with pytest.raises(OpenAIError) as info:
+                await collect(backend.chat(request))
+            error = info.value
+            assert type(error) is expected
+            assert message in error.message
+            assert (error.param, error.code) == (param, code)
+            assert "secret" not in error.message
+            assert isinstance(error.__cause__, OpenAIUpstreamError)
+            assert error.__cause__.status == status
+
+
+@pytest.mark.parametrize(
+    ("headers", "retry_after"),
+    [
+        ((("retry-after-ms", "1500"),), 1.5),
+        ((("retry-after", "3"),), 3.0),
+        ((("retry-after-ms", "soon"), ("retry-after", "2")), 2.0),
+        ((("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),), 1.0),
+        ((("retry-after", "-5"),), 1.0),
+        ((), 1.0),
+    ],
+)
+async def test_rate_limit_retry_after(
+    nursery: trio.Nursery, headers: tuple[tuple[str, str], ...], retry_after: float
+) -> None:
+    url = await scripted_url(nursery, reply(http_response(429, b"", headers=headers)))
+    async with backend_for(url) as backend:
+        with pytest.raises(RateLimitError) as info:
+            await collect(backend.chat(chat()))
+    assert info.value.retry_after == retry_after
+
+
+async def test_refused_port_is_unavailable() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with backend_for(f"http://127.0.0.1:{port}/v1") as backend:
+        with pytest.raises(BackendUnavailableError) as info:
+            await collect(backend.chat(chat(stream=True)))
+        assert info.value.retry_after == 1.0
+        with pytest.raises(BackendUnavailableError):
+            await backend.check_ready()
+
+
+async def test_timeouts(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def never(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await trio.sleep_forever()
+        return False  # pragma: no cover
+
+    async with backend_for(await scripted_url(nursery, never), read_timeout=30) as backend:
+        with pytest.raises(BackendTimeoutError, match="did not answer"):
+            await collect(backend.chat(chat(stream=True)))
+        with pytest.raises(BackendTimeoutError):
+            await collect(backend.complete(completion()))
+        start = trio.current_time()
+        with pytest.raises(BackendTimeoutError):
+            await backend.check_ready()
+        assert trio.current_time() - start == pytest.approx(5.0)
+
+    async def hang(host: str, port: int) -> trio.SocketStream:
+        await trio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    monkeypatch.setattr(trio, "open_tcp_stream", hang)
+    async with backend_for("http://127.0.0.1:9/v1") as backend:
+        with pytest.raises(BackendTimeoutError, match="Connecting"):
+            await collect(backend.chat(chat()))
+
+
+# -- cancellation --------------------------------------------------------------------------------
+
+
+def first_piece_then_wait(closed: trio.Event) -> Handler:
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(
+            sse_head() + sse_chunk(chunk([{"index": 0, "delta": {"content": "a"}}]))
+        )
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some():
+                pass  # pragma: no cover
+        closed.set()
+        return False
+
+    return handler
+
+
+async def test_cancellation_closes_the_upstream_connection(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+    async with backend_for(await scripted_url(nursery, first_piece_then_wait(closed))) as backend:
+        generation = backend.chat(chat(stream=True))
+        with trio.CancelScope() as scope:
+            assert await generation.__anext__() == Delta(text="a")
+            scope.cancel()
+            await generation.__anext__()
+        await closed.wait()
+
+
+async def test_aclose_after_first_piece_closes_the_upstream_connection(
+    nursery: trio.Nursery,
+) -> None:
+    closed = trio.Event()
+    async with backend_for(await scripted_url(nursery, first_piece_then_wait(closed))) as backend:
+        generation = backend.chat(chat(stream=True))
+        assert await generation.__anext__() == Delta(text="a")
+        await generation.aclose()
+        await closed.wait()
+
+
+# -- embeddings and readiness ---------------------------------------------------------------------
+
+
+async def test_embeddings_float_and_base64(nursery: trio.Nursery) -> None:
+    vector = (0.5, -0.25, 0.125, 1.0, 0.0, -1.0, 0.75, 0.0625)
+    async with backend_for(await mock_url(nursery)) as backend:
+        raw = {"model": "ours", "input": ["a", "b"]}
+        result = await backend.embed(EmbeddingRequest(model="ours", input=("a", "b"), raw=raw))
+        assert result == EmbeddingResult(vectors=(vector, vector), usage=Usage(6))
+        raw = {"model": "ours", "input": "a", "encoding_format": "base64"}
+        request = EmbeddingRequest(model="ours", input="a", encoding_format="base64", raw=raw)
+        assert (await backend.embed(request)).vectors == (vector,)
+
+
+async def test_embeddings_order_estimate_and_errors(nursery: trio.Nursery) -> None:
+    packed = base64.b64encode(struct.pack("<2f", 1.0, 2.0)).decode()
+    answers = iter(
+        [
+            http_response(
+                200,
+                orjson.dumps(
+                    {
+                        "data": [
+                            {"index": 1, "embedding": [3, 4.5]},
+                            {"index": 0, "embedding": packed},
+                        ]
+                    }
+                ),
+            ),
+            http_response(200, orjson.dumps({"data": [{"index": 0, "embedding": [1.0]}]})),
+            http_response(200, orjson.dumps({"data": [{"embedding": ["x"]}, {"embedding": [1]}]})),
+            http_response(200, orjson.dumps({"data": [{"embedding": "@@"}, {"embedding": [1]}]})),
+            http_response(400, error_body("input too long", param="input")),
+        ]
+    )
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(next(answers))
+        return True
+
+    request = EmbeddingRequest(
+        model="ours", input=("abcdefgh", "x"), raw={"model": "ours", "input": ["abcdefgh", "x"]}
+    )
+    async with backend_for(await scripted_url(nursery, handler)) as backend:
+        result = await backend.embed(request)
+        assert result == EmbeddingResult(vectors=((1.0, 2.0), (3.0, 4.5)), usage=Usage(3))
+        for _ in range(3):
+            with pytest.raises(BackendError):
+                await backend.embed(request)
+        with pytest.raises(InvalidRequestError, match="input too long"):
+            await backend.embed(request)
+
+
+async def test_check_ready(nursery: trio.Nursery) -> None:
+    async with backend_for(await mock_url(nursery)) as backend:
+        await backend.check_ready()
+    url = await scripted_url(nursery, reply(http_response(500, b"")))
+    async with backend_for(url) as backend:
+        with pytest.raises(BackendError):
+            await backend.check_ready()

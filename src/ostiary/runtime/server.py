@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import Any, TypeVar
 
 import trio
 
@@ -23,9 +25,10 @@ from .driver import BackendSlots, Driver
 from .http import HttpServer
 from .keystore import KeyStore, write_bootstrap_key
 
-__all__ = ["StartupError", "bootstrap_keys", "run_server"]
+__all__ = ["StartupError", "bootstrap_keys", "run_server", "watch_keys"]
 
 log = logging.getLogger("ostiary.server")
+T = TypeVar("T")
 
 
 class StartupError(Exception):
@@ -46,14 +49,25 @@ def bootstrap_keys(config: Config) -> KeyStore:
     return store
 
 
-async def _watch_keys(store: KeyStore, gateway: Gateway, generation: int, every: float) -> None:
-    """Swap in a fresh key table whenever the store's change counter moves."""
+async def _in_thread(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+async def watch_keys(
+    store: KeyStore,
+    gateway: Gateway,
+    generation: int,
+    every: float,
+    run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] = _in_thread,
+) -> None:
+    """Swap in a fresh key table whenever the store's change counter moves; the
+    store is read through ``run_sync`` (a worker thread, off the event loop)."""
     while True:
         await trio.sleep(every)
         try:
-            current = await trio.to_thread.run_sync(store.generation)
+            current = await run_sync(store.generation)
             if current != generation:
-                generation, table, _ = await trio.to_thread.run_sync(store.load)
+                generation, table, _ = await run_sync(store.load)
                 gateway.keys = table
                 log.info("reloaded API keys", extra={"fields": {"active_keys": len(table.keys)}})
         except Exception as exc:
@@ -103,7 +117,7 @@ async def run_server(
         listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                _watch_keys, store, gateway, generation, config.auth.key_reload_interval
+                watch_keys, store, gateway, generation, config.auth.key_reload_interval
             )
             await nursery.start(server.serve, listeners)
             for listener in listeners:

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
@@ -87,7 +88,16 @@ class Responder:
     :meth:`send`, :meth:`end`). Raises :class:`ClientDisconnected` if the client is
     gone or too slow to read."""
 
-    __slots__ = ("_close", "_conn", "_head", "_send_timeout", "_stream", "finished", "started")
+    __slots__ = (
+        "_close",
+        "_conn",
+        "_head",
+        "_scope",
+        "_send_timeout",
+        "_stream",
+        "finished",
+        "started",
+    )
 
     def __init__(
         self,
@@ -97,9 +107,13 @@ class Responder:
         close: Callable[[], bool],
         *,
         head: bool = False,
+        scope: trio.CancelScope | None = None,
     ) -> None:
         self._conn = conn
         self._head = head
+        #: The handler's scope: a write that outlasts ``send_timeout`` cancels the
+        #: whole handler (a client too slow to read is dropped).
+        self._scope = scope
         self._stream = stream
         self._send_timeout = send_timeout
         self._close = close
@@ -113,9 +127,18 @@ class Responder:
         return out
 
     async def _write(self, data: bytes) -> None:
+        scope = self._scope
         try:
-            with trio.fail_after(self._send_timeout):
-                await self._stream.send_all(data)
+            if scope is None:
+                with trio.fail_after(self._send_timeout):
+                    await self._stream.send_all(data)
+            else:
+                # Moving a deadline is cheaper than a new cancel scope per write.
+                scope.deadline = trio.current_time() + self._send_timeout
+                try:
+                    await self._stream.send_all(data)
+                finally:
+                    scope.deadline = math.inf
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             raise ClientDisconnected() from exc
 
@@ -274,12 +297,18 @@ class HttpServer:
         self._connections += 1
         self._all_closed = self._all_closed if self._connections > 1 else trio.Event()
         try:
-            await self._connection_loop(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ClientDisconnected):
-            pass
-        except Exception:
-            # A bug must cost one connection, never the server.
-            log.exception("connection failed")
+            async with trio.open_nursery() as nursery:
+                conn = _Connection(stream, settings.max_header_bytes, self.max_body_bytes)
+                nursery.start_soon(conn.read_forever)
+                try:
+                    await self._connection_loop(conn)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ClientDisconnected):
+                    pass
+                except Exception:
+                    # A bug must cost one connection, never the server.
+                    log.exception("connection failed")
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
             self._connections -= 1
             if self._connections == 0:
@@ -301,42 +330,50 @@ class HttpServer:
             await stream.send_all(head + body)
         await trio.aclose_forcefully(stream)
 
-    async def _connection_loop(self, stream: trio.abc.Stream) -> None:
+    async def _connection_loop(self, conn: _Connection) -> None:
         settings = self.settings
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
-        client = _peer(stream)
+        client = _peer(conn.stream)
         served = 0
         while True:
             try:
-                request = await self._read_request(conn, stream, client, first=served == 0)
+                request = await self._read_request(conn, client, first=served == 0)
             except _BadRequest as bad:
-                await self._reject(conn, stream, bad)
+                await self._reject(conn, bad)
                 return
             if request is None:
                 return
             served += 1
-            responder = Responder(
-                conn,
-                stream,
-                settings.send_timeout,
-                self._closer(served, request.body_skipped),
-                head=request.method == "HEAD",
-            )
-            gone = await self._handle(request, responder, conn, stream)
-            if gone:
-                return
+            with trio.CancelScope() as scope:
+                responder = Responder(
+                    conn.h11,
+                    conn.stream,
+                    settings.send_timeout,
+                    self._closer(served, request.body_skipped),
+                    head=request.method == "HEAD",
+                    scope=scope,
+                )
+                conn.start_handling(scope)
+                try:
+                    await self._handler(request, responder)
+                except ClientDisconnected:
+                    return
+                finally:
+                    conn.stop_handling()
+            if scope.cancelled_caught or conn.eof:
+                return  # the client left, or stopped reading
             if request.body_skipped:
-                await self._linger(stream)
+                await conn.linger()
                 return
             if not responder.finished:
                 # The handler must always answer; if it did not, the connection is
                 # in an unknown state and is closed.
                 log.error("handler returned without a complete response")
                 return
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            h = conn.h11
+            if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                 return
             try:
-                conn.start_next_cycle()
+                h.start_next_cycle()
             except h11.LocalProtocolError:
                 return
 
@@ -347,147 +384,101 @@ class HttpServer:
         last = body_skipped or served >= self.settings.max_requests_per_connection
         return lambda: last or self._draining
 
-    async def _linger(self, stream: trio.abc.Stream) -> None:
-        """Close without a reset: a client still sending a body we will not read
-        would otherwise lose the response we just sent. Half-close, then discard
-        what arrives for a moment (bounded in time and bytes)."""
-        with trio.move_on_after(_LINGER_SECONDS):
-            try:
-                if isinstance(stream, trio.abc.HalfCloseableStream):
-                    await stream.send_eof()
-                discarded = 0
-                while discarded < _LINGER_BYTES:
-                    data = await stream.receive_some(_READ_SIZE)
-                    if not data:
-                        break
-                    discarded += len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-
-    async def _handle(
-        self,
-        request: HttpRequest,
-        responder: Responder,
-        conn: h11.Connection,
-        stream: trio.abc.Stream,
-    ) -> bool:
-        """Run the handler with a disconnect watcher; True if the client went away."""
-        gone = False
-        async with trio.open_nursery() as nursery:
-            handler_scope = trio.CancelScope()
-
-            async def watch() -> None:
-                nonlocal gone
-                buffered = 0
-                while buffered <= self.settings.max_header_bytes:
-                    try:
-                        data = await stream.receive_some(_READ_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
-                    if not data:
-                        gone = True
-                        handler_scope.cancel()
-                        return
-                    buffered += len(data)
-                    conn.receive_data(bytes(data))  # a pipelined request, kept for later
-
-            nursery.start_soon(watch)
-            with handler_scope:
-                try:
-                    await self._handler(request, responder)
-                except ClientDisconnected:
-                    gone = True
-            nursery.cancel_scope.cancel()
-        return gone
-
     async def _read_request(
-        self, conn: h11.Connection, stream: trio.abc.Stream, client: str, *, first: bool
+        self, conn: _Connection, client: str, *, first: bool
     ) -> HttpRequest | None:
+        """The next request, whole; None when the connection should just close.
+        One cancel scope covers all of it, its deadline moved phase by phase: the
+        wait for a first byte, the head, the body."""
         settings = self.settings
-        event = _event(conn)
-        if event is h11.NEED_DATA:
-            # Wait for the first byte (idle deadline), then for the whole head.
-            idle = trio.CancelScope(
-                deadline=trio.current_time()
-                + (settings.header_timeout if first else settings.idle_timeout)
-            )
-            self._idle.add(idle)
-            try:
-                if self._draining:
+        h = conn.h11
+        phase = "idle"
+        with trio.CancelScope() as scope:
+            event = _event(h)
+            if event is h11.NEED_DATA and not conn.has_unread():
+                scope.deadline = trio.current_time() + (
+                    settings.header_timeout if first else settings.idle_timeout
+                )
+                self._idle.add(scope)
+                try:
+                    if self._draining:
+                        return None
+                    await conn.wait_data()
+                finally:
+                    self._idle.discard(scope)
+                if conn.eof and not conn.has_unread():
                     return None
-                with idle:
-                    data = await stream.receive_some(_READ_SIZE)
-                if idle.cancelled_caught:
-                    return None
-            finally:
-                self._idle.discard(idle)
-            if not data:
+            phase = "head"
+            scope.deadline = trio.current_time() + settings.header_timeout
+            while event is h11.NEED_DATA:
+                event = await self._next_event(conn)
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
-            conn.receive_data(bytes(data))
-            with trio.move_on_after(settings.header_timeout) as head_scope:
-                event = await self._next_event(conn, stream)
-            if head_scope.cancelled_caught:
-                raise _BadRequest(408, "Timed out waiting for the request headers.")
-        elif event is h11.PAUSED:
+            if not isinstance(event, h11.Request):
+                raise _BadRequest(400, "Malformed request.")
+            headers = tuple(event.headers)
+            length = self._check_head(event, headers)
+            method = event.method.decode("ascii", "replace")
+            target = event.target.decode("ascii", "replace")
+            has_body = bool(length) or length is None
+            screen = self._screen
+            if has_body and screen is not None and not screen(method, target, headers):
+                return HttpRequest(method, target, headers, b"", client, body_skipped=True)
+            phase = "body"
+            scope.deadline = trio.current_time() + settings.body_timeout
+            body = await self._read_body(conn) if has_body else b""
+            if not has_body and not isinstance(_event(h), h11.EndOfMessage):
+                raise _BadRequest(400, "Malformed request.")
+            return HttpRequest(method, target, headers, body, client)
+        if phase == "idle":
             return None
-        if isinstance(event, h11.ConnectionClosed) or event is h11.NEED_DATA:
-            return None
-        if not isinstance(event, h11.Request):
-            raise _BadRequest(400, "Malformed request.")
-        headers = tuple(event.headers)
+        raise _BadRequest(408, f"Timed out waiting for the request {phase}.")
+
+    def _check_head(self, event: h11.Request, headers: tuple[Header, ...]) -> int | None:
+        """The body length (None: chunked), after the head's own checks."""
         # h11 bounds a head that arrives in pieces; one that arrives whole is
         # measured here.
         head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
-        if head_size > settings.max_header_bytes:
+        if head_size > self.settings.max_header_bytes:
             raise _BadRequest(431, "The request headers are too large.")
-        length: int | None = None
+        length: int | None = 0
         chunked = False
         for name, value in headers:
             if name == b"content-length":
                 length = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
-        if length is not None and chunked:
-            raise _BadRequest(400, "Content-Length and Transfer-Encoding must not both be set.")
+        if chunked:
+            if length:
+                raise _BadRequest(400, "Content-Length and Transfer-Encoding must not both be set.")
+            return None
         if length is not None and length > self.max_body_bytes:
             raise _BadRequest(413, f"The request body is larger than {self.max_body_bytes} bytes.")
-        body = b""
-        method = event.method.decode("ascii", "replace")
-        target = event.target.decode("ascii", "replace")
-        screen = self._screen
-        if (length or chunked) and screen is not None and not screen(method, target, headers):
-            return HttpRequest(method, target, headers, b"", client, body_skipped=True)
-        if length or chunked:
-            with trio.move_on_after(settings.body_timeout) as body_scope:
-                body = await self._read_body(conn, stream)
-            if body_scope.cancelled_caught:
-                raise _BadRequest(408, "Timed out waiting for the request body.")
-        else:
-            end = _event(conn)
-            if not isinstance(end, h11.EndOfMessage):
-                raise _BadRequest(400, "Malformed request.")
-        return HttpRequest(method, target, headers, body, client)
+        return length
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream) -> object:
+    async def _next_event(self, conn: _Connection) -> object:
+        h = conn.h11
         while True:
-            event = _event(conn)
+            event = _event(h)
             if event is not h11.NEED_DATA:
                 return event
-            if conn.they_are_waiting_for_100_continue:
-                await stream.send_all(
-                    conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+            if h.they_are_waiting_for_100_continue:
+                await conn.stream.send_all(
+                    h.send(
+                        h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                    )
+                    or b""
                 )
-            data = await stream.receive_some(_READ_SIZE)
-            if not data:
+            if conn.eof:
                 raise _BadRequest(400, "The request ended early.")
-            conn.receive_data(bytes(data))
+            await conn.wait_data()
 
-    async def _read_body(self, conn: h11.Connection, stream: trio.abc.Stream) -> bytes:
+    async def _read_body(self, conn: _Connection) -> bytes:
         limit = self.max_body_bytes
         parts: list[bytes] = []
         size = 0
         while True:
-            event = await self._next_event(conn, stream)
+            event = await self._next_event(conn)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -498,11 +489,10 @@ class HttpServer:
             else:
                 raise _BadRequest(400, "Malformed request body.")
 
-    async def _reject(
-        self, conn: h11.Connection, stream: trio.abc.Stream, bad: _BadRequest
-    ) -> None:
+    async def _reject(self, conn: _Connection, bad: _BadRequest) -> None:
         """Answer a request we could not read, then close the connection."""
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        h = conn.h11
+        if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = _error_body(bad.status, bad.message)
         headers = [
@@ -516,11 +506,116 @@ class HttpServer:
             response = h11.Response(
                 status_code=bad.status, headers=headers, reason=_reason(bad.status)
             )
-            data = conn.send(response) or b""
-            data += conn.send(h11.Data(data=body)) or b""
-            data += conn.send(h11.EndOfMessage()) or b""
+            data = h.send(response) or b""
+            data += h.send(h11.Data(data=body)) or b""
+            data += h.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
             return
         with trio.move_on_after(self.settings.send_timeout):
-            await stream.send_all(data)
-        await self._linger(stream)
+            await conn.stream.send_all(data)
+        await conn.linger()
+
+
+class _Connection:
+    """One client connection: its h11 state and the one task that reads its socket.
+
+    The reader runs for the connection's whole life. Between requests it feeds the
+    request being read; while a handler runs it keeps reading, so that a client that
+    leaves is noticed at once (the handler's scope is cancelled) and a pipelined
+    request is kept for later (bounded: past the bound, reading pauses until the
+    handler is done). No task is started per request.
+    """
+
+    __slots__ = (
+        "_budget",
+        "_handler_scope",
+        "_paused",
+        "_unread",
+        "_waiter",
+        "discarding",
+        "eof",
+        "h11",
+        "stream",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, max_header_bytes: int, max_body_bytes: int) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.eof = False
+        self.discarding = False
+        #: Bytes the reader may buffer while a handler runs (pipelined requests).
+        self._budget = max_header_bytes + max_body_bytes
+        self._unread = 0
+        self._handler_scope: trio.CancelScope | None = None
+        self._waiter: trio.Event | None = None
+        self._paused: trio.Event | None = None
+
+    def has_unread(self) -> bool:
+        """Whether bytes were received since the main loop last waited."""
+        return self._unread > 0
+
+    async def read_forever(self) -> None:
+        discarded = 0
+        while True:
+            if self._handler_scope is not None and self._unread > self._budget:
+                self._paused = trio.Event()
+                await self._paused.wait()
+                continue
+            try:
+                data = await self.stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.eof = True
+                if self._handler_scope is not None:
+                    self._handler_scope.cancel()
+                self._wake()
+                return
+            if self.discarding:
+                discarded += len(data)
+                if discarded > _LINGER_BYTES:
+                    self.eof = True
+                    self._wake()
+                    return
+                continue
+            self.h11.receive_data(bytes(data))
+            self._unread += len(data)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    async def wait_data(self) -> None:
+        """Until the reader has more bytes (or the client closed)."""
+        if self._unread or self.eof:
+            self._unread = 0
+            return
+        self._waiter = trio.Event()
+        await self._waiter.wait()
+        self._unread = 0
+
+    def start_handling(self, scope: trio.CancelScope) -> None:
+        self._handler_scope = scope
+        self._unread = 0
+
+    def stop_handling(self) -> None:
+        self._handler_scope = None
+        if self._paused is not None:
+            self._paused.set()
+            self._paused = None
+
+    async def linger(self) -> None:
+        """Close without a reset: a client still sending a body we will not read
+        would otherwise lose the response just sent. Half-close, then let the
+        reader discard what arrives for a moment (bounded in time and bytes)."""
+        self.discarding = True
+        with trio.move_on_after(_LINGER_SECONDS):
+            try:
+                if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                    await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            while not self.eof:
+                await self.wait_data()

@@ -1,0 +1,204 @@
+"""Load benchmarks of the whole gateway with wrk, on this machine, over loopback.
+
+Scenarios (pick with ``--only``):
+
+* ``scripted``: non-stream chat through the scripted backend at 1 and 64
+  connections; a streaming load of 200 concurrent streams (chunks/s).
+* ``upstream``: the ``openai`` backend in front of ``bench/mock_upstream.py``:
+  non-stream chat at 1, 16, 64 and 200 connections, and streams/s with 200 concurrent
+  streams of 20 chunks.
+
+wrk is installed with apt-get if missing. Everything runs on 127.0.0.1 and stops by
+itself. Numbers go to stdout as a table (and ``--json`` for machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, capture_output=True)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk is not available")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+@contextmanager
+def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
+    )
+    try:
+        wait_listening(port, proc)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def ostiary(backend_toml: str, env: dict[str, str] | None = None) -> Iterator[tuple[int, str]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        cfg = Path(tmp) / "bench.toml"
+        cfg.write_text(
+            f'[server]\nport = {port}\nstate_dir = "{tmp}/state"\naccess_log = false\n'
+            f"max_connections = 4096\n\n{backend_toml}"
+        )
+        with process([PY, "-m", "ostiary.runtime.cli", "serve", "--config", str(cfg)], port, env):
+            key = (Path(tmp) / "state" / "admin.key").read_text().strip()
+            yield port, key
+
+
+def wrk(
+    url: str, key: str, body: str, connections: int, seconds: int, threads: int = 2
+) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(
+            'wrk.method = "POST"\n'
+            f"wrk.body = [[{body}]]\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        )
+    try:
+        out = subprocess.run(
+            [
+                ensure_wrk(),
+                f"-t{min(threads, connections)}",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                lua.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
+        ).stdout
+    finally:
+        os.unlink(lua.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    return {
+        "rps": rps,
+        "non2xx": float(errors.group(1)) if errors else 0.0,
+        "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
+    }
+
+
+def detail(unit: str, r: dict[str, float]) -> str:
+    return f"{unit}, p99 {r['p99_ms']:.1f} ms, non-2xx {r['non2xx']:.0f}"
+
+
+CHAT = '{"model":"%s","messages":[{"role":"user","content":"hello there"}]%s}'
+
+
+def scripted(seconds: int) -> list[tuple[str, float, str]]:
+    rows = []
+    backend = '[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["s"]\nchunks = 1\n'
+    with ostiary(backend) as (port, key):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        wrk(url, key, CHAT % ("s", ""), 16, 2)  # warm-up
+        for conns in (1, 64):
+            r = wrk(url, key, CHAT % ("s", ""), conns, seconds)
+            rows.append((f"scripted non-stream chat, {conns} conn", r["rps"], detail("req/s", r)))
+    chunks = 100
+    backend = f'[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["s"]\nchunks = {chunks}\n'
+    with ostiary(backend) as (port, key):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        r = wrk(url, key, CHAT % ("s", ',"stream":true'), 200, seconds)
+        unit = f"chunks/s ({r['rps']:.0f} streams/s x {chunks})"
+        rows.append(("scripted streaming, 200 streams", r["rps"] * chunks, detail(unit, r)))
+    return rows
+
+
+def upstream(seconds: int) -> list[tuple[str, float, str]]:
+    rows = []
+    mock_port = free_port()
+    mock_script = str(ROOT / "bench" / "mock_upstream.py")
+    mock = [PY, mock_script, "--port", str(mock_port), "--chunks", "20"]
+    backend = (
+        '[[backends]]\nname = "up"\nkind = "openai"\nmodels = ["relay"]\n'
+        f'base_url = "http://127.0.0.1:{mock_port}/v1"\nmax_concurrency = 1024\nmax_queue = 4096\n'
+    )
+    with process(mock, mock_port), ostiary(backend) as (port, key):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        wrk(url, key, CHAT % ("relay", ""), 16, 2)
+        for conns in (1, 16, 64, 200):
+            r = wrk(url, key, CHAT % ("relay", ""), conns, seconds)
+            rows.append((f"openai backend non-stream, {conns} conn", r["rps"], detail("req/s", r)))
+        for conns in (1, 16, 64, 200):
+            r = wrk(url, key, CHAT % ("relay", ',"stream":true'), conns, seconds)
+            label = f"openai backend streams (20 chunks), {conns} conc"
+            rows.append((label, r["rps"], detail("streams/s", r)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=["scripted", "upstream"])
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows: list[tuple[str, float, str]] = []
+    if args.only in (None, "scripted"):
+        rows += scripted(args.seconds)
+    if args.only in (None, "upstream"):
+        rows += upstream(args.seconds)
+    if args.json:
+        print(json.dumps([{"scenario": s, "value": v, "unit": u} for s, v, u in rows]))
+    else:
+        for scenario, value, unit in rows:
+            print(f"{scenario:48s} {value:10.0f} {unit}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""CPU cost per request of the whole server stack, in one process, without sockets.
+
+Clients talk to ``HttpServer.serve_connection`` over in-memory streams, so the
+kernel and the load generator are out of the picture: what is left is Ostiary's
+own Python (h11, driver, gateway, backend) per request. Run it under
+``valgrind --tool=callgrind`` for instruction counts that repeat exactly, or plainly
+for microseconds of CPU per request.
+
+    python bench/inprocess.py [--requests 20000] [--connections 16] [--stream]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import orjson
+import trio
+import trio.testing
+
+from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
+from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_secret
+from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.runtime.driver import BackendSlots, Driver
+from ostiary.runtime.http import HttpServer, HttpSettings
+
+SECRET = format_secret("0123456789ab", "x" * 43)
+
+
+def build(chunks: int) -> HttpServer:
+    backend = ScriptedBackend(ScriptedSettings(models=("s",), chunks=chunks))
+    keys = KeyTable.of([ApiKey("0123456789ab", "bench", "admin", digest_secret(SECRET))])
+    gateway = Gateway(routes=[ModelRoute("s", "scripted")], keys=keys)
+    slots = {"scripted": BackendSlots(1024, 1024)}
+    driver = Driver(gateway, {"scripted": backend}, slots, access_log=False)
+    return HttpServer(
+        driver, HttpSettings(), request_ids=driver.next_request_id, screen=gateway.admits
+    )
+
+
+def request_bytes(stream: bool) -> bytes:
+    body = orjson.dumps(
+        {"model": "s", "messages": [{"role": "user", "content": "hello there"}], "stream": stream}
+    )
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer "
+        + SECRET.encode()
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+async def client(stream: trio.abc.Stream, raw: bytes, count: int, end: bytes) -> None:
+    buffer = b""
+    for _ in range(count):
+        await stream.send_all(raw)
+        while True:
+            cut = buffer.find(end)
+            if cut >= 0:
+                buffer = buffer[cut + len(end) :]
+                break
+            buffer += await stream.receive_some(65536)
+    await stream.aclose()
+
+
+async def run(requests: int, connections: int, streaming: bool, chunks: int) -> float:
+    server = build(chunks)
+    raw = request_bytes(streaming)
+    # A non-streamed answer ends with its JSON; a stream with the final chunk.
+    end = b"0\r\n\r\n" if streaming else b'"total_tokens":'
+    started = time.process_time()
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as clients:
+            for _ in range(connections):
+                a, b = trio.testing.memory_stream_pair()
+                nursery.start_soon(server.serve_connection, b)
+                clients.start_soon(client, a, raw, requests // connections, end)
+        nursery.cancel_scope.cancel()
+    return time.process_time() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--chunks", type=int, default=1)
+    args = parser.parse_args()
+    cpu = trio.run(run, args.requests, args.connections, args.stream, args.chunks)
+    per = cpu / args.requests * 1e6
+    print(
+        f"{args.requests} requests, {cpu:.2f} s CPU: {per:.1f} us per request"
+        + (f", {per / args.chunks:.2f} us per chunk" if args.stream else "")
+    )
+
+
+if __name__ == "__main__":
+    main()

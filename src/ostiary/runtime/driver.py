@@ -267,7 +267,12 @@ class Driver:
             async with send, aclosing(generation):
                 try:
                     async for piece in generation:
-                        await send.send(piece)
+                        # No checkpoint while there is room: what the backend has
+                        # ready piles up and goes out in one write.
+                        try:
+                            send.send_nowait(piece)
+                        except trio.WouldBlock:
+                            await send.send(piece)
                 except trio.BrokenResourceError:
                     pass  # the consumer stopped first; it reports why
                 except OpenAIError as error:

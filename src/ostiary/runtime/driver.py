@@ -14,8 +14,8 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import aclosing
 
 import trio
 
@@ -60,7 +60,8 @@ _BATCH = 256
 
 class BackendSlots:
     """At most ``max_concurrency`` calls run on a backend; at most ``max_queue`` wait
-    for a slot, and a call beyond that is refused at once with 503."""
+    for a slot, and a call beyond that is refused at once with 503. Use as
+    ``async with slots:`` (a plain class, not a generator: this is the hot path)."""
 
     def __init__(self, max_concurrency: int, max_queue: int) -> None:
         self._limiter = trio.CapacityLimiter(max_concurrency)
@@ -71,8 +72,7 @@ class BackendSlots:
     def running(self) -> int:
         return self._limiter.borrowed_tokens
 
-    @asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
+    async def __aenter__(self) -> None:
         try:
             self._limiter.acquire_nowait()
         except trio.WouldBlock:
@@ -85,10 +85,9 @@ class BackendSlots:
                 await self._limiter.acquire()
             finally:
                 self.waiting -= 1
-        try:
-            yield
-        finally:
-            self._limiter.release()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._limiter.release()
 
 
 class Driver:
@@ -215,7 +214,7 @@ class Driver:
         backend = self._backends[action.backend]
         call = action.call
         try:
-            async with self._slots[action.backend].hold():
+            async with self._slots[action.backend]:
                 if isinstance(call, EmbeddingRequest):
                     result = await backend.embed(call)
                     return self.gateway.handle(EmbeddingsComputed(rid, result, trio.current_time()))
@@ -243,13 +242,15 @@ class Driver:
         """Feed a non-streamed generation to the gateway in batches, yielding to
         other tasks between them (a huge answer must not stall the event loop)."""
         batch: list[Delta | Usage] = []
-        async with aclosing(generation):
+        try:
             async for piece in generation:
                 batch.append(piece)
                 if len(batch) >= _BATCH:
                     self.gateway.handle(BackendChunk(rid, tuple(batch)))
                     batch = []
                     await trio.lowlevel.checkpoint()
+        finally:
+            await generation.aclose()
         self.gateway.handle(BackendChunk(rid, tuple(batch)))
 
     async def _pump(

@@ -38,7 +38,6 @@ Header = tuple[bytes, bytes]
 _READ_SIZE = 65536
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1024 * 1024
-_SERVER_HEADER = (b"server", b"ostiary")
 
 
 @attrs.frozen(kw_only=True)
@@ -121,23 +120,23 @@ class Responder:
         self.finished = False
 
     def _headers(self, headers: tuple[Header, ...] | list[Header]) -> list[Header]:
-        out = [_SERVER_HEADER, *headers]
+        out = list(headers)
         if self._close():
             out.append((b"connection", b"close"))
         return out
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes, *, last: bool = False) -> None:
         scope = self._scope
         try:
             if scope is None:
                 with trio.fail_after(self._send_timeout):
                     await self._stream.send_all(data)
             else:
-                # Moving a deadline is cheaper than a new cancel scope per write.
+                # Moving a deadline is cheaper than a new cancel scope per write; after
+                # the last write the handler is done, so it need not be moved back.
                 scope.deadline = trio.current_time() + self._send_timeout
-                try:
-                    await self._stream.send_all(data)
-                finally:
+                await self._stream.send_all(data)
+                if not last:
                     scope.deadline = math.inf
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             raise ClientDisconnected() from exc
@@ -158,7 +157,7 @@ class Responder:
             data += self._send(h11.Data(data=body))
         data += self._send(h11.EndOfMessage())
         self.started = self.finished = True
-        await self._write(data)
+        await self._write(data, last=True)
 
     async def start(self, status: int, headers: tuple[Header, ...]) -> None:
         hdrs = self._headers(headers)
@@ -173,7 +172,7 @@ class Responder:
 
     async def end(self) -> None:
         self.finished = True
-        await self._write(self._send(h11.EndOfMessage()))
+        await self._write(self._send(h11.EndOfMessage()), last=True)
 
 
 @functools.cache
@@ -388,17 +387,16 @@ class HttpServer:
         self, conn: _Connection, client: str, *, first: bool
     ) -> HttpRequest | None:
         """The next request, whole; None when the connection should just close.
-        One cancel scope covers all of it, its deadline moved phase by phase: the
-        wait for a first byte, the head, the body."""
+        One cancel scope covers all of it. Its deadline is the wait for a first byte
+        (``header_timeout`` on a new connection, ``idle_timeout`` between requests),
+        then, only if the request is not all there yet, the head's and the body's."""
         settings = self.settings
         h = conn.h11
         phase = "idle"
-        with trio.CancelScope() as scope:
+        wait = settings.header_timeout if first else settings.idle_timeout
+        with trio.CancelScope(deadline=trio.current_time() + wait) as scope:
             event = _event(h)
             if event is h11.NEED_DATA and not conn.has_unread():
-                scope.deadline = trio.current_time() + (
-                    settings.header_timeout if first else settings.idle_timeout
-                )
                 self._idle.add(scope)
                 try:
                     if self._draining:
@@ -409,9 +407,9 @@ class HttpServer:
                 if conn.eof and not conn.has_unread():
                     return None
             phase = "head"
-            scope.deadline = trio.current_time() + settings.header_timeout
+            deadline = trio.current_time() + settings.header_timeout
             while event is h11.NEED_DATA:
-                event = await self._next_event(conn)
+                event = await self._next_event(conn, scope, deadline)
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
             if not isinstance(event, h11.Request):
@@ -425,8 +423,8 @@ class HttpServer:
             if has_body and screen is not None and not screen(method, target, headers):
                 return HttpRequest(method, target, headers, b"", client, body_skipped=True)
             phase = "body"
-            scope.deadline = trio.current_time() + settings.body_timeout
-            body = await self._read_body(conn) if has_body else b""
+            deadline = trio.current_time() + settings.body_timeout
+            body = await self._read_body(conn, scope, deadline) if has_body else b""
             if not has_body and not isinstance(_event(h), h11.EndOfMessage):
                 raise _BadRequest(400, "Malformed request.")
             return HttpRequest(method, target, headers, body, client)
@@ -456,29 +454,36 @@ class HttpServer:
             raise _BadRequest(413, f"The request body is larger than {self.max_body_bytes} bytes.")
         return length
 
-    async def _next_event(self, conn: _Connection) -> object:
+    async def _next_event(
+        self, conn: _Connection, scope: trio.CancelScope, deadline: float
+    ) -> object:
+        """The next h11 event, waiting for bytes (until ``deadline``) as needed. The
+        deadline is only set when there is something to wait for: most requests
+        arrive whole, and moving a deadline is not free."""
         h = conn.h11
         while True:
             event = _event(h)
             if event is not h11.NEED_DATA:
                 return event
             if h.they_are_waiting_for_100_continue:
-                await conn.stream.send_all(
-                    h.send(
-                        h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-                    )
-                    or b""
+                continue_ = h11.InformationalResponse(
+                    status_code=100, headers=[], reason=b"Continue"
                 )
+                await conn.stream.send_all(h.send(continue_) or b"")
             if conn.eof:
                 raise _BadRequest(400, "The request ended early.")
+            if scope.deadline != deadline:
+                scope.deadline = deadline
             await conn.wait_data()
 
-    async def _read_body(self, conn: _Connection) -> bytes:
+    async def _read_body(
+        self, conn: _Connection, scope: trio.CancelScope, deadline: float
+    ) -> bytes:
         limit = self.max_body_bytes
         parts: list[bytes] = []
         size = 0
         while True:
-            event = await self._next_event(conn)
+            event = await self._next_event(conn, scope, deadline)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -496,7 +501,6 @@ class HttpServer:
             return
         body = _error_body(bad.status, bad.message)
         headers = [
-            _SERVER_HEADER,
             (b"content-type", b"application/json"),
             (b"x-request-id", self._request_ids().encode()),
             (b"content-length", str(len(body)).encode()),

@@ -141,8 +141,17 @@ def detail(unit: str, r: dict[str, float]) -> str:
 CHAT = '{"model":"%s","messages":[{"role":"user","content":"hello there"}]%s}'
 
 
+def ceiling(seconds: int) -> list[tuple[str, float, str]]:
+    """The same load against a bare h11-on-trio server: the machine's ceiling now."""
+    port = free_port()
+    with process([PY, str(ROOT / "bench" / "raw_h11.py"), "--port", str(port)], port):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        r = wrk(url, "x", CHAT % ("s", ""), 64, seconds)
+    return [("ceiling: bare h11 on trio, 64 conn", r["rps"], detail("req/s", r))]
+
+
 def scripted(seconds: int) -> list[tuple[str, float, str]]:
-    rows = []
+    rows = ceiling(seconds)
     backend = '[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["s"]\nchunks = 1\n'
     with ostiary(backend) as (port, key):
         url = f"http://127.0.0.1:{port}/v1/chat/completions"

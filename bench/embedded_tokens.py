@@ -1,4 +1,9 @@
-"""Tokens per second: xllamacpp called directly vs. through EmbeddedBackend.chat().
+"""Tokens per second: xllamacpp called directly vs. through Ostiary.
+
+Three paths, same prompt and settings: xllamacpp's server engine called directly,
+``EmbeddedBackend.chat()`` in this process, and (``--http``) a real ``ostiary serve``
+process over loopback HTTP with SSE streaming, the client timing from request to
+``[DONE]`` (so the HTTP path includes the request's whole trip through the server).
 
 Both paths share one loaded engine (same model, slots, threads) and send the same
 request: the direct path replays the exact body the backend sent (greedy,
@@ -13,8 +18,18 @@ per token, and the resident memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
+import json
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -79,6 +94,69 @@ async def backend_run(
     return usage.completion_tokens / elapsed, 1000 * cpu / usage.completion_tokens
 
 
+def http_run(port: int, key: str, max_tokens: int) -> tuple[float, float]:
+    """(tokens/s, 0) of one streamed request through a running server; the
+    tokens come from the stream's own usage chunk."""
+    body = json.dumps(
+        {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    started = time.perf_counter()
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body,
+        {"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    response = conn.getresponse()
+    data = response.read()
+    elapsed = time.perf_counter() - started
+    conn.close()
+    usage = None
+    for line in data.split(b"\n"):
+        if line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+    assert usage is not None, data[-300:]
+    return int(usage["completion_tokens"]) / elapsed, 0.0
+
+
+@contextlib.contextmanager
+def ostiary_server() -> Iterator[tuple[int, str]]:
+    """``ostiary serve`` with no config (the embedded default) on a free port."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ostiary.runtime.cli", "serve", "--port", str(port)],
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise SystemExit("ostiary serve did not start") from None
+                    time.sleep(0.2)
+            yield port, (Path(tmp) / ".ostiary" / "admin.key").read_text().strip()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
 def rss_mib() -> tuple[float, float]:
     """(current, peak) resident set size of this process."""
     values = {}
@@ -94,6 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--http", action="store_true", help="also through ostiary serve")
     args = parser.parse_args()
 
     settings = EmbeddedSettings()
@@ -109,27 +188,41 @@ def main() -> None:
         direct_run(engine, body)
         direct: list[tuple[float, float]] = []
         through: list[tuple[float, float]] = []
-        for _ in range(args.runs):
-            direct.append(direct_run(engine, body))
-            through.append(trio.run(backend_run, engine, settings, args.max_tokens))
+        served: list[tuple[float, float]] = []
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(ostiary_server()) if args.http else None
+            if server is not None:
+                http_run(*server, args.max_tokens)  # warm-up
+            for _ in range(args.runs):
+                direct.append(direct_run(engine, body))
+                through.append(trio.run(backend_run, engine, settings, args.max_tokens))
+                if server is not None:
+                    served.append(http_run(*server, args.max_tokens))
     finally:
         current, peak = rss_mib()
         engine.close()
 
     print(f"runs: {args.runs}, max_tokens: {args.max_tokens}, threads: {settings.n_threads}")
     summary = {}
-    for label, measures in (("xllamacpp direct", direct), ("EmbeddedBackend ", through)):
+    paths = [("xllamacpp direct", direct), ("EmbeddedBackend ", through)]
+    if served:
+        paths.append(("ostiary over HTTP", served))
+    for label, measures in paths:
         rates = [rate for rate, _ in measures]
         median, best = statistics.median(rates), max(rates)
         cpu = statistics.median(ms for _, ms in measures)
         summary[label] = (median, best)
         runs = ", ".join(f"{x:.0f}" for x in rates)
-        print(
-            f"{label}: median {median:6.1f}  best {best:6.1f} tok/s, "
-            f"CPU {cpu:5.2f} ms/token  ({runs})"
-        )
-    (d_median, d_best), (b_median, b_best) = summary.values()
-    print(f"ratio: {b_median / d_median:.1%} of median, {b_best / d_best:.1%} of best")
+        # The server's CPU is another process's: not measured from here.
+        cpu_text = f"CPU {cpu:5.2f} ms/token" if cpu else "CPU in the server process"
+        print(f"{label}: median {median:6.1f}  best {best:6.1f} tok/s, {cpu_text}  ({runs})")
+    d_median, d_best = summary["xllamacpp direct"]
+    for label, (median, best) in summary.items():
+        if label != "xllamacpp direct":
+            print(
+                f"{label.strip()}: {median / d_median:.1%} of direct's median, "
+                f"{best / d_best:.1%} of its best"
+            )
     print(
         f"RSS: {before:.0f} MiB before load, {loaded:.0f} MiB loaded, "
         f"{current:.0f} MiB after runs, {peak:.0f} MiB peak"

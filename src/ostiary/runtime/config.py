@@ -19,9 +19,9 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from ostiary.backends import SETTINGS_BY_KIND, BackendSettings
-from ostiary.backends.embedded import EmbeddedSettings
-from ostiary.protocol.decoding import first_structure_error
+from ostiary.backends.llama_engine import EmbeddedSettings
 from ostiary.protocol.request_limits import RequestLimits
+from ostiary.protocol.structuring import first_structure_error
 
 from .http import HttpSettings
 

@@ -11,8 +11,11 @@ conflicting lengths), ``expect: 100-continue`` answered only when we mean to rea
 body, and a graceful drain: on :meth:`HttpServer.drain` no new connections are taken,
 idle ones close at once, and busy ones close after their current response.
 
-While a request is being handled, a watcher reads from the socket: if the client goes
-away, the handler's cancel scope is cancelled at once, so its backend work stops.
+Each connection has one reader task for its whole life (:mod:`.connection`); while a
+request is being handled it keeps reading, so if the client goes away the handler's
+cancel scope is cancelled at once and its backend work stops. A request whose head is
+refused by the ``screen`` (unknown route, bad credentials) is answered without its
+body ever being read.
 """
 
 from __future__ import annotations
@@ -30,14 +33,13 @@ import h11
 import orjson
 import trio
 
+from .connection import Connection
+
 __all__ = ["ClientDisconnected", "HttpRequest", "HttpServer", "HttpSettings", "Responder"]
 
 log = logging.getLogger("ostiary.http")
 
 Header = tuple[bytes, bytes]
-_READ_SIZE = 65536
-_LINGER_SECONDS = 1.0
-_LINGER_BYTES = 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -297,7 +299,7 @@ class HttpServer:
         self._all_closed = self._all_closed if self._connections > 1 else trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                conn = _Connection(stream, settings.max_header_bytes, self.max_body_bytes)
+                conn = Connection(stream, settings.max_header_bytes, self.max_body_bytes)
                 nursery.start_soon(conn.read_forever)
                 try:
                     await self._connection_loop(conn)
@@ -329,7 +331,7 @@ class HttpServer:
             await stream.send_all(head + body)
         await trio.aclose_forcefully(stream)
 
-    async def _connection_loop(self, conn: _Connection) -> None:
+    async def _connection_loop(self, conn: Connection) -> None:
         settings = self.settings
         client = _peer(conn.stream)
         served = 0
@@ -384,7 +386,7 @@ class HttpServer:
         return lambda: last or self._draining
 
     async def _read_request(
-        self, conn: _Connection, client: str, *, first: bool
+        self, conn: Connection, client: str, *, first: bool
     ) -> HttpRequest | None:
         """The next request, whole; None when the connection should just close.
         One cancel scope covers all of it. Its deadline is the wait for a first byte
@@ -455,7 +457,7 @@ class HttpServer:
         return length
 
     async def _next_event(
-        self, conn: _Connection, scope: trio.CancelScope, deadline: float
+        self, conn: Connection, scope: trio.CancelScope, deadline: float
     ) -> object:
         """The next h11 event, waiting for bytes (until ``deadline``) as needed. The
         deadline is only set when there is something to wait for: most requests
@@ -476,9 +478,7 @@ class HttpServer:
                 scope.deadline = deadline
             await conn.wait_data()
 
-    async def _read_body(
-        self, conn: _Connection, scope: trio.CancelScope, deadline: float
-    ) -> bytes:
+    async def _read_body(self, conn: Connection, scope: trio.CancelScope, deadline: float) -> bytes:
         limit = self.max_body_bytes
         parts: list[bytes] = []
         size = 0
@@ -494,7 +494,7 @@ class HttpServer:
             else:
                 raise _BadRequest(400, "Malformed request body.")
 
-    async def _reject(self, conn: _Connection, bad: _BadRequest) -> None:
+    async def _reject(self, conn: Connection, bad: _BadRequest) -> None:
         """Answer a request we could not read, then close the connection."""
         h = conn.h11
         if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -518,108 +518,3 @@ class HttpServer:
         with trio.move_on_after(self.settings.send_timeout):
             await conn.stream.send_all(data)
         await conn.linger()
-
-
-class _Connection:
-    """One client connection: its h11 state and the one task that reads its socket.
-
-    The reader runs for the connection's whole life. Between requests it feeds the
-    request being read; while a handler runs it keeps reading, so that a client that
-    leaves is noticed at once (the handler's scope is cancelled) and a pipelined
-    request is kept for later (bounded: past the bound, reading pauses until the
-    handler is done). No task is started per request.
-    """
-
-    __slots__ = (
-        "_budget",
-        "_handler_scope",
-        "_paused",
-        "_unread",
-        "_waiter",
-        "discarding",
-        "eof",
-        "h11",
-        "stream",
-    )
-
-    def __init__(self, stream: trio.abc.Stream, max_header_bytes: int, max_body_bytes: int) -> None:
-        self.stream = stream
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
-        self.eof = False
-        self.discarding = False
-        #: Bytes the reader may buffer while a handler runs (pipelined requests).
-        self._budget = max_header_bytes + max_body_bytes
-        self._unread = 0
-        self._handler_scope: trio.CancelScope | None = None
-        self._waiter: trio.Event | None = None
-        self._paused: trio.Event | None = None
-
-    def has_unread(self) -> bool:
-        """Whether bytes were received since the main loop last waited."""
-        return self._unread > 0
-
-    async def read_forever(self) -> None:
-        discarded = 0
-        while True:
-            if self._handler_scope is not None and self._unread > self._budget:
-                self._paused = trio.Event()
-                await self._paused.wait()
-                continue
-            try:
-                data = await self.stream.receive_some(_READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                self.eof = True
-                if self._handler_scope is not None:
-                    self._handler_scope.cancel()
-                self._wake()
-                return
-            if self.discarding:
-                discarded += len(data)
-                if discarded > _LINGER_BYTES:
-                    self.eof = True
-                    self._wake()
-                    return
-                continue
-            self.h11.receive_data(bytes(data))
-            self._unread += len(data)
-            self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            self._waiter.set()
-            self._waiter = None
-
-    async def wait_data(self) -> None:
-        """Until the reader has more bytes (or the client closed)."""
-        if self._unread or self.eof:
-            self._unread = 0
-            return
-        self._waiter = trio.Event()
-        await self._waiter.wait()
-        self._unread = 0
-
-    def start_handling(self, scope: trio.CancelScope) -> None:
-        self._handler_scope = scope
-        self._unread = 0
-
-    def stop_handling(self) -> None:
-        self._handler_scope = None
-        if self._paused is not None:
-            self._paused.set()
-            self._paused = None
-
-    async def linger(self) -> None:
-        """Close without a reset: a client still sending a body we will not read
-        would otherwise lose the response just sent. Half-close, then let the
-        reader discard what arrives for a moment (bounded in time and bytes)."""
-        self.discarding = True
-        with trio.move_on_after(_LINGER_SECONDS):
-            try:
-                if isinstance(self.stream, trio.abc.HalfCloseableStream):
-                    await self.stream.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            while not self.eof:
-                await self.wait_data()

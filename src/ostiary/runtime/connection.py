@@ -1,0 +1,117 @@
+"""One client connection of the HTTP server: its h11 state and its reader task."""
+
+from __future__ import annotations
+
+import h11
+import trio
+
+__all__ = ["Connection"]
+
+_READ_SIZE = 65536
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1024 * 1024
+
+
+class Connection:
+    """One client connection: its h11 state and the one task that reads its socket.
+
+    The reader runs for the connection's whole life. Between requests it feeds the
+    request being read; while a handler runs it keeps reading, so that a client that
+    leaves is noticed at once (the handler's scope is cancelled) and a pipelined
+    request is kept for later (bounded: past the bound, reading pauses until the
+    handler is done). No task is started per request.
+    """
+
+    __slots__ = (
+        "_budget",
+        "_handler_scope",
+        "_paused",
+        "_unread",
+        "_waiter",
+        "discarding",
+        "eof",
+        "h11",
+        "stream",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, max_header_bytes: int, max_body_bytes: int) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.eof = False
+        self.discarding = False
+        #: Bytes the reader may buffer while a handler runs (pipelined requests).
+        self._budget = max_header_bytes + max_body_bytes
+        self._unread = 0
+        self._handler_scope: trio.CancelScope | None = None
+        self._waiter: trio.Event | None = None
+        self._paused: trio.Event | None = None
+
+    def has_unread(self) -> bool:
+        """Whether bytes were received since the main loop last waited."""
+        return self._unread > 0
+
+    async def read_forever(self) -> None:
+        discarded = 0
+        while True:
+            if self._handler_scope is not None and self._unread > self._budget:
+                self._paused = trio.Event()
+                await self._paused.wait()
+                continue
+            try:
+                data = await self.stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.eof = True
+                if self._handler_scope is not None:
+                    self._handler_scope.cancel()
+                self._wake()
+                return
+            if self.discarding:
+                discarded += len(data)
+                if discarded > _LINGER_BYTES:
+                    self.eof = True
+                    self._wake()
+                    return
+                continue
+            self.h11.receive_data(bytes(data))
+            self._unread += len(data)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    async def wait_data(self) -> None:
+        """Until the reader has more bytes (or the client closed)."""
+        if self._unread or self.eof:
+            self._unread = 0
+            return
+        self._waiter = trio.Event()
+        await self._waiter.wait()
+        self._unread = 0
+
+    def start_handling(self, scope: trio.CancelScope) -> None:
+        self._handler_scope = scope
+        self._unread = 0
+
+    def stop_handling(self) -> None:
+        self._handler_scope = None
+        if self._paused is not None:
+            self._paused.set()
+            self._paused = None
+
+    async def linger(self) -> None:
+        """Close without a reset: a client still sending a body we will not read
+        would otherwise lose the response just sent. Half-close, then let the
+        reader discard what arrives for a moment (bounded in time and bytes)."""
+        self.discarding = True
+        with trio.move_on_after(_LINGER_SECONDS):
+            try:
+                if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                    await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            while not self.eof:
+                await self.wait_data()

@@ -2,7 +2,8 @@
 
 Each target runs as its own process (libFuzzer owns the process) over a copy of its
 seed corpus, with a fixed seed, a bounded number of runs and a time cap, and must
-end with exit status 0: no input made it raise anything but a clean ``OpenAIError``.
+end with exit status 0: no input made it raise anything but the clean error its
+contract names (``OpenAIError``, or ``HttpClientError`` for the HTTP client's parsers).
 Crash files go to a temporary directory, never the working tree.
 """
 
@@ -22,7 +23,7 @@ MAX_TOTAL_TIME = 60
 #: Wall-clock bound for the whole subprocess (start-up and instrumentation included).
 TIMEOUT = 180
 
-TARGETS = [("fuzz_decode.py", "decode")]
+TARGETS = [("fuzz_decode.py", "decode"), ("fuzz_streams.py", "streams")]
 
 
 @pytest.mark.parametrize(("target", "corpus"), TARGETS, ids=[t for t, _ in TARGETS])

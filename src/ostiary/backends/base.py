@@ -21,7 +21,7 @@ import attrs
 from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-__all__ = ["Backend", "BackendSettings", "Generation"]
+__all__ = ["Backend", "BackendSettings", "ConfiguredBackend", "Generation"]
 
 #: What chat and completion calls return: an async generator the caller closes.
 Generation = AsyncGenerator[Delta | Usage, None]
@@ -67,3 +67,17 @@ class Backend(Protocol):
     async def check_ready(self) -> None:
         """Return if the backend can serve now; raise an OpenAIError if not."""
         ...
+
+
+class ConfiguredBackend:
+    """What every backend takes from its settings: its name and its model ids."""
+
+    _settings: BackendSettings
+
+    @property
+    def name(self) -> str:
+        return self._settings.name
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self._settings.models

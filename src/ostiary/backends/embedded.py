@@ -33,7 +33,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from ostiary.backends.base import Generation
+from ostiary.backends.base import ConfiguredBackend, Generation
 from ostiary.backends.llama_engine import (
     E5_DIMENSIONS,
     EmbeddedEngine,
@@ -225,10 +225,12 @@ def _chat_message(i: int, message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-class EmbeddedBackend:
+class EmbeddedBackend(ConfiguredBackend):
     """The embedded backend (see the module docstring). ``async with`` loads the
     models in a worker thread unless an already loaded ``engine`` is given, which
     then stays open on exit (its owner closes it)."""
+
+    _settings: EmbeddedSettings
 
     def __init__(self, settings: EmbeddedSettings, *, engine: EmbeddedEngine | None = None):
         self._settings = settings
@@ -239,14 +241,6 @@ class EmbeddedBackend:
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self._jobs: set[_Job] = set()
-
-    @property
-    def name(self) -> str:
-        return self._settings.name
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return self._settings.models
 
     async def __aenter__(self) -> EmbeddedBackend:
         self._limiter = trio.CapacityLimiter(self._settings.max_concurrency)

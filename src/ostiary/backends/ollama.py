@@ -21,7 +21,7 @@ import attrs
 import orjson
 import trio
 
-from ostiary.backends.base import BackendSettings, Generation
+from ostiary.backends.base import BackendSettings, ConfiguredBackend, Generation
 from ostiary.backends.httpclient import (
     ConnectError,
     ConnectTimeout,
@@ -114,12 +114,14 @@ def _new_tool_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-class OllamaBackend:
+class OllamaBackend(ConfiguredBackend):
     """The :class:`~ostiary.backends.base.Backend` for one Ollama server.
 
     ``new_tool_call_id`` makes the ids given to Ollama's tool calls (Ollama has
     none); tests pass a deterministic one.
     """
+
+    _settings: OllamaSettings
 
     def __init__(
         self,
@@ -130,14 +132,6 @@ class OllamaBackend:
         self._settings = settings
         self._new_tool_call_id = new_tool_call_id
         self._client: HttpClient | None = None
-
-    @property
-    def name(self) -> str:
-        return self._settings.name
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return self._settings.models
 
     async def __aenter__(self) -> OllamaBackend:
         s = self._settings

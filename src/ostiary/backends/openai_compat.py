@@ -37,7 +37,7 @@ import attrs
 import orjson
 import trio
 
-from ostiary.backends.base import BackendSettings, Generation
+from ostiary.backends.base import BackendSettings, ConfiguredBackend, Generation
 from ostiary.backends.httpclient import (
     ConnectError,
     ConnectTimeout,
@@ -130,20 +130,14 @@ class OpenAIUpstreamError(Exception):
         self.upstream_message = message
 
 
-class OpenAIBackend:
+class OpenAIBackend(ConfiguredBackend):
     """The :class:`~ostiary.backends.base.Backend` for one OpenAI-compatible upstream."""
+
+    _settings: OpenAISettings
 
     def __init__(self, settings: OpenAISettings) -> None:
         self._settings = settings
         self._client: HttpClient | None = None
-
-    @property
-    def name(self) -> str:
-        return self._settings.name
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return self._settings.models
 
     async def __aenter__(self) -> OpenAIBackend:
         """Read the API key from the environment and open the connection pool.

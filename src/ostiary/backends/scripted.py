@@ -19,7 +19,7 @@ from ostiary.protocol.errors import InvalidRequestError
 from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-from .base import BackendSettings, Generation
+from .base import BackendSettings, ConfiguredBackend, Generation
 
 __all__ = ["ScriptedBackend", "ScriptedSettings"]
 
@@ -55,20 +55,14 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-class ScriptedBackend:
+class ScriptedBackend(ConfiguredBackend):
     """Deterministic output with configurable timing (see module docstring)."""
+
+    _settings: ScriptedSettings
 
     def __init__(self, settings: ScriptedSettings) -> None:
         self._settings = settings
         self._pieces = _cut(settings.reply, settings.chunks)
-
-    @property
-    def name(self) -> str:
-        return self._settings.name
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return self._settings.models
 
     async def __aenter__(self) -> ScriptedBackend:
         return self

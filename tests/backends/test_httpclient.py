@@ -11,8 +11,6 @@ import math
 import socket
 import ssl
 import struct
-import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import h11
@@ -34,40 +32,16 @@ from ostiary.backends.httpclient import (
     _LengthBody,
     _parse_head,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from mock_upstream import (
+from tests.backends.upstream import (
     LAST_CHUNK,
+    Handler,
     MockStats,
     ScriptedRequest,
     http_response,
-    serve,
-    serve_scripted,
+    reply,
+    start_mock,
+    start_scripted,
 )
-
-Handler = Callable[[ScriptedRequest, trio.SocketStream], Awaitable[bool]]
-
-
-async def start_mock(nursery: trio.Nursery, stats: MockStats | None = None) -> str:
-    port = await nursery.start(lambda task_status: serve(0, stats=stats, task_status=task_status))
-    return f"http://127.0.0.1:{port}/v1"
-
-
-async def start_scripted(
-    nursery: trio.Nursery, handler: Handler, stats: MockStats | None = None
-) -> str:
-    port = await nursery.start(
-        lambda task_status: serve_scripted(handler, stats=stats, task_status=task_status)
-    )
-    return f"http://127.0.0.1:{port}/v1"
-
-
-def reply(data: bytes, keep_alive: bool = True) -> Handler:
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(data)
-        return keep_alive
-
-    return handler
 
 
 def abort(stream: trio.SocketStream) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import struct
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -33,21 +31,20 @@ from ostiary.protocol.requests import (
     CompletionRequest,
     EmbeddingRequest,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from mock_upstream import (
+from tests.backends.upstream import (
     LAST_CHUNK,
+    Handler,
     MockStats,
     ScriptedRequest,
     http_response,
-    serve,
-    serve_scripted,
+    reply,
     sse_chunk,
     sse_head,
     sse_response,
+    start_mock,
+    start_scripted,
 )
 
-Handler = Callable[[ScriptedRequest, trio.SocketStream], Awaitable[bool]]
 Item = Delta | Usage
 
 
@@ -59,28 +56,6 @@ def settings(url: str, **overrides: Any) -> OpenAISettings:
 async def backend_for(url: str, **overrides: Any) -> AsyncIterator[OpenAIBackend]:
     async with OpenAIBackend(settings(url, **overrides)) as backend:
         yield backend
-
-
-async def mock_url(nursery: trio.Nursery, stats: MockStats | None = None) -> str:
-    port = await nursery.start(lambda task_status: serve(0, stats=stats, task_status=task_status))
-    return f"http://127.0.0.1:{port}/v1"
-
-
-async def scripted_url(
-    nursery: trio.Nursery, handler: Handler, stats: MockStats | None = None
-) -> str:
-    port = await nursery.start(
-        lambda task_status: serve_scripted(handler, stats=stats, task_status=task_status)
-    )
-    return f"http://127.0.0.1:{port}/v1"
-
-
-def reply(data: bytes) -> Handler:
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(data)
-        return True
-
-    return handler
 
 
 def chat(stream: bool = False, **raw: Any) -> ChatCompletionRequest:
@@ -157,7 +132,7 @@ async def test_api_key_from_environment_is_sent(
 ) -> None:
     monkeypatch.setenv("OSTIARY_TEST_KEY", "sk-upstream-secret")
     stats = MockStats()
-    url = await scripted_url(nursery, reply(http_response(200, b'{"data": []}')), stats)
+    url = await start_scripted(nursery, reply(http_response(200, b'{"data": []}')), stats)
     async with backend_for(url, api_key_env="OSTIARY_TEST_KEY") as backend:
         await backend.check_ready()
     assert stats.last_request is not None
@@ -167,7 +142,7 @@ async def test_api_key_from_environment_is_sent(
 
 async def test_no_key_configured_sends_no_authorization(nursery: trio.Nursery) -> None:
     stats = MockStats()
-    url = await scripted_url(nursery, reply(http_response(200, b'{"data": []}')), stats)
+    url = await start_scripted(nursery, reply(http_response(200, b'{"data": []}')), stats)
     async with backend_for(url) as backend:
         await backend.check_ready()
     assert stats.last_request is not None
@@ -179,7 +154,7 @@ async def test_no_key_configured_sends_no_authorization(nursery: trio.Nursery) -
 
 async def test_chat_non_stream_and_stream(nursery: trio.Nursery) -> None:
     stats = MockStats()
-    async with backend_for(await mock_url(nursery, stats)) as backend:
+    async with backend_for(await start_mock(nursery, stats)) as backend:
         items = await collect(backend.chat(chat()))
         assert items == [Delta(text="tok " * 20, finish_reason="stop"), Usage(7, 20)]
         items = await collect(backend.chat(chat(stream=True)))
@@ -193,7 +168,7 @@ async def test_chat_non_stream_and_stream(nursery: trio.Nursery) -> None:
 
 
 async def test_completions_non_stream_and_stream(nursery: trio.Nursery) -> None:
-    async with backend_for(await mock_url(nursery)) as backend:
+    async with backend_for(await start_mock(nursery)) as backend:
         items = await collect(backend.complete(completion()))
         assert items == [Delta(text="tok " * 20, finish_reason="stop"), Usage(7, 20)]
         items = await collect(backend.complete(completion(stream=True)))
@@ -213,7 +188,7 @@ async def test_request_body_sent_upstream(nursery: trio.Nursery) -> None:
             await stream.send_all(http_response(200, b'{"choices": []}'))
         return True
 
-    url = await scripted_url(nursery, handler)
+    url = await start_scripted(nursery, handler)
     async with backend_for(url, upstream_models={"ours": "their-model"}) as backend:
         await collect(backend.chat(chat(temperature=0.5, stream_options={"include_usage": False})))
         await collect(
@@ -239,7 +214,7 @@ async def test_request_without_raw_is_rebuilt(nursery: trio.Nursery) -> None:
         await stream.send_all(http_response(200, b'{"choices": [], "data": []}'))
         return True
 
-    async with backend_for(await scripted_url(nursery, handler)) as backend:
+    async with backend_for(await start_scripted(nursery, handler)) as backend:
         message = ChatMessage(role="user", content="hello")
         await collect(
             backend.chat(
@@ -306,7 +281,7 @@ async def test_stream_tool_calls_and_multiple_choices(nursery: trio.Nursery) -> 
         b"[DONE]",
         chunk([{"index": 0, "delta": {"content": "ignored after DONE"}}]),
     ]
-    async with backend_for(await scripted_url(nursery, reply(sse_response(events)))) as backend:
+    async with backend_for(await start_scripted(nursery, reply(sse_response(events)))) as backend:
         items = await collect(backend.chat(chat(stream=True, n=2)))
     assert items == [
         Delta(text="A"),
@@ -350,7 +325,7 @@ async def test_non_stream_tool_calls_and_multiple_choices(nursery: trio.Nursery)
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 4},
     }
-    url = await scripted_url(nursery, reply(http_response(200, orjson.dumps(body))))
+    url = await start_scripted(nursery, reply(http_response(200, orjson.dumps(body))))
     async with backend_for(url) as backend:
         items = await collect(backend.chat(chat()))
     assert items == [
@@ -381,7 +356,7 @@ async def test_usage_is_estimated_when_upstream_sends_none(nursery: trio.Nursery
         await s.send_all(next(handlers))
         return True
 
-    async with backend_for(await scripted_url(nursery, handler)) as backend:
+    async with backend_for(await start_scripted(nursery, handler)) as backend:
         items = await collect(backend.chat(chat(stream=True)))
         # "hi there": ceil(8 / 4) + 4 per message; one token per streamed piece.
         assert items[-1] == Usage(6, 3)
@@ -391,7 +366,7 @@ async def test_usage_is_estimated_when_upstream_sends_none(nursery: trio.Nursery
 
 async def test_stream_answered_with_json_is_translated_whole(nursery: trio.Nursery) -> None:
     body = {"choices": [{"index": 0, "message": {"content": "x"}, "finish_reason": "stop"}]}
-    url = await scripted_url(nursery, reply(http_response(200, orjson.dumps(body))))
+    url = await start_scripted(nursery, reply(http_response(200, orjson.dumps(body))))
     async with backend_for(url) as backend:
         items = await collect(backend.chat(chat(stream=True)))
     assert items == [Delta(text="x", finish_reason="stop"), Usage(6, 1)]
@@ -414,7 +389,7 @@ async def test_stream_without_done_but_finished_is_accepted(nursery: trio.Nurser
         await stream.send_all(next(answers))
         return True
 
-    async with backend_for(await scripted_url(nursery, handler)) as backend:
+    async with backend_for(await start_scripted(nursery, handler)) as backend:
         for _ in range(3):
             items = await collect(backend.chat(chat(stream=True)))
             assert items == [Delta(text="x", finish_reason="stop"), Usage(6, 1)]
@@ -430,7 +405,7 @@ async def test_done_then_slow_end_of_body_keeps_the_connection(nursery: trio.Nur
         await stream.send_all(LAST_CHUNK)
         return True
 
-    async with backend_for(await scripted_url(nursery, handler, stats)) as backend:
+    async with backend_for(await start_scripted(nursery, handler, stats)) as backend:
         for _ in range(3):
             assert await collect(backend.chat(chat(stream=True))) == [Usage(2, 0)]
     assert stats.accepted == 1
@@ -450,7 +425,7 @@ async def test_done_without_end_of_body_gives_up_after_a_while(
         await trio.sleep_forever()
         return False  # pragma: no cover
 
-    async with backend_for(await scripted_url(nursery, handler, stats)) as backend:
+    async with backend_for(await start_scripted(nursery, handler, stats)) as backend:
         for _ in range(3):
             start = trio.current_time()
             assert await collect(backend.chat(chat(stream=True))) == [Usage(6, 0)]
@@ -501,7 +476,7 @@ async def test_garbage_streams_are_backend_errors(nursery: trio.Nursery, data: b
         await stream.send_all(data)
         return False
 
-    async with backend_for(await scripted_url(nursery, handler)) as backend:
+    async with backend_for(await start_scripted(nursery, handler)) as backend:
         with pytest.raises(BackendError) as info:
             await collect(backend.chat(chat(stream=True)))
     assert "CUDA" not in info.value.message
@@ -512,7 +487,7 @@ async def test_garbage_streams_are_backend_errors(nursery: trio.Nursery, data: b
 async def test_garbage_non_stream_bodies_are_backend_errors(
     nursery: trio.Nursery, body: bytes
 ) -> None:
-    url = await scripted_url(nursery, reply(http_response(200, body)))
+    url = await start_scripted(nursery, reply(http_response(200, body)))
     async with backend_for(url) as backend:
         with pytest.raises(BackendError):
             await collect(backend.chat(chat()))
@@ -618,7 +593,7 @@ async def test_upstream_status_mapping(
     param: str | None,
     code: str | None,
 ) -> None:
-    url = await scripted_url(nursery, reply(http_response(status, body, headers=headers)))
+    url = await start_scripted(nursery, reply(http_response(status, body, headers=headers)))
     async with backend_for(url, upstream_models={"ours": "their-model"}) as backend:
         for request in (chat(), chat(stream=True)):
             with pytest.raises(OpenAIError) as info:
@@ -646,7 +621,7 @@ async def test_upstream_status_mapping(
 async def test_rate_limit_retry_after(
     nursery: trio.Nursery, headers: tuple[tuple[str, str], ...], retry_after: float
 ) -> None:
-    url = await scripted_url(nursery, reply(http_response(429, b"", headers=headers)))
+    url = await start_scripted(nursery, reply(http_response(429, b"", headers=headers)))
     async with backend_for(url) as backend:
         with pytest.raises(RateLimitError) as info:
             await collect(backend.chat(chat()))
@@ -676,7 +651,7 @@ async def test_timeouts(
         await trio.sleep_forever()
         return False  # pragma: no cover
 
-    async with backend_for(await scripted_url(nursery, never), read_timeout=30) as backend:
+    async with backend_for(await start_scripted(nursery, never), read_timeout=30) as backend:
         with pytest.raises(BackendTimeoutError, match="did not answer"):
             await collect(backend.chat(chat(stream=True)))
         with pytest.raises(BackendTimeoutError):
@@ -715,7 +690,7 @@ def first_piece_then_wait(closed: trio.Event) -> Handler:
 
 async def test_cancellation_closes_the_upstream_connection(nursery: trio.Nursery) -> None:
     closed = trio.Event()
-    async with backend_for(await scripted_url(nursery, first_piece_then_wait(closed))) as backend:
+    async with backend_for(await start_scripted(nursery, first_piece_then_wait(closed))) as backend:
         generation = backend.chat(chat(stream=True))
         with trio.CancelScope() as scope:
             assert await generation.__anext__() == Delta(text="a")
@@ -728,7 +703,7 @@ async def test_aclose_after_first_piece_closes_the_upstream_connection(
     nursery: trio.Nursery,
 ) -> None:
     closed = trio.Event()
-    async with backend_for(await scripted_url(nursery, first_piece_then_wait(closed))) as backend:
+    async with backend_for(await start_scripted(nursery, first_piece_then_wait(closed))) as backend:
         generation = backend.chat(chat(stream=True))
         assert await generation.__anext__() == Delta(text="a")
         await generation.aclose()
@@ -740,7 +715,7 @@ async def test_aclose_after_first_piece_closes_the_upstream_connection(
 
 async def test_embeddings_float_and_base64(nursery: trio.Nursery) -> None:
     vector = (0.5, -0.25, 0.125, 1.0, 0.0, -1.0, 0.75, 0.0625)
-    async with backend_for(await mock_url(nursery)) as backend:
+    async with backend_for(await start_mock(nursery)) as backend:
         raw = {"model": "ours", "input": ["a", "b"]}
         result = await backend.embed(EmbeddingRequest(model="ours", input=("a", "b"), raw=raw))
         assert result == EmbeddingResult(vectors=(vector, vector), usage=Usage(6))
@@ -778,7 +753,7 @@ async def test_embeddings_order_estimate_and_errors(nursery: trio.Nursery) -> No
     request = EmbeddingRequest(
         model="ours", input=("abcdefgh", "x"), raw={"model": "ours", "input": ["abcdefgh", "x"]}
     )
-    async with backend_for(await scripted_url(nursery, handler)) as backend:
+    async with backend_for(await start_scripted(nursery, handler)) as backend:
         result = await backend.embed(request)
         assert result == EmbeddingResult(vectors=((1.0, 2.0), (3.0, 4.5)), usage=Usage(3))
         for _ in range(3):
@@ -789,9 +764,9 @@ async def test_embeddings_order_estimate_and_errors(nursery: trio.Nursery) -> No
 
 
 async def test_check_ready(nursery: trio.Nursery) -> None:
-    async with backend_for(await mock_url(nursery)) as backend:
+    async with backend_for(await start_mock(nursery)) as backend:
         await backend.check_ready()
-    url = await scripted_url(nursery, reply(http_response(500, b"")))
+    url = await start_scripted(nursery, reply(http_response(500, b"")))
     async with backend_for(url) as backend:
         with pytest.raises(BackendError):
             await backend.check_ready()

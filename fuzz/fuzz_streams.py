@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import atheris
 
 with atheris.instrument_imports(include=["ostiary"]):
-    from ostiary.backends.httpclient import (
+    from ostiary.backends.http_wire import (
         HttpClientError,
         RemoteProtocolError,
         _ChunkedBody,

@@ -20,6 +20,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ostiary.backends.http_wire import _ChunkedBody, _framing, _LengthBody, _parse_head
 from ostiary.backends.httpclient import (
     ConnectError,
     ConnectTimeout,
@@ -27,10 +28,6 @@ from ostiary.backends.httpclient import (
     HttpClientError,
     ReadTimeout,
     RemoteProtocolError,
-    _ChunkedBody,
-    _framing,
-    _LengthBody,
-    _parse_head,
 )
 from tests.backends.upstream import (
     LAST_CHUNK,

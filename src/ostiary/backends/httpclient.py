@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -38,6 +37,21 @@ from typing import Self
 from urllib.parse import urlsplit
 
 import trio
+
+from .http_wire import (
+    _TARGET,
+    _TOKEN,
+    ConnectError,
+    ConnectTimeout,
+    Headers,
+    HttpClientError,
+    ReadTimeout,
+    RemoteProtocolError,
+    _Body,
+    _framing,
+    _header_block,
+    _parse_head,
+)
 
 __all__ = [
     "ConnectError",
@@ -50,237 +64,11 @@ __all__ = [
 ]
 
 _RECEIVE_SIZE = 64 * 1024
-_MAX_HEAD_BYTES = 64 * 1024
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-_Headers = list[tuple[bytes, bytes]]
-
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_TARGET = re.compile(rb"[\x21-\x7e]+")
-_SAFE_VALUE = re.compile(rb"[^\x00\r\n]*")
-_HEAD_END = re.compile(rb"\n\r?\n")
-_STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: [^\x00\r\n]*)?")
-# field-name ":" OWS field-value OWS, with RFC 9110's field-content erratum fixed
-# and control characters other than NUL and whitespace tolerated, as servers send.
-_FIELD_LINE = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*"
-)
-_DIGITS = re.compile(rb"[0-9]{1,20}")
-_CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
-_NEXT_CHUNK_HEAD = re.compile(rb"\r\n([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
-
-
-class HttpClientError(Exception):
-    """Base of every error the client raises."""
-
-
-class ConnectError(HttpClientError):
-    """The upstream could not be reached: refused, unresolvable or unreachable."""
-
-
-class ConnectTimeout(ConnectError):
-    """Connecting (TCP, and TLS for https) took longer than ``connect_timeout``."""
-
-
-class ReadTimeout(HttpClientError):
-    """No byte arrived from the upstream within ``read_timeout``."""
-
-
-class RemoteProtocolError(HttpClientError):
-    """The upstream sent garbage, closed mid-response, or a body over the limit."""
 
 
 class _StaleConnection(Exception):
     """A reused connection was closed by the peer before any response byte."""
-
-
-# -- the wire format, sans I/O ------------------------------------------------------------
-
-
-def _parse_head(buffer: bytes) -> tuple[int, bool, _Headers, bytes] | None:
-    """``(status, keep_alive_version, headers, rest)`` for the response head at the
-    start of ``buffer``, or None if it is not complete yet. Header names are
-    lower-cased; obs-folded lines are joined with a space."""
-    end = _HEAD_END.search(buffer)
-    if end is None:
-        if len(buffer) > _MAX_HEAD_BYTES:
-            raise RemoteProtocolError("response head too large")
-        if buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
-            raise RemoteProtocolError("empty response head")
-        return None
-    if end.start() == 0 or buffer[:2] == b"\r\n":
-        raise RemoteProtocolError("empty response head")
-    lines: list[bytes] = []
-    for raw in buffer[: end.start()].split(b"\n"):
-        line = raw[:-1] if raw[-1:] == b"\r" else raw
-        if line[:1] not in (b" ", b"\t"):
-            lines.append(line)
-        elif len(lines) > 1:  # obs-fold: continues the previous line
-            lines[-1] += b" " + line.lstrip(b" \t")
-        else:
-            raise RemoteProtocolError("continuation line at the start of the headers")
-    status = _STATUS_LINE.fullmatch(lines[0])
-    if status is None or status[2] < b"100":
-        raise RemoteProtocolError(f"invalid status line {lines[0][:80]!r}")
-    headers: _Headers = []
-    for line in lines[1:]:
-        field = _FIELD_LINE.fullmatch(line)
-        if field is None:
-            raise RemoteProtocolError(f"invalid header line {line[:80]!r}")
-        headers.append((field[1].lower(), field[2]))
-    return int(status[2]), status[1] >= b"1.1", headers, buffer[end.end() :]
-
-
-class _LengthBody:
-    """A body of known length (``content-length``; 0 for HEAD, 204 and 304), or with
-    ``length=None``, one that ends when the upstream closes the connection."""
-
-    __slots__ = ("_remaining", "done", "excess")
-
-    def __init__(self, length: int | None) -> None:
-        self._remaining = length
-        self.done = length == 0
-        self.excess = False
-
-    def feed(self, data: bytes) -> bytes:
-        remaining = self._remaining
-        if remaining is None:
-            return data
-        if len(data) < remaining:
-            self._remaining = remaining - len(data)
-            return data
-        self._remaining = 0
-        self.done = True
-        if len(data) > remaining:
-            self.excess = True
-            return data[:remaining]
-        return data
-
-    def end(self) -> None:
-        if self._remaining is not None:
-            raise RemoteProtocolError(
-                f"upstream closed the connection {self._remaining} bytes before the body's end"
-            )
-        self.done = True
-
-
-_SIZE, _DATA, _NEXT_SIZE, _TRAILER = range(4)
-
-
-class _ChunkedBody:
-    """Decodes ``transfer-encoding: chunked`` in bulk: every complete chunk in the
-    bytes fed comes out joined, at a few string operations per chunk."""
-
-    __slots__ = ("_buffer", "_remaining", "_state", "done", "excess")
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._state = _SIZE
-        self._remaining = 0
-        self.done = False
-        self.excess = False
-
-    def feed(self, data: bytes) -> bytes:
-        buffer = self._buffer + data if self._buffer else data
-        end = len(buffer)
-        pos = 0
-        out: list[bytes] = []
-        state, remaining = self._state, self._remaining
-        while True:
-            if state == _DATA:
-                if end - pos < remaining:
-                    out.append(buffer[pos:])
-                    remaining -= end - pos
-                    pos = end
-                    break
-                out.append(buffer[pos : pos + remaining])
-                pos += remaining
-                state = _NEXT_SIZE
-            if state != _TRAILER:
-                # A size line, after the CRLF that ends the previous chunk's data.
-                head = (_CHUNK_HEAD if state == _SIZE else _NEXT_CHUNK_HEAD).match(buffer, pos)
-                if head is None:
-                    self._check_incomplete(buffer, pos, state == _NEXT_SIZE)
-                    break
-                pos = head.end()
-                remaining = int(head[1], 16)
-                state = _DATA if remaining else _TRAILER
-                continue
-            line_end = buffer.find(b"\r\n", pos)  # trailer fields are ignored
-            if line_end < 0:
-                if end - pos > _MAX_HEAD_BYTES:
-                    raise RemoteProtocolError("invalid chunked body: trailer line too long")
-                break
-            if line_end == pos:
-                self.done = True
-                self.excess = pos + 2 < end
-                return b"".join(out)
-            pos = line_end + 2
-        self._state, self._remaining = state, remaining
-        self._buffer = buffer[pos:]
-        return b"".join(out)
-
-    @staticmethod
-    def _check_incomplete(buffer: bytes, pos: int, after_data: bool) -> None:
-        """Raise unless ``buffer[pos:]`` is the start of a valid size line."""
-        if after_data:
-            if buffer[pos : pos + 2] not in (b"\r\n", b"\r", b""):
-                raise RemoteProtocolError("invalid chunked body: no CRLF after a chunk")
-            pos += 2
-        line_end = buffer.find(b"\r\n", pos)
-        if line_end >= 0:
-            line = buffer[pos:line_end]
-            raise RemoteProtocolError(f"invalid chunk size line {line[:40]!r}")
-        if len(buffer) - pos > _MAX_HEAD_BYTES:
-            raise RemoteProtocolError("invalid chunked body: line too long")
-
-    def end(self) -> None:
-        raise RemoteProtocolError("upstream closed the connection in the middle of a chunked body")
-
-
-_Body = _LengthBody | _ChunkedBody
-
-
-def _framing(method: bytes, status: int, headers: _Headers) -> tuple[_Body, bool]:
-    """The response body's decoder, and whether the headers allow keep-alive after
-    it (RFC 9112 section 6.3)."""
-    keep_alive = True
-    chunked = False
-    length: bytes | None = None
-    for name, value in headers:
-        if name == b"content-length":
-            values = {v.strip() for v in value.split(b",")}
-            if len(values) != 1 or (length is not None and values != {length}):
-                raise RemoteProtocolError("conflicting content-length headers")
-            length = values.pop()
-            if not _DIGITS.fullmatch(length):
-                raise RemoteProtocolError(f"invalid content-length {value[:40]!r}")
-        elif name == b"transfer-encoding":
-            if chunked or value.lower() != b"chunked":
-                raise RemoteProtocolError(f"unsupported transfer-encoding {value[:40]!r}")
-            chunked = True
-        elif name == b"connection" and b"close" in value.lower().replace(b" ", b"").split(b","):
-            keep_alive = False
-    if status in (204, 304) or method == b"HEAD":
-        return _LengthBody(0), keep_alive
-    if chunked:
-        return _ChunkedBody(), keep_alive
-    if length is not None:
-        return _LengthBody(int(length)), keep_alive
-    return _LengthBody(None), False
-
-
-def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[_Headers, bytes]:
-    """Validated, encoded headers, and their wire form."""
-    encoded: _Headers = []
-    for name, value in headers:
-        try:
-            pair = (name.lower().encode("ascii"), value.encode("latin-1"))
-        except UnicodeEncodeError as exc:
-            raise HttpClientError(f"header not encodable: {exc}") from exc
-        if not _TOKEN.fullmatch(pair[0]) or not _SAFE_VALUE.fullmatch(pair[1]):
-            raise HttpClientError(f"invalid request header {name!r}")
-        encoded.append(pair)
-    return encoded, b"".join(b"%s: %s\r\n" % pair for pair in encoded)
 
 
 # -- connections and responses ---------------------------------------------------------------
@@ -324,7 +112,7 @@ class HttpResponse:
     def __init__(
         self,
         status: int,
-        headers: _Headers,
+        headers: Headers,
         *,
         body: _Body,
         keep_alive: bool,

@@ -470,3 +470,13 @@ def test_two_authorization_headers_are_refused() -> None:
     status, body, _ = json_of(gw.handle(request(body=chat_body(), headers=headers)))
     assert status == 401
     assert "exactly one" in body["error"]["message"]
+
+
+def test_every_429_and_503_says_when_to_retry() -> None:
+    gw = gateway()
+    gw.handle(request(body=chat_body()))
+    _, _, headers = json_of(gw.handle(BackendFailed("r1", BackendUnavailableError("down"), 11.0)))
+    assert (headers[b"retry-after"], headers[b"retry-after-ms"]) == (b"1", b"1000")
+    gw.handle(request("r2", chat_body()))
+    _, _, headers = json_of(gw.handle(BackendFailed("r2", RateLimitError("slow"), 11.0)))
+    assert headers[b"retry-after-ms"] == b"1000"

@@ -93,6 +93,8 @@ _ROUTES: dict[str, tuple[str, Endpoint]] = {
 }
 _MODEL_PREFIX = "/v1/models/"
 _PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY})
+#: Seconds a 429 or 503 asks the client to wait when its cause names no time.
+_DEFAULT_RETRY_AFTER = 1.0
 
 _DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits], BackendCall]] = {
     Endpoint.CHAT: decoding.decode_chat,
@@ -438,8 +440,11 @@ class Gateway:
 
     def _error(self, exchange: _Exchange, error: OpenAIError, now: float) -> list[Action]:
         headers = [_JSON, (b"x-request-id", exchange.request_id.encode())]
-        if error.retry_after is not None:
-            seconds = max(0.0, error.retry_after)
+        retry_after = error.retry_after
+        if retry_after is None and error.status in (429, 503):
+            retry_after = _DEFAULT_RETRY_AFTER  # every 429 and 503 says when to retry
+        if retry_after is not None:
+            seconds = max(0.0, retry_after)
             headers.append((b"retry-after", str(max(1, round(seconds + 0.4999))).encode()))
             headers.append((b"retry-after-ms", str(round(seconds * 1000)).encode()))
         if error.status == 401:

@@ -271,15 +271,9 @@ class HttpClient:
         body: bytes = b"",
     ) -> AsyncIterator[HttpResponse]:
         """Send a request and yield its response once the head has arrived."""
-        if self._closed:
-            raise HttpClientError("the HTTP client is closed")
-        head, method_bytes = self._request_head(method, path, headers, body)
+        wire, method_bytes = await self._begin(method, path, headers, body)
         try:
-            self._permits.acquire_nowait()
-        except trio.WouldBlock:
-            await self._permits.acquire()
-        try:
-            conn, response = await self._send(head + body if body else head, method_bytes)
+            conn, response = await self._send(wire, method_bytes)
             try:
                 yield response
             except Exception:
@@ -302,15 +296,9 @@ class HttpClient:
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Send a request and read the whole response: ``(status, headers, body)``.
         The steps of :meth:`stream`, without a context manager's overhead."""
-        if self._closed:
-            raise HttpClientError("the HTTP client is closed")
-        head, method_bytes = self._request_head(method, path, headers, body)
+        wire, method_bytes = await self._begin(method, path, headers, body)
         try:
-            self._permits.acquire_nowait()
-        except trio.WouldBlock:
-            await self._permits.acquire()
-        try:
-            conn, response = await self._send(head + body if body else head, method_bytes)
+            conn, response = await self._send(wire, method_bytes)
             try:
                 content = await response.read()
             except BaseException:
@@ -327,6 +315,20 @@ class HttpClient:
         while self._idle:
             self._idle.pop().close()
         await trio.lowlevel.checkpoint()
+
+    async def _begin(
+        self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
+    ) -> tuple[bytes, bytes]:
+        """The request's bytes and method, once a connection permit is held (the
+        caller releases it)."""
+        if self._closed:
+            raise HttpClientError("the HTTP client is closed")
+        head, method_bytes = self._request_head(method, path, headers, body)
+        try:
+            self._permits.acquire_nowait()
+        except trio.WouldBlock:
+            await self._permits.acquire()
+        return head + body if body else head, method_bytes
 
     def _request_head(
         self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes

@@ -89,16 +89,6 @@ _SAMPLING_KEYS = (
 )
 
 
-def _positive_number(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value}")
-
-
-def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
-
-
 def _http_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not value.startswith(("http://", "https://")):
         raise ValueError(f"{attribute.name} must start with http:// or https://, got {value!r}")
@@ -113,10 +103,10 @@ class OpenAISettings(BackendSettings):
     base_url: str = attrs.field(validator=_http_url)
     #: Name of the environment variable holding the upstream API key (never the key).
     api_key_env: str | None = None
-    connect_timeout: float = attrs.field(default=5.0, validator=_positive_number)
+    connect_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     #: Longest wait for any bytes from the upstream.
-    read_timeout: float = attrs.field(default=600.0, validator=_positive_number)
-    max_connections: int = attrs.field(default=256, validator=_positive_int)
+    read_timeout: float = attrs.field(default=600.0, validator=attrs.validators.gt(0))
+    max_connections: int = attrs.field(default=256, validator=attrs.validators.ge(1))
     #: Our model id -> the upstream's model id; unlisted ids are sent unchanged.
     upstream_models: dict[str, str] = attrs.field(factory=dict, hash=False)
 

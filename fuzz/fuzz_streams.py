@@ -5,8 +5,8 @@ The rule: for any bytes, split anywhere,
 - :class:`~ostiary.protocol.sse.SseDecoder` and
   :class:`~ostiary.protocol.ndjson.NdjsonDecoder` either return their payloads or
   raise an :class:`~ostiary.protocol.errors.OpenAIError` (they raise ``BackendError``);
-- the response parsing of :mod:`ostiary.backends.httpclient` (``_parse_head``, the
-  1xx loop of ``_exchange``, ``_framing`` and the ``_LengthBody`` / ``_ChunkedBody``
+- the response parsing of :mod:`ostiary.backends.httpclient` (``parse_head``, the
+  1xx loop of ``_exchange``, ``response_framing`` and the ``LengthBody`` / ``ChunkedBody``
   de-framers, driven as ``_exchange`` and ``HttpResponse._next_chunk`` drive them,
   without a socket) either succeeds or raises
   :class:`~ostiary.backends.httpclient.HttpClientError`.
@@ -36,17 +36,17 @@ from collections.abc import Callable, Sequence
 import atheris
 
 with atheris.instrument_imports(include=["ostiary"]):
-    from ostiary.backends.http_wire import (
-        HttpClientError,
-        RemoteProtocolError,
-        _ChunkedBody,
-        _framing,
-        _LengthBody,
-        _parse_head,
-    )
     from ostiary.protocol.errors import OpenAIError
     from ostiary.protocol.ndjson import NdjsonDecoder
     from ostiary.protocol.sse import SseDecoder
+    from ostiary.protocol.wire import (
+        ChunkedBody,
+        HttpClientError,
+        LengthBody,
+        RemoteProtocolError,
+        parse_head,
+        response_framing,
+    )
 
 __all__ = ["main", "test_one_input"]
 
@@ -96,7 +96,7 @@ def _http(pieces: list[bytes], method: bytes) -> None:
     final: tuple[int, list[tuple[bytes, bytes]]] | None = None
     for piece in rest:
         buffer += piece
-        while (head := _parse_head(buffer)) is not None:
+        while (head := parse_head(buffer)) is not None:
             status, _keep_alive, headers, buffer = head
             assert 100 <= status <= 999
             if status >= 200:
@@ -108,7 +108,7 @@ def _http(pieces: list[bytes], method: bytes) -> None:
             break
     if final is None:
         return  # the upstream closed before a whole head: the client raises here
-    body, _keep = _framing(method, *final)
+    body, _keep = response_framing(method, *final)
     for data in (buffer, *rest):
         if body.done:
             break
@@ -116,7 +116,7 @@ def _http(pieces: list[bytes], method: bytes) -> None:
             assert type(body.feed(data)) is bytes
     if not body.done:
         body.end()
-    assert isinstance(body, _LengthBody | _ChunkedBody)
+    assert isinstance(body, LengthBody | ChunkedBody)
 
 
 def _run_sse(variant: int, pieces: list[bytes]) -> None:

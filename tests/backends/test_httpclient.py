@@ -20,7 +20,6 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ostiary.backends.http_wire import _ChunkedBody, _framing, _LengthBody, _parse_head
 from ostiary.backends.httpclient import (
     ConnectError,
     ConnectTimeout,
@@ -29,6 +28,7 @@ from ostiary.backends.httpclient import (
     ReadTimeout,
     RemoteProtocolError,
 )
+from ostiary.protocol.wire import ChunkedBody, LengthBody, parse_head, response_framing
 from tests.backends.upstream import (
     LAST_CHUNK,
     Handler,
@@ -227,7 +227,7 @@ def test_chunked_decoding_however_split(
 ) -> None:
     wire = chunked(pieces, extension, trailers) + extra
     points = sorted({c % (len(wire) + 1) for c in cuts})
-    body = _ChunkedBody()
+    body = ChunkedBody()
     out = b""
     for a, b in zip([0, *points], [*points, len(wire)], strict=True):
         if not body.done:
@@ -242,10 +242,10 @@ def ours(message: bytes, method: bytes) -> object:
     """What the client makes of a whole response followed by EOF."""
     buffer = message
     try:
-        while (head := _parse_head(buffer)) is not None:
+        while (head := parse_head(buffer)) is not None:
             status, _, headers, buffer = head
             if status >= 200:
-                body, _ = _framing(method, status, headers)
+                body, _ = response_framing(method, status, headers)
                 content = body.feed(buffer) if buffer and not body.done else b""
                 if not body.done:
                     body.end()
@@ -349,13 +349,13 @@ def test_response_parsing_agrees_with_h11(
 )
 def test_chunked_decoding_rejects_garbage(wire: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
-        _ChunkedBody().feed(wire)
+        ChunkedBody().feed(wire)
 
 
 def test_body_ends_early() -> None:
     with pytest.raises(RemoteProtocolError, match="middle of a chunked body"):
-        _ChunkedBody().end()
-    body = _LengthBody(5)
+        ChunkedBody().end()
+    body = LengthBody(5)
     assert body.feed(b"ab") == b"ab"
     assert not body.done
     with pytest.raises(RemoteProtocolError, match=r"3 bytes before the body's end"):

@@ -38,19 +38,19 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .http_wire import (
+from ostiary.protocol.wire import (
     _TARGET,
     _TOKEN,
+    Body,
     ConnectError,
     ConnectTimeout,
     Headers,
     HttpClientError,
     ReadTimeout,
     RemoteProtocolError,
-    _Body,
-    _framing,
-    _header_block,
-    _parse_head,
+    header_block,
+    parse_head,
+    response_framing,
 )
 
 __all__ = [
@@ -114,7 +114,7 @@ class HttpResponse:
         status: int,
         headers: Headers,
         *,
-        body: _Body,
+        body: Body,
         keep_alive: bool,
         pending: bytes,
         conn: _Connection,
@@ -246,7 +246,7 @@ class HttpClient:
         host = f"[{self._host}]" if ":" in self._host else self._host
         if url.port is not None:
             host = f"{host}:{url.port}"
-        self._defaults, self._default_block = _header_block([("host", host), *default_headers])
+        self._defaults, self._default_block = header_block([("host", host), *default_headers])
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle_timeout = idle_timeout
@@ -341,7 +341,7 @@ class HttpClient:
             raise ValueError(f"invalid method {method!r}")
         block = self._default_block
         if headers:
-            extra, extra_block = _header_block(headers)
+            extra, extra_block = header_block(headers)
             names = {name for name, _ in extra}
             block = b"".join(b"%s: %s\r\n" % h for h in self._defaults if h[0] not in names)
             block += extra_block
@@ -426,10 +426,10 @@ class HttpClient:
                 raise RemoteProtocolError("upstream closed the connection without responding")
             got_bytes = True
             buffer += data
-            while (head := _parse_head(buffer)) is not None:
+            while (head := parse_head(buffer)) is not None:
                 status, keep_alive, headers, buffer = head
                 if status >= 200:
-                    body, keep = _framing(method, status, headers)
+                    body, keep = response_framing(method, status, headers)
                     return HttpResponse(
                         status,
                         headers,

@@ -31,16 +31,6 @@ from .actions import (
     StartStream,
 )
 from .auth import ApiKey, KeyTable
-from .encoding import (
-    ChoiceAccumulator,
-    SseEncoder,
-    encode_embeddings,
-    encode_model,
-    encode_models,
-    error_body,
-    sse_error,
-    usage_dict,
-)
 from .errors import (
     AuthenticationError,
     MethodNotAllowedError,
@@ -62,6 +52,15 @@ from .events import (
 from .generation import Delta, Usage
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .responses import (
+    ChoiceAccumulator,
+    encode_embeddings,
+    encode_model,
+    encode_models,
+    error_body,
+    usage_dict,
+)
+from .sse import SseEncoder, sse_error
 
 __all__ = ["Endpoint", "ExchangeState", "Gateway", "ModelRoute"]
 

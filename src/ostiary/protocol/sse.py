@@ -1,4 +1,9 @@
-"""A sans-IO decoder for ``text/event-stream`` bodies (the WHATWG SSE format).
+"""Server-sent events, sans I/O: the encoder for our streamed responses and the
+decoder for an upstream's ``text/event-stream`` bodies (the WHATWG SSE format).
+
+:class:`SseEncoder` pre-renders the constant head of every chunk (``id``,
+``object``, ``created``, ``model``) once per response, so that a chunk costs one
+small ``orjson.dumps`` of its choices.
 
 :class:`SseDecoder` turns arbitrarily split bytes into the ``data`` payloads of
 complete events, the only field an OpenAI-style stream uses (``event``, ``id``,
@@ -17,12 +22,105 @@ bounded whatever the upstream sends.
 
 from __future__ import annotations
 
-from ostiary.protocol.errors import BackendError
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["SseDecoder"]
+import orjson
+
+from .errors import BackendError, OpenAIError
+from .generation import Delta, ToolCallDelta, Usage
+from .responses import error_body, usage_dict
+
+__all__ = ["DONE", "SseDecoder", "SseEncoder", "sse_error"]
+
+DONE = b"data: [DONE]\n\n"
 
 #: Default bound on one event's size: far above any OpenAI chunk.
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+
+
+def sse_error(error: OpenAIError) -> bytes:
+    """An error event for a stream that has already started."""
+    return b"data: " + error_body(error) + b"\n\n"
+
+
+def _tool_call_delta(tc: ToolCallDelta) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": tc.index}
+    if tc.id is not None:
+        out["id"] = tc.id
+        out["type"] = "function"
+    function: dict[str, str] = {"arguments": tc.arguments}
+    if tc.name is not None:
+        function["name"] = tc.name
+    out["function"] = function
+    return out
+
+
+class SseEncoder:
+    """Encodes one streamed chat or text completion as ``data:`` events.
+
+    ``chat=True`` gives ``chat.completion.chunk`` events (the first event of each
+    choice carries ``role``); otherwise ``text_completion`` events.
+    """
+
+    __slots__ = ("_chat", "_head", "_include_usage", "_started", "_tail")
+
+    def __init__(
+        self, *, response_id: str, created: int, model: str, chat: bool, include_usage: bool
+    ) -> None:
+        self._chat = chat
+        self._include_usage = include_usage
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head: dict[str, Any] = {
+            "id": response_id,
+            "object": obj,
+            "created": created,
+            "model": model,
+        }
+        # '{"id":...,"model":"m"' without its closing brace; chunks append the rest.
+        self._head = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'
+        # The chat chunk schema has a nullable ``usage``; the completion one does not.
+        self._tail = b',"usage":null}\n\n' if include_usage and chat else b"}\n\n"
+        self._started: set[int] = set()
+
+    def _choice(self, delta: Delta) -> dict[str, Any]:
+        if not self._chat:
+            return {
+                "index": delta.choice,
+                "text": delta.text,
+                "logprobs": None,
+                "finish_reason": delta.finish_reason,
+            }
+        body: dict[str, Any] = {}
+        if delta.choice not in self._started:
+            self._started.add(delta.choice)
+            body["role"] = "assistant"
+            body["content"] = delta.text
+        elif delta.text or not delta.tool_calls:
+            body["content"] = delta.text
+        if delta.tool_calls:
+            body["tool_calls"] = [_tool_call_delta(tc) for tc in delta.tool_calls]
+        return {
+            "index": delta.choice,
+            "delta": body,
+            "logprobs": None,
+            "finish_reason": delta.finish_reason,
+        }
+
+    def encode(self, deltas: Iterable[Delta]) -> bytes:
+        """One event per delta, concatenated."""
+        head, tail = self._head, self._tail
+        return b"".join(head + orjson.dumps([self._choice(d)]) + tail for d in deltas)
+
+    def usage(self, usage: Usage) -> bytes:
+        """The final usage event (``choices: []``), only when the client asked for it."""
+        if not self._include_usage:
+            return b""
+        return self._head + b'[],"usage":' + orjson.dumps(usage_dict(usage)) + b"}\n\n"
+
+    @staticmethod
+    def done() -> bytes:
+        return DONE
 
 
 class SseDecoder:

@@ -1,0 +1,29 @@
+"""The Trio runtime: sockets and HTTP/1.1 (h11), timers, the key store, config and
+the CLI. It owns every clock, socket, file and thread, and carries out what the core
+(:mod:`ostiary.protocol`) decides.
+"""
+
+from .config import Config, ConfigError, default_config, load_config, parse_config
+from .driver import Driver
+from .http import ClientDisconnected, HttpRequest, HttpServer, HttpSettings, Responder
+from .keystore import KeyInfo, KeyStore, KeyStoreError
+from .server import StartupError, run_server
+
+__all__ = [
+    "ClientDisconnected",
+    "Config",
+    "ConfigError",
+    "Driver",
+    "HttpRequest",
+    "HttpServer",
+    "HttpSettings",
+    "KeyInfo",
+    "KeyStore",
+    "KeyStoreError",
+    "Responder",
+    "StartupError",
+    "default_config",
+    "load_config",
+    "parse_config",
+    "run_server",
+]

@@ -30,7 +30,6 @@ from ostiary.protocol.actions import (
     SendBytes,
     StartStream,
 )
-from ostiary.protocol.encoding import error_body, sse_error
 from ostiary.protocol.errors import InternalServerError, OpenAIError, ServiceUnavailableError
 from ostiary.protocol.events import (
     BackendChunk,
@@ -44,6 +43,8 @@ from ostiary.protocol.events import (
 from ostiary.protocol.gateway import Gateway
 from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, EmbeddingRequest
+from ostiary.protocol.responses import error_body
+from ostiary.protocol.sse import sse_error
 
 from .http import ClientDisconnected, HttpRequest, Responder
 

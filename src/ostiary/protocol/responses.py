@@ -1,8 +1,7 @@
-"""Turning normalized backend output into OpenAI response bodies and SSE bytes.
+"""OpenAI response bodies from normalized backend output: completions collected
+whole (:class:`ChoiceAccumulator`), embeddings, models, usage and error bodies.
 
-Streams are encoded by :class:`SseEncoder`, which pre-renders the constant head of
-every chunk (``id``, ``object``, ``created``, ``model``) once per response, so that a
-chunk costs one small ``orjson.dumps`` of its choices.
+Streamed responses are encoded by :class:`~ostiary.protocol.sse.SseEncoder`.
 """
 
 from __future__ import annotations
@@ -15,20 +14,16 @@ from typing import Any
 import orjson
 
 from .errors import OpenAIError
-from .generation import Delta, EmbeddingResult, ToolCallDelta, Usage
+from .generation import Delta, EmbeddingResult, Usage
 
 __all__ = [
     "ChoiceAccumulator",
-    "SseEncoder",
     "encode_embeddings",
     "encode_model",
     "encode_models",
     "error_body",
-    "sse_error",
     "usage_dict",
 ]
-
-DONE = b"data: [DONE]\n\n"
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:
@@ -41,90 +36,6 @@ def usage_dict(usage: Usage) -> dict[str, int]:
 
 def error_body(error: OpenAIError) -> bytes:
     return orjson.dumps(error.to_dict())
-
-
-def sse_error(error: OpenAIError) -> bytes:
-    """An error event for a stream that has already started."""
-    return b"data: " + error_body(error) + b"\n\n"
-
-
-def _tool_call_delta(tc: ToolCallDelta) -> dict[str, Any]:
-    out: dict[str, Any] = {"index": tc.index}
-    if tc.id is not None:
-        out["id"] = tc.id
-        out["type"] = "function"
-    function: dict[str, str] = {"arguments": tc.arguments}
-    if tc.name is not None:
-        function["name"] = tc.name
-    out["function"] = function
-    return out
-
-
-class SseEncoder:
-    """Encodes one streamed chat or text completion as ``data:`` events.
-
-    ``chat=True`` gives ``chat.completion.chunk`` events (the first event of each
-    choice carries ``role``); otherwise ``text_completion`` events.
-    """
-
-    __slots__ = ("_chat", "_head", "_include_usage", "_started", "_tail")
-
-    def __init__(
-        self, *, response_id: str, created: int, model: str, chat: bool, include_usage: bool
-    ) -> None:
-        self._chat = chat
-        self._include_usage = include_usage
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        head: dict[str, Any] = {
-            "id": response_id,
-            "object": obj,
-            "created": created,
-            "model": model,
-        }
-        # '{"id":...,"model":"m"' without its closing brace; chunks append the rest.
-        self._head = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'
-        # The chat chunk schema has a nullable ``usage``; the completion one does not.
-        self._tail = b',"usage":null}\n\n' if include_usage and chat else b"}\n\n"
-        self._started: set[int] = set()
-
-    def _choice(self, delta: Delta) -> dict[str, Any]:
-        if not self._chat:
-            return {
-                "index": delta.choice,
-                "text": delta.text,
-                "logprobs": None,
-                "finish_reason": delta.finish_reason,
-            }
-        body: dict[str, Any] = {}
-        if delta.choice not in self._started:
-            self._started.add(delta.choice)
-            body["role"] = "assistant"
-            body["content"] = delta.text
-        elif delta.text or not delta.tool_calls:
-            body["content"] = delta.text
-        if delta.tool_calls:
-            body["tool_calls"] = [_tool_call_delta(tc) for tc in delta.tool_calls]
-        return {
-            "index": delta.choice,
-            "delta": body,
-            "logprobs": None,
-            "finish_reason": delta.finish_reason,
-        }
-
-    def encode(self, deltas: Iterable[Delta]) -> bytes:
-        """One event per delta, concatenated."""
-        head, tail = self._head, self._tail
-        return b"".join(head + orjson.dumps([self._choice(d)]) + tail for d in deltas)
-
-    def usage(self, usage: Usage) -> bytes:
-        """The final usage event (``choices: []``), only when the client asked for it."""
-        if not self._include_usage:
-            return b""
-        return self._head + b'[],"usage":' + orjson.dumps(usage_dict(usage)) + b"}\n\n"
-
-    @staticmethod
-    def done() -> bytes:
-        return DONE
 
 
 class ChoiceAccumulator:

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from ostiary.backends.scripted import ScriptedSettings
-from ostiary.protocol.auth import parse_key_id
+from ostiary.protocol.auth import KeyTable, parse_key_id
 from ostiary.runtime.cli import main
 from ostiary.runtime.config import ConfigError, default_config, load_config, parse_config
 from ostiary.runtime.keystore import KeyStore, KeyStoreError
@@ -208,16 +208,24 @@ def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["config", "check"]) == 1
 
 
+class Tables:
+    """Stands in for the driver: keeps the last key table it was handed."""
+
+    def __init__(self, keys: KeyTable) -> None:
+        self.keys = keys
+
+    def replace(self, keys: KeyTable) -> None:
+        self.keys = keys
+
+
 async def test_running_server_picks_up_key_changes(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Polls are 1 s apart: a key created or revoked with the CLI works (or stops
     working) within 2 s. The store is read inline here, so virtual time is exact."""
-    from ostiary.protocol.gateway import Gateway
-
     store = KeyStore(tmp_path / "k.sqlite3")
     generation, table, _ = store.load()
-    gateway = Gateway(routes=[], keys=table)
+    gateway = Tables(table)
 
     async def inline(fn: Callable[[], Any]) -> Any:
         return fn()
@@ -230,7 +238,7 @@ async def test_running_server_picks_up_key_changes(
         return trio.current_time() - start
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_keys, store, gateway, generation, 1.0, inline)
+        nursery.start_soon(watch_keys, store, gateway.replace, generation, 1.0, inline)
         await trio.sleep(0.5)
         info, secret = store.create("n", "r")
         assert await seconds_until(lambda: bool(gateway.keys.keys)) <= 2.0
@@ -243,7 +251,6 @@ async def test_running_server_picks_up_key_changes(
 async def test_key_watcher_survives_a_broken_store(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from ostiary.protocol.gateway import Gateway
     from tests.conftest import key_table
 
     class Broken(KeyStore):
@@ -253,9 +260,9 @@ async def test_key_watcher_survives_a_broken_store(
     async def inline(fn: Callable[[], Any]) -> Any:
         return fn()
 
-    gateway = Gateway(routes=[], keys=key_table())
+    gateway = Tables(key_table())
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_keys, Broken(tmp_path / "k"), gateway, 0, 1.0, inline)
+        nursery.start_soon(watch_keys, Broken(tmp_path / "k"), gateway.replace, 0, 1.0, inline)
         await trio.sleep(3.5)
         nursery.cancel_scope.cancel()
     assert gateway.keys == key_table()

@@ -238,9 +238,12 @@ def test_a_reservation_over_the_capacity_can_never_pass_while_small_ones_do() ->
 def test_usage_over_the_reservation_is_a_debt_of_at_most_one_window() -> None:
     store = MemoryLimitStore()
     tpm = Limit("p", "tpm", BucketSpec.per(600, 60), Unit.TOKENS)
-    decision = store.admit([(tpm, 600)], [], 0.0)
-    assert decision.hold is not None
-    assert store.settle(decision.hold, 10_000, 0.0)
+    first = store.admit([(tpm, 300)], [], 0.0)
+    second = store.admit([(tpm, 300)], [], 0.0)
+    assert first.hold is not None and second.hold is not None
+    assert store.settle(first.hold, 10_000, 0.0)
+    assert store.deficit(tpm, 0.0) == 2 * tpm.spec.full
+    assert store.settle(second.hold, 10_000, 0.0)
     assert store.deficit(tpm, 0.0) == 2 * tpm.spec.full
     refused = store.admit([(tpm, 1)], [], 0.0)
     assert refused.refusal is not None and refused.refusal.retry_after_ms == 60_100

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -22,6 +23,7 @@ from ostiary.protocol.limits import (
     Unit,
 )
 from ostiary.runtime.redis_client import (
+    Arg,
     RedisAddress,
     RedisClient,
     RedisReplyError,
@@ -270,3 +272,67 @@ async def test_a_password_is_sent_on_connect(own_redis: RedisServer) -> None:
     async with client_for(own_redis) as client:
         with pytest.raises(RedisReplyError, match="NOAUTH"):
             await client.execute("GET", "a")
+
+
+async def test_calls_whose_replies_were_lost_are_reconciled_once(own_redis: RedisServer) -> None:
+    """A timed-out admission may have taken its slot, a timed-out settlement may have
+    been applied: the heartbeat undoes the one and retries the other, exactly once.
+    (On Redis' clock, as the heartbeat is: a day's bucket refills no whole token here.)"""
+    tpd = Limit("p", "tpd", BucketSpec.per(100, 86_400), Unit.TOKENS)
+    slot = ConcurrencyLimit("p", 1)
+    assert own_redis.process is not None
+    pid = own_redis.process.pid
+    async with client_for(own_redis, timeout=0.2) as client:
+        store = RedisLimitStore(client, prefix="r:")
+        settled = await store.admit([(tpd, 60)], [slot])
+        assert settled.hold is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(LimiterUnavailableError):
+                await store.settle(settled.hold, 10)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await client.execute("PING") == b"PONG"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(LimiterUnavailableError):
+                await store.admit([(tpd, 5)], [slot])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await client.execute("PING") == b"PONG"
+        await store.heartbeat()
+        assert await store.in_flight(slot) == 0
+        assert await client.execute("HLEN", store.holds_key) == 0
+        # 60 reserved, 10 used: 50 back, once; a lost admission's 5 may stay debited.
+        again = await store.admit([(tpd, 1)], [slot])
+        assert again.allowed and again.remaining(0) in (100 - 11, 100 - 16)
+
+
+class LossyClient(RedisClient):
+    """Runs scripts, then loses the reply once (as a timeout after the fact would)."""
+
+    lose_next = False
+
+    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        reply = await super().evalsha(script, keys, args)
+        if self.lose_next:
+            self.lose_next = False
+            raise RedisUnavailableError("the reply was lost")
+        return reply
+
+
+async def test_an_admission_whose_reply_was_lost_gives_its_slot_back(
+    shared_redis: RedisServer,
+) -> None:
+    slot = ConcurrencyLimit("p", 1)
+    client = LossyClient(RedisAddress(port=shared_redis.port), timeout=2.0)
+    async with client:
+        store = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
+        client.lose_next = True
+        with pytest.raises(LimiterUnavailableError):
+            await store.admit([], [slot], now_ms=T0)
+        assert await store.in_flight(slot) == 1  # taken, though nobody holds it
+        assert (await store.admit([], [slot], now_ms=T0)).refusal is not None
+        await store.heartbeat()
+        assert await store.in_flight(slot) == 0
+        assert (await store.admit([], [slot], now_ms=T0)).allowed

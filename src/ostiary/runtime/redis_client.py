@@ -30,6 +30,7 @@ import hiredis
 import trio
 
 __all__ = [
+    "Arg",
     "RedisAddress",
     "RedisClient",
     "RedisError",
@@ -38,6 +39,7 @@ __all__ = [
     "Script",
 ]
 
+#: What a command argument may be.
 Arg = str | int | float | bytes
 _MISSING = object()
 # hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.

@@ -24,7 +24,10 @@ admission that needs them (nothing needs them earlier). Token reservations need 
 lease: a reservation is a debit that the bucket refills on its own within a window,
 so a dead replica's reservations count as fully used, which errs on the safe side.
 A replica that was only slow (no heartbeat for ``lease``) loses its counts the same
-way, and its later settlements skip the slots already reclaimed.
+way; its later settlements change nothing (their reservations count as used). An admission whose
+reply was lost (timeout, cancellation) may still have taken its slot: it is undone by
+the heartbeat, which releases the hold if Redis has it (settlements are idempotent:
+the hold's field in the holds hash is deleted once).
 
 Redis Cluster. Every key carries a hash tag: all buckets and the counter of one
 layer value share a slot (``{principal:key:abc}``), and each replica's holds its own.
@@ -145,7 +148,13 @@ class RedisLimitStore:
             s = limit.spec
             args += (s.capacity, s.per_token, s.per_ms, s.full, s.window_ms, cost)
         args += (slot.limit for slot in slots)
-        reply = await self._run(ADMIT, keys, args)
+        try:
+            reply = await self._run(ADMIT, keys, args)
+        except BaseException:
+            # The script may have run before the reply was lost (timeout, cancel):
+            # undo its hold, if any, later. Without the hold nothing is undone.
+            self._pending.append((Hold(hold_id, (), tuple(slots)), 0))
+            raise
         held = tuple(charges)
         deficits = tuple(int(d) for d in reply[6:])
         if reply[0] == 1:
@@ -164,16 +173,16 @@ class RedisLimitStore:
     async def settle(self, hold: Hold, actual_tokens: int, *, now_ms: int | None = None) -> bool:
         """End an admitted request: token buckets get real usage, slots come back.
 
-        Each hold ends once; a second call returns False. If Redis fails, the
-        settlement is kept (up to ``max_pending``) for the heartbeat to retry, and
-        :class:`LimiterUnavailableError` is raised.
+        Each hold ends once; a second call returns False. If Redis fails (or the
+        call is cancelled), the settlement is kept (up to ``max_pending``) for the
+        heartbeat to retry, which is safe: Redis applies a hold's settlement once.
         """
         if hold.id not in self._open:
             return False
         self._open.discard(hold.id)
         try:
             await self._settle(hold, actual_tokens, now_ms)
-        except LimiterUnavailableError:
+        except BaseException:
             self._pending.append((hold, actual_tokens))
             raise
         return True

@@ -2,8 +2,12 @@
 -- KEYS: k token bucket keys, m concurrency keys, this replica's holds hash.
 -- ARGV: now_ms ('' = Redis' clock), replica, hold id, k, m, then per bucket
 --       capacity per_token per_ms full window_ms reserved actual.
--- Returns 1 if the hold was still leased (its slots were given back), else 0: a
--- hold whose lease expired had its slots reclaimed already.
+-- Returns 1 if the hold was still leased, else 0 and nothing changes: the hold was
+-- settled already (a retry), never admitted, or its lease expired and its slots
+-- were reclaimed (its reservation then counts as used).
+if redis.call('HDEL', KEYS[#KEYS], ARGV[3]) == 0 then
+  return 0
+end
 local now = clock(ARGV[1])
 local k, m = tonumber(ARGV[4]), tonumber(ARGV[5])
 for i = 1, k do
@@ -23,10 +27,6 @@ for i = 1, k do
     deficit = math.min(deficit + math.min(actual - reserved, capacity) * per_token, 2 * full)
   end
   store_deficit(KEYS[i], deficit, per_ms, now)
-end
-local holds = KEYS[k + m + 1]
-if redis.call('HDEL', holds, ARGV[3]) == 0 then
-  return 0
 end
 local replica = ARGV[2]
 for j = 1, m do

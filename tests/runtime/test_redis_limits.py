@@ -239,6 +239,8 @@ async def test_pipelines_scripts_and_error_replies(shared_redis: RedisServer) ->
             await client.execute("LPOP", "p:x")
         script = Script("return {KEYS[1], ARGV[1] + 1}")
         assert await client.evalsha(script, ["k"], [1]) == [b"k", 2]
+        with pytest.raises(RedisReplyError, match="Unknown Redis command"):
+            await client.evalsha(Script("return redis.call('NOPE')"), [], [])
         async with trio.open_nursery() as nursery:  # more callers than connections
             for i in range(12):
                 nursery.start_soon(client.execute, "INCR", f"p:n{i % 3}")
@@ -336,3 +338,19 @@ async def test_an_admission_whose_reply_was_lost_gives_its_slot_back(
         await store.heartbeat()
         assert await store.in_flight(slot) == 0
         assert (await store.admit([], [slot], now_ms=T0)).allowed
+
+
+async def test_a_redis_restart_between_calls_costs_no_failed_call(own_redis: RedisServer) -> None:
+    """The pooled connections died with the old server; the scripts are unknown to the
+    new one: the next call reconnects and reloads them, and succeeds."""
+    rpm = Limit("p", "rpm", BucketSpec.per(10, 60), Unit.REQUESTS)
+    async with client_for(own_redis) as client:
+        store = RedisLimitStore(client, prefix="s:")
+        async with trio.open_nursery() as nursery:  # several pooled connections
+            for _ in range(3):
+                nursery.start_soon(store.admit, [(rpm, 1)], [])
+        own_redis.kill()
+        own_redis.start()
+        decision = await store.admit([(rpm, 1)], [], now_ms=T0)
+        assert decision.allowed and decision.remaining(0) == 9
+        assert await client.execute("PING") == b"PONG"

@@ -49,7 +49,8 @@ SCRIPTED_BACKEND = """
 [[backends]]
 name = "scripted"
 kind = "scripted"
-models = ["scripted"]
+models = ["scripted", "scripted-embed"]
+embedding_models = ["scripted-embed"]
 """
 
 

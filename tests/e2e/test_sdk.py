@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 SCRIPT = ScriptedSettings()
 REPLY = SCRIPT.reply
 MODEL = "scripted"
+EMBED_MODEL = "scripted-embed"
 MESSAGES: list[Any] = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Say hello to the tests"},
@@ -208,9 +209,9 @@ INPUTS = ["hello world", "a second input"]
 
 
 def _float_embeddings(api: Api) -> list[list[float]]:
-    result = api.client.embeddings.create(model=MODEL, input=INPUTS, encoding_format="float")
+    result = api.client.embeddings.create(model=EMBED_MODEL, input=INPUTS, encoding_format="float")
     body = api.json("CreateEmbeddingResponse")
-    assert result.object == "list" and result.model == MODEL
+    assert result.object == "list" and result.model == EMBED_MODEL
     assert [d.index for d in result.data] == [0, 1]
     assert result.usage.prompt_tokens == 2 + 3
     assert result.usage.total_tokens == 2 + 3
@@ -237,7 +238,7 @@ def test_embeddings_base64_decoded_by_the_sdk(scripted_api: Api) -> None:
     # itself, but validates the body (a string where its type says list[float])
     # before decoding, so strict mode rejects every base64 answer, OpenAI's own too.
     client = scripted_api.sdk(scripted_api.server.key, strict=False)
-    result = client.embeddings.create(model=MODEL, input=INPUTS)
+    result = client.embeddings.create(model=EMBED_MODEL, input=INPUTS)
     assert orjson.loads(scripted_api.last.request_body)["encoding_format"] == "base64"
     body = scripted_api.raw_json()
     spec = scripted_api.spec
@@ -249,7 +250,7 @@ def test_embeddings_base64_decoded_by_the_sdk(scripted_api: Api) -> None:
 def test_embeddings_base64_raw(scripted_api: Api) -> None:
     floats = _float_embeddings(scripted_api)
     client = scripted_api.sdk(scripted_api.server.key, strict=False)
-    result = client.embeddings.create(model=MODEL, input=INPUTS, encoding_format="base64")
+    result = client.embeddings.create(model=EMBED_MODEL, input=INPUTS, encoding_format="base64")
     strings = [d.embedding for d in result.data]
     assert all(isinstance(s, str) for s in strings)
     decoded = [
@@ -261,7 +262,7 @@ def test_embeddings_base64_raw(scripted_api: Api) -> None:
 
 def test_embeddings_dimensions(scripted_api: Api) -> None:
     result = scripted_api.client.embeddings.create(
-        model=MODEL, input="hello", encoding_format="float", dimensions=8
+        model=EMBED_MODEL, input="hello", encoding_format="float", dimensions=8
     )
     scripted_api.json("CreateEmbeddingResponse")
     assert len(result.data) == 1 and len(result.data[0].embedding) == 8
@@ -274,7 +275,7 @@ def test_models_list(scripted_api: Api) -> None:
     models = scripted_api.client.models.list()
     body = scripted_api.json("ListModelsResponse")
     assert body["object"] == "list"
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, EMBED_MODEL]
     assert models.data[0].object == "model"
     assert models.data[0].owned_by
 
@@ -539,7 +540,7 @@ def test_key_lifecycle(scripted_api: Api) -> None:
 
     _wait_for_status(scripted_api, secret, 200, KEY_PROPAGATION)
     sdk = scripted_api.sdk(secret)
-    assert [m.id for m in sdk.models.list().data] == [MODEL]
+    assert [m.id for m in sdk.models.list().data] == [MODEL, EMBED_MODEL]
     reply = sdk.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert reply.choices[0].message.content == REPLY
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 SCRIPT = ScriptedSettings()
 REPLY = SCRIPT.reply
 MODEL = "relay"
+EMBED_MODEL = "relay-embed"
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello to the relay"}]
 PROMPT_WORDS = 5
 INPUTS = ["hello world", "a second input"]
@@ -38,12 +39,13 @@ def _relay_backends(upstream_port: int, closed_port: int) -> str:
             "[[backends]]\n"
             f'name = "{name}"\n'
             'kind = "openai"\n'
-            f'models = ["{name}"]\n'
+            f'models = ["{name}", "{name}-embed"]\n'
+            f'embedding_models = ["{name}-embed"]\n'
             f'base_url = "http://127.0.0.1:{port}/v1"\n'
             f'api_key_env = "{key_env}"\n'
             "connect_timeout = 2.0\n"
             "read_timeout = 10.0\n"
-            f'upstream_models = {{ {name} = "scripted" }}\n'
+            f'upstream_models = {{ {name} = "scripted", {name}-embed = "scripted-embed" }}\n'
         )
 
     return (
@@ -154,7 +156,7 @@ def _direct_floats(upstream: ServerProcess, openapi: OpenAPI) -> list[list[float
     api = Api(upstream, openapi)
     try:
         result = api.client.embeddings.create(
-            model="scripted", input=INPUTS, encoding_format="float"
+            model="scripted-embed", input=INPUTS, encoding_format="float"
         )
     finally:
         api.close()
@@ -162,9 +164,11 @@ def _direct_floats(upstream: ServerProcess, openapi: OpenAPI) -> list[list[float
 
 
 def test_embeddings_float(relay_api: Api, upstream: ServerProcess) -> None:
-    result = relay_api.client.embeddings.create(model=MODEL, input=INPUTS, encoding_format="float")
+    result = relay_api.client.embeddings.create(
+        model=EMBED_MODEL, input=INPUTS, encoding_format="float"
+    )
     relay_api.json("CreateEmbeddingResponse")
-    assert result.model == MODEL
+    assert result.model == EMBED_MODEL
     vectors = [d.embedding for d in result.data]
     assert [len(v) for v in vectors] == [SCRIPT.embedding_dimensions] * 2
     assert all(math.isclose(math.fsum(x * x for x in v), 1.0, rel_tol=1e-6) for v in vectors)
@@ -174,7 +178,7 @@ def test_embeddings_float(relay_api: Api, upstream: ServerProcess) -> None:
 def test_embeddings_base64(relay_api: Api, upstream: ServerProcess) -> None:
     # Not strict, for the SDK's reason given in test_sdk: the SDK asks for base64.
     client = relay_api.sdk(relay_api.server.key, strict=False)
-    result = client.embeddings.create(model=MODEL, input=INPUTS)
+    result = client.embeddings.create(model=EMBED_MODEL, input=INPUTS)
     body = relay_api.raw_json()
     spec = relay_api.spec
     spec.assert_valid("CreateEmbeddingResponse", spec.decode_base64_embeddings(body))
@@ -190,7 +194,7 @@ def test_upstream_validation_error_is_passed_on(relay_api: Api) -> None:
     client's own request, which the relay passes on as such."""
     with pytest.raises(openai.BadRequestError):
         relay_api.client.embeddings.create(
-            model=MODEL, input="hi", encoding_format="float", dimensions=1000
+            model=EMBED_MODEL, input="hi", encoding_format="float", dimensions=1000
         )
     error = relay_api.error(400)
     assert error["param"] == "dimensions"
@@ -203,7 +207,14 @@ def test_upstream_validation_error_is_passed_on(relay_api: Api) -> None:
 def test_models(relay_api: Api) -> None:
     listed = relay_api.client.models.list()
     relay_api.json("ListModelsResponse")
-    assert sorted(m.id for m in listed.data) == ["badkey", "down", "relay"]
+    assert sorted(m.id for m in listed.data) == [
+        "badkey",
+        "badkey-embed",
+        "down",
+        "down-embed",
+        "relay",
+        "relay-embed",
+    ]
     model = relay_api.client.models.retrieve(MODEL)
     relay_api.json("Model")
     assert model.id == MODEL
@@ -236,7 +247,7 @@ def test_upstream_down_completion_and_embeddings(relay_api: Api) -> None:
         relay_api.client.completions.create(model="down", prompt="hi")
     _check_upstream_failure(relay_api, raised.value)
     with pytest.raises(openai.InternalServerError) as raised:
-        relay_api.client.embeddings.create(model="down", input="hi", encoding_format="float")
+        relay_api.client.embeddings.create(model="down-embed", input="hi", encoding_format="float")
     _check_upstream_failure(relay_api, raised.value)
 
 

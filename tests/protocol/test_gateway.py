@@ -20,6 +20,7 @@ from ostiary.protocol.actions import (
     StartStream,
 )
 from ostiary.protocol.admission import route
+from ostiary.protocol.capabilities import Capabilities, ModelKind
 from ostiary.protocol.errors import BackendUnavailableError, RateLimitError
 from ostiary.protocol.events import (
     BackendChunk,
@@ -42,10 +43,16 @@ from ostiary.protocol.generation import Delta, EmbeddingResult, ToolCallDelta, U
 from ostiary.protocol.request_limits import RequestLimits
 from tests.conftest import ADMIN_SECRET, USER_SECRET, auth_headers, chat_body, key_table
 
+CHAT = Capabilities(max_n=4)
+EMBED = Capabilities(kind=ModelKind.EMBEDDING)
+
 
 def gateway(**kwargs: Any) -> Gateway:
     return Gateway(
-        routes=[ModelRoute("m", "b1"), ModelRoute("e", "b2", owned_by="me")],
+        routes=[
+            ModelRoute("m", "b1", capabilities=CHAT),
+            ModelRoute("e", "b2", owned_by="me", capabilities=EMBED),
+        ],
         keys=key_table(),
         created=1700000000,
         **kwargs,
@@ -498,3 +505,67 @@ def test_retry_after_is_clamped_and_agrees(hint: float, seconds: bytes, ms: byte
     error = BackendUnavailableError("busy", code="upstream_busy", retry_after=hint)
     _, _, headers = json_of(gw.handle(BackendFailed("r1", error, 11.0)))
     assert (headers[b"retry-after"], headers[b"retry-after-ms"]) == (seconds, ms)
+
+
+@pytest.mark.parametrize(
+    ("target", "fields", "param", "code"),
+    [
+        ("/v1/chat/completions", {"n": 5}, "n", "unsupported_parameter"),
+        ("/v1/chat/completions", {"logprobs": True}, "logprobs", "unsupported_parameter"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "logprobs", "unsupported_parameter"),
+        (
+            "/v1/chat/completions",
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_object"}},
+            "response_format",
+            "unsupported_parameter",
+        ),
+        ("/v1/chat/completions", {"model": "e"}, "model", "unsupported_model"),
+        ("/v1/completions", {"echo": True}, "echo", "unsupported_parameter"),
+        ("/v1/completions", {"suffix": "x"}, "suffix", "unsupported_parameter"),
+        ("/v1/completions", {"prompt": [1, 2]}, "prompt", "unsupported_parameter"),
+        ("/v1/embeddings", {"model": "m"}, "model", "unsupported_model"),
+        ("/v1/embeddings", {"dimensions": 3}, "dimensions", "unsupported_parameter"),
+    ],
+)
+def test_what_a_model_cannot_honour_never_reaches_it(
+    target: str, fields: dict[str, Any], param: str, code: str
+) -> None:
+    gw = gateway()
+    if target == "/v1/chat/completions":
+        body = chat_body(**fields)
+    elif target == "/v1/completions":
+        body = orjson.dumps({"model": "m", "prompt": "hi", **fields})
+    else:
+        body = orjson.dumps({"model": "e", "input": "hi", **fields})
+    actions = gw.handle(request(gw, body=body, target=target))
+    status, error, _ = json_of(actions)
+    assert (status, error["error"]["param"], error["error"]["code"]) == (400, param, code)
+    assert not any(isinstance(a, Dispatch) for a in actions)
+
+
+def test_tools_disabled_by_tool_choice_none_are_left_out_for_a_model_without_tools() -> None:
+    gw = gateway()
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    body = chat_body(tools=tools, tool_choice="none")
+    call = only(gw.handle(request(gw, body=body)), Dispatch).call
+    assert call.tools is None and call.tool_choice is None
+    assert "tools" not in call.raw and "tool_choice" not in call.raw
+
+
+def test_an_upstream_model_takes_everything_openai_accepts() -> None:
+    gw = Gateway(
+        routes=[ModelRoute("u", "up", capabilities=Capabilities.upstream(ModelKind.CHAT))],
+        keys=key_table(),
+    )
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    body = chat_body(
+        model="u", n=4, logprobs=True, tools=tools, response_format={"type": "json_object"}
+    )
+    call = only(gw.handle(request(gw, body=body)), Dispatch).call
+    assert call.tools is not None and call.n == 4

@@ -29,7 +29,13 @@ class Faulty(ScriptedBackend):
     """Scripted output, then a failure chosen by the model name."""
 
     def __init__(self) -> None:
-        super().__init__(ScriptedSettings(name="faulty", models=("fail-early", "fail-late", "bug")))
+        super().__init__(
+            ScriptedSettings(
+                name="faulty",
+                models=("fail-early", "fail-late", "bug", "bug-embed"),
+                embedding_models=("bug-embed",),
+            )
+        )
         self.closed = 0
         self.ready_error: BaseException | None = None
 
@@ -89,7 +95,9 @@ async def running(
     ready_cache: float = 0.0,
     **policy: Any,
 ) -> AsyncIterator[tuple[Any, Driver, dict[str, Any]]]:
-    scripted = ScriptedBackend(ScriptedSettings(models=("s",), chunks=4))
+    scripted = ScriptedBackend(
+        ScriptedSettings(models=("s", "s-embed"), embedding_models=("s-embed",), chunks=4)
+    )
     slow = ScriptedBackend(
         ScriptedSettings(name="slow", models=("slow",), chunks=3, chunk_delay=1.0)
     )
@@ -100,7 +108,11 @@ async def running(
         "faulty": faulty,
         "blocking": blocking,
     }
-    routes = [ModelRoute(m, name) for name, b in backends.items() for m in b.models]
+    routes = [
+        ModelRoute(m, name, capabilities=b._settings.capabilities(m))
+        for name, b in backends.items()
+        for m in b.models
+    ]
     policies = [
         BackendPolicy(name=name, max_concurrency=max_concurrency, max_queue=max_queue, **policy)
         for name in backends
@@ -184,7 +196,7 @@ async def test_embeddings(autojump_clock: trio.testing.MockClock) -> None:
     async with running() as (connect, _, _):
         client = await connect()
         status, _, body = await post(
-            client, "/v1/embeddings", orjson.dumps({"model": "s", "input": ["a", "b"]})
+            client, "/v1/embeddings", orjson.dumps({"model": "s-embed", "input": ["a", "b"]})
         )
         assert status == 200
         assert [len(d["embedding"]) for d in orjson.loads(body)["data"]] == [384, 384]
@@ -227,7 +239,7 @@ async def test_bugs_are_500_without_details(
         for target, body in [
             ("/v1/chat/completions", chat_body(model="bug")),
             ("/v1/chat/completions", chat_body(model="bug", stream=True)),
-            ("/v1/embeddings", orjson.dumps({"model": "fail-early", "input": "x"})),
+            ("/v1/embeddings", orjson.dumps({"model": "bug-embed", "input": "x"})),
         ]:
             status, _, data = await post(client, target, body)
             assert status == 500

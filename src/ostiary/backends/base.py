@@ -18,6 +18,7 @@ from typing import Protocol
 
 import attrs
 
+from ostiary.protocol.capabilities import Capabilities, ModelKind
 from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -40,6 +41,8 @@ class BackendSettings:
     name: str
     kind: str
     models: tuple[str, ...]
+    #: Which of ``models`` make embeddings (the others chat).
+    embedding_models: tuple[str, ...] = ()
     #: Requests this backend runs at once.
     max_concurrency: int = attrs.field(default=_POLICY.max_concurrency)
     #: Requests waiting for a slot before new ones are refused with 503 queue_full.
@@ -55,6 +58,16 @@ class BackendSettings:
 
     def __attrs_post_init__(self) -> None:
         self.policy()  # the policy's validators judge the values
+        stray = [m for m in self.embedding_models if m not in self.models]
+        if stray:
+            raise ValueError(f"embedding_models names {stray}, which are not in models")
+
+    def kind_of(self, model: str) -> ModelKind:
+        return ModelKind.EMBEDDING if model in self.embedding_models else ModelKind.CHAT
+
+    def capabilities(self, model: str) -> Capabilities:
+        """What ``model`` accepts; each kind of backend declares its own."""
+        return Capabilities(kind=self.kind_of(model))
 
     def policy(self) -> BackendPolicy:
         """How the gateway schedules and times this backend."""

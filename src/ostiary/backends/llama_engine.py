@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import attrs
 
 from ostiary.backends.base import BackendSettings
+from ostiary.protocol.capabilities import RESPONSE_FORMATS, Capabilities, ModelKind
 from ostiary.protocol.errors import BackendUnavailableError
 
 __all__ = [
@@ -79,7 +80,15 @@ class EmbeddedSettings(BackendSettings):
         default="query", validator=attrs.validators.in_(("query", "passage"))
     )
 
+    def capabilities(self, model: str) -> Capabilities:
+        if model == self.embedding_model:
+            # ``dimensions`` is accepted when it asks for the model's own width.
+            return Capabilities(kind=ModelKind.EMBEDDING, dimensions=True)
+        # Grammar-constrained output gives JSON; one choice per request.
+        return Capabilities(response_formats=RESPONSE_FORMATS)
+
     def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
         known = {self.chat_model, self.embedding_model}
         unknown = [m for m in self.models if m not in known]
         if unknown or not self.models:

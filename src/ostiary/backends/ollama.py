@@ -29,6 +29,7 @@ from ostiary.backends.httpclient import (
     HttpClientError,
     ReadTimeout,
 )
+from ostiary.protocol.capabilities import RESPONSE_FORMATS, Capabilities, ModelKind
 from ostiary.protocol.errors import (
     BackendError,
     BackendTimeoutError,
@@ -91,6 +92,13 @@ class OllamaSettings(BackendSettings):
     keep_alive: str | None = None
     #: Our model id -> Ollama model name, for ids that differ from Ollama's names.
     upstream_models: dict[str, str] = attrs.field(factory=dict, hash=False)
+
+    def capabilities(self, model: str) -> Capabilities:
+        kind = self.kind_of(model)
+        if kind is ModelKind.EMBEDDING:
+            return Capabilities(kind=kind)
+        # Ollama's native tool calls and ``format`` (JSON, or a JSON schema).
+        return Capabilities(tools=True, response_formats=RESPONSE_FORMATS)
 
     @upstream_models.validator
     def _check_upstream_models(self, attribute: object, value: dict[str, str]) -> None:

@@ -45,6 +45,7 @@ from ostiary.backends.httpclient import (
     HttpClientError,
     ReadTimeout,
 )
+from ostiary.protocol.capabilities import Capabilities
 from ostiary.protocol.errors import (
     BackendError,
     BackendTimeoutError,
@@ -109,6 +110,12 @@ class OpenAISettings(BackendSettings):
     max_connections: int = attrs.field(default=256, validator=attrs.validators.ge(1))
     #: Our model id -> the upstream's model id; unlisted ids are sent unchanged.
     upstream_models: dict[str, str] = attrs.field(factory=dict, hash=False)
+    #: Non-OpenAI parameters passed on to the upstream (``top_k``, ``min_p``...).
+    extra_params: tuple[str, ...] = ()
+
+    def capabilities(self, model: str) -> Capabilities:
+        # An OpenAI-compatible upstream decides what it accepts.
+        return Capabilities.upstream(self.kind_of(model), frozenset(self.extra_params))
 
 
 class OpenAIUpstreamError(Exception):

@@ -15,6 +15,7 @@ import struct
 import attrs
 import trio
 
+from ostiary.protocol.capabilities import Capabilities
 from ostiary.protocol.errors import InvalidRequestError
 from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -37,6 +38,17 @@ class ScriptedSettings(BackendSettings):
     chunk_delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     #: Dimensions of the embeddings it returns.
     embedding_dimensions: int = attrs.field(default=384, validator=attrs.validators.ge(1))
+
+    def capabilities(self, model: str) -> Capabilities:
+        # Choices, token-id prompts and inputs, and dimensions are computed for
+        # real; logprobs, tools and JSON output it cannot give.
+        return Capabilities(
+            kind=self.kind_of(model),
+            max_n=128,
+            token_prompts=True,
+            token_inputs=True,
+            dimensions=True,
+        )
 
 
 def _cut(text: str, pieces: int) -> tuple[str, ...]:

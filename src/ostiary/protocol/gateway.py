@@ -54,6 +54,7 @@ from .admission import (
     route,
 )
 from .auth import ApiKey, KeyTable
+from .capabilities import Capabilities, check_capabilities
 from .errors import (
     NotFoundError,
     OpenAIError,
@@ -122,11 +123,13 @@ class GatewayUsageError(Exception):
 
 @attrs.frozen
 class ModelRoute:
-    """A model id clients may ask for, and the backend that serves it."""
+    """A model id clients may ask for, the backend that serves it, and what the
+    model accepts."""
 
     model: str
     backend: str
     owned_by: str = "ostiary"
+    capabilities: Capabilities = attrs.field(factory=Capabilities)
 
 
 class Gateway:
@@ -271,6 +274,7 @@ class Gateway:
             assert endpoint is not None
             call = _DECODERS[endpoint](event.body, self.limits)
             target = self._find_model(call.model)
+            call = _fit(call, target.capabilities)
             if self._shutting_down:
                 raise _shutting_down()
         except OpenAIError as error:
@@ -577,6 +581,20 @@ class Gateway:
             Count("ostiary_requests_total", labels[0]),
             Count("ostiary_request_duration_seconds", labels[1], now - exchange.started),
         ]
+
+
+def _fit(call: BackendCall, caps: Capabilities) -> BackendCall:
+    """``call`` as the model may take it: refused if it asks for what the model
+    cannot do; tools that ``tool_choice: "none"`` disables are left out for a model
+    without tools."""
+    check_capabilities(call, caps)
+    if isinstance(call, ChatCompletionRequest) and call.tools and not caps.tools:
+        raw = {k: v for k, v in call.raw.items() if k not in _TOOL_FIELDS}
+        return attrs.evolve(call, tools=None, tool_choice=None, parallel_tool_calls=None, raw=raw)
+    return call
+
+
+_TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 
 
 def _fifo(policy: BackendPolicy) -> Scheduler:

@@ -86,7 +86,11 @@ async def run_server(
     reports the bound listeners (useful with port 0)."""
     store = await trio.to_thread.run_sync(bootstrap_keys, config)
     generation, table, _ = await trio.to_thread.run_sync(store.load)
-    routes = [ModelRoute(m, b.name, owned_by=b.name) for b in config.backends for m in b.models]
+    routes = [
+        ModelRoute(m, b.name, owned_by=b.name, capabilities=b.capabilities(m))
+        for b in config.backends
+        for m in b.models
+    ]
     gateway = Gateway(
         routes=routes,
         keys=table,

@@ -1,5 +1,6 @@
 """The upstream client's wire format, sans I/O: response heads against h11 (a
-hypothesis test), chunked and length bodies however split, and their errors."""
+hypothesis test), chunked and length bodies however split, their errors, and the
+work a trickling upstream costs (bytes examined, counted, never timed)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ostiary.protocol import wire
 from ostiary.protocol.wire import (
     ChunkedBody,
+    HeadReader,
     LengthBody,
     RemoteProtocolError,
     parse_head,
     response_framing,
 )
+from tests.protocol.meters import ScanMeter
 
 # -- body framing, sans I/O -------------------------------------------------------------------
 
@@ -79,6 +83,8 @@ def theirs(message: bytes, method: bytes) -> object:
             event = conn.next_event()
             if isinstance(event, h11.Response):
                 status, headers = event.status_code, list(event.headers)
+                if {b"content-length", b"transfer-encoding"} <= {n for n, _ in headers}:
+                    return "error"  # h11 lets transfer-encoding win; we refuse (RFC 9112 6.1)
             elif isinstance(event, h11.Data):
                 content += event.data
             elif isinstance(event, h11.EndOfMessage):
@@ -174,3 +180,166 @@ def test_body_ends_early() -> None:
     assert body.feed(b"cdefg") == b"cde"
     assert body.done
     assert body.excess
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def chunked_outcome(pieces: list[bytes]) -> object:
+    """What a ChunkedBody makes of ``pieces``, fed until it is done."""
+    body = ChunkedBody()
+    out = b""
+    try:
+        for piece in pieces:
+            if body.done:
+                break
+            out += body.feed(piece)
+    except RemoteProtocolError:
+        return "error"
+    return out, body.done
+
+
+_chunk_tokens = st.sampled_from(
+    [
+        b"0",
+        b"1",
+        b"5",
+        b"a",
+        b"F",
+        b"x",
+        b";e=1",
+        b" ",
+        b"\t",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"hello",
+        b"0\r\n",
+        b"t: v\r\n",
+        b"5\r\nhello\r\n",
+    ]
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(_chunk_tokens, max_size=20).map(b"".join),
+    st.lists(st.integers(min_value=0), max_size=12),
+)
+def test_chunked_errors_do_not_depend_on_the_split(data: bytes, cuts: list[int]) -> None:
+    assert chunked_outcome(split_at(data, cuts)) == chunked_outcome([data])
+
+
+@pytest.mark.parametrize(
+    "wire_bytes",
+    [b"zz\r\n", b"1\r\naXX", b"1\r\na\rX", b"1" * 70_000, b"0\r\n" + b"t" * 70_000],
+)
+def test_chunked_garbage_is_refused_byte_by_byte(wire_bytes: bytes) -> None:
+    body = ChunkedBody()
+    with pytest.raises(RemoteProtocolError):
+        for i in range(len(wire_bytes)):
+            body.feed(wire_bytes[i : i + 1])
+
+
+_heads = st.sampled_from(
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nlink: x\r\n\r\nHTTP/1.1 204 \r\n\r\n",
+        b"HTTP/1.1 200 OK\nx: a\n\nrest\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\r\n folded\r\n\r\n\n",
+        b"HTTP/1.1 101 Switching\r\n\r\n",
+        b"\r\nHTTP/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\r\n",
+    ]
+)
+
+
+def head_outcome(pieces: list[bytes]) -> object:
+    """The final head HeadReader finds in ``pieces``, with all the bytes after it."""
+    reader = HeadReader()
+    try:
+        for i, piece in enumerate(pieces):
+            if (head := reader.feed(piece)) is not None:
+                return (*head[:3], head[3] + b"".join(pieces[i + 1 :]))
+    except RemoteProtocolError:
+        return "error"
+    return None
+
+
+@given(_heads, st.lists(st.integers(min_value=0), max_size=12))
+def test_head_reader_however_split(message: bytes, cuts: list[int]) -> None:
+    assert head_outcome(split_at(message, cuts)) == head_outcome([message])
+
+
+def test_head_reader_skips_informational_heads_and_refuses_101() -> None:
+    reader = HeadReader()
+    assert reader.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 20") is None
+    assert reader.feed(b"0 OK\r\nx: y\r\n\r\nbody") == (200, True, [(b"x", b"y")], b"body")
+    with pytest.raises(RemoteProtocolError, match="switched protocols"):
+        HeadReader().feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+
+
+# -- framing: ambiguity and connection tokens ---------------------------------------------
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(b"content-length", b"5"), (b"transfer-encoding", b"chunked")],
+        [(b"transfer-encoding", b"chunked"), (b"content-length", b"0")],
+    ],
+)
+def test_content_length_beside_transfer_encoding_is_refused(
+    method: bytes, fields: list[tuple[bytes, bytes]]
+) -> None:
+    with pytest.raises(RemoteProtocolError, match="both content-length and transfer-encoding"):
+        response_framing(method, 200, fields)
+
+
+@pytest.mark.parametrize(
+    ("value", "keep_alive"),
+    [
+        (b"keep-alive,\tclose", False),
+        (b"Keep-Alive ,  CLOSE", False),
+        (b"upgrade,close", False),
+        (b"close", False),
+        (b"keep-alive", True),
+        (b"closed, x-close", True),
+    ],
+)
+def test_connection_close_is_a_token_whatever_the_whitespace(
+    value: bytes, keep_alive: bool
+) -> None:
+    _, keep = response_framing(b"GET", 200, [(b"content-length", b"0"), (b"connection", value)])
+    assert keep is keep_alive
+
+
+# -- a trickling upstream costs linear work ------------------------------------------------
+
+
+def test_a_head_trickling_in_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    meter = ScanMeter(wire._HEAD_END)
+    monkeypatch.setattr(wire, "_HEAD_END", meter)
+    head = b"HTTP/1.1 200 OK\r\nx-pad: " + b"a" * 60_000 + b"\r\ncontent-length: 0\r\n\r\n"
+    reader = HeadReader()
+    results = [reader.feed(head[i : i + 1]) for i in range(len(head))]
+    assert results[-1] == (200, True, [(b"x-pad", b"a" * 60_000), (b"content-length", b"0")], b"")
+    assert results[:-1] == [None] * (len(head) - 1)
+    # Each byte is looked at by at most three searches (it may start a blank line).
+    assert meter.examined <= 3 * len(head)
+
+
+def test_a_chunk_line_trickling_in_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    meters = [ScanMeter(wire._CHUNK_HEAD), ScanMeter(wire._NEXT_CHUNK_HEAD)]
+    monkeypatch.setattr(wire, "_CHUNK_HEAD", meters[0])
+    monkeypatch.setattr(wire, "_NEXT_CHUNK_HEAD", meters[1])
+    extension = b";" + b"e" * 30_000
+    data = b"5%s\r\nhello\r\n1%s\r\n!\r\n0\r\n\r\n" % (extension, extension)
+    body = ChunkedBody()
+    out = b"".join(body.feed(data[i : i + 1]) for i in range(len(data)))
+    assert (out, body.done) == (b"hello!", True)
+    assert sum(m.examined for m in meters) <= 2 * len(data)

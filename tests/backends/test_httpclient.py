@@ -1,5 +1,6 @@
 """HttpClient against real loopback servers run in the test's nursery: the fast mock
-upstream for the happy paths, scripted servers for misbehaviour."""
+upstream for the happy paths, scripted servers for misbehaviour. The pool's rules
+(reuse, staleness, resending) are in ``test_httpclient_pool.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import ipaddress
 import math
 import socket
 import ssl
-import struct
 from pathlib import Path
 
 import pytest
@@ -30,16 +30,12 @@ from tests.backends.upstream import (
     Handler,
     MockStats,
     ScriptedRequest,
+    abort,
     http_response,
     reply,
     start_mock,
     start_scripted,
 )
-
-
-def abort(stream: trio.SocketStream) -> None:
-    """Make the coming close send an RST instead of a FIN."""
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def free_port() -> int:
@@ -198,169 +194,6 @@ async def test_chunked_body_trickling_in(nursery: trio.Nursery) -> None:
     ) as c:
         for _ in range(2):
             assert (await c.request("GET", "/x"))[2] == b"hello, world"
-    assert stats.accepted == 1
-
-
-# -- the pool ------------------------------------------------------------------------------
-
-
-async def test_pool_never_exceeds_max_connections(nursery: trio.Nursery) -> None:
-    stats = MockStats()
-    gate = trio.Event()
-    waiting = 0
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        nonlocal waiting
-        waiting += 1
-        if waiting == 3:
-            gate.set()
-        await gate.wait()
-        await stream.send_all(http_response(200, b"ok"))
-        return True
-
-    results: list[int] = []
-    async with HttpClient(await start_scripted(nursery, handler, stats), max_connections=3) as c:
-
-        async def one() -> None:
-            results.append((await c.request("GET", "/x"))[0])
-
-        async with trio.open_nursery() as inner:
-            for _ in range(25):
-                inner.start_soon(one)
-    assert results == [200] * 25
-    assert stats.accepted == 3
-    assert stats.peak_open == 3
-
-
-async def test_idle_connections_expire(
-    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
-) -> None:
-    stats = MockStats()
-    async with HttpClient(await start_mock(nursery, stats), idle_timeout=30) as client:
-        await client.request("GET", "/models")
-        mock_clock.jump(10)
-        await client.request("GET", "/models")
-        assert stats.accepted == 1
-        mock_clock.jump(31)
-        await client.request("GET", "/models")
-        assert stats.accepted == 2
-
-
-def hang_up_detector(closed: trio.Event) -> Handler:
-    """Answers one request, then sets ``closed`` when the client hangs up."""
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(http_response(200, b"ok"))
-        with contextlib.suppress(trio.BrokenResourceError):
-            await stream.receive_some()
-        closed.set()
-        return False
-
-    return handler
-
-
-async def test_aclose_closes_idle_and_refuses_new_requests(nursery: trio.Nursery) -> None:
-    closed = trio.Event()
-    client = HttpClient(await start_scripted(nursery, hang_up_detector(closed)))
-    await client.request("GET", "/x")
-    await client.aclose()
-    await closed.wait()
-    with pytest.raises(HttpClientError, match="closed"):
-        await client.request("GET", "/x")
-
-
-async def test_connection_in_use_at_aclose_is_closed_on_release(nursery: trio.Nursery) -> None:
-    closed = trio.Event()
-    client = HttpClient(await start_scripted(nursery, hang_up_detector(closed)))
-    async with client.stream("GET", "/x") as response:
-        await client.aclose()
-        assert await response.read() == b"ok"
-    await closed.wait()
-
-
-# -- stale keep-alive retry, and when not to retry -------------------------------------------
-
-
-async def test_stale_keep_alive_is_retried_once_on_a_fresh_connection(
-    nursery: trio.Nursery,
-) -> None:
-    stats = MockStats()
-    # Claims keep-alive but closes after every response.
-    url = await start_scripted(nursery, reply(http_response(200, b"ok"), False), stats)
-    async with HttpClient(url) as client:
-        for _ in range(3):
-            assert (await client.request("POST", "/x", body=b"{}"))[2] == b"ok"
-    assert stats.accepted == 3
-    assert stats.requests == 3
-
-
-async def test_reset_idle_connection_is_retried(nursery: trio.Nursery) -> None:
-    stats = MockStats()
-    reset = trio.Event()
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(http_response(200, b"ok"))
-        if stats.requests == 1:
-            # Close with an RST so that the client's next send fails outright.
-            abort(stream)
-            stream.socket.close()
-            reset.set()
-            return False
-        return True
-
-    async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
-        await client.request("GET", "/x")
-        await reset.wait()
-        assert (await client.request("POST", "/x", body=b"1" * 100_000))[2] == b"ok"
-    assert stats.accepted == 2
-
-
-async def test_fresh_connection_closed_without_response_is_not_retried(
-    nursery: trio.Nursery,
-) -> None:
-    stats = MockStats()
-    url = await start_scripted(nursery, reply(b"", False), stats)
-    async with HttpClient(url) as client:
-        with pytest.raises(RemoteProtocolError, match="without responding"):
-            await client.request("GET", "/x")
-    assert stats.accepted == 1
-
-
-async def test_reused_connection_failing_mid_response_is_not_retried(
-    nursery: trio.Nursery,
-) -> None:
-    stats = MockStats()
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        if stats.requests == 1:
-            await stream.send_all(http_response(200, b"ok"))
-            return True
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-le")
-        return False
-
-    async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
-        await client.request("GET", "/x")
-        with pytest.raises(RemoteProtocolError):
-            await client.request("GET", "/x")
-    assert stats.accepted == 1
-
-
-async def test_reused_connection_timing_out_is_not_retried(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
-) -> None:
-    stats = MockStats()
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        if stats.requests == 1:
-            await stream.send_all(http_response(200, b"ok"))
-            return True
-        await trio.sleep_forever()
-        return False  # pragma: no cover
-
-    async with HttpClient(await start_scripted(nursery, handler, stats), read_timeout=5) as c:
-        await c.request("GET", "/x")
-        with pytest.raises(ReadTimeout):
-            await c.request("GET", "/x")
     assert stats.accepted == 1
 
 
@@ -613,3 +446,65 @@ async def test_https(nursery: trio.Nursery, tmp_path: Path) -> None:
     async with HttpClient(f"https://127.0.0.1:{port}") as client:
         with pytest.raises(ConnectError):
             await client.request("GET", "/")
+
+
+async def test_https_connection_is_reused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    server_context, client_context = self_signed(tmp_path)
+    accepted = 0
+
+    async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        nonlocal accepted
+        accepted += 1
+        data = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some():
+                data += chunk
+                while b"\r\n\r\n" in data:
+                    _, data = data.split(b"\r\n\r\n", 1)
+                    await stream.send_all(http_response(200, b"secure"))
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_ssl_over_tcp, host="127.0.0.1"), handle, 0, server_context
+    )
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    async with HttpClient(f"https://127.0.0.1:{port}", ssl_context=client_context) as client:
+        for _ in range(3):
+            assert (await client.request("GET", "/"))[2] == b"secure"
+    assert accepted == 1
+
+
+async def test_cancelled_tls_handshake_closes_the_socket(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hello = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        """Reads the ClientHello and never answers it."""
+        await stream.receive_some()
+        hello.set()
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), silent, 0)
+    port = listeners[0].socket.getsockname()[1]
+    opened: list[trio.SocketStream] = []
+    open_tcp_stream = trio.open_tcp_stream
+
+    async def spy(host: str, port: int) -> trio.SocketStream:
+        opened.append(await open_tcp_stream(host, port))
+        return opened[-1]
+
+    monkeypatch.setattr(trio, "open_tcp_stream", spy)
+    async with HttpClient(f"https://127.0.0.1:{port}") as client:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+
+                async def cancel_at_hello() -> None:
+                    await hello.wait()
+                    scope.cancel()
+
+                inner.start_soon(cancel_at_hello)
+                await client.request("GET", "/")
+        assert scope.cancelled_caught
+    # Still referenced here, so only an explicit close can have closed it.
+    assert opened[0].socket.fileno() == -1

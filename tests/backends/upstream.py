@@ -4,6 +4,8 @@ hand-scripted one, started in the test's own nursery on a free loopback port."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,6 +30,7 @@ __all__ = [
     "Handler",
     "MockStats",
     "ScriptedRequest",
+    "abort",
     "http_response",
     "reply",
     "serve",
@@ -56,6 +59,11 @@ async def start_scripted(
         lambda task_status: serve_scripted(handler, stats=stats, task_status=task_status)
     )
     return f"http://127.0.0.1:{port}/v1"
+
+
+def abort(stream: trio.SocketStream) -> None:
+    """Make the coming close send an RST instead of a FIN."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def reply(data: bytes, keep_alive: bool = True) -> Handler:

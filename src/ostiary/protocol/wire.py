@@ -90,8 +90,10 @@ def parse_head(
         return None
     if end.start() == 0 or buffer[:2] == b"\r\n":
         raise RemoteProtocolError("empty response head")
+    if type(buffer) is not bytes:
+        buffer = bytes(buffer)
     lines: list[bytes] = []
-    for raw in bytes(buffer[: end.start()]).split(b"\n"):
+    for raw in buffer[: end.start()].split(b"\n"):
         line = raw[:-1] if raw[-1:] == b"\r" else raw
         if line[:1] not in (b" ", b"\t"):
             lines.append(line)
@@ -108,7 +110,7 @@ def parse_head(
         if field is None:
             raise RemoteProtocolError(f"invalid header line {line[:80]!r}")
         headers.append((field[1].lower(), field[2]))
-    return int(status[2]), status[1] >= b"1.1", headers, bytes(buffer[end.end() :])
+    return int(status[2]), status[1] >= b"1.1", headers, buffer[end.end() :]
 
 
 class HeadReader:

@@ -27,6 +27,7 @@ from tests.backends.upstream import (
     ScriptedRequest,
     abort,
     http_response,
+    replies,
     reply,
     start_mock,
     start_scripted,
@@ -307,12 +308,7 @@ async def test_bytes_after_a_204_in_the_same_segment_close_the_connection(
     nursery: trio.Nursery,
 ) -> None:
     stats = MockStats()
-    answers = iter([b"HTTP/1.1 204 No Content\r\n\r\nstray", http_response(200, b"next")])
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(next(answers))
-        return True
-
+    handler = replies(b"HTTP/1.1 204 No Content\r\n\r\nstray", http_response(200, b"next"))
     async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
         assert (await client.request("GET", "/x"))[:2] == (204, [])
         assert (await client.request("GET", "/x"))[2] == b"next"
@@ -346,12 +342,7 @@ async def test_ambiguous_framing_is_an_error_and_closes(nursery: trio.Nursery) -
         b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
         b"3\r\nabc\r\n0\r\n\r\n"
     )
-    answers = iter([both, http_response(200, b"clean")])
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(next(answers))
-        return True
-
+    handler = replies(both, http_response(200, b"clean"))
     async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
         with pytest.raises(RemoteProtocolError, match="both content-length"):
             await client.request("GET", "/x")

@@ -32,6 +32,7 @@ __all__ = [
     "ScriptedRequest",
     "abort",
     "http_response",
+    "replies",
     "reply",
     "serve",
     "serve_scripted",
@@ -72,5 +73,17 @@ def reply(data: bytes, keep_alive: bool = True) -> Handler:
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
         await stream.send_all(data)
         return keep_alive
+
+    return handler
+
+
+def replies(*answers: bytes) -> Handler:
+    """A handler that answers the n-th request with ``answers[n]`` and keeps the
+    connection open, whatever the answer says."""
+    remaining = iter(answers)
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(next(remaining))
+        return True
 
     return handler

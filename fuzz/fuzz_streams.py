@@ -5,8 +5,8 @@ The rule: for any bytes, split anywhere,
 - :class:`~ostiary.protocol.sse.SseDecoder` and
   :class:`~ostiary.protocol.ndjson.NdjsonDecoder` either return their payloads or
   raise an :class:`~ostiary.protocol.errors.OpenAIError` (they raise ``BackendError``);
-- the response parsing of :mod:`ostiary.backends.httpclient` (``parse_head``, the
-  1xx loop of ``_exchange``, ``response_framing`` and the ``LengthBody`` / ``ChunkedBody``
+- the response parsing of :mod:`ostiary.backends.httpclient` (``HeadReader``, which
+  skips 1xx heads, ``response_framing`` and the ``LengthBody`` / ``ChunkedBody``
   de-framers, driven as ``_exchange`` and ``HttpResponse._next_chunk`` drive them,
   without a socket) either succeeds or raises
   :class:`~ostiary.backends.httpclient.HttpClientError`.
@@ -41,10 +41,9 @@ with atheris.instrument_imports(include=["ostiary"]):
     from ostiary.protocol.sse import SseDecoder
     from ostiary.protocol.wire import (
         ChunkedBody,
+        HeadReader,
         HttpClientError,
         LengthBody,
-        RemoteProtocolError,
-        parse_head,
         response_framing,
     )
 
@@ -91,24 +90,17 @@ def _http(pieces: list[bytes], method: bytes) -> None:
     """Parse a response as the client does: heads until a final (>= 200) one, then
     the body, fed the bytes that came with the head and then the rest, until the
     body is done or the stream ends."""
-    buffer = b""
+    reader = HeadReader()
     rest = iter(pieces)
-    final: tuple[int, list[tuple[bytes, bytes]]] | None = None
+    head = None
     for piece in rest:
-        buffer += piece
-        while (head := parse_head(buffer)) is not None:
-            status, _keep_alive, headers, buffer = head
-            assert 100 <= status <= 999
-            if status >= 200:
-                final = status, headers
-                break
-            if status == 101:
-                raise RemoteProtocolError("upstream switched protocols unasked")
-        if final is not None:
+        if (head := reader.feed(piece)) is not None:
             break
-    if final is None:
+    if head is None:
         return  # the upstream closed before a whole head: the client raises here
-    body, _keep = response_framing(method, *final)
+    status, _keep_alive, headers, buffer = head
+    assert 200 <= status <= 999
+    body, _keep = response_framing(method, status, headers)
     for data in (buffer, *rest):
         if body.done:
             break

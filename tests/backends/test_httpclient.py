@@ -1,5 +1,6 @@
 """HttpClient against real loopback servers run in the test's nursery: the fast mock
-upstream for the happy paths, scripted servers for misbehaviour."""
+upstream for the happy paths, scripted servers for misbehaviour. The pool's rules
+(reuse, staleness, resending) are in ``test_httpclient_pool.py``."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ import ipaddress
 import math
 import socket
 import ssl
-import struct
 from pathlib import Path
 
-import h11
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ostiary.backends.httpclient import (
     ConnectError,
@@ -28,22 +25,17 @@ from ostiary.backends.httpclient import (
     ReadTimeout,
     RemoteProtocolError,
 )
-from ostiary.protocol.wire import ChunkedBody, LengthBody, parse_head, response_framing
 from tests.backends.upstream import (
     LAST_CHUNK,
     Handler,
     MockStats,
     ScriptedRequest,
+    abort,
     http_response,
     reply,
     start_mock,
     start_scripted,
 )
-
-
-def abort(stream: trio.SocketStream) -> None:
-    """Make the coming close send an RST instead of a FIN."""
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def free_port() -> int:
@@ -202,329 +194,6 @@ async def test_chunked_body_trickling_in(nursery: trio.Nursery) -> None:
     ) as c:
         for _ in range(2):
             assert (await c.request("GET", "/x"))[2] == b"hello, world"
-    assert stats.accepted == 1
-
-
-# -- body framing, sans I/O -------------------------------------------------------------------
-
-
-def chunked(pieces: list[bytes], extension: bool, trailers: bool) -> bytes:
-    out = b"".join(
-        b"%x%s\r\n%s\r\n" % (len(p), b";k=v" if extension else b"", p) for p in pieces if p
-    )
-    return out + b"0\r\n" + (b"a: b\r\nc: d\r\n" if trailers else b"") + b"\r\n"
-
-
-@given(
-    st.lists(st.binary(max_size=40), max_size=8),
-    st.booleans(),
-    st.booleans(),
-    st.lists(st.integers(min_value=0), max_size=10),
-    st.binary(max_size=3),
-)
-def test_chunked_decoding_however_split(
-    pieces: list[bytes], extension: bool, trailers: bool, cuts: list[int], extra: bytes
-) -> None:
-    wire = chunked(pieces, extension, trailers) + extra
-    points = sorted({c % (len(wire) + 1) for c in cuts})
-    body = ChunkedBody()
-    out = b""
-    for a, b in zip([0, *points], [*points, len(wire)], strict=True):
-        if not body.done:
-            out += body.feed(wire[a:b])
-    assert out == b"".join(pieces)
-    assert body.done
-    # Bytes after the end are noticed when they come with it, not after.
-    assert body.excess == (bool(extra) and len(wire) - len(extra) not in points)
-
-
-def ours(message: bytes, method: bytes) -> object:
-    """What the client makes of a whole response followed by EOF."""
-    buffer = message
-    try:
-        while (head := parse_head(buffer)) is not None:
-            status, _, headers, buffer = head
-            if status >= 200:
-                body, _ = response_framing(method, status, headers)
-                content = body.feed(buffer) if buffer and not body.done else b""
-                if not body.done:
-                    body.end()
-                return status, normalized(headers), content
-        return "error"
-    except RemoteProtocolError:
-        return "error"
-
-
-def theirs(message: bytes, method: bytes) -> object:
-    """What h11 makes of it."""
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x")]))
-    conn.send(h11.EndOfMessage())
-    conn.receive_data(message)
-    conn.receive_data(b"")
-    content = b""
-    try:
-        while True:
-            event = conn.next_event()
-            if isinstance(event, h11.Response):
-                status, headers = event.status_code, list(event.headers)
-            elif isinstance(event, h11.Data):
-                content += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return status, normalized(headers), content
-            elif not isinstance(event, h11.InformationalResponse):
-                return "error"
-    except h11.RemoteProtocolError:
-        return "error"
-
-
-def normalized(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """h11 keeps one content-length (deduplicated) and lower-cases transfer-encoding."""
-    framing = {b"content-length", b"transfer-encoding"}
-    return [(n, v) for n, v in headers if n not in framing]
-
-
-_status_lines = st.sampled_from(
-    [b"HTTP/1.1 200 OK"] * 8
-    + [
-        b"HTTP/1.1 200 OK",
-        b"HTTP/1.1 200",
-        b"HTTP/1.0 201 Created fine",
-        b"HTTP/1.1 204 No Content",
-        b"HTTP/1.1 304 ",
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK",
-        b"HTTP/1.1 099 Low",
-        b"HTTP/1.1 20 OK",
-        b"http/1.1 200 OK",
-        b"HTTP/1.1 200 O\x00K",
-        b"HTTP/1.1  200 OK",
-        b"",
-    ]
-)
-_names = st.sampled_from([b"x-a", b"Content-Type", b"X_B"] * 3 + [b"bad name", b"", b"\xff"])
-_values = st.text(alphabet=" \tab,;:=\x01\x7f\x80\xff", max_size=6).map(
-    lambda t: t.encode("latin-1")
-)
-_framing_fields = st.sampled_from(
-    [
-        b"Content-Length: 5",
-        b"content-length: 5, 5",
-        b"Content-Length: 4",
-        b"Content-Length: 5, 6",
-        b"Content-Length: +5",
-        b"Content-Length: " + b"9" * 21,
-        b"Transfer-Encoding: chunked",
-        b"Transfer-Encoding: Chunked",
-        b"Transfer-Encoding: gzip",
-        b"Connection: close",
-        b" folded continuation",
-        b"\tfolded\ttab ",
-    ]
-)
-_fields = st.one_of(
-    st.builds(lambda n, v, sp: n + b":" + sp + v, _names, _values, st.sampled_from([b"", b" "])),
-    _framing_fields,
-)
-_bodies = st.sampled_from([b"", b"hello", b"hello world", b"5\r\nhello\r\n0\r\n\r\n"])
-
-
-@settings(max_examples=500, deadline=None)
-@given(
-    _status_lines,
-    st.lists(_fields, max_size=5),
-    st.sampled_from([b"\r\n", b"\n"]),
-    _bodies,
-    st.sampled_from([b"GET", b"HEAD"]),
-)
-def test_response_parsing_agrees_with_h11(
-    status_line: bytes, fields: list[bytes], eol: bytes, body: bytes, method: bytes
-) -> None:
-    message = eol.join([status_line, *fields]) + eol + eol + body
-    assert ours(message, method) == theirs(message, method)
-
-
-@pytest.mark.parametrize(
-    "wire",
-    [b"zz\r\n", b"0x5\r\n", b" 5\r\n", b"+5\r\n", b"\r\n", b"1\r\naXX", b"1" * 70_000],
-)
-def test_chunked_decoding_rejects_garbage(wire: bytes) -> None:
-    with pytest.raises(RemoteProtocolError):
-        ChunkedBody().feed(wire)
-
-
-def test_body_ends_early() -> None:
-    with pytest.raises(RemoteProtocolError, match="middle of a chunked body"):
-        ChunkedBody().end()
-    body = LengthBody(5)
-    assert body.feed(b"ab") == b"ab"
-    assert not body.done
-    with pytest.raises(RemoteProtocolError, match=r"3 bytes before the body's end"):
-        body.end()
-    assert body.feed(b"cdefg") == b"cde"
-    assert body.done
-    assert body.excess
-
-
-# -- the pool ------------------------------------------------------------------------------
-
-
-async def test_pool_never_exceeds_max_connections(nursery: trio.Nursery) -> None:
-    stats = MockStats()
-    gate = trio.Event()
-    waiting = 0
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        nonlocal waiting
-        waiting += 1
-        if waiting == 3:
-            gate.set()
-        await gate.wait()
-        await stream.send_all(http_response(200, b"ok"))
-        return True
-
-    results: list[int] = []
-    async with HttpClient(await start_scripted(nursery, handler, stats), max_connections=3) as c:
-
-        async def one() -> None:
-            results.append((await c.request("GET", "/x"))[0])
-
-        async with trio.open_nursery() as inner:
-            for _ in range(25):
-                inner.start_soon(one)
-    assert results == [200] * 25
-    assert stats.accepted == 3
-    assert stats.peak_open == 3
-
-
-async def test_idle_connections_expire(
-    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
-) -> None:
-    stats = MockStats()
-    async with HttpClient(await start_mock(nursery, stats), idle_timeout=30) as client:
-        await client.request("GET", "/models")
-        mock_clock.jump(10)
-        await client.request("GET", "/models")
-        assert stats.accepted == 1
-        mock_clock.jump(31)
-        await client.request("GET", "/models")
-        assert stats.accepted == 2
-
-
-def hang_up_detector(closed: trio.Event) -> Handler:
-    """Answers one request, then sets ``closed`` when the client hangs up."""
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(http_response(200, b"ok"))
-        with contextlib.suppress(trio.BrokenResourceError):
-            await stream.receive_some()
-        closed.set()
-        return False
-
-    return handler
-
-
-async def test_aclose_closes_idle_and_refuses_new_requests(nursery: trio.Nursery) -> None:
-    closed = trio.Event()
-    client = HttpClient(await start_scripted(nursery, hang_up_detector(closed)))
-    await client.request("GET", "/x")
-    await client.aclose()
-    await closed.wait()
-    with pytest.raises(HttpClientError, match="closed"):
-        await client.request("GET", "/x")
-
-
-async def test_connection_in_use_at_aclose_is_closed_on_release(nursery: trio.Nursery) -> None:
-    closed = trio.Event()
-    client = HttpClient(await start_scripted(nursery, hang_up_detector(closed)))
-    async with client.stream("GET", "/x") as response:
-        await client.aclose()
-        assert await response.read() == b"ok"
-    await closed.wait()
-
-
-# -- stale keep-alive retry, and when not to retry -------------------------------------------
-
-
-async def test_stale_keep_alive_is_retried_once_on_a_fresh_connection(
-    nursery: trio.Nursery,
-) -> None:
-    stats = MockStats()
-    # Claims keep-alive but closes after every response.
-    url = await start_scripted(nursery, reply(http_response(200, b"ok"), False), stats)
-    async with HttpClient(url) as client:
-        for _ in range(3):
-            assert (await client.request("POST", "/x", body=b"{}"))[2] == b"ok"
-    assert stats.accepted == 3
-    assert stats.requests == 3
-
-
-async def test_reset_idle_connection_is_retried(nursery: trio.Nursery) -> None:
-    stats = MockStats()
-    reset = trio.Event()
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(http_response(200, b"ok"))
-        if stats.requests == 1:
-            # Close with an RST so that the client's next send fails outright.
-            abort(stream)
-            stream.socket.close()
-            reset.set()
-            return False
-        return True
-
-    async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
-        await client.request("GET", "/x")
-        await reset.wait()
-        assert (await client.request("POST", "/x", body=b"1" * 100_000))[2] == b"ok"
-    assert stats.accepted == 2
-
-
-async def test_fresh_connection_closed_without_response_is_not_retried(
-    nursery: trio.Nursery,
-) -> None:
-    stats = MockStats()
-    url = await start_scripted(nursery, reply(b"", False), stats)
-    async with HttpClient(url) as client:
-        with pytest.raises(RemoteProtocolError, match="without responding"):
-            await client.request("GET", "/x")
-    assert stats.accepted == 1
-
-
-async def test_reused_connection_failing_mid_response_is_not_retried(
-    nursery: trio.Nursery,
-) -> None:
-    stats = MockStats()
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        if stats.requests == 1:
-            await stream.send_all(http_response(200, b"ok"))
-            return True
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-le")
-        return False
-
-    async with HttpClient(await start_scripted(nursery, handler, stats)) as client:
-        await client.request("GET", "/x")
-        with pytest.raises(RemoteProtocolError):
-            await client.request("GET", "/x")
-    assert stats.accepted == 1
-
-
-async def test_reused_connection_timing_out_is_not_retried(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
-) -> None:
-    stats = MockStats()
-
-    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        if stats.requests == 1:
-            await stream.send_all(http_response(200, b"ok"))
-            return True
-        await trio.sleep_forever()
-        return False  # pragma: no cover
-
-    async with HttpClient(await start_scripted(nursery, handler, stats), read_timeout=5) as c:
-        await c.request("GET", "/x")
-        with pytest.raises(ReadTimeout):
-            await c.request("GET", "/x")
     assert stats.accepted == 1
 
 
@@ -777,3 +446,65 @@ async def test_https(nursery: trio.Nursery, tmp_path: Path) -> None:
     async with HttpClient(f"https://127.0.0.1:{port}") as client:
         with pytest.raises(ConnectError):
             await client.request("GET", "/")
+
+
+async def test_https_connection_is_reused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    server_context, client_context = self_signed(tmp_path)
+    accepted = 0
+
+    async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        nonlocal accepted
+        accepted += 1
+        data = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some():
+                data += chunk
+                while b"\r\n\r\n" in data:
+                    _, data = data.split(b"\r\n\r\n", 1)
+                    await stream.send_all(http_response(200, b"secure"))
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_ssl_over_tcp, host="127.0.0.1"), handle, 0, server_context
+    )
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    async with HttpClient(f"https://127.0.0.1:{port}", ssl_context=client_context) as client:
+        for _ in range(3):
+            assert (await client.request("GET", "/"))[2] == b"secure"
+    assert accepted == 1
+
+
+async def test_cancelled_tls_handshake_closes_the_socket(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hello = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        """Reads the ClientHello and never answers it."""
+        await stream.receive_some()
+        hello.set()
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), silent, 0)
+    port = listeners[0].socket.getsockname()[1]
+    opened: list[trio.SocketStream] = []
+    open_tcp_stream = trio.open_tcp_stream
+
+    async def spy(host: str, port: int) -> trio.SocketStream:
+        opened.append(await open_tcp_stream(host, port))
+        return opened[-1]
+
+    monkeypatch.setattr(trio, "open_tcp_stream", spy)
+    async with HttpClient(f"https://127.0.0.1:{port}") as client:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+
+                async def cancel_at_hello() -> None:
+                    await hello.wait()
+                    scope.cancel()
+
+                inner.start_soon(cancel_at_hello)
+                await client.request("GET", "/")
+        assert scope.cancelled_caught
+    # Still referenced here, so only an explicit close can have closed it.
+    assert opened[0].socket.fileno() == -1

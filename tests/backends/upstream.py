@@ -4,6 +4,8 @@ hand-scripted one, started in the test's own nursery on a free loopback port."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,7 +30,9 @@ __all__ = [
     "Handler",
     "MockStats",
     "ScriptedRequest",
+    "abort",
     "http_response",
+    "replies",
     "reply",
     "serve",
     "serve_scripted",
@@ -58,11 +62,28 @@ async def start_scripted(
     return f"http://127.0.0.1:{port}/v1"
 
 
+def abort(stream: trio.SocketStream) -> None:
+    """Make the coming close send an RST instead of a FIN."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def reply(data: bytes, keep_alive: bool = True) -> Handler:
     """A handler that answers every request with ``data``."""
 
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
         await stream.send_all(data)
         return keep_alive
+
+    return handler
+
+
+def replies(*answers: bytes) -> Handler:
+    """A handler that answers the n-th request with ``answers[n]`` and keeps the
+    connection open, whatever the answer says."""
+    remaining = iter(answers)
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(next(remaining))
+        return True
 
     return handler

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ostiary.protocol.errors import BackendError
 from ostiary.protocol.ndjson import DEFAULT_MAX_LINE_BYTES, NdjsonDecoder
+from tests.protocol.meters import MeteredBuffer
 
 json_values: st.SearchStrategy[Any] = st.recursive(
     st.none()
@@ -143,3 +144,15 @@ def test_defaults_and_bad_limit() -> None:
     assert DEFAULT_MAX_LINE_BYTES == 1024 * 1024
     with pytest.raises(ValueError, match="max_line_bytes"):
         NdjsonDecoder(max_line_bytes=0)
+
+
+def test_a_line_trickling_in_is_buffered_in_place() -> None:
+    decoder = NdjsonDecoder()
+    meter = decoder._buffer = MeteredBuffer()
+    stream = b'{"a": "' + b"x" * 65_536 + b'"}\n{"b": 1}\n'
+    values: list[Any] = []
+    for i in range(len(stream)):
+        values += decoder.feed(stream[i : i + 1])
+    assert values == [{"a": "x" * 65_536}, {"b": 1}]
+    assert decoder._buffer is meter
+    assert meter.work <= 4 * len(stream)

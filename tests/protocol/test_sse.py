@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from ostiary.protocol.errors import BackendError
 from ostiary.protocol.sse import SseDecoder
+from tests.protocol.meters import MeteredBuffer
 
 Outcome = tuple[list[str], str | None]
 
@@ -195,3 +196,17 @@ def test_size_limit_however_split(stream: bytes, limit: int, cuts: list[int]) ->
         assert events == expected_events[: len(events)]
         if error is None:
             assert events == expected_events
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_an_event_trickling_in_is_buffered_in_place(eol: bytes) -> None:
+    # One byte per receive used to recopy the whole event each time: quadratic.
+    decoder = SseDecoder()
+    meter = decoder._buffer = MeteredBuffer()
+    stream = b"data: " + b"x" * 65_536 + eol + eol + b"data: y" + eol + eol
+    events: list[str] = []
+    for i in range(len(stream)):
+        events += decoder.feed(stream[i : i + 1])
+    assert events == ["x" * 65_536, "y"]
+    assert decoder._buffer is meter
+    assert meter.work <= 4 * len(stream)

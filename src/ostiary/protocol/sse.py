@@ -132,8 +132,9 @@ class SseDecoder:
         if max_event_bytes < 1:
             raise ValueError(f"max_event_bytes must be at least 1, got {max_event_bytes}")
         self._max_event_bytes = max_event_bytes
-        #: Normalized bytes of the event in progress; never holds a blank line.
-        self._buffer = b""
+        #: Normalized bytes of the event in progress; never holds a blank line. It
+        #: grows in place, so an event trickling in is copied once, not per feed.
+        self._buffer = bytearray()
         #: The last byte fed was ``\r``, so a ``\n`` starting the next feed is its pair.
         self._after_cr = False
         self._started = False
@@ -142,7 +143,8 @@ class SseDecoder:
         """Add bytes; return the ``data`` of every event they complete, in order.
 
         Multi-line data is joined with ``\\n``. Raises :class:`BackendError` if an
-        event exceeds ``max_event_bytes``.
+        event exceeds ``max_event_bytes``. The cost is linear in the bytes fed:
+        only the new bytes are searched for the end of an event.
         """
         if not data:
             return []
@@ -151,47 +153,57 @@ class SseDecoder:
         self._after_cr = data.endswith(b"\r")
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer
+        if buffer:
+            # The buffer holds no blank line, so one can only start at its last byte.
+            start = len(buffer) - 1
+            buffer += data
+            end = buffer.rfind(b"\n\n", start)
+            if end < 0:
+                self._check_partial(buffer)
+                return []
+            block = buffer[:end]
+            del buffer[: end + 2]
+            self._check_partial(buffer)
+            return self._dispatch(block.rstrip(b"\n"))
         # A blank line with no event before it dispatches nothing: drop it here so
         # that the buffer holds only the event in progress.
-        if self._buffer:
-            buffer = self._buffer + data
-        else:
-            buffer = data.lstrip(b"\n")
-            if len(buffer) != len(data):
-                self._started = True  # the stream did not start with a BOM
-        end = buffer.rfind(b"\n\n")
+        event = data.lstrip(b"\n")
+        if len(event) != len(data):
+            self._started = True  # the stream did not start with a BOM
+        end = event.rfind(b"\n\n")
         if end < 0:
-            self._check_partial(buffer)
-            self._buffer = buffer
+            self._check_partial(event)
+            buffer += event
             return []
-        rest = buffer[end + 2 :]
+        rest = event[end + 2 :]
         self._check_partial(rest)
-        self._buffer = rest
-        return self._dispatch(buffer[:end].rstrip(b"\n"))
+        buffer += rest
+        return self._dispatch(event[:end].rstrip(b"\n"))
 
     def close(self) -> list[str]:
         """End of stream. An event whose lines are all complete but that lacks the
         final blank line is dispatched (lenient to servers that omit it); a stream
         that stops in the middle of a line raises :class:`BackendError` (the body
         was truncated). The decoder is then reset."""
-        rest, self._buffer, self._after_cr = self._buffer, b"", False
+        rest, self._buffer, self._after_cr = bytes(self._buffer), bytearray(), False
         if not rest:
             return []
         if not rest.endswith(b"\n"):
             raise BackendError("upstream event stream ended in the middle of an event")
         return self._dispatch(rest[:-1])
 
-    def _check_partial(self, partial: bytes) -> None:
+    def _check_partial(self, partial: bytes | bytearray) -> None:
         if len(partial) > self._max_event_bytes:
             self._too_large()
 
     def _too_large(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
         raise BackendError(
             f"upstream sent an event stream event over {self._max_event_bytes} bytes"
         )
 
-    def _dispatch(self, block: bytes) -> list[str]:
+    def _dispatch(self, block: bytes | bytearray) -> list[str]:
         """Payloads of the events in ``block``: complete events separated by blank
         lines, without the blank lines that end the last one."""
         if len(block) >= self._max_event_bytes:

@@ -19,6 +19,7 @@ __all__ = [
     "ChunkedBody",
     "ConnectError",
     "ConnectTimeout",
+    "HeadReader",
     "Headers",
     "HttpClientError",
     "LengthBody",
@@ -70,11 +71,17 @@ class RemoteProtocolError(HttpClientError):
 # -- the wire format, sans I/O ------------------------------------------------------------
 
 
-def parse_head(buffer: bytes) -> tuple[int, bool, Headers, bytes] | None:
+def parse_head(
+    buffer: bytes | bytearray, scan_from: int = 0
+) -> tuple[int, bool, Headers, bytes] | None:
     """``(status, keep_alive_version, headers, rest)`` for the response head at the
     start of ``buffer``, or None if it is not complete yet. Header names are
-    lower-cased; obs-folded lines are joined with a space."""
-    end = _HEAD_END.search(buffer)
+    lower-cased; obs-folded lines are joined with a space.
+
+    The blank line that ends the head is looked for from ``scan_from`` on: a caller
+    whose buffer grows passes where the last call stopped (:class:`HeadReader` does),
+    so a head that trickles in is scanned once, not once per receive."""
+    end = _HEAD_END.search(buffer, scan_from)
     if end is None:
         if len(buffer) > MAX_HEAD_BYTES:
             raise RemoteProtocolError("response head too large")
@@ -83,6 +90,8 @@ def parse_head(buffer: bytes) -> tuple[int, bool, Headers, bytes] | None:
         return None
     if end.start() == 0 or buffer[:2] == b"\r\n":
         raise RemoteProtocolError("empty response head")
+    if type(buffer) is not bytes:
+        buffer = bytes(buffer)
     lines: list[bytes] = []
     for raw in buffer[: end.start()].split(b"\n"):
         line = raw[:-1] if raw[-1:] == b"\r" else raw
@@ -102,6 +111,42 @@ def parse_head(buffer: bytes) -> tuple[int, bool, Headers, bytes] | None:
             raise RemoteProtocolError(f"invalid header line {line[:80]!r}")
         headers.append((field[1].lower(), field[2]))
     return int(status[2]), status[1] >= b"1.1", headers, buffer[end.end() :]
+
+
+class HeadReader:
+    """Collects a response's first bytes until its final head is complete, skipping
+    informational (1xx) heads. Partial bytes accumulate in one ``bytearray`` and each
+    :meth:`feed` scans only what it added (and the two bytes before, where a blank
+    line may have started), so the cost is linear however the head is split. One
+    reader serves one response."""
+
+    __slots__ = ("_buffer", "_scan_from")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._scan_from = 0
+
+    def feed(self, data: bytes) -> tuple[int, bool, Headers, bytes] | None:
+        """The final head as :func:`parse_head` gives it, once complete; else None.
+        Raises :class:`RemoteProtocolError` for a malformed head or a 101 (the client
+        never asks to switch protocols)."""
+        buffer: bytes | bytearray
+        if self._buffer:
+            self._buffer += data
+            buffer = self._buffer
+        else:
+            buffer = data
+        scan_from = self._scan_from
+        while (head := parse_head(buffer, scan_from)) is not None:
+            if head[0] >= 200:
+                return head
+            if head[0] == 101:
+                raise RemoteProtocolError("upstream switched protocols unasked")
+            buffer, scan_from = head[3], 0
+        if buffer is not self._buffer:
+            self._buffer = bytearray(buffer)
+        self._scan_from = max(0, len(buffer) - 2)
+        return None
 
 
 class LengthBody:
@@ -142,19 +187,34 @@ _SIZE, _DATA, _NEXT_SIZE, _TRAILER = range(4)
 
 class ChunkedBody:
     """Decodes ``transfer-encoding: chunked`` in bulk: every complete chunk in the
-    bytes fed comes out joined, at a few string operations per chunk."""
+    bytes fed comes out joined, at a few string operations per chunk.
 
-    __slots__ = ("_buffer", "_remaining", "_state", "done", "excess")
+    Chunk data is never buffered. Only an unfinished size or trailer line is kept,
+    in a ``bytearray`` that grows in place; until a CRLF arrives, a feed looks at
+    its own bytes alone, so a line trickling in byte by byte costs linear time."""
+
+    __slots__ = ("_buffer", "_remaining", "_scan_from", "_state", "done", "excess")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        #: An unfinished line (after the CRLF ending the last chunk's data, in state
+        #: ``_NEXT_SIZE``), with no CRLF from ``_scan_from`` on.
+        self._buffer = bytearray()
+        self._scan_from = 0
         self._state = _SIZE
         self._remaining = 0
         self.done = False
         self.excess = False
 
     def feed(self, data: bytes) -> bytes:
-        buffer = self._buffer + data if self._buffer else data
+        buffer = data
+        if self._buffer:
+            partial = self._buffer
+            partial += data
+            if partial.find(b"\r\n", self._scan_from) < 0:
+                self._check_partial(partial)
+                self._scan_from = max(len(partial) - 1, self._scan_from)
+                return b""
+            buffer, self._buffer = bytes(partial), bytearray()
         end = len(buffer)
         pos = 0
         out: list[bytes] = []
@@ -190,12 +250,25 @@ class ChunkedBody:
                 return b"".join(out)
             pos = line_end + 2
         self._state, self._remaining = state, remaining
-        self._buffer = buffer[pos:]
+        if pos < end:
+            self._buffer += buffer[pos:]
+            # A CRLF may start at the last byte; the one ending chunk data is not it.
+            self._scan_from = max(end - pos - 1, 2 if state == _NEXT_SIZE else 0)
         return b"".join(out)
+
+    def _check_partial(self, partial: bytearray) -> None:
+        """What :meth:`_check_incomplete` checks, in constant time, for a buffered
+        line known to hold no CRLF (but the one ending chunk data)."""
+        after_data = self._state == _NEXT_SIZE
+        if after_data and bytes(partial[:2]) not in (b"\r\n", b"\r"):
+            raise RemoteProtocolError("invalid chunked body: no CRLF after a chunk")
+        if len(partial) - 2 * after_data > MAX_HEAD_BYTES:
+            raise RemoteProtocolError("invalid chunked body: line too long")
 
     @staticmethod
     def _check_incomplete(buffer: bytes, pos: int, after_data: bool) -> None:
-        """Raise unless ``buffer[pos:]`` is the start of a valid size line."""
+        """Raise unless ``buffer[pos:]`` is the start of a valid size line (or, in the
+        trailer, of a line not over the limit)."""
         if after_data:
             if buffer[pos : pos + 2] not in (b"\r\n", b"\r", b""):
                 raise RemoteProtocolError("invalid chunked body: no CRLF after a chunk")
@@ -214,9 +287,15 @@ class ChunkedBody:
 Body = LengthBody | ChunkedBody
 
 
+def _tokens(value: bytes) -> list[bytes]:
+    """The lower-cased elements of a comma-separated list, OWS stripped."""
+    return [token.strip(b" \t") for token in value.lower().split(b",")]
+
+
 def response_framing(method: bytes, status: int, headers: Headers) -> tuple[Body, bool]:
     """The response body's decoder, and whether the headers allow keep-alive after
-    it (RFC 9112 section 6.3)."""
+    it (RFC 9112 section 6.3). Ambiguous framing (``content-length`` beside
+    ``transfer-encoding``, conflicting lengths) raises :class:`RemoteProtocolError`."""
     keep_alive = True
     chunked = False
     length: bytes | None = None
@@ -232,8 +311,11 @@ def response_framing(method: bytes, status: int, headers: Headers) -> tuple[Body
             if chunked or value.lower() != b"chunked":
                 raise RemoteProtocolError(f"unsupported transfer-encoding {value[:40]!r}")
             chunked = True
-        elif name == b"connection" and b"close" in value.lower().replace(b" ", b"").split(b","):
+        elif name == b"connection" and b"close" in _tokens(value):
             keep_alive = False
+    if chunked and length is not None:
+        # RFC 9112 section 6.1: a sign of response splitting; never guess.
+        raise RemoteProtocolError("response has both content-length and transfer-encoding")
     if status in (204, 304) or method == b"HEAD":
         return LengthBody(0), keep_alive
     if chunked:

@@ -63,5 +63,6 @@ def test_many_rekeys_keep_memory_bounded() -> None:
     assert len(heap) == 1
     assert heap.entries <= 18
     assert heap.peek() == ("x", (9999.0, 0.0))
+    assert heap.key_of("tmp0") is None
     heap.clear()
     assert heap.pop() is None

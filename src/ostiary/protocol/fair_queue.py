@@ -43,15 +43,20 @@ plus one per ``aging_seconds`` waited. The class holding the ticket of highest
 effective priority — that is, of least ``enqueued - priority * aging_seconds``, which
 is always its oldest, since all waiting tickets age alike — is served next (ties: the
 higher class). Because the order does not change with time, ``now`` is not needed to
-pick. So a higher class goes first, and a ticket of priority ``c`` enqueued at ``t``
-is overtaken by class ``p > c`` only while that class still holds tickets that
-arrived before ``t + (p - c) * aging_seconds``: once the tickets queued at that
-instant in higher classes are served (at most ``max_queue`` of them), the ticket's
-class is served, within the latency bound above. ``aging_seconds = math.inf`` is
+pick. So a higher class goes first, and aging bounds what a ticket of priority ``c``
+enqueued at ``t`` waits for: another class ``p`` is served before its class only
+while ``p`` holds a ticket that arrived by ``t + (p - c) * aging_seconds``. Under
+sustained load from higher classes it therefore waits ``(P - c) * aging_seconds``
+(``P`` the highest class queued), then for the tickets those classes held at that
+instant (each served within its own class's latency bound, so with newcomers of
+that class taking at most their fair share meanwhile), then for its own latency
+bound in its class — never for higher-class tickets that arrive later than that.
+With one flow per higher class that is at most as many dispatches as those classes
+had queued at ``t + (P - c) * aging_seconds``. ``aging_seconds = math.inf`` is
 strict priority (a lower class may then starve).
 
-**Cost.** ``submit``, ``release``, ``charge``, ``cancel`` and each expired or
-dispatched ticket cost O(log n) amortized (heaps with lazy deletion,
+**Cost.** ``submit``, ``release``, ``charge``, ``cancel`` and each expired,
+dispatched or drained ticket cost O(log n) amortized (heaps with lazy deletion,
 :class:`~ostiary.protocol.keyed_heap.KeyedHeap`); nothing recurses. Memory is the
 queued tickets, the running ones and one flow per principal with something queued
 or running.
@@ -65,7 +70,7 @@ from collections import OrderedDict
 import attrs
 
 from .keyed_heap import HeapKey, KeyedHeap
-from .scheduler import ServiceRate, Submitted, Ticket, check_capacity, check_cost
+from .scheduler import SchedulerBase, Submitted, Ticket, check_cost
 
 __all__ = ["FairQueue"]
 
@@ -103,27 +108,16 @@ class _Running:
     weight: float
 
 
-class FairQueue:
+class FairQueue(SchedulerBase):
     """Weighted fair queueing with priority classes and aging (see the module).
 
     ``max_concurrency`` slots, at most ``max_queue`` queued tickets. A queued
     ticket's priority rises by one class per ``aging_seconds`` waited (``inf``:
-    never). ``rate_window`` and ``service_time`` (assumed per request until
-    releases are measured) tune :meth:`estimate_wait`.
+    never). ``rate_window`` and ``service_time`` tune :meth:`estimate_wait`
+    (:class:`~ostiary.protocol.scheduler.SchedulerBase`).
     """
 
-    __slots__ = (
-        "_by_age",
-        "_classes",
-        "_deadlines",
-        "_flows",
-        "_rate",
-        "_running",
-        "_where",
-        "aging_seconds",
-        "max_concurrency",
-        "max_queue",
-    )
+    __slots__ = ("_by_age", "_classes", "_flows", "_running", "_where", "aging_seconds")
 
     def __init__(
         self,
@@ -134,11 +128,9 @@ class FairQueue:
         rate_window: float = 30.0,
         service_time: float = 1.0,
     ) -> None:
-        check_capacity(max_concurrency, max_queue)
+        super().__init__(max_concurrency, max_queue, rate_window, service_time)
         if not aging_seconds > 0:
             raise ValueError("aging_seconds must be > 0")
-        self.max_concurrency = max_concurrency
-        self.max_queue = max_queue
         self.aging_seconds = aging_seconds
         self._flows: dict[FlowKey, _Flow] = {}
         self._classes: dict[int, _Class] = {}
@@ -147,8 +139,6 @@ class FairQueue:
         #: The flow of every queued request.
         self._where: dict[str, FlowKey] = {}
         self._running: dict[str, _Running] = {}
-        self._deadlines: KeyedHeap[str] = KeyedHeap()
-        self._rate = ServiceRate(rate_window, max_concurrency / service_time)
 
     @property
     def running(self) -> int:
@@ -161,19 +151,19 @@ class FairQueue:
     def is_running(self, request_id: str) -> bool:
         return request_id in self._running
 
+    def is_queued(self, request_id: str) -> bool:
+        return request_id in self._where
+
     def submit(self, ticket: Ticket, now: float) -> Submitted:
-        rid = ticket.request_id
-        if rid in self._running or rid in self._where:
-            raise ValueError(f"request {rid!r} is already scheduled")
-        self._rate.observe(now)
-        if len(self._running) < self.max_concurrency and not self._where:
-            flow, cls = self._flow(ticket)
+        verdict = self._admit(ticket, now)
+        if verdict is Submitted.FULL:
+            return verdict
+        flow, cls = self._flow(ticket)
+        if verdict is Submitted.RUNNING:
             flow.vtime = max(flow.vtime, cls.vtime)
             self._start(ticket, flow, cls)
-            return Submitted.RUNNING
-        if len(self._where) >= self.max_queue:
-            return Submitted.FULL
-        flow, cls = self._flow(ticket)
+            return verdict
+        rid = ticket.request_id
         if not flow.queue:
             flow.vtime = max(flow.vtime, cls.vtime)
             cls.backlogged.push(flow.key[1], (flow.vtime, 0.0))
@@ -182,9 +172,7 @@ class FairQueue:
         if len(cls.waiting) == 1:
             self._by_age.push(cls.priority, self._age_key(cls.priority, now))
         self._where[rid] = flow.key
-        if ticket.deadline < math.inf:
-            self._deadlines.push(rid, (ticket.deadline, 0.0))
-        return Submitted.QUEUED
+        return verdict
 
     def release(self, request_id: str, now: float) -> list[Ticket]:
         done = self._running.pop(request_id)
@@ -223,20 +211,12 @@ class FairQueue:
     def expire(self, now: float) -> list[Ticket]:
         return [self._remove_queued(rid) for rid in self._deadlines.pop_due(now)]
 
-    def next_deadline(self) -> float:
-        return self._deadlines.least(math.inf)
-
     def drain(self) -> list[Ticket]:
         """Every queued ticket, in arrival order."""
         drained = [self._flows[key].queue[rid] for rid, key in self._where.items()]
         for ticket in drained:
             self._remove_queued(ticket.request_id)
         return drained
-
-    def estimate_wait(self, now: float) -> float:
-        return self._rate.estimate_wait(
-            now, len(self._where), len(self._running), self.max_concurrency
-        )
 
     def _age_key(self, priority: int, enqueued: float) -> HeapKey:
         if self.aging_seconds == math.inf:

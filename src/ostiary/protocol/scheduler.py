@@ -42,6 +42,7 @@ from .keyed_heap import KeyedHeap
 __all__ = [
     "FifoScheduler",
     "Scheduler",
+    "SchedulerBase",
     "ServiceRate",
     "Submitted",
     "Ticket",
@@ -197,13 +198,66 @@ class ServiceRate:
         return self._decayed * factor, self._observed * factor + self.window * (1.0 - factor)
 
 
-class FifoScheduler:
-    """First come, first served, with ``max_concurrency`` slots and room for
-    ``max_queue`` waiting tickets. ``rate_window`` and ``service_time`` (the time
-    one request is assumed to hold a slot until one has been measured) tune
-    :meth:`estimate_wait`."""
+class SchedulerBase:
+    """What every scheduler here shares: the limits, the deadlines of queued
+    tickets, the service rate, and the admission verdict. ``rate_window`` and
+    ``service_time`` (the time one request is assumed to hold a slot until releases
+    have been measured) tune :meth:`estimate_wait`."""
 
-    __slots__ = ("_deadlines", "_queue", "_rate", "_running", "max_concurrency", "max_queue")
+    __slots__ = ("_deadlines", "_rate", "max_concurrency", "max_queue")
+
+    def __init__(
+        self, max_concurrency: int, max_queue: int, rate_window: float, service_time: float
+    ) -> None:
+        check_capacity(max_concurrency, max_queue)
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        #: Queued tickets with a finite deadline, soonest first.
+        self._deadlines: KeyedHeap[str] = KeyedHeap()
+        self._rate = ServiceRate(rate_window, max_concurrency / service_time)
+
+    @property
+    def running(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def queued(self) -> int:
+        raise NotImplementedError
+
+    def is_running(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    def is_queued(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    def next_deadline(self) -> float:
+        return self._deadlines.least(math.inf)
+
+    def estimate_wait(self, now: float) -> float:
+        return self._rate.estimate_wait(now, self.queued, self.running, self.max_concurrency)
+
+    def _admit(self, ticket: Ticket, now: float) -> Submitted:
+        """Whether ``ticket`` runs, queues or is refused (the caller then does it);
+        a queued ticket's deadline is noted here."""
+        rid = ticket.request_id
+        if self.is_running(rid) or self.is_queued(rid):
+            raise ValueError(f"request {rid!r} is already scheduled")
+        self._rate.observe(now)
+        queued = self.queued
+        if self.running < self.max_concurrency and not queued:
+            return Submitted.RUNNING
+        if queued >= self.max_queue:
+            return Submitted.FULL
+        if ticket.deadline < math.inf:
+            self._deadlines.push(rid, (ticket.deadline, 0.0))
+        return Submitted.QUEUED
+
+
+class FifoScheduler(SchedulerBase):
+    """First come, first served, with ``max_concurrency`` slots and room for
+    ``max_queue`` waiting tickets."""
+
+    __slots__ = ("_queue", "_running")
 
     def __init__(
         self,
@@ -213,16 +267,11 @@ class FifoScheduler:
         rate_window: float = 30.0,
         service_time: float = 1.0,
     ) -> None:
-        check_capacity(max_concurrency, max_queue)
-        self.max_concurrency = max_concurrency
-        self.max_queue = max_queue
+        super().__init__(max_concurrency, max_queue, rate_window, service_time)
         self._running: set[str] = set()
         #: Queued tickets in arrival order (an OrderedDict pops its first item in
         #: O(1); a dict's cost grows with the items deleted before it).
         self._queue: OrderedDict[str, Ticket] = OrderedDict()
-        #: Queued tickets with a finite deadline, soonest first.
-        self._deadlines: KeyedHeap[str] = KeyedHeap()
-        self._rate = ServiceRate(rate_window, max_concurrency / service_time)
 
     @property
     def running(self) -> int:
@@ -235,20 +284,16 @@ class FifoScheduler:
     def is_running(self, request_id: str) -> bool:
         return request_id in self._running
 
+    def is_queued(self, request_id: str) -> bool:
+        return request_id in self._queue
+
     def submit(self, ticket: Ticket, now: float) -> Submitted:
-        rid = ticket.request_id
-        if rid in self._running or rid in self._queue:
-            raise ValueError(f"request {rid!r} is already scheduled")
-        self._rate.observe(now)
-        if len(self._running) < self.max_concurrency and not self._queue:
-            self._running.add(rid)
-            return Submitted.RUNNING
-        if len(self._queue) >= self.max_queue:
-            return Submitted.FULL
-        self._queue[rid] = ticket
-        if ticket.deadline < math.inf:
-            self._deadlines.push(rid, (ticket.deadline, 0.0))
-        return Submitted.QUEUED
+        verdict = self._admit(ticket, now)
+        if verdict is Submitted.RUNNING:
+            self._running.add(ticket.request_id)
+        elif verdict is Submitted.QUEUED:
+            self._queue[ticket.request_id] = ticket
+        return verdict
 
     def release(self, request_id: str, now: float) -> list[Ticket]:
         self._running.remove(request_id)
@@ -273,16 +318,8 @@ class FifoScheduler:
     def expire(self, now: float) -> list[Ticket]:
         return [self._queue.pop(rid) for rid in self._deadlines.pop_due(now)]
 
-    def next_deadline(self) -> float:
-        return self._deadlines.least(math.inf)
-
     def drain(self) -> list[Ticket]:
         drained = list(self._queue.values())
         self._queue.clear()
         self._deadlines.clear()
         return drained
-
-    def estimate_wait(self, now: float) -> float:
-        return self._rate.estimate_wait(
-            now, len(self._queue), len(self._running), self.max_concurrency
-        )

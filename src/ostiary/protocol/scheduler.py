@@ -7,28 +7,74 @@ queue, whatever its policy:
 - :meth:`~Scheduler.submit` a :class:`Ticket`: it runs at once (a slot was free), is
   queued, or is refused because the queue is full;
 - :meth:`~Scheduler.release` a running request's slot when it ends (finished, failed,
-  cancelled): the tickets that now run are returned, so the gateway dispatches them in
-  the same call;
+  client gone): the tickets that now run are returned, so the gateway dispatches them
+  in the same call;
+- :meth:`~Scheduler.charge` a request with its real cost as usage arrives;
 - :meth:`~Scheduler.cancel` a queued ticket (its client left);
 - :meth:`~Scheduler.expire` the queued tickets whose deadline has passed, and
   :meth:`~Scheduler.next_deadline` to say when that is next needed;
-- :meth:`~Scheduler.drain` every queued ticket (shutdown).
+- :meth:`~Scheduler.drain` every queued ticket (shutdown);
+- :meth:`~Scheduler.estimate_wait` for the ``retry-after`` of a refusal, from the
+  queue's depth and its recent service rate (:class:`ServiceRate`).
 
-:class:`FifoScheduler` serves in arrival order. Every operation is O(1) amortized,
-except deadlines, which cost O(log n) (a heap with lazy deletion, so tickets may carry
-deadlines of their own).
+Every implementation keeps the same contract: a slot is never idle while a ticket
+waits (``running < max_concurrency`` implies ``queued == 0``), the queue never holds
+more than ``max_queue``, and each submitted request leaves exactly once — by
+``release`` if it ran, otherwise by being dispatched, cancelled, expired or drained.
+``now`` is monotonic seconds and never goes back between calls.
+
+:class:`FifoScheduler` serves in arrival order, every operation O(1) except
+deadlines, which cost O(log n) (:class:`~ostiary.protocol.keyed_heap.KeyedHeap`);
+:class:`~ostiary.protocol.fair_queue.FairQueue` shares out the slots by weight.
 """
 
 from __future__ import annotations
 
 import enum
-import heapq
 import math
+from collections import OrderedDict
 from typing import Protocol
 
 import attrs
 
-__all__ = ["FifoScheduler", "Scheduler", "Submitted", "Ticket"]
+from .keyed_heap import KeyedHeap
+
+__all__ = [
+    "FifoScheduler",
+    "Scheduler",
+    "SchedulerBase",
+    "ServiceRate",
+    "Submitted",
+    "Ticket",
+    "check_capacity",
+    "check_cost",
+]
+
+
+def check_cost(value: float) -> float:
+    """A cost is a finite number of tokens, never negative."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"cost must be finite and >= 0, not {value!r}")
+    return value
+
+
+def _check_cost(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    check_cost(value)
+
+
+def _check_weight(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"weight must be finite and > 0, not {value!r}")
+
+
+def _check_deadline(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if math.isnan(value):
+        raise ValueError("deadline must be a number")
+
+
+def check_capacity(max_concurrency: int, max_queue: int) -> None:
+    if max_concurrency < 1 or max_queue < 0:
+        raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
 
 
 @attrs.frozen
@@ -39,10 +85,10 @@ class Ticket:
 
     request_id: str
     principal: str = ""
-    cost: float = 1.0
-    weight: float = 1.0
+    cost: float = attrs.field(default=1.0, validator=_check_cost)
+    weight: float = attrs.field(default=1.0, validator=_check_weight)
     priority: int = 0
-    deadline: float = math.inf
+    deadline: float = attrs.field(default=math.inf, validator=_check_deadline)
 
 
 class Submitted(enum.Enum):
@@ -60,37 +106,172 @@ class Scheduler(Protocol):
     @property
     def queued(self) -> int: ...
 
-    def submit(self, ticket: Ticket, now: float) -> Submitted: ...
+    def is_running(self, request_id: str) -> bool: ...
 
-    def release(self, request_id: str, now: float) -> list[Ticket]: ...
+    def submit(self, ticket: Ticket, now: float) -> Submitted:
+        """Run, queue or refuse ``ticket``; ValueError if its id is already in."""
+        ...
 
-    def cancel(self, request_id: str) -> bool: ...
+    def release(self, request_id: str, now: float) -> list[Ticket]:
+        """Free a running request's slot (KeyError if it is not running) and return
+        the queued tickets that now run, in the order they were chosen."""
+        ...
 
-    def expire(self, now: float) -> list[Ticket]: ...
+    def charge(self, request_id: str, actual_cost: float) -> bool:
+        """Replace the request's cost by ``actual_cost``, its total so far (so
+        calling again as usage grows is right); call before ``release``. False if
+        the request is neither queued nor running; ValueError on a bad cost."""
+        ...
 
-    def next_deadline(self) -> float: ...
+    def cancel(self, request_id: str) -> bool:
+        """Remove a queued ticket; False if it is not queued."""
+        ...
 
-    def drain(self) -> list[Ticket]: ...
+    def expire(self, now: float) -> list[Ticket]:
+        """Remove and return the queued tickets whose deadline is ``<= now``."""
+        ...
+
+    def next_deadline(self) -> float:
+        """The earliest deadline of a queued ticket, ``math.inf`` if none."""
+        ...
+
+    def drain(self) -> list[Ticket]:
+        """Remove and return every queued ticket; running ones stay running."""
+        ...
+
+    def estimate_wait(self, now: float) -> float:
+        """Seconds a ticket submitted now would wait for a slot (0 if one is free)."""
+        ...
 
 
-class FifoScheduler:
+class ServiceRate:
+    """Requests finished per second over the recent past, and the wait it implies.
+
+    A release ``a`` seconds ago counts ``exp(-a / window)``; so does each second of
+    observed time (from the first call on). The rate is their ratio, with one
+    pseudo-release per ``1 / prior_rate`` seconds of pseudo-time mixed in, so an
+    estimate exists before the first release and moves to the measured rate as
+    releases arrive::
+
+        rate = (Σ exp(-a_k / window) + 1) / (window * (1 - exp(-T / window)) + 1 / prior_rate)
+
+    where ``T`` is the time observed. A backend that stops finishing requests sees
+    its rate decay, and the waits quoted grow, within about one ``window``.
+    """
+
+    __slots__ = ("_decayed", "_last", "_observed", "prior_rate", "window")
+
+    def __init__(self, window: float = 30.0, prior_rate: float = 1.0) -> None:
+        if not (window > 0 and prior_rate > 0 and math.isfinite(window + prior_rate)):
+            raise ValueError("window and prior_rate must be finite and > 0")
+        self.window = window
+        self.prior_rate = prior_rate
+        self._decayed = 0.0
+        self._observed = 0.0
+        self._last: float | None = None
+
+    def observe(self, now: float) -> None:
+        """Start the observed time (on the first call), or advance it to ``now``."""
+        self._decayed, self._observed = self._at(now)
+        self._last = now if self._last is None else max(self._last, now)
+
+    def release(self, now: float) -> None:
+        """Count one finished request at ``now``."""
+        self.observe(now)
+        self._decayed += 1.0
+
+    def rate(self, now: float) -> float:
+        """Requests per second, always finite and > 0."""
+        decayed, observed = self._at(now)
+        return (decayed + 1.0) / (observed + 1.0 / self.prior_rate)
+
+    def estimate_wait(self, now: float, queued: int, running: int, slots: int) -> float:
+        """Seconds until a slot frees for a ticket behind ``queued`` others, with
+        ``running`` of ``slots`` busy: one release per ticket ahead, at the rate."""
+        ahead = queued + 1 - (slots - running)
+        return ahead / self.rate(now) if ahead > 0 else 0.0
+
+    def _at(self, now: float) -> tuple[float, float]:
+        if self._last is None:
+            return 0.0, 0.0
+        factor = math.exp(-max(0.0, now - self._last) / self.window)
+        return self._decayed * factor, self._observed * factor + self.window * (1.0 - factor)
+
+
+class SchedulerBase:
+    """What every scheduler here shares: the limits, the deadlines of queued
+    tickets, the service rate, and the admission verdict. ``rate_window`` and
+    ``service_time`` (the time one request is assumed to hold a slot until releases
+    have been measured) tune :meth:`estimate_wait`."""
+
+    __slots__ = ("_deadlines", "_rate", "max_concurrency", "max_queue")
+
+    def __init__(
+        self, max_concurrency: int, max_queue: int, rate_window: float, service_time: float
+    ) -> None:
+        check_capacity(max_concurrency, max_queue)
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        #: Queued tickets with a finite deadline, soonest first.
+        self._deadlines: KeyedHeap[str] = KeyedHeap()
+        self._rate = ServiceRate(rate_window, max_concurrency / service_time)
+
+    @property
+    def running(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def queued(self) -> int:
+        raise NotImplementedError
+
+    def is_running(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    def is_queued(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    def next_deadline(self) -> float:
+        return self._deadlines.least(math.inf)
+
+    def estimate_wait(self, now: float) -> float:
+        return self._rate.estimate_wait(now, self.queued, self.running, self.max_concurrency)
+
+    def _admit(self, ticket: Ticket, now: float) -> Submitted:
+        """Whether ``ticket`` runs, queues or is refused (the caller then does it);
+        a queued ticket's deadline is noted here."""
+        rid = ticket.request_id
+        if self.is_running(rid) or self.is_queued(rid):
+            raise ValueError(f"request {rid!r} is already scheduled")
+        self._rate.observe(now)
+        queued = self.queued
+        if self.running < self.max_concurrency and not queued:
+            return Submitted.RUNNING
+        if queued >= self.max_queue:
+            return Submitted.FULL
+        if ticket.deadline < math.inf:
+            self._deadlines.push(rid, (ticket.deadline, 0.0))
+        return Submitted.QUEUED
+
+
+class FifoScheduler(SchedulerBase):
     """First come, first served, with ``max_concurrency`` slots and room for
     ``max_queue`` waiting tickets."""
 
-    __slots__ = ("_deadlines", "_queue", "_running", "_seq", "max_concurrency", "max_queue")
+    __slots__ = ("_queue", "_running")
 
-    def __init__(self, max_concurrency: int, max_queue: int) -> None:
-        if max_concurrency < 1 or max_queue < 0:
-            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
-        self.max_concurrency = max_concurrency
-        self.max_queue = max_queue
+    def __init__(
+        self,
+        max_concurrency: int,
+        max_queue: int,
+        *,
+        rate_window: float = 30.0,
+        service_time: float = 1.0,
+    ) -> None:
+        super().__init__(max_concurrency, max_queue, rate_window, service_time)
         self._running: set[str] = set()
-        #: Queued tickets in arrival order (dicts keep insertion order; O(1) removal).
-        self._queue: dict[str, Ticket] = {}
-        #: (deadline, seq, request_id) of queued tickets with a finite deadline;
-        #: entries of tickets that left meanwhile are skipped when met.
-        self._deadlines: list[tuple[float, int, str]] = []
-        self._seq = 0
+        #: Queued tickets in arrival order (an OrderedDict pops its first item in
+        #: O(1); a dict's cost grows with the items deleted before it).
+        self._queue: OrderedDict[str, Ticket] = OrderedDict()
 
     @property
     def running(self) -> int:
@@ -103,49 +284,39 @@ class FifoScheduler:
     def is_running(self, request_id: str) -> bool:
         return request_id in self._running
 
+    def is_queued(self, request_id: str) -> bool:
+        return request_id in self._queue
+
     def submit(self, ticket: Ticket, now: float) -> Submitted:
-        rid = ticket.request_id
-        if rid in self._running or rid in self._queue:
-            raise ValueError(f"request {rid!r} is already scheduled")
-        if len(self._running) < self.max_concurrency and not self._queue:
-            self._running.add(rid)
-            return Submitted.RUNNING
-        if len(self._queue) >= self.max_queue:
-            return Submitted.FULL
-        self._queue[rid] = ticket
-        if ticket.deadline < math.inf:
-            self._seq += 1
-            heapq.heappush(self._deadlines, (ticket.deadline, self._seq, rid))
-        return Submitted.QUEUED
+        verdict = self._admit(ticket, now)
+        if verdict is Submitted.RUNNING:
+            self._running.add(ticket.request_id)
+        elif verdict is Submitted.QUEUED:
+            self._queue[ticket.request_id] = ticket
+        return verdict
 
     def release(self, request_id: str, now: float) -> list[Ticket]:
         self._running.remove(request_id)
+        self._rate.release(now)
         started: list[Ticket] = []
         queue = self._queue
         while queue and len(self._running) < self.max_concurrency:
-            rid = next(iter(queue))
-            started.append(queue.pop(rid))
+            rid, ticket = queue.popitem(last=False)
+            self._deadlines.discard(rid)
             self._running.add(rid)
+            started.append(ticket)
         return started
 
+    def charge(self, request_id: str, actual_cost: float) -> bool:
+        check_cost(actual_cost)
+        return request_id in self._running or request_id in self._queue
+
     def cancel(self, request_id: str) -> bool:
+        self._deadlines.discard(request_id)
         return self._queue.pop(request_id, None) is not None
 
     def expire(self, now: float) -> list[Ticket]:
-        expired: list[Ticket] = []
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, rid = heapq.heappop(heap)
-            ticket = self._queue.pop(rid, None)
-            if ticket is not None:
-                expired.append(ticket)
-        return expired
-
-    def next_deadline(self) -> float:
-        heap = self._deadlines
-        while heap and heap[0][2] not in self._queue:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else math.inf
+        return [self._queue.pop(rid) for rid in self._deadlines.pop_due(now)]
 
     def drain(self) -> list[Ticket]:
         drained = list(self._queue.values())

@@ -326,3 +326,45 @@ async def test_draining_is_bounded_in_bytes(
             items = await chat_items(backend, stream=True)
             assert [i.text for i in items if isinstance(i, Delta)] == ["a"]
     assert stats.accepted == connections
+
+
+def failing_stream(kind: str) -> bytes:
+    """One piece, then an error reported inside the stream."""
+    text = f"CUDA out of memory; key {SECRET_KEY}"
+    if kind == "openai":
+        piece = {"choices": [{"index": 0, "delta": {"content": "a"}}]}
+        failure = {"error": {"message": text}}
+        return sse_head() + sse_chunk(orjson.dumps(piece)) + sse_chunk(orjson.dumps(failure))
+    head = (
+        b"HTTP/1.1 200 X\r\ncontent-type: application/x-ndjson\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    )
+    lines = b'{"message": {"content": "a"}, "done": false}\n' + orjson.dumps({"error": text})
+    return head + b"%x\r\n%s\r\n" % (len(lines) + 1, lines + b"\n") + LAST_CHUNK
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_error_inside_a_stream_is_logged_once(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="ostiary.upstream")
+    url = await start_scripted(nursery, reply(failing_stream(kind), keep_alive=False))
+    async with make_backend(kind, url) as backend:
+        error = await chat_error(backend, stream=True)
+    assert (type(error), error.code) == (BackendError, "backend_error")
+    assert "CUDA" not in error.message
+    [record] = upstream_records(caplog)
+    assert record.levelno == logging.WARNING
+    assert "upstream HTTP 200" in record.getMessage()
+    assert "CUDA out of memory; key [redacted]" in record.getMessage()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_success_logs_nothing(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="ostiary.upstream")
+    url = await start_scripted(nursery, reply(padded_stream(kind)))
+    async with make_backend(kind, url) as backend:
+        assert [i.text for i in await chat_items(backend, stream=True) if isinstance(i, Delta)]
+    assert upstream_records(caplog) == []

@@ -296,6 +296,9 @@ async def test_refused_connection_is_logged_once(
 # -- draining ------------------------------------------------------------------------------
 
 PADDING = b" " * (256 * 1024)
+NDJSON_HEAD = (
+    b"HTTP/1.1 200 X\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+)
 
 
 def padded_stream(kind: str) -> bytes:
@@ -305,12 +308,8 @@ def padded_stream(kind: str) -> bytes:
         piece = {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]}
         events = sse_chunk(orjson.dumps(piece)) + sse_chunk(b"[DONE]")
         return sse_head() + events + pad + LAST_CHUNK
-    head = (
-        b"HTTP/1.1 200 X\r\ncontent-type: application/x-ndjson\r\n"
-        b"transfer-encoding: chunked\r\n\r\n"
-    )
     line = b'{"message": {"content": "a"}, "done": true, "eval_count": 1}\n'
-    return head + b"%x\r\n%s\r\n" % (len(line), line) + pad + LAST_CHUNK
+    return NDJSON_HEAD + b"%x\r\n%s\r\n" % (len(line), line) + pad + LAST_CHUNK
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -335,12 +334,8 @@ def failing_stream(kind: str) -> bytes:
         piece = {"choices": [{"index": 0, "delta": {"content": "a"}}]}
         failure = {"error": {"message": text}}
         return sse_head() + sse_chunk(orjson.dumps(piece)) + sse_chunk(orjson.dumps(failure))
-    head = (
-        b"HTTP/1.1 200 X\r\ncontent-type: application/x-ndjson\r\n"
-        b"transfer-encoding: chunked\r\n\r\n"
-    )
     lines = b'{"message": {"content": "a"}, "done": false}\n' + orjson.dumps({"error": text})
-    return head + b"%x\r\n%s\r\n" % (len(lines) + 1, lines + b"\n") + LAST_CHUNK
+    return NDJSON_HEAD + b"%x\r\n%s\r\n" % (len(lines) + 1, lines + b"\n") + LAST_CHUNK
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -15,7 +15,8 @@ import trio.testing
 
 from ostiary.backends.base import Backend, Generation
 from ostiary.backends.httpclient import HttpClient
-from ostiary.backends.ollama import OllamaBackend, OllamaSettings, OllamaUpstreamError
+from ostiary.backends.ollama import OllamaBackend, OllamaSettings
+from ostiary.backends.upstream import UpstreamError
 from ostiary.protocol.errors import (
     BackendError,
     BackendTimeoutError,
@@ -734,15 +735,17 @@ async def test_ready_when_every_model_is_present(fake: FakeOllama) -> None:
 async def test_not_ready_names_missing_models(backend: OllamaBackend, fake: FakeOllama) -> None:
     with pytest.raises(BackendUnavailableError) as info:
         await backend.check_ready()
-    assert info.value.message == "The model backend does not have these models: not-pulled."
+    assert info.value.message == (
+        "The upstream model server does not have these models: not-pulled."
+    )
     assert info.value.status == 503
 
 
 async def test_not_ready_on_error_status(backend: OllamaBackend, fake: FakeOllama) -> None:
     fake.fault = Fault.HTTP_ERROR
-    with pytest.raises(BackendUnavailableError) as info:
+    with pytest.raises(BackendError) as info:
         await backend.check_ready()
-    assert isinstance(info.value.__cause__, OllamaUpstreamError)
+    assert isinstance(info.value.__cause__, UpstreamError)
     assert info.value.__cause__.status == 500
 
 
@@ -793,31 +796,28 @@ async def test_model_not_configured_never_reaches_ollama(
 async def test_400_passes_a_cleaned_message(backend: OllamaBackend, fake: FakeOllama) -> None:
     fake.fault, fake.error_status = Fault.HTTP_ERROR, 400
     fake.error_message = (
-        "registry.ollama.ai/library/llama3.2:latest does not support\ttools" + "!" * 400
+        "registry.ollama.ai/library/llama3.2:latest does not support\ttools" + "!" * 600
     )
     with pytest.raises(InvalidRequestError) as info:
         await collect(backend.chat(chat_request(model="house-model")))
     message = info.value.message
-    assert message.startswith(
-        "The model backend rejected the request: registry.ollama.ai/library/house-model "
-        "does not support tools"
-    )
+    assert message.startswith("registry.ollama.ai/library/house-model does not support tools")
     assert "llama3.2" not in message
-    assert len(message) < 400
+    assert len(message) == 500
     assert message.endswith("...")
 
 
 @pytest.mark.parametrize(
     ("status", "body", "error", "message"),
     [
-        (400, b"{}", InvalidRequestError, "The model backend rejected the request."),
-        (404, b"404 page not found", BackendError, "unexpected status 404"),
-        (413, b"", RequestTooLargeError, "too large"),
+        (400, b"{}", InvalidRequestError, "rejected the request (HTTP 400)"),
+        (404, b"404 page not found", BackendError, "answered with HTTP 404"),
+        (413, b'{"error": "request too large"}', RequestTooLargeError, "too large"),
         (429, b'{"error": "server busy"}', BackendUnavailableError, "busy"),
-        (503, b"", BackendUnavailableError, "busy"),
+        (503, b"", BackendUnavailableError, "unavailable"),
         (500, b'{"error": "llama runner process has terminated: /x/y"}', BackendError, "failed"),
         (502, b"<html>", BackendError, "failed"),
-        (401, b'{"error": "unauthorized"}', BackendError, "unexpected status 401"),
+        (401, b'{"error": "unauthorized"}', BackendError, "rejected our credentials"),
     ],
 )
 async def test_http_status_mapping(
@@ -839,9 +839,10 @@ async def test_http_status_mapping(
         assert type(info.value) is error
         assert message in info.value.message
         assert "/x/y" not in info.value.message
-        assert isinstance(info.value.__cause__, OllamaUpstreamError)
+        assert isinstance(info.value.__cause__, UpstreamError)
     if status in (429, 503):
         assert info.value.retry_after == 1.0
+        assert info.value.code == ("upstream_busy" if status == 429 else "backend_unavailable")
 
 
 async def test_error_line_mid_stream(backend: OllamaBackend, fake: FakeOllama) -> None:
@@ -852,10 +853,10 @@ async def test_error_line_mid_stream(backend: OllamaBackend, fake: FakeOllama) -
             async for piece in pieces:
                 received.append(piece)
     assert received == [Delta(text="The"), Delta(text=" sky")]
-    assert "failed while generating" in info.value.message
+    assert "failed during generation" in info.value.message
     assert fake.error_message not in info.value.message
     cause = info.value.__cause__
-    assert isinstance(cause, OllamaUpstreamError)
+    assert isinstance(cause, UpstreamError)
     assert cause.upstream_message == fake.error_message
 
 
@@ -864,7 +865,7 @@ async def test_error_line_mid_stream(backend: OllamaBackend, fake: FakeOllama) -
     [
         (Fault.GARBAGE, "not valid JSON"),
         (Fault.NO_DONE, "ended its response early"),
-        (Fault.CLOSE_MID_STREAM, "connection to the model backend failed"),
+        (Fault.CLOSE_MID_STREAM, "connection to the upstream model server failed"),
     ],
 )
 async def test_broken_streams(
@@ -898,7 +899,7 @@ async def test_connection_refused_is_unavailable(fake: FakeOllama) -> None:
         ):
             with pytest.raises(BackendUnavailableError) as info:
                 await call()
-            assert info.value.message == "The model backend is not reachable."
+            assert info.value.message == "The upstream model server is not reachable."
             assert info.value.retry_after == 1.0
 
 

@@ -340,7 +340,7 @@ class Gateway:
         error = ServiceUnavailableError(
             "The model's queue is full; retry shortly.",
             code="queue_full",
-            retry_after=_estimated_wait(scheduler),
+            retry_after=scheduler.estimate_wait(now),
         )
         return [self._error(exchange, error)]
 
@@ -381,7 +381,7 @@ class Gateway:
                 error = ServiceUnavailableError(
                     "The request waited too long for the model; retry shortly.",
                     code="queue_timeout",
-                    retry_after=_estimated_wait(scheduler),
+                    retry_after=scheduler.estimate_wait(now),
                 )
                 actions.append(self._error(exchange, error))
         live = self._exchanges
@@ -599,11 +599,6 @@ _TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 
 def _fifo(policy: BackendPolicy) -> Scheduler:
     return FifoScheduler(policy.max_concurrency, policy.max_queue)
-
-
-def _estimated_wait(scheduler: Scheduler) -> float | None:
-    estimate = getattr(scheduler, "estimate_wait", None)
-    return None if estimate is None else float(estimate())
 
 
 def _shutting_down() -> ServiceUnavailableError:

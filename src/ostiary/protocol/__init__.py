@@ -30,6 +30,7 @@ from .errors import (
     RateLimitError,
     RequestTooLargeError,
     ServiceUnavailableError,
+    UnsupportedMediaTypeError,
 )
 from .events import (
     BackendChunk,
@@ -96,5 +97,6 @@ __all__ = [
     "SseEncoder",
     "StartStream",
     "ToolCallDelta",
+    "UnsupportedMediaTypeError",
     "Usage",
 ]

@@ -12,8 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ostiary.protocol.decoding import decode_chat, decode_completion, decode_embedding
-from ostiary.protocol.errors import InvalidRequestError, OpenAIError
+from ostiary.protocol.decoding import (
+    check_content_type,
+    decode_chat,
+    decode_completion,
+    decode_embedding,
+)
+from ostiary.protocol.errors import InvalidRequestError, OpenAIError, UnsupportedMediaTypeError
 from ostiary.protocol.json_body import parse_json_object
 from ostiary.protocol.request_limits import RequestLimits
 
@@ -546,3 +551,40 @@ def test_json_limits_come_from_request_limits() -> None:
         assert reject(deep, attrs.evolve(exact, **tighter)).code == "invalid_json"
     with pytest.raises(ValueError, match="254"):
         RequestLimits(max_json_depth=255)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (),
+        ((b"content-type", b"application/json"),),
+        ((b"content-type", b"Application/JSON"),),
+        ((b"content-type", b"application/json; charset=utf-8"),),
+        ((b"content-type", b'application/json;charset="UTF-8"'),),
+        ((b"Content-Type", b" application/json ; charset = utf8 ; x=y"),),
+        ((b"accept", b"text/plain"), (b"content-type", b"application/json;")),
+    ],
+)
+def test_json_content_types_pass(headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    check_content_type(headers)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ((b"content-type", b"application/x-www-form-urlencoded"),),
+        ((b"content-type", b"text/plain"),),
+        ((b"content-type", b"multipart/form-data; boundary=x"),),
+        ((b"content-type", b"application/jsonx"),),
+        ((b"content-type", b""),),
+        ((b"content-type", b"application/json; charset=utf-16"),),
+        ((b"content-type", b"application/json"), (b"content-type", b"text/plain")),
+        ((b"content-type", b"\xff\xfe"),),
+    ],
+)
+def test_other_content_types_get_415(headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    with pytest.raises(UnsupportedMediaTypeError) as info:
+        check_content_type(headers)
+    error = info.value.to_dict()["error"]
+    assert info.value.status == 415
+    assert (error["type"], error["code"]) == ("invalid_request_error", "unsupported_media_type")

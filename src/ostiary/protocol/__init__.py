@@ -48,6 +48,7 @@ from .ndjson import NdjsonDecoder
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
 from .sse import SseDecoder, SseEncoder
+from .tokens import TokenCodec, embedding_as_text
 
 __all__ = [
     "Action",
@@ -96,7 +97,9 @@ __all__ = [
     "SseDecoder",
     "SseEncoder",
     "StartStream",
+    "TokenCodec",
     "ToolCallDelta",
     "UnsupportedMediaTypeError",
     "Usage",
+    "embedding_as_text",
 ]

@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from ostiary.protocol.errors import InvalidRequestError
 from ostiary.protocol.json_body import parse_json_object
 
+#: A string holding nine backslashes and a quote: a run of 19 before an escaped quote.
+RUN = json.dumps("\\" * 9 + '"').encode()
+
 
 def parse(body: bytes, depth: int = 64, containers: int = 10**6, keys: int = 10**6) -> Any:
     return parse_json_object(body, depth, containers, keys)
@@ -29,6 +32,8 @@ def parse(body: bytes, depth: int = 64, containers: int = 10**6, keys: int = 10*
         (b'{"model": "a", "mod\\u0065l": "b"}', "model"),
         (b'{"x": "\\"", "x": "\\\\"}', "x"),
         (b'{"": 1, "": 1}', ""),
+        # Long runs of backslashes before a quote: even runs end the string.
+        (b'{"a": %s, "a": %s}' % (json.dumps("\\" * 10).encode(), RUN), "a"),
     ],
 )
 def test_a_key_twice_is_refused_at_any_depth(body: bytes, param: str) -> None:
@@ -47,13 +52,17 @@ def test_a_key_twice_is_refused_at_any_depth(body: bytes, param: str) -> None:
         b'{"a": "\\\\", "b": "\\\\\\"", "c": "\\"\\"", "d": "[{\\":"}',
         b'{"q": "\\u0022", "r": "\\u005c", "s": "\\u005c\\""}',
         b' {\n\t"a" :\r [ ] , "b":{ } }\n',
+        b'{"a": %s, "b": %s, "c": "\\\\\\""}' % (json.dumps("\\" * 10).encode(), RUN),
     ],
 )
 def test_distinct_keys_pass(body: bytes) -> None:
     assert parse(body) == json.loads(body)
 
 
-tricky_text = st.text(alphabet='ab"\\[]{}:, \n\u00e9\u2028', max_size=6)
+#: Strings with every character that matters to the scan, and long backslash runs.
+tricky_text = st.text(alphabet='ab"\\[]{}:, \n\u00e9\u2028', max_size=6) | st.sampled_from(
+    ["\\" * 9 + '"', "\\" * 12]
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | tricky_text,
     lambda children: (

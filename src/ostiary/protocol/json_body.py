@@ -54,32 +54,56 @@ def kind_of(value: object) -> str:
 def _without_escapes(text: bytes) -> bytes:
     """``text`` without the escapes that could hide a quote (``\\\\`` and ``\\"``):
     what is left has a ``"`` only where a string starts or ends."""
-    if b"\\" not in text:
+    if b"\\" not in text:  # one byte: found with memchr, much faster than two
         return text
-    return text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    if b"\\\\" in text:
+        text = text.replace(b"\\\\", b"")
+    if b'\\"' in text:
+        text = text.replace(b'\\"', b"")
+    return text
+
+
+#: Longest run of backslashes before a quote that :func:`_string_count` counts by
+#: passes; longer runs (never sent by a real client) take the copying way.
+_BACKSLASH_RUN = 8
 
 
 def _string_count(text: bytes) -> int:
-    """Strings (keys and values) in valid JSON ``text``."""
-    return _without_escapes(text).count(b'"') // 2
+    """Strings (keys and values) in valid JSON ``text``.
+
+    A quote is escaped when an odd number of backslashes precede it. With ``n(k)``
+    the quotes that at least ``k`` backslashes precede (``count`` of ``k``
+    backslashes and a quote: such matches cannot overlap), the escaped quotes are
+    ``n(1) - n(2) + n(3) - ...``: a few counting passes, no copy of the text.
+    """
+    quotes = text.count(b'"')
+    if b"\\" not in text:
+        return quotes // 2
+    escaped, k, sign = 0, 1, 1
+    while (preceded := text.count(b"\\" * k + b'"')) and k <= _BACKSLASH_RUN:
+        escaped += sign * preceded
+        k, sign = k + 1, -sign
+    if preceded:
+        return _without_escapes(text).count(b'"') // 2
+    return (quotes - escaped) // 2
 
 
-def _structure(text: bytes) -> bytes:
-    """The brackets and colons of ``text`` outside its strings (braces as brackets):
-    one ``[`` per array or object, one ``:`` per key.
+def _structure(text: bytes) -> tuple[bytes, int]:
+    """The brackets and colons of ``text`` outside its strings (braces as brackets),
+    one ``[`` per array or object and one ``:`` per key; and the number of strings.
 
     Two adjacent quotes are dropped first: an empty string, or the end of one string
     and the start of the next with nothing between, so the split that cuts out what
     strings hold makes one piece per string that holds a mark, not one per string.
-    Exact for valid JSON; for anything else, some string of marks (never an error).
+    Exact for valid JSON; for anything else, some marks and number (never an error).
     """
     marks = _without_escapes(text).translate(_STRUCTURE, _NOT_STRUCTURE)
-    if b'"' not in marks:
-        return marks
-    marks = marks.replace(b'""', b"")
-    if b'"' not in marks:
-        return marks
-    return b"".join(marks.split(b'"')[::2])
+    strings = marks.count(b'"') // 2
+    if strings:
+        marks = marks.replace(b'""', b"")
+    if b'"' in marks:
+        marks = b"".join(marks.split(b'"')[::2])
+    return marks, strings
 
 
 def _nests_deeper(structure: bytes, limit: int) -> bool:
@@ -140,7 +164,7 @@ def parse_json_object(
             "The request body is empty; this endpoint expects a JSON object.",
             code="invalid_json",
         )
-    structure = _structure(body)
+    structure, strings = _structure(body)
     if structure.count(b"[") > max_containers:
         raise InvalidRequestError(
             f"The JSON body holds more than {max_containers} arrays and objects.",
@@ -168,7 +192,7 @@ def parse_json_object(
             f"The JSON body nests more than {max_depth} levels deep.",
             code="invalid_json",
         )
-    if _string_count(body) != _string_count(orjson.dumps(value)):
+    if strings != _string_count(orjson.dumps(value)):
         path = _repeated_key(body)
         if path is not None:
             raise InvalidRequestError(

@@ -8,12 +8,15 @@ thing to us and perhaps another to an upstream or a proxy that keeps the first.
 
 So the bytes are scanned before they are parsed, with a few passes of
 :meth:`bytes.translate`, :meth:`bytes.replace` and :meth:`bytes.count` (C loops, no
-Python per byte): escaped quotes are dropped, strings are cut out, and what remains is
-the nesting, as a string of brackets. Its length bounds the containers before parsing;
-removing the innermost pairs once per level measures the depth. Duplicate keys are
-found by counting strings: a valid body holds as many as orjson's re-serialization of
-what it parsed, unless a key was repeated (each repetition drops a key and its value).
-Only then is the body parsed a second time, by the standard library, to name the key.
+Python per byte): escaped quotes are dropped, strings are counted and cut out, and
+what remains is one bracket per array or object and one colon per key, which bound
+the containers and keys before anything is built; removing the innermost bracket
+pairs once per level measures the depth. Duplicate keys are found by counting
+strings: a valid body holds as many as orjson's rewrite of what it parsed, unless a
+key was repeated (each repetition drops a key and its value). Only then is the body
+parsed a second time, by the standard library, to name the key. On a 2 KB chat body
+all this costs a few microseconds; on 4 MiB, tens of milliseconds at most
+(``bench/decode_worst.py``).
 """
 
 from __future__ import annotations

@@ -6,11 +6,17 @@ The rule: :func:`~ostiary.protocol.decoding.decode_chat`, ``decode_completion`` 
 exception is a crash (the server would answer it with a 500).
 
 The first byte of an input picks the decoder (``byte % 3``: chat, completion,
-embeddings) and the mode (``byte // 3 % 2``): the rest is either the body itself
-(mode 0; the seed corpus in ``fuzz/corpus/decode`` starts with ``0``, ``1`` or ``2``
-and is this mode), or (mode 1) the entropy from which a JSON object is built out of
-the request types' own field names and awkward values, which reaches the field
-checks far more often than mutated bytes do.
+embeddings), the mode (``byte // 3 % 2``) and the limits (``byte // 6 % 2``: the
+defaults, or limits so tight that every count is reached): the rest is either the
+body itself (mode 0; the seed corpus in ``fuzz/corpus/decode`` starts with ``0``,
+``1`` or ``2`` and is this mode), or (mode 1) the entropy from which a JSON object is
+built out of the request types' own field names and awkward values, which reaches
+the field checks far more often than mutated bytes do; it may repeat a key of the
+object (the decoder must refuse it).
+
+The same bytes are also tried as a ``content-type`` value, and a token-array
+embeddings request that decodes is turned into text with a codec that fails on any
+id outside cl100k's text tokens (the range check must come first).
 
 Run: ``python fuzz/fuzz_decode.py fuzz/corpus/decode -runs=20000`` (any libFuzzer
 flags; add ``-artifact_prefix=DIR/`` to keep crash files out of the working tree).
@@ -30,13 +36,35 @@ with atheris.instrument_imports(include=["ostiary", "cattrs"]):
     import orjson
 
     from ostiary.protocol import requests
-    from ostiary.protocol.decoding import decode_chat, decode_completion, decode_embedding
+    from ostiary.protocol.decoding import (
+        check_content_type,
+        decode_chat,
+        decode_completion,
+        decode_embedding,
+    )
     from ostiary.protocol.errors import OpenAIError
     from ostiary.protocol.request_limits import RequestLimits
+    from ostiary.protocol.tokens import CL100K_TEXT_TOKENS, embedding_as_text
 
 __all__ = ["main", "test_one_input"]
 
-LIMITS = RequestLimits()
+LIMITS = (
+    RequestLimits(),
+    RequestLimits(
+        max_json_depth=4,
+        max_json_containers=8,
+        max_json_keys=10,
+        max_messages=2,
+        max_content_parts=2,
+        max_tool_calls=1,
+        max_stop_sequences=1,
+        max_tools=1,
+        max_batch_inputs=2,
+        max_token_ids=3,
+        max_logit_bias=1,
+        max_message_chars=8,
+    ),
+)
 DECODERS: tuple[Callable[[bytes, RequestLimits], object], ...] = (
     decode_chat,
     decode_completion,
@@ -161,7 +189,22 @@ def _structured(endpoint: int, data: bytes) -> bytes:
         else:
             target.append(value)
     encoded: bytes = orjson.dumps(body)
+    if fdp.ConsumeBool():
+        again = orjson.dumps({fdp.PickValueInList(sorted(body)): _value(fdp, 1)})
+        encoded = encoded[:-1] + b"," + again[1:]
     return encoded
+
+
+class _StrictCodec:
+    """Decodes only what the core may pass: ids checked into cl100k's text range."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if not all(0 <= i < CL100K_TEXT_TOKENS for i in ids):
+            raise AssertionError(f"an unchecked id reached the codec: {ids}")
+        return "t" * len(ids)
+
+    def count(self, text: str, limit: int) -> int:
+        return min(len(text), limit + 1)
 
 
 def test_one_input(data: bytes) -> None:
@@ -169,8 +212,13 @@ def test_one_input(data: bytes) -> None:
         return
     endpoint = data[0] % 3
     body = data[1:] if (data[0] // 3) % 2 == 0 else _structured(endpoint, data[1:])
+    limits = LIMITS[(data[0] // 6) % 2]
     with contextlib.suppress(OpenAIError):
-        DECODERS[endpoint](body, LIMITS)
+        check_content_type(((b"content-type", data[1:200]),))
+    with contextlib.suppress(OpenAIError):
+        request = DECODERS[endpoint](body, limits)
+        if isinstance(request, requests.EmbeddingRequest):
+            embedding_as_text(request, _StrictCodec())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,18 +6,20 @@ import contextlib
 import json
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ostiary.protocol.decoding import (
+    check_content_type,
     decode_chat,
     decode_completion,
     decode_embedding,
-    parse_json_object,
 )
-from ostiary.protocol.errors import InvalidRequestError, OpenAIError
+from ostiary.protocol.errors import InvalidRequestError, OpenAIError, UnsupportedMediaTypeError
+from ostiary.protocol.json_body import parse_json_object
 from ostiary.protocol.request_limits import RequestLimits
 
 LIMITS = RequestLimits()
@@ -243,10 +245,10 @@ def test_depth_limit() -> None:
     for _ in range(40):
         deep = {"a": deep}
     with pytest.raises(InvalidRequestError, match="nests more than 32"):
-        parse_json_object(orjson.dumps(deep), 32)
-    assert parse_json_object(orjson.dumps({"a": [[1]]}), 3) == {"a": [[1]]}
+        parse_json_object(orjson.dumps(deep), 32, 100, 100)
+    assert parse_json_object(orjson.dumps({"a": [[1]]}), 3, 100, 100) == {"a": [[1]]}
     with pytest.raises(InvalidRequestError):
-        parse_json_object(orjson.dumps({"a": [[1]]}), 2)
+        parse_json_object(orjson.dumps({"a": [[1]]}), 2, 100, 100)
 
 
 def test_very_deep_json_is_a_clean_error() -> None:
@@ -432,3 +434,157 @@ def test_choices_times_prompts_is_bounded() -> None:
 
 def test_range_errors_show_the_exact_value() -> None:
     assert "got 2.0000001 instead" in reject(chat(temperature=2.0000001)).message
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        (chat(messages=[{"role": "user", "content": []}]), "messages[0].content", "empty_array"),
+        (
+            chat(messages=[USER, {"role": "assistant", "content": []}]),
+            "messages[1].content",
+            "empty_array",
+        ),
+        (chat(tools=[]), "tools", "empty_array"),
+        (
+            chat(messages=[{"role": "function", "content": "42"}]),
+            "messages[0].name",
+            "missing_required_parameter",
+        ),
+        (chat(logit_bias={"AI": 1}), "logit_bias.AI", "invalid_value"),
+        (chat(logit_bias={"-1": 1}), "logit_bias.-1", "invalid_value"),
+        (chat(logit_bias={"1.5": 1}), "logit_bias.1.5", "invalid_value"),
+        (chat(logit_bias={"": 1}), "logit_bias.", "invalid_value"),
+        (chat(logit_bias={"\u0661": 1}), "logit_bias.\u0661", "invalid_value"),
+        (chat(logit_bias={"1" * 11: 1}), "logit_bias." + "1" * 11, "invalid_value"),
+        (chat(logit_bias={"1": -101}), "logit_bias.1", "invalid_value"),
+        (
+            chat(logit_bias={str(i): 1 for i in range(1025)}),
+            "logit_bias",
+            "array_above_max_length",
+        ),
+    ],
+)
+def test_openai_refuses_these_so_do_we(body: dict[str, Any], param: str, code: str) -> None:
+    error = reject(body)
+    assert (error.param, error.code) == (param, code)
+
+
+def test_what_openai_accepts_beside_those() -> None:
+    body = chat(
+        messages=[USER, {"role": "function", "name": "f", "content": "42"}],
+        logit_bias={str(i): -100 for i in range(1024)},
+    )
+    req = decode_chat(orjson.dumps(body), LIMITS)
+    assert req.messages[1].name == "f"
+    assert req.logit_bias is not None and len(req.logit_bias) == 1024
+    completion = {"model": "m", "prompt": "x", "logit_bias": {"50256": -100, "x": 1}}
+    with pytest.raises(InvalidRequestError) as info:
+        decode_completion(orjson.dumps(completion), LIMITS)
+    assert info.value.param == "logit_bias.x"
+
+
+def test_duplicate_keys_are_refused() -> None:
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "model": "n"}'
+    error = reject(raw)
+    assert (error.param, error.code) == ("model", "duplicate_key")
+    raw = b'{"model": "m", "input": "a", "input": ["b", "c"]}'
+    with pytest.raises(InvalidRequestError) as info:
+        decode_embedding(raw, LIMITS)
+    assert info.value.param == "input"
+
+
+def _parts(n: int) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "text", "text": "a"}] * n}
+
+
+def test_arrays_are_counted_before_they_are_structured() -> None:
+    limits = RequestLimits(max_content_parts=10, max_tool_calls=3, max_messages=4)
+    # All parts together, named at the message that goes over.
+    error = reject(chat(messages=[_parts(6), _parts(4), _parts(1)]), limits)
+    assert (error.param, error.code) == ("messages[2].content", "array_above_max_length")
+    assert decode_chat(orjson.dumps(chat(messages=[_parts(6), _parts(4)])), limits)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    calls = [{"role": "assistant", "tool_calls": [call] * 2}] * 2
+    assert reject(chat(messages=calls), limits).param == "messages[1].tool_calls"
+    # Counted first: the items are not even looked at.
+    assert reject(chat(messages=[5] * 5), limits).param == "messages"
+    assert reject(chat(tools=[5] * 129)).param == "tools"
+    assert reject(chat(stop=[5] * 5)).param == "stop"
+    assert reject(chat(logit_bias={str(i): "x" for i in range(1025)})).param == "logit_bias"
+
+
+def test_content_parts_default_bound() -> None:
+    error = reject(chat(messages=[_parts(LIMITS.max_content_parts + 1)]))
+    assert error.param == "messages[0].content"
+    assert LIMITS.max_content_parts >= 1024
+
+
+def test_token_ids_are_bounded_all_inputs_together() -> None:
+    limits = RequestLimits(max_token_ids=5)
+    ok = {"model": "e", "input": [[1, 2], [3, 4, 5]]}
+    assert decode_embedding(orjson.dumps(ok), limits).inputs() == ((1, 2), (3, 4, 5))
+    cases: list[tuple[str, Any, Any]] = [
+        ("input", [[1, 2], [3, 4, 5, 6]], decode_embedding),
+        ("input", [1] * 6, decode_embedding),
+        ("prompt", [[1, 2, 3], [4, 5, 6]], decode_completion),
+    ]
+    for field, value, decode in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            decode(orjson.dumps({"model": "m", field: value}), limits)
+        assert (info.value.param, info.value.code) == (field, "array_above_max_length"), value
+    big = {"model": "e", "input": [[1] * 1000] * 301}
+    with pytest.raises(InvalidRequestError, match="too many token ids"):
+        decode_embedding(orjson.dumps(big), LIMITS)
+
+
+def test_json_limits_come_from_request_limits() -> None:
+    # 9 arrays and objects, 10 keys, 7 levels.
+    deep = chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"a": [[]]}}}])
+    exact = RequestLimits(max_json_containers=9, max_json_keys=10, max_json_depth=7)
+    assert decode_chat(orjson.dumps(deep), exact)
+    for tighter in (
+        {"max_json_containers": 8},
+        {"max_json_keys": 9},
+        {"max_json_depth": 6},
+    ):
+        assert reject(deep, attrs.evolve(exact, **tighter)).code == "invalid_json"
+    with pytest.raises(ValueError, match="254"):
+        RequestLimits(max_json_depth=255)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (),
+        ((b"content-type", b"application/json"),),
+        ((b"content-type", b"Application/JSON"),),
+        ((b"content-type", b"application/json; charset=utf-8"),),
+        ((b"content-type", b'application/json;charset="UTF-8"'),),
+        ((b"Content-Type", b" application/json ; charset = utf8 ; x=y"),),
+        ((b"accept", b"text/plain"), (b"content-type", b"application/json;")),
+    ],
+)
+def test_json_content_types_pass(headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    check_content_type(headers)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ((b"content-type", b"application/x-www-form-urlencoded"),),
+        ((b"content-type", b"text/plain"),),
+        ((b"content-type", b"multipart/form-data; boundary=x"),),
+        ((b"content-type", b"application/jsonx"),),
+        ((b"content-type", b""),),
+        ((b"content-type", b"application/json; charset=utf-16"),),
+        ((b"content-type", b"application/json"), (b"content-type", b"text/plain")),
+        ((b"content-type", b"\xff\xfe"),),
+    ],
+)
+def test_other_content_types_get_415(headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    with pytest.raises(UnsupportedMediaTypeError) as info:
+        check_content_type(headers)
+    error = info.value.to_dict()["error"]
+    assert info.value.status == 415
+    assert (error["type"], error["code"]) == ("invalid_request_error", "unsupported_media_type")

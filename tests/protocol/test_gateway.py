@@ -434,6 +434,18 @@ def test_body_limit_travels_in_the_admission() -> None:
     assert not gw.admits("GET", "/healthz", ()).read_body
 
 
+def test_a_body_that_is_not_json_gets_415() -> None:
+    gw = gateway()
+    form = (*auth_headers(), (b"content-type", b"application/x-www-form-urlencoded"))
+    status, body, _ = json_of(gw.handle(request(gw, body=chat_body(), headers=form)))
+    assert status == 415
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "unsupported_media_type"
+    assert "-H 'content-type: application/json'" in body["error"]["message"]
+    json_utf8 = (*auth_headers(), (b"content-type", b"Application/JSON; charset=UTF-8"))
+    assert only(gw.handle(request(gw, "r2", chat_body(), headers=json_utf8)), Dispatch)
+
+
 def test_health_and_readiness() -> None:
     gw = gateway()
     status, body, _ = json_of(gw.handle(request(gw, method="GET", target="/healthz", headers=())))

@@ -74,6 +74,22 @@ max_concurrency = 2
     assert config.keys_db == Path(".ostiary/keys.sqlite3")
 
 
+def test_decoding_bounds_are_limits_keys() -> None:
+    keys = {
+        "max_json_containers": 50,
+        "max_json_keys": 60,
+        "max_content_parts": 7,
+        "max_tool_calls": 8,
+        "max_logit_bias": 9,
+        "max_token_ids": 10,
+    }
+    text = "[limits]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + SCRIPTED
+    limits = parse_config(text, "f.toml").limits
+    assert {k: getattr(limits, k) for k in keys} == keys
+    with pytest.raises(ConfigError, match="max_json_depth"):
+        parse_config("[limits]\nmax_json_depth = 255\n" + SCRIPTED, "f.toml")
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [

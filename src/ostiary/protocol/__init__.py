@@ -30,6 +30,7 @@ from .errors import (
     RateLimitError,
     RequestTooLargeError,
     ServiceUnavailableError,
+    UnsupportedMediaTypeError,
 )
 from .events import (
     BackendChunk,
@@ -47,6 +48,7 @@ from .ndjson import NdjsonDecoder
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
 from .sse import SseDecoder, SseEncoder
+from .tokens import TokenCodec, embedding_as_text
 
 __all__ = [
     "Action",
@@ -95,6 +97,9 @@ __all__ = [
     "SseDecoder",
     "SseEncoder",
     "StartStream",
+    "TokenCodec",
     "ToolCallDelta",
+    "UnsupportedMediaTypeError",
     "Usage",
+    "embedding_as_text",
 ]

@@ -1,7 +1,9 @@
 """Strict decoding of request bodies into the frozen types of :mod:`.requests`.
 
-JSON is parsed with orjson (which rejects NaN, Infinity and invalid UTF-8), its
-nesting depth is bounded, and the object is structured with a cattrs converter whose
+The body is parsed by :func:`.json_body.parse_json_object` (bounded nesting and size,
+no key twice), the sizes of the arrays that structuring walks item by item are
+checked on the parsed object (so a 4 MiB body of 150,000 content parts is refused
+before it is structured), and the object is structured with a cattrs converter whose
 primitive hooks never convert: ``"1"`` is not an integer and ``1`` is not a string.
 Every failure is an :class:`InvalidRequestError` whose ``param`` names the field in
 OpenAI's style (``messages[2].content``); unknown top-level fields are reported with
@@ -10,14 +12,124 @@ OpenAI's own wording, "Unrecognized request argument supplied: X".
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, UnsupportedMediaTypeError
+from .json_body import JsonObject, kind_of, parse_json_object
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
-from .structuring import kind_of, parse_json_object, structure
+from .structuring import structure
 
-__all__ = ["decode_chat", "decode_completion", "decode_embedding", "parse_json_object"]
+__all__ = ["check_content_type", "decode_chat", "decode_completion", "decode_embedding"]
+
+# -- the head --------------------------------------------------------------------------
+
+
+def check_content_type(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Refuse (415) a body declared as anything but JSON.
+
+    ``application/json`` passes in any case and with any parameters
+    (``; charset=utf-8``), except a charset other than UTF-8 (JSON is UTF-8, RFC 8259).
+    A request without ``content-type`` passes too: the SDKs always send the header, and
+    a hand-made request that leaves it out still means JSON. curl's ``-d`` is what sends
+    a wrong one (``application/x-www-form-urlencoded``), so the message says what to add.
+    Two ``content-type`` headers are refused: they could mean two different things.
+    """
+    values = [value for name, value in headers if name.lower() == b"content-type"]
+    if not values:
+        return
+    if len(values) > 1:
+        raise UnsupportedMediaTypeError(
+            "The request has more than one content-type header; send one, "
+            "'content-type: application/json'.",
+            code="unsupported_media_type",
+        )
+    media, _, parameters = values[0].partition(b";")
+    charset = b"utf-8"
+    for parameter in parameters.split(b";"):
+        name, _, value = parameter.partition(b"=")
+        if name.strip().lower() == b"charset":
+            charset = value.strip().strip(b'"').lower()
+    if media.strip().lower() != b"application/json" or charset not in (b"utf-8", b"utf8"):
+        shown = values[0].decode("latin-1")[:100]
+        raise UnsupportedMediaTypeError(
+            f"Unsupported content-type '{shown}': this endpoint takes a JSON body in "
+            "UTF-8, sent with 'content-type: application/json' (with curl, add "
+            "-H 'content-type: application/json').",
+            code="unsupported_media_type",
+        )
+
+
+# -- sizes, before structuring --------------------------------------------------------
+
+
+def _parse(body: bytes, limits: RequestLimits) -> JsonObject:
+    return parse_json_object(
+        body, limits.max_json_depth, limits.max_json_containers, limits.max_json_keys
+    )
+
+
+def _check_total(param: str, total: int, limit: int, what: str) -> None:
+    if total > limit:
+        raise InvalidRequestError(
+            f"Invalid '{param}': too many {what}. Expected at most {limit} in one "
+            f"request, all messages together.",
+            param=param,
+            code="array_above_max_length",
+        )
+
+
+def _check_shared_sizes(payload: JsonObject, limits: RequestLimits) -> None:
+    stop = payload.get("stop")
+    if type(stop) is list:
+        _check_count("stop", len(stop), limits.max_stop_sequences, "stop sequences")
+    bias = payload.get("logit_bias")
+    if type(bias) is dict:
+        _check_count("logit_bias", len(bias), limits.max_logit_bias, "entries")
+
+
+def _check_chat_sizes(payload: JsonObject, limits: RequestLimits) -> None:
+    """The chat request's arrays, counted before structuring walks them."""
+    _check_shared_sizes(payload, limits)
+    tools = payload.get("tools")
+    if type(tools) is list:
+        _check_count("tools", len(tools), limits.max_tools, "tools")
+    messages = payload.get("messages")
+    if type(messages) is not list:
+        return
+    _check_count("messages", len(messages), limits.max_messages, "messages")
+    parts = calls = 0
+    for i, message in enumerate(messages):
+        if type(message) is not dict:
+            continue
+        content = message.get("content")
+        if type(content) is list:
+            parts += len(content)
+            _check_total(f"messages[{i}].content", parts, limits.max_content_parts, "content parts")
+        tool_calls = message.get("tool_calls")
+        if type(tool_calls) is list:
+            calls += len(tool_calls)
+            _check_total(f"messages[{i}].tool_calls", calls, limits.max_tool_calls, "tool calls")
+
+
+def _check_batch_sizes(param: str, value: object, limits: RequestLimits) -> None:
+    """``prompt`` / ``input``: inputs in the batch and token ids, all inputs together."""
+    if type(value) is not list or not value:
+        return
+    if type(value[0]) is int:
+        ids = len(value)
+    else:
+        _check_count(param, len(value), limits.max_batch_inputs, "inputs")
+        ids = sum(len(item) for item in value if type(item) is list)
+    if ids > limits.max_token_ids:
+        raise InvalidRequestError(
+            f"Invalid '{param}': too many token ids. Expected at most {limits.max_token_ids} "
+            f"in one request, all inputs together, got {ids}.",
+            param=param,
+            code="array_above_max_length",
+        )
+
 
 # -- range checks ------------------------------------------------------------------------
 
@@ -42,6 +154,7 @@ def _check_range(param: str, value: float | None, low: float, high: float) -> No
 
 
 def _check_count(param: str, count: int, limit: int, what: str) -> None:
+    """Sizes checked before structuring (``stop``, ``tools``, ``messages``...)."""
     if count > limit:
         raise InvalidRequestError(
             f"Invalid '{param}': too many {what}. Expected at most {limit}, got {count}.",
@@ -58,7 +171,6 @@ def _check_sampling(req: ChatCompletionRequest | CompletionRequest, limits: Requ
     _check_range("n", req.n, 1, limits.max_n)
     _check_range("max_tokens", req.max_tokens, 1, limits.max_output_tokens)
     if req.stop is not None:
-        _check_count("stop", len(req.stop), limits.max_stop_sequences, "stop sequences")
         for i, seq in enumerate(req.stop):
             if not seq:
                 raise InvalidRequestError(
@@ -68,6 +180,13 @@ def _check_sampling(req: ChatCompletionRequest | CompletionRequest, limits: Requ
                 )
     if req.logit_bias is not None:
         for token, bias in req.logit_bias.items():
+            if not (token.isascii() and token.isdigit() and len(token) <= 10):
+                raise InvalidRequestError(
+                    f"Invalid 'logit_bias.{token}': keys are token ids, non-negative "
+                    "integers of at most 10 digits.",
+                    param=f"logit_bias.{token}",
+                    code="invalid_value",
+                )
             _check_range(f"logit_bias.{token}", bias, -100, 100)
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError(
@@ -86,16 +205,12 @@ def _require_model(model: str) -> None:
 
 def decode_chat(body: bytes, limits: RequestLimits) -> ChatCompletionRequest:
     """Decode and validate a ``POST /v1/chat/completions`` body."""
-    payload = parse_json_object(body, limits.max_json_depth)
+    payload = _parse(body, limits)
+    _check_chat_sizes(payload, limits)
     req = structure(payload, ChatCompletionRequest)
     _require_model(req.model)
     if not req.messages:
-        raise InvalidRequestError(
-            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
-            param="messages",
-            code="empty_array",
-        )
-    _check_count("messages", len(req.messages), limits.max_messages, "messages")
+        raise _empty_array("messages")
     for i, message in enumerate(req.messages):
         _check_message(i, message, limits)
     _check_sampling(req, limits)
@@ -104,7 +219,8 @@ def decode_chat(body: bytes, limits: RequestLimits) -> ChatCompletionRequest:
         _check_metadata(req.metadata)
     _check_range("top_logprobs", req.top_logprobs, 0, 20)
     if req.tools is not None:
-        _check_count("tools", len(req.tools), limits.max_tools, "tools")
+        if not req.tools:
+            raise _empty_array("tools")
         for i, tool in enumerate(req.tools):
             if tool.type != "function":
                 raise InvalidRequestError(
@@ -119,6 +235,15 @@ def decode_chat(body: bytes, limits: RequestLimits) -> ChatCompletionRequest:
             code="invalid_value",
         )
     return req
+
+
+def _empty_array(param: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Invalid '{param}': empty array. Expected an array with minimum length 1, but "
+        "got an empty array instead.",
+        param=param,
+        code="empty_array",
+    )
 
 
 def _check_metadata(metadata: dict[str, Any]) -> None:
@@ -166,6 +291,14 @@ def _check_message(i: int, message: ChatMessage, limits: RequestLimits) -> None:
             param=f"messages[{i}].content",
             code="missing_required_parameter",
         )
+    if isinstance(message.content, tuple) and not message.content:
+        raise _empty_array(f"messages[{i}].content")
+    if role == "function" and message.name is None:
+        raise InvalidRequestError(
+            f"Missing required parameter: 'messages[{i}].name'.",
+            param=f"messages[{i}].name",
+            code="missing_required_parameter",
+        )
     if role == "tool" and message.tool_call_id is None:
         raise InvalidRequestError(
             f"Missing required parameter: 'messages[{i}].tool_call_id'.",
@@ -188,7 +321,6 @@ def _check_message(i: int, message: ChatMessage, limits: RequestLimits) -> None:
 
 
 def _check_prompt_sizes(param: str, items: tuple[Any, ...], limits: RequestLimits) -> None:
-    _check_count(param, len(items), limits.max_batch_inputs, "inputs")
     for i, item in enumerate(items):
         size = len(item)
         if size == 0 and not isinstance(item, str):
@@ -208,7 +340,9 @@ def _check_prompt_sizes(param: str, items: tuple[Any, ...], limits: RequestLimit
 
 def decode_completion(body: bytes, limits: RequestLimits) -> CompletionRequest:
     """Decode and validate a ``POST /v1/completions`` body."""
-    payload = parse_json_object(body, limits.max_json_depth)
+    payload = _parse(body, limits)
+    _check_shared_sizes(payload, limits)
+    _check_batch_sizes("prompt", payload.get("prompt"), limits)
     req = structure(payload, CompletionRequest)
     _require_model(req.model)
     _check_prompt_sizes("prompt", req.prompts(), limits)
@@ -228,7 +362,8 @@ def decode_completion(body: bytes, limits: RequestLimits) -> CompletionRequest:
 
 def decode_embedding(body: bytes, limits: RequestLimits) -> EmbeddingRequest:
     """Decode and validate a ``POST /v1/embeddings`` body."""
-    payload = parse_json_object(body, limits.max_json_depth)
+    payload = _parse(body, limits)
+    _check_batch_sizes("input", payload.get("input"), limits)
     req = structure(payload, EmbeddingRequest)
     _require_model(req.model)
     _check_prompt_sizes("input", req.inputs(), limits)

@@ -25,6 +25,7 @@ __all__ = [
     "RequestTimeoutError",
     "RequestTooLargeError",
     "ServiceUnavailableError",
+    "UnsupportedMediaTypeError",
 ]
 
 
@@ -106,6 +107,13 @@ class MethodNotAllowedError(OpenAIError):
 
 class RequestTooLargeError(OpenAIError):
     status = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaTypeError(OpenAIError):
+    """A body that is not declared as JSON."""
+
+    status = 415
     type = "invalid_request_error"
 
 

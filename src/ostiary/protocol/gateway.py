@@ -272,6 +272,7 @@ class Gateway:
                 found = self._find_model(admission.model_id)
                 return [self._respond(exchange, 200, orjson.dumps(self._model_dict(found)))]
             assert endpoint is not None
+            decoding.check_content_type(event.headers)
             call = _DECODERS[endpoint](event.body, self.limits)
             target = self._find_model(call.model)
             call = _fit(call, target.capabilities)

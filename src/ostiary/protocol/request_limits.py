@@ -13,10 +13,22 @@ class RequestLimits:
     #: Largest request body accepted, in bytes (413 beyond; checked from
     #: ``content-length`` before the body is read).
     max_body_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=attrs.validators.ge(1))
-    #: Deepest nesting of JSON arrays and objects in a body.
-    max_json_depth: int = attrs.field(default=32, validator=attrs.validators.ge(1))
+    #: Deepest nesting of JSON arrays and objects in a body (at most 254, the depth
+    #: orjson writes when a body is forwarded upstream).
+    max_json_depth: int = attrs.field(
+        default=32, validator=[attrs.validators.ge(1), attrs.validators.le(254)]
+    )
+    #: JSON arrays and objects in a body, all levels together: bounds the time one
+    #: body can take to parse (two million empty arrays fit in 4 MiB).
+    max_json_containers: int = attrs.field(default=100_000, validator=attrs.validators.ge(1))
+    #: Keys of JSON objects in a body, all objects together (400,000 fit in 4 MiB).
+    max_json_keys: int = attrs.field(default=100_000, validator=attrs.validators.ge(1))
     #: Messages in one chat request.
     max_messages: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
+    #: Content parts in one chat request, all messages together.
+    max_content_parts: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
+    #: Tool calls in one chat request's messages, all messages together.
+    max_tool_calls: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
     #: Characters in one message's content (all text parts together).
     max_message_chars: int = attrs.field(default=1_000_000, validator=attrs.validators.ge(1))
     #: Choices per request (``n``).
@@ -29,3 +41,8 @@ class RequestLimits:
     max_tools: int = attrs.field(default=128, validator=attrs.validators.ge(1))
     #: Inputs in one embeddings request or prompts in one completions request.
     max_batch_inputs: int = attrs.field(default=2048, validator=attrs.validators.ge(1))
+    #: Token ids in one request's ``input`` or ``prompt``, all items together
+    #: (OpenAI's embeddings endpoint allows 300,000 tokens per request).
+    max_token_ids: int = attrs.field(default=300_000, validator=attrs.validators.ge(1))
+    #: Entries in ``logit_bias`` (OpenAI documents no bound).
+    max_logit_bias: int = attrs.field(default=1024, validator=attrs.validators.ge(1))

@@ -8,8 +8,10 @@ from .driver import Driver
 from .http import ClientDisconnected, HttpRequest, HttpServer, HttpSettings, Responder
 from .keystore import KeyInfo, KeyStore, KeyStoreError
 from .server import StartupError, run_server
+from .tokenizer import Cl100kCodec, load_cl100k
 
 __all__ = [
+    "Cl100kCodec",
     "ClientDisconnected",
     "Config",
     "ConfigError",
@@ -23,6 +25,7 @@ __all__ = [
     "Responder",
     "StartupError",
     "default_config",
+    "load_cl100k",
     "load_config",
     "parse_config",
     "run_server",

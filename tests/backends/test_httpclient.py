@@ -39,6 +39,7 @@ from tests.backends.upstream import (
     start_mock,
     start_scripted,
 )
+from tests.timers import finishes_at
 
 
 def abort(stream: trio.SocketStream) -> None:
@@ -510,21 +511,23 @@ async def test_reused_connection_failing_mid_response_is_not_retried(
 
 
 async def test_reused_connection_timing_out_is_not_retried(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:
     stats = MockStats()
+    asked = trio.Event()
 
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
         if stats.requests == 1:
             await stream.send_all(http_response(200, b"ok"))
             return True
+        asked.set()
         await trio.sleep_forever()
         return False  # pragma: no cover
 
     async with HttpClient(await start_scripted(nursery, handler, stats), read_timeout=5) as c:
         await c.request("GET", "/x")
         with pytest.raises(ReadTimeout):
-            await c.request("GET", "/x")
+            await finishes_at(mock_clock, 5, lambda: c.request("GET", "/x"), asked.wait)
     assert stats.accepted == 1
 
 
@@ -621,22 +624,27 @@ async def test_connect_timeout(
 
 
 async def test_read_timeout_before_and_during_the_body(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:
+    asked = trio.Event()
+
     async def never(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        asked.set()
         await trio.sleep_forever()
         return False  # pragma: no cover
 
     async with HttpClient(await start_scripted(nursery, never), read_timeout=7) as client:
         with pytest.raises(ReadTimeout):
-            await client.request("GET", "/x")
-        assert trio.current_time() == pytest.approx(7)
+            await finishes_at(mock_clock, 7, lambda: client.request("GET", "/x"), asked.wait)
     closed = trio.Event()
-    async with HttpClient(
-        await start_scripted(nursery, stalled_stream(closed)), read_timeout=3
-    ) as client:
+    async with (
+        HttpClient(await start_scripted(nursery, stalled_stream(closed)), read_timeout=3) as client,
+        client.stream("GET", "/s") as response,
+    ):
+        chunks = response.iter_bytes()
+        assert await chunks.__anext__() == b"abc"  # all that was sent has been read
         with pytest.raises(ReadTimeout):
-            await client.request("GET", "/s")
+            await finishes_at(mock_clock, 3, chunks.__anext__, trio.lowlevel.checkpoint)
 
 
 @pytest.mark.parametrize(

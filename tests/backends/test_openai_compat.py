@@ -44,6 +44,7 @@ from tests.backends.upstream import (
     start_mock,
     start_scripted,
 )
+from tests.timers import finishes_at
 
 Item = Delta | Usage
 
@@ -644,27 +645,34 @@ async def test_refused_port_is_unavailable() -> None:
 
 async def test_timeouts(
     nursery: trio.Nursery,
-    autojump_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    arrived = trio.Semaphore(0)
+
     async def never(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        arrived.release()
         await trio.sleep_forever()
         return False  # pragma: no cover
 
     async with backend_for(await start_scripted(nursery, never), read_timeout=30) as backend:
         with pytest.raises(BackendTimeoutError, match="did not answer"):
-            await collect(backend.chat(chat(stream=True)))
+            await finishes_at(
+                mock_clock, 30, lambda: collect(backend.chat(chat(stream=True))), arrived.acquire
+            )
         with pytest.raises(BackendTimeoutError):
-            await collect(backend.complete(completion()))
-        start = trio.current_time()
+            await finishes_at(
+                mock_clock, 30, lambda: collect(backend.complete(completion())), arrived.acquire
+            )
         with pytest.raises(BackendTimeoutError):
-            await backend.check_ready()
-        assert trio.current_time() - start == pytest.approx(5.0)
+            await finishes_at(mock_clock, 5.0, backend.check_ready, arrived.acquire)
 
     async def hang(host: str, port: int) -> trio.SocketStream:
         await trio.sleep_forever()
         raise AssertionError  # pragma: no cover
 
+    # No socket from here on: the clock may jump by itself.
+    mock_clock.autojump_threshold = 0
     monkeypatch.setattr(trio, "open_tcp_stream", hang)
     async with backend_for("http://127.0.0.1:9/v1") as backend:
         with pytest.raises(BackendTimeoutError, match="Connecting"):

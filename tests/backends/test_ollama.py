@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from ostiary.backends import ollama
 from ostiary.backends.base import Backend, Generation
 from ostiary.backends.httpclient import HttpClient
 from ostiary.backends.ollama import OllamaBackend, OllamaSettings, OllamaUpstreamError
@@ -40,7 +41,7 @@ from ostiary.protocol.requests import (
     ToolChoice,
 )
 from tests.backends.fake_ollama import FakeOllama, Fault, serve_fake_ollama
-from tests.timers import finishes_at
+from tests.timers import calls, finishes_at
 
 REPLY_TOKENS = ["The", " sky", " is", " blue", " because", " of", " Rayleigh", " scattering."]
 QUESTION = (ChatMessage(role="user", content="Why is the sky blue?"),)
@@ -425,11 +426,19 @@ async def test_generation_reuses_the_connection(backend: OllamaBackend, fake: Fa
 
 
 async def test_done_line_without_end_of_body_still_finishes(
-    backend: OllamaBackend, fake: FakeOllama, autojump_clock: trio.testing.MockClock
+    backend: OllamaBackend,
+    fake: FakeOllama,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake.fault = Fault.HANG_MID_STREAM
     fake.fault_after = 100  # every object is sent, then the body never ends
-    pieces = await collect(backend.chat(chat_request()))
+    drains = calls(monkeypatch, ollama, "_drain")
+
+    def chat() -> Awaitable[list[Delta | Usage]]:
+        return collect(backend.chat(chat_request()))
+
+    pieces = await finishes_at(mock_clock, ollama._DRAIN_SECONDS, chat, drains.acquire)
     assert pieces[-1] == Usage(5, 8)
     await fake.wait_closed(1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from ostiary.backends import openai_compat
 from ostiary.backends.base import Backend
 from ostiary.backends.openai_compat import OpenAIBackend, OpenAISettings, OpenAIUpstreamError
 from ostiary.protocol.errors import (
@@ -44,7 +45,7 @@ from tests.backends.upstream import (
     start_mock,
     start_scripted,
 )
-from tests.timers import finishes_at
+from tests.timers import calls, finishes_at, finishes_untimed
 
 Item = Delta | Usage
 
@@ -413,24 +414,33 @@ async def test_done_then_slow_end_of_body_keeps_the_connection(nursery: trio.Nur
 
 
 async def test_done_without_end_of_body_gives_up_after_a_while(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What follows [DONE] is sent once the client drains: nothing (the drain gives up
+    at exactly ``_DRAIN_SECONDS``), far too much, or garbage (it gives up at once,
+    with the clock stopped)."""
     stats = MockStats()
+    drains = calls(monkeypatch, openai_compat, "_drain")
+    sent = trio.Semaphore(0)
 
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        # Nothing after [DONE]; then far too much after it; then garbage.
         tail = [b"", sse_chunk(b"x" * 300_000), b"zz\r\n"][stats.requests - 1]
         await stream.send_all(sse_head() + sse_chunk(b"[DONE]"))
-        await trio.testing.wait_all_tasks_blocked()
+        await drains.acquire()
         await stream.send_all(tail)
+        sent.release()
         await trio.sleep_forever()
         return False  # pragma: no cover
 
     async with backend_for(await start_scripted(nursery, handler, stats)) as backend:
-        for _ in range(3):
-            start = trio.current_time()
-            assert await collect(backend.chat(chat(stream=True))) == [Usage(6, 0)]
-            assert trio.current_time() - start <= 1.0
+
+        def stream() -> Awaitable[list[Item]]:
+            return collect(backend.chat(chat(stream=True)))
+
+        drained = openai_compat._DRAIN_SECONDS
+        assert await finishes_at(mock_clock, drained, stream, sent.acquire) == [Usage(6, 0)]
+        for _ in range(2):
+            assert await finishes_untimed(stream, sent.acquire) == [Usage(6, 0)]
     assert stats.accepted == 3
 
 

@@ -47,13 +47,6 @@ def abort(stream: trio.SocketStream) -> None:
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 # -- happy paths and keep-alive --------------------------------------------------------
 
 
@@ -602,8 +595,8 @@ async def test_unread_and_incomplete_body_is_not_pooled(nursery: trio.Nursery) -
 # -- errors ---------------------------------------------------------------------------------------
 
 
-async def test_refused_port_is_a_connect_error() -> None:
-    async with HttpClient(f"http://127.0.0.1:{free_port()}") as client:
+async def test_refused_port_is_a_connect_error(closed_port: int) -> None:
+    async with HttpClient(f"http://127.0.0.1:{closed_port}") as client:
         with pytest.raises(ConnectError) as info:
             await client.request("GET", "/")
         assert not isinstance(info.value, ConnectTimeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -892,15 +891,8 @@ async def test_line_too_long_is_a_backend_error(backend: OllamaBackend, fake: Fa
         await collect(backend.chat(chat_request()))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-async def test_connection_refused_is_unavailable(fake: FakeOllama) -> None:
-    settings = make_settings(fake, base_url=f"http://127.0.0.1:{free_port()}")
+async def test_connection_refused_is_unavailable(fake: FakeOllama, closed_port: int) -> None:
+    settings = make_settings(fake, base_url=f"http://127.0.0.1:{closed_port}")
     async with OllamaBackend(settings) as backend:
         for call in (
             lambda: collect(backend.chat(chat_request())),

@@ -639,13 +639,8 @@ async def test_rate_limit_retry_after(
     assert info.value.retry_after == retry_after
 
 
-async def test_refused_port_is_unavailable() -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    async with backend_for(f"http://127.0.0.1:{port}/v1") as backend:
+async def test_refused_port_is_unavailable(closed_port: int) -> None:
+    async with backend_for(f"http://127.0.0.1:{closed_port}/v1") as backend:
         with pytest.raises(BackendUnavailableError) as info:
             await collect(backend.chat(chat(stream=True)))
         assert info.value.retry_after == 1.0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -56,17 +55,6 @@ name = "scripted"
 kind = "scripted"
 models = ["scripted"]
 """
-
-
-@pytest.fixture(scope="session")
-def closed_port() -> Iterator[int]:
-    """A loopback port that refuses connections for the whole session: a socket is
-    bound to it and never listens, so connecting gets a reset and no other process
-    can start listening there meanwhile."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        yield port
 
 
 def server_config(state_dir: Path, backends: str) -> str:

@@ -20,8 +20,9 @@ import trio.testing
 
 from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_secret
+from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
-from ostiary.runtime.driver import BackendSlots, Driver
+from ostiary.runtime.driver import Driver
 from ostiary.runtime.http import HttpServer, HttpSettings
 
 SECRET = format_secret("0123456789ab", "x" * 43)
@@ -30,12 +31,10 @@ SECRET = format_secret("0123456789ab", "x" * 43)
 def build(chunks: int) -> HttpServer:
     backend = ScriptedBackend(ScriptedSettings(models=("s",), chunks=chunks))
     keys = KeyTable.of([ApiKey("0123456789ab", "bench", "admin", digest_secret(SECRET))])
-    gateway = Gateway(routes=[ModelRoute("s", "scripted")], keys=keys)
-    slots = {"scripted": BackendSlots(1024, 1024)}
-    driver = Driver(gateway, {"scripted": backend}, slots, access_log=False)
-    return HttpServer(
-        driver, HttpSettings(), request_ids=driver.next_request_id, screen=gateway.admits
-    )
+    policy = BackendPolicy(name="scripted", max_concurrency=1024, max_queue=1024)
+    gateway = Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy])
+    driver = Driver(gateway, {"scripted": backend}, access_log=False)
+    return HttpServer(driver, HttpSettings())
 
 
 def request_bytes(stream: bool) -> bytes:

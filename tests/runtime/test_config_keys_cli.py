@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from ostiary.backends.scripted import ScriptedSettings
-from ostiary.protocol.auth import parse_key_id
+from ostiary.protocol.auth import KeyTable, parse_key_id
 from ostiary.protocol.errors import AuthenticationError
 from ostiary.runtime.cli import main
 from ostiary.runtime.config import (
@@ -215,6 +215,16 @@ def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["config", "check"]) == 1
 
 
+class Tables:
+    """Stands in for the driver: keeps the last key table it was handed."""
+
+    def __init__(self, keys: KeyTable) -> None:
+        self.keys = keys
+
+    def replace(self, keys: KeyTable) -> None:
+        self.keys = keys
+
+
 #: Virtual seconds just before a poll is due.
 EARLY = 1 / 64
 
@@ -228,13 +238,11 @@ async def test_running_server_picks_up_key_changes_at_the_next_poll(
     ``key_reload_interval`` that is within 1 s, inside the README's 2 s. The clock
     is virtual and moved by hand, the store is read inline: no real time passes or
     is measured. ``offset`` is when, after a poll, the change is made."""
-    from ostiary.protocol.gateway import Gateway
-
     every = AuthSettings().key_reload_interval
     assert every <= 2.0
     store = KeyStore(tmp_path / "k.sqlite3")
     generation, table, _ = store.load()
-    gateway = Gateway(routes=[], keys=table)
+    gateway = Tables(table)
 
     async def inline(fn: Callable[[], Any]) -> Any:
         return fn()
@@ -251,7 +259,7 @@ async def test_running_server_picks_up_key_changes_at_the_next_poll(
         return True
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_keys, store, gateway, generation, every, inline)
+        nursery.start_soon(watch_keys, store, gateway.replace, generation, every, inline)
         await advance(every)  # the first poll: nothing changed yet
         assert gateway.keys is table
         await advance(offset)
@@ -274,7 +282,6 @@ async def test_running_server_picks_up_key_changes_at_the_next_poll(
 async def test_key_watcher_survives_a_broken_store(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from ostiary.protocol.gateway import Gateway
     from tests.conftest import key_table
 
     class Broken(KeyStore):
@@ -284,9 +291,9 @@ async def test_key_watcher_survives_a_broken_store(
     async def inline(fn: Callable[[], Any]) -> Any:
         return fn()
 
-    gateway = Gateway(routes=[], keys=key_table())
+    gateway = Tables(key_table())
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_keys, Broken(tmp_path / "k"), gateway, 0, 1.0, inline)
+        nursery.start_soon(watch_keys, Broken(tmp_path / "k"), gateway.replace, 0, 1.0, inline)
         await trio.sleep(3.5)
         nursery.cancel_scope.cancel()
     assert gateway.keys == key_table()

@@ -15,10 +15,11 @@ import trio.testing
 from ostiary.backends.base import Generation
 from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.errors import BackendUnavailableError
+from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from ostiary.runtime.driver import BackendSlots, Driver
+from ostiary.runtime.driver import Driver
 from ostiary.runtime.http import HttpServer, HttpSettings
 from tests.conftest import auth_headers, chat_body, key_table
 from tests.runtime.test_http import Client
@@ -86,6 +87,7 @@ async def running(
     max_queue: int = 4,
     access_log: bool = True,
     ready_cache: float = 0.0,
+    **policy: Any,
 ) -> AsyncIterator[tuple[Any, Driver, dict[str, Any]]]:
     scripted = ScriptedBackend(ScriptedSettings(models=("s",), chunks=4))
     slow = ScriptedBackend(
@@ -99,13 +101,17 @@ async def running(
         "blocking": blocking,
     }
     routes = [ModelRoute(m, name) for name, b in backends.items() for m in b.models]
-    gateway = Gateway(routes=routes, keys=key_table())
-    slots = {name: BackendSlots(max_concurrency, max_queue) for name in backends}
+    policies = [
+        BackendPolicy(name=name, max_concurrency=max_concurrency, max_queue=max_queue, **policy)
+        for name in backends
+    ]
+    gateway = Gateway(routes=routes, keys=key_table(), backends=policies)
     driver = Driver(
-        gateway, backends, slots, access_log=access_log, ready_timeout=3, ready_cache=ready_cache
+        gateway, backends, access_log=access_log, ready_timeout=3, ready_cache=ready_cache
     )
     server = HttpServer(driver, HttpSettings())
     async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run_timers)
 
         async def connect() -> Client:
             client, srv = trio.testing.memory_stream_pair()
@@ -287,7 +293,7 @@ async def test_busy_backend_queues_then_refuses(autojump_clock: trio.testing.Moc
         )
         assert status == 503
         assert headers[b"retry-after-ms"] == b"1000"
-        assert orjson.loads(body)["error"]["code"] == "backend_busy"
+        assert orjson.loads(body)["error"]["code"] == "queue_full"
 
 
 async def test_readiness(autojump_clock: trio.testing.MockClock) -> None:
@@ -341,27 +347,109 @@ async def test_access_log_can_be_off(
 
 
 async def test_failed_final_write_is_logged_as_client_gone(
-    caplog: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from ostiary.protocol.actions import Log, Respond
-    from ostiary.runtime.http import ClientDisconnected
+    from ostiary.runtime.http import ClientDisconnected, HttpRequest
 
     class GoneResponder:
+        started = finished = False
+
         async def respond(self, *args: object) -> None:
             raise ClientDisconnected()
 
     caplog.set_level("INFO")
     async with running() as (_, driver, _):
-        actions = [
-            Respond("r1", 200, (), b"{}"),
-            Log("info", "request", {"request_id": "r1", "status": 200}),
-            Log("warning", "other", {"x": 1}),
-        ]
-        with pytest.raises(ClientDisconnected):
-            await driver._execute(actions, GoneResponder())  # type: ignore[arg-type]
+        head = ((b"authorization", auth_headers()[0][1]),)
+        admission = driver.admits("POST", "/v1/chat/completions", head, "")
+        request = HttpRequest(
+            "POST", "/v1/chat/completions", head, chat_body(model="s"), "", admission
+        )
+        await driver.handle(request, GoneResponder())  # type: ignore[arg-type]
+        assert driver.gateway.in_flight == 0
     records = [r for r in caplog.records if r.name == "ostiary.access"]
     assert [r.fields["status"] for r in records] == [499]  # type: ignore[attr-defined]
-    assert any(r.getMessage() == "other" for r in caplog.records)
+
+
+async def test_a_write_cut_by_the_send_timeout_still_leaves_one_record(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    async with running() as (_, driver, _):
+        server = HttpServer(driver, HttpSettings(send_timeout=5.0))
+        client_stream, server_stream = trio.testing.lockstep_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_connection, server_stream)
+            client = Client(client_stream)
+            # A reply far larger than what a lockstep stream takes without a reader.
+            await client.request(
+                target="/v1/completions",
+                body=orjson.dumps({"model": "s", "prompt": "x", "n": 8}),
+                authorization=auth_headers()[0][1].decode(),
+            )
+            await trio.sleep(30)  # the client never reads
+            nursery.cancel_scope.cancel()
+        assert driver.gateway.in_flight == 0
+    records = [r for r in caplog.records if r.name == "ostiary.access"]
+    assert [r.fields["status"] for r in records] == [499]  # type: ignore[attr-defined]
+
+
+async def test_queue_wait_times_out_through_the_core(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(max_concurrency=1, max_queue=2, max_queue_wait=7.0) as (
+        connect,
+        driver,
+        backends,
+    ):
+        holder = await connect()
+        await holder.request(
+            target="/v1/chat/completions",
+            body=chat_body(model="block", stream=True),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        await backends["blocking"].started.wait()
+        start = trio.current_time()
+        status, headers, body = await post(
+            await connect(), "/v1/chat/completions", chat_body(model="block")
+        )
+        assert trio.current_time() - start == pytest.approx(7.0)
+        assert (status, orjson.loads(body)["error"]["code"]) == (503, "queue_timeout")
+        assert headers[b"retry-after"] == b"1"
+        assert driver.gateway.scheduler("blocking").running == 1
+
+
+async def test_a_stalled_backend_is_cut_off_and_its_slot_serves_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(max_concurrency=1, max_queue=2, stall_timeout=3.0) as (
+        connect,
+        driver,
+        backends,
+    ):
+        stalled = await connect()
+        await stalled.request(
+            target="/v1/chat/completions",
+            body=chat_body(model="block", stream=True),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        await backends["blocking"].started.wait()
+        # Queued behind the stalled stream, on the same backend.
+        waiting = await connect()
+        await waiting.request(
+            target="/v1/chat/completions",
+            body=chat_body(model="block", stream=True),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        status, _, body = await stalled.response()
+        assert status == 200
+        error = events(body)[-1]
+        assert error["error"]["code"] == "backend_stalled"
+        assert backends["blocking"].cancelled == 1
+        # The freed slot went to the waiting request, which stalls in turn.
+        status, _, body = await waiting.response()
+        assert events(body)[0]["choices"][0]["delta"]["content"] == "first"
+        assert backends["blocking"].cancelled == 2
+        assert driver.gateway.in_flight == 0
 
 
 async def test_readiness_checks_are_cached(autojump_clock: trio.testing.MockClock) -> None:

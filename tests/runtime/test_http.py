@@ -11,6 +11,10 @@ import pytest
 import trio
 import trio.testing
 
+from ostiary.protocol.admission import Admission, refusal_error
+from ostiary.protocol.errors import AuthenticationError
+from ostiary.protocol.events import Refusal
+from ostiary.protocol.responses import error_body, error_headers
 from ostiary.runtime.http import (
     HttpRequest,
     HttpServer,
@@ -18,16 +22,36 @@ from ostiary.runtime.http import (
     Responder,
 )
 
+Header = tuple[bytes, bytes]
+
 
 class Recorder:
-    """A handler that answers with the body length, or misbehaves on request."""
+    """A handler that answers with the body length, or misbehaves on request. Heads
+    to ``/refused`` are refused (their body is never read); a ``/nobody`` route takes
+    no body; the rest may have up to ``max_body_bytes``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_body_bytes: int = 1000) -> None:
+        self.max_body_bytes = max_body_bytes
         self.requests: list[HttpRequest] = []
+        self.refusals: list[tuple[Refusal, str, str]] = []
+        self.heads = 0
         self.cancelled = 0
         self.entered = trio.Event()
 
-    async def __call__(self, request: HttpRequest, responder: Responder) -> None:
+    def admits(self, method: str, target: str, headers: tuple[Header, ...], peer: str) -> Admission:
+        self.heads += 1
+        if target == "/refused":
+            return Admission(None, 0, peer, error=AuthenticationError("no"))
+        return Admission(None, 0 if target == "/nobody" else self.max_body_bytes, peer)
+
+    async def refuse(
+        self, refusal: Refusal, responder: Responder, method: str, target: str, limit: int
+    ) -> None:
+        self.refusals.append((refusal, method, target))
+        error = refusal_error(refusal, limit)
+        await responder.respond(error.status, error_headers(error, "h1"), error_body(error))
+
+    async def handle(self, request: HttpRequest, responder: Responder) -> None:
         self.requests.append(request)
         if request.target == "/forever":
             self.entered.set()
@@ -67,14 +91,14 @@ class Client:
         data += self.conn.send(h11.EndOfMessage()) or b""
         await self.stream.send_all(data)
 
-    async def send_head(self, content_length: int) -> None:
+    async def send_head(self, content_length: int, target: str = "/") -> None:
         headers = [
             ("host", "t"),
             ("content-length", str(content_length)),
             ("expect", "100-continue"),
         ]
         await self.stream.send_all(
-            self.conn.send(h11.Request(method="POST", target="/", headers=headers)) or b""
+            self.conn.send(h11.Request(method="POST", target=target, headers=headers)) or b""
         )
 
     async def response(self) -> tuple[int, dict[bytes, bytes], bytes]:
@@ -111,8 +135,8 @@ class Client:
 async def serving(
     settings: HttpSettings | None = None, *, lockstep: bool = False, max_body_bytes: int = 1000
 ) -> AsyncIterator[tuple[HttpServer, Recorder, Any]]:
-    recorder = Recorder()
-    server = HttpServer(recorder, settings or HttpSettings(), max_body_bytes=max_body_bytes)
+    recorder = Recorder(max_body_bytes)
+    server = HttpServer(recorder, settings or HttpSettings())
 
     async with trio.open_nursery() as nursery:
 
@@ -372,43 +396,41 @@ async def test_drain_deadline_returns(autojump_clock: trio.testing.MockClock) ->
     assert recorder.cancelled == 1
 
 
-async def test_screened_request_body_is_never_read(autojump_clock: trio.testing.MockClock) -> None:
-    recorder = Recorder()
-    seen: list[tuple[str, str]] = []
-
-    def screen(method: str, target: str, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
-        seen.append((method, target))
-        return False
-
-    server = HttpServer(recorder, HttpSettings(), max_body_bytes=1000, screen=screen)
-    async with trio.open_nursery() as nursery:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        nursery.start_soon(server.serve_connection, server_stream)
-        client = Client(client_stream)
-        await client.send_head(content_length=500)  # with expect: 100-continue
+async def test_refused_request_body_is_never_read(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.send_head(content_length=500, target="/refused")  # expect: 100-continue
         status, headers, body = await client.response()
         assert status == 200  # the handler's answer, not a 100 Continue
         assert body == b"0"
         assert headers[b"connection"] == b"close"
         assert recorder.requests[0].body_skipped
-        assert seen == [("POST", "/")]
+        assert recorder.heads == 1
         assert await client.closed()
-        nursery.cancel_scope.cancel()
 
 
-async def test_screen_is_not_asked_without_a_body(autojump_clock: trio.testing.MockClock) -> None:
-    recorder = Recorder()
-    server = HttpServer(recorder, HttpSettings(), screen=lambda m, t, h: False)
-    async with trio.open_nursery() as nursery:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        nursery.start_soon(server.serve_connection, server_stream)
-        client = Client(client_stream)
+async def test_a_route_without_a_body_never_reads_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.request(method="GET", target="/nobody", body=b"x" * 900)
+        status, headers, body = await client.response()
+        assert (status, body) == (200, b"0")
+        assert headers[b"connection"] == b"close"
+        assert recorder.requests[0].body_skipped
+        assert await client.closed()
+
+
+async def test_every_head_is_judged_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
         await client.request(method="GET", target="/x")
         status, headers, _ = await client.response()
         assert status == 200
         assert b"connection" not in headers
         assert not recorder.requests[0].body_skipped
-        nursery.cancel_scope.cancel()
+        assert recorder.heads == 1
 
 
 async def test_rejected_client_still_sending_gets_the_response(

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import attrs
 
+from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -27,17 +28,45 @@ __all__ = ["Backend", "BackendSettings", "ConfiguredBackend", "Generation"]
 Generation = AsyncGenerator[Delta | Usage, None]
 
 
+_POLICY = BackendPolicy(name="")
+
+
 @attrs.frozen(kw_only=True)
 class BackendSettings:
-    """Keys every ``[[backends]]`` table has; each kind adds its own."""
+    """Keys every ``[[backends]]`` table has; each kind adds its own. The scheduling
+    and timing keys are the gateway's :class:`BackendPolicy` (same names, same
+    defaults)."""
 
     name: str
     kind: str
     models: tuple[str, ...]
     #: Requests this backend runs at once.
-    max_concurrency: int = attrs.field(default=64, validator=attrs.validators.ge(1))
-    #: Requests waiting for a slot before new ones are refused with 503.
-    max_queue: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    max_concurrency: int = attrs.field(default=_POLICY.max_concurrency)
+    #: Requests waiting for a slot before new ones are refused with 503 queue_full.
+    max_queue: int = attrs.field(default=_POLICY.max_queue)
+    #: Seconds a request may wait for a slot (then 503 queue_timeout).
+    max_queue_wait: float = attrs.field(default=_POLICY.max_queue_wait)
+    #: Seconds from dispatch to the backend's first output (then 504).
+    first_output_timeout: float = attrs.field(default=_POLICY.first_output_timeout)
+    #: Seconds allowed between two pieces of output (then 504 backend_stalled).
+    stall_timeout: float = attrs.field(default=_POLICY.stall_timeout)
+    #: Seconds from dispatch to the end of the generation (then 504).
+    total_timeout: float = attrs.field(default=_POLICY.total_timeout)
+
+    def __attrs_post_init__(self) -> None:
+        self.policy()  # the policy's validators judge the values
+
+    def policy(self) -> BackendPolicy:
+        """How the gateway schedules and times this backend."""
+        return BackendPolicy(
+            name=self.name,
+            max_concurrency=self.max_concurrency,
+            max_queue=self.max_queue,
+            max_queue_wait=self.max_queue_wait,
+            first_output_timeout=self.first_output_timeout,
+            stall_timeout=self.stall_timeout,
+            total_timeout=self.total_timeout,
+        )
 
 
 class Backend(Protocol):

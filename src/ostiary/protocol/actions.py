@@ -1,4 +1,10 @@
-"""What the core asks the runtime to do: frozen actions, each naming its request."""
+"""What the core asks the runtime to do: frozen actions.
+
+Actions about one request name it by ``request_id``; the runtime carries each out in
+that request's context, whichever event produced it (a slot freed by request A
+dispatches request B). ``Log`` and ``Count`` belong to no request and are carried out
+at once.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = [
     "Action",
+    "BackendCall",
     "CancelBackend",
     "CheckReadiness",
+    "Count",
     "Dispatch",
     "EndStream",
     "Log",
@@ -26,12 +34,15 @@ BackendCall = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 
 @attrs.frozen
 class Respond:
-    """Send a complete response (the runtime adds ``content-length``)."""
+    """Send a complete response (the runtime adds ``content-length``), then report
+    :class:`~ostiary.protocol.events.ResponseSent` or ``ClientGone``. ``close``: close
+    the connection after it."""
 
     request_id: str
     status: int
     headers: tuple[Header, ...]
     body: bytes
+    close: bool = False
 
 
 @attrs.frozen
@@ -51,12 +62,15 @@ class SendBytes:
 
 @attrs.frozen
 class EndStream:
+    """End the streamed response, then report ``ResponseSent`` or ``ClientGone``."""
+
     request_id: str
 
 
 @attrs.frozen
 class Dispatch:
-    """Run ``call`` on backend ``backend`` and report back with events."""
+    """Start ``call`` on backend ``backend`` in the request's context and report
+    what it produces with events (fire and report)."""
 
     request_id: str
     backend: str
@@ -65,6 +79,8 @@ class Dispatch:
 
 @attrs.frozen
 class CancelBackend:
+    """Stop the request's backend call now; its output is no longer wanted."""
+
     request_id: str
 
 
@@ -79,9 +95,28 @@ class Log:
 
     level: str
     message: str
-    fields: dict[str, Any] = attrs.field(factory=dict, eq=False)
+    fields: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Count:
+    """One observation for metrics: ``name`` with ``labels`` (bounded: model ids
+    come from the config, never from a client), by ``value`` (a counter's increment
+    or a histogram's sample)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    value: float = 1.0
 
 
 Action = (
-    Respond | StartStream | SendBytes | EndStream | Dispatch | CancelBackend | CheckReadiness | Log
+    Respond
+    | StartStream
+    | SendBytes
+    | EndStream
+    | Dispatch
+    | CancelBackend
+    | CheckReadiness
+    | Log
+    | Count
 )

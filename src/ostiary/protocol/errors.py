@@ -14,6 +14,7 @@ __all__ = [
     "BackendError",
     "BackendTimeoutError",
     "BackendUnavailableError",
+    "HeadersTooLargeError",
     "InternalServerError",
     "InvalidRequestError",
     "MethodNotAllowedError",
@@ -21,6 +22,7 @@ __all__ = [
     "OpenAIError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RequestTimeoutError",
     "RequestTooLargeError",
     "ServiceUnavailableError",
 ]
@@ -85,12 +87,37 @@ class NotFoundError(OpenAIError):
 
 
 class MethodNotAllowedError(OpenAIError):
+    """``allow`` lists the methods the path does take (the ``Allow`` header)."""
+
     status = 405
     type = "invalid_request_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        allow: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.allow = allow
 
 
 class RequestTooLargeError(OpenAIError):
     status = 413
+    type = "invalid_request_error"
+
+
+class RequestTimeoutError(OpenAIError):
+    """The client did not send its request in time."""
+
+    status = 408
+    type = "invalid_request_error"
+
+
+class HeadersTooLargeError(OpenAIError):
+    status = 431
     type = "invalid_request_error"
 
 

@@ -1,13 +1,18 @@
-"""What the runtime tells the core: frozen events, each naming its request.
+"""What the runtime tells the core: frozen events.
 
-``now`` is monotonic seconds from the runtime's one clock; the core never reads a
-clock of its own.
+Every event carries ``now``, monotonic seconds from the runtime's one clock; events
+that start an exchange carry ``wall`` too (Unix seconds, for ``created`` and, later,
+token and key expiry). The core never reads a clock of its own. Events about one
+request name it by ``request_id``, the id the runtime drew for it (Ostiary's own:
+a client's ``x-request-id`` is never used as a key).
 """
 
 from __future__ import annotations
 
 import attrs
 
+from .admission import Admission, Refusal
+from .auth import KeyTable
 from .errors import OpenAIError
 from .generation import Delta, EmbeddingResult, Usage
 
@@ -18,8 +23,14 @@ __all__ = [
     "ClientGone",
     "EmbeddingsComputed",
     "Event",
+    "KeysReplaced",
     "ReadinessChecked",
+    "Refusal",
     "RequestReceived",
+    "RequestRefused",
+    "ResponseSent",
+    "ShutdownStarted",
+    "Tick",
 ]
 
 Header = tuple[bytes, bytes]
@@ -27,17 +38,32 @@ Header = tuple[bytes, bytes]
 
 @attrs.frozen
 class RequestReceived:
-    """A complete HTTP request. Header names are lower-case bytes (as h11 gives them)."""
+    """A complete HTTP request. Header names are lower-case bytes (as h11 gives
+    them); ``admission`` is what :meth:`Gateway.admits` said of its head."""
 
     request_id: str
+    admission: Admission
     method: str
     target: str
     headers: tuple[Header, ...]
     body: bytes
     now: float
-    #: Unix seconds, for the ``created`` field of responses.
-    created: int
-    client: str = ""
+    wall: float
+
+
+@attrs.frozen
+class RequestRefused:
+    """The HTTP layer refused a request before it was whole. ``method`` and
+    ``target`` are empty when not even the request line could be read."""
+
+    request_id: str
+    refusal: Refusal
+    now: float
+    wall: float
+    method: str = ""
+    target: str = ""
+    #: The byte limit that was exceeded (head or body), for the message.
+    limit: int = 0
 
 
 @attrs.frozen
@@ -46,6 +72,7 @@ class BackendChunk:
 
     request_id: str
     pieces: tuple[Delta | Usage, ...]
+    now: float
 
 
 @attrs.frozen
@@ -66,13 +93,22 @@ class EmbeddingsComputed:
 @attrs.frozen
 class BackendFailed:
     request_id: str
-    error: OpenAIError
-    now: float
+    error: OpenAIError = attrs.field(eq=False)
+    now: float = 0.0
 
 
 @attrs.frozen
 class ClientGone:
-    """The client closed its connection before the response was complete."""
+    """The client left, or a write to it failed or timed out, before the exchange's
+    last byte was sent."""
+
+    request_id: str
+    now: float
+
+
+@attrs.frozen
+class ResponseSent:
+    """The last byte of the response (``Respond`` or ``EndStream``) was written."""
 
     request_id: str
     now: float
@@ -87,12 +123,39 @@ class ReadinessChecked:
     now: float
 
 
+@attrs.frozen
+class Tick:
+    """The time the core asked to be woken at (:meth:`Gateway.next_deadline`) came."""
+
+    now: float
+
+
+@attrs.frozen
+class KeysReplaced:
+    """The key store changed: authenticate against ``keys`` from now on."""
+
+    keys: KeyTable
+    now: float
+
+
+@attrs.frozen
+class ShutdownStarted:
+    """The server is draining: queued requests are refused, running ones finish."""
+
+    now: float
+
+
 Event = (
     RequestReceived
+    | RequestRefused
     | BackendChunk
     | BackendFinished
     | EmbeddingsComputed
     | BackendFailed
     | ClientGone
+    | ResponseSent
     | ReadinessChecked
+    | Tick
+    | KeysReplaced
+    | ShutdownStarted
 )

@@ -1,18 +1,31 @@
-"""The gateway: the sans-IO state machine at the heart of Ostiary.
+"""The gateway: the sans-IO state machine at the heart of Ostiary, and the one place
+of policy.
 
-Events in (:mod:`.events`), actions out (:mod:`.actions`). For each request it routes,
-authenticates, decodes and validates, picks the backend by model and asks the runtime
-to dispatch; then it turns the backend's output into an OpenAI response or SSE stream
-and finishes the exchange exactly once, with one access-log record.
+Events in (:mod:`.events`), actions out (:mod:`.actions`). It judges heads
+(:meth:`Gateway.admits`), then for each request routes, authenticates, decodes and
+validates it, picks the backend by model, takes a slot or a place in that backend's
+queue (:mod:`.scheduler`), and asks the runtime to dispatch; it turns the backend's
+output into an OpenAI response or SSE stream, times the call out when it is slow,
+frees the slot (dispatching the next queued request in the same call) and finishes
+the exchange exactly once, with one access-log record, when the runtime reports
+the last byte written or the client gone. Every error body and ``retry-after`` is
+rendered here; so are the HTTP layer's own refusals (:class:`RequestRefused`).
 
-Same events in the same order give the same actions: the gateway reads no clock, does
-no I/O and draws no randomness (request ids and times come in with the events).
+Timers in the aioquic manner: :meth:`Gateway.next_deadline` says when the gateway
+next needs to be woken, and the runtime then feeds it a :class:`Tick`.
+
+Same events in the same order give the same actions: the gateway reads no clock,
+does no I/O and draws no randomness (request ids and times come in with events).
+
+The walk of a request through runtime and core is written down in
+``docs/request-walk.md``.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import attrs
 import orjson
@@ -23,6 +36,7 @@ from .actions import (
     BackendCall,
     CancelBackend,
     CheckReadiness,
+    Count,
     Dispatch,
     EndStream,
     Log,
@@ -30,13 +44,19 @@ from .actions import (
     SendBytes,
     StartStream,
 )
+from .admission import (
+    PUBLIC,
+    WITH_BODY,
+    Admission,
+    Endpoint,
+    authorization_header,
+    refusal_error,
+    route,
+)
 from .auth import ApiKey, KeyTable
 from .errors import (
-    AuthenticationError,
-    MethodNotAllowedError,
     NotFoundError,
     OpenAIError,
-    RequestTooLargeError,
     ServiceUnavailableError,
 )
 from .events import (
@@ -46,66 +66,58 @@ from .events import (
     ClientGone,
     EmbeddingsComputed,
     Event,
+    KeysReplaced,
     ReadinessChecked,
     RequestReceived,
+    RequestRefused,
+    ResponseSent,
+    ShutdownStarted,
+    Tick,
 )
+from .exchange import BackendPolicy, Exchange, ExchangeState
 from .generation import Delta, Usage
 from .request_limits import RequestLimits
-from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .requests import ChatCompletionRequest, EmbeddingRequest
 from .responses import (
+    JSON_CONTENT,
     ChoiceAccumulator,
+    completion_body,
     encode_embeddings,
     encode_model,
     encode_models,
     error_body,
-    usage_dict,
+    error_headers,
 )
+from .scheduler import FifoScheduler, Scheduler, Submitted, Ticket
 from .sse import SseEncoder, sse_error
+from .timers import CallTimers
 
-__all__ = ["Endpoint", "ExchangeState", "Gateway", "ModelRoute"]
-
-
-class Endpoint(enum.Enum):
-    CHAT = "chat.completions"
-    COMPLETIONS = "completions"
-    EMBEDDINGS = "embeddings"
-    MODELS = "models.list"
-    MODEL = "models.retrieve"
-    HEALTH = "healthz"
-    READY = "readyz"
-
-
-class ExchangeState(enum.Enum):
-    DISPATCHED = "dispatched"  # waiting for the backend's first output
-    STREAMING = "streaming"  # response headers sent, events flowing
-    CHECKING = "checking"  # /readyz waiting for the runtime's backend checks
-
-
-#: method → endpoint, for the fixed paths.
-_ROUTES: dict[str, tuple[str, Endpoint]] = {
-    "/v1/chat/completions": ("POST", Endpoint.CHAT),
-    "/v1/completions": ("POST", Endpoint.COMPLETIONS),
-    "/v1/embeddings": ("POST", Endpoint.EMBEDDINGS),
-    "/v1/models": ("GET", Endpoint.MODELS),
-    "/healthz": ("GET", Endpoint.HEALTH),
-    "/readyz": ("GET", Endpoint.READY),
-}
-_MODEL_PREFIX = "/v1/models/"
-_PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY})
-#: Seconds a 429 or 503 asks the client to wait when its cause names no time.
-_DEFAULT_RETRY_AFTER = 1.0
+__all__ = [
+    "TRANSITIONS",
+    "BackendPolicy",
+    "Endpoint",
+    "ExchangeState",
+    "Gateway",
+    "GatewayUsageError",
+    "ModelRoute",
+]
 
 _DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits], BackendCall]] = {
     Endpoint.CHAT: decoding.decode_chat,
     Endpoint.COMPLETIONS: decoding.decode_completion,
     Endpoint.EMBEDDINGS: decoding.decode_embedding,
 }
-
-_JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
 )
+#: 499: nginx's "client closed request"; only ever seen in our logs.
+CLIENT_GONE = 499
+
+
+class GatewayUsageError(Exception):
+    """The runtime fed an event that is wrong for the exchange's state (or names no
+    exchange): a bug in the runtime, never a client's doing."""
 
 
 @attrs.frozen
@@ -117,82 +129,15 @@ class ModelRoute:
     owned_by: str = "ostiary"
 
 
-def route(method: str, target: str) -> tuple[Endpoint, str | None]:
-    """The endpoint for a request line, and the model id for ``/v1/models/{id}``."""
-    path = target.partition("?")[0]
-    entry = _ROUTES.get(path)
-    if entry is not None:
-        allowed, endpoint = entry
-        model = None
-    elif path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
-        allowed, endpoint = "GET", Endpoint.MODEL
-        model = _percent_decode(path[len(_MODEL_PREFIX) :])
-    else:
-        raise NotFoundError(f"Invalid URL ({method} {path})", code="unknown_url")
-    if method != allowed and not (allowed == "GET" and method == "HEAD"):
-        raise MethodNotAllowedError(
-            f"Method {method} is not allowed for {path}; use {allowed}.",
-            code="method_not_allowed",
-        )
-    return endpoint, model
-
-
-def _percent_decode(text: str) -> str:
-    if "%" not in text:
-        return text
-    out = bytearray()
-    i = 0
-    raw = text.encode("utf-8")
-    while i < len(raw):
-        if raw[i] == 0x25 and _is_hex(raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "replace")
-
-
-def _is_hex(pair: bytes) -> bool:
-    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
-
-
-def _authorization(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
-    """The one ``authorization`` header; two are refused (a proxy in front might
-    read the other one)."""
-    found = None
-    for key, value in headers:
-        if key == b"authorization":
-            if found is not None:
-                raise AuthenticationError(
-                    "Send exactly one Authorization header.", code="invalid_api_key"
-                )
-            found = value
-    return found
-
-
-@attrs.define(slots=True)
-class _Exchange:
-    request_id: str
-    endpoint: Endpoint
-    method: str
-    path: str
-    started: float
-    key: ApiKey | None = None
-    call: BackendCall | None = None
-    state: ExchangeState = ExchangeState.DISPATCHED
-    encoder: SseEncoder | None = None
-    collected: ChoiceAccumulator | None = None
-    usage: Usage | None = None
-    created: int = 0
-
-
 class Gateway:
-    """Routes, authenticates, validates and dispatches requests; encodes responses.
+    """Routes, authenticates, validates, schedules and dispatches requests; encodes
+    responses; times backend calls. See the module docstring.
 
-    ``routes`` lists every model a client may ask for; ``keys`` is the current key
-    table (replace it with :attr:`keys` when the store changes); ``created`` is the
-    ``created`` time reported for models.
+    ``routes`` lists every model a client may ask for; ``backends`` gives each
+    backend's policy (one with the defaults is made for a backend a route names and
+    this does not); ``keys`` is the key table (replace it with a
+    :class:`KeysReplaced` event); ``created`` is the ``created`` time reported for
+    models; ``scheduler`` builds the queue in front of each backend.
     """
 
     def __init__(
@@ -200,122 +145,150 @@ class Gateway:
         *,
         routes: Iterable[ModelRoute],
         keys: KeyTable,
+        backends: Iterable[BackendPolicy] = (),
         limits: RequestLimits | None = None,
         created: int = 0,
+        scheduler: Callable[[BackendPolicy], Scheduler] | None = None,
     ) -> None:
         self._routes = {r.model: r for r in routes}
-        self.keys = keys
+        self._keys = keys
+        self._keys_version = 0
         self.limits = limits if limits is not None else RequestLimits()
         self._created = created
-        self._exchanges: dict[str, _Exchange] = {}
-        self._admitted: tuple[bytes | None, KeyTable, ApiKey] | None = None
+        policies = {p.name: p for p in backends}
+        for r in self._routes.values():
+            policies.setdefault(r.backend, BackendPolicy(name=r.backend))
+        self._policies: Mapping[str, BackendPolicy] = policies
+        make = scheduler if scheduler is not None else _fifo
+        self._schedulers: dict[str, Scheduler] = {n: make(p) for n, p in policies.items()}
+        self._exchanges: dict[str, Exchange] = {}
+        #: (deadline, seq, request_id) of running backend calls; an entry may be
+        #: earlier than the call's real deadline (then it is pushed again) or stale
+        #: (its exchange ended), never later. Compacted when mostly stale.
+        self._timers = CallTimers()
+        self._shutting_down = False
+        #: Metric labels by (endpoint, model, status): bounded by the config.
+        self._labels: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    # -- what the runtime may ask --------------------------------------------------
 
     @property
     def in_flight(self) -> int:
         """Exchanges started and not yet finished."""
         return len(self._exchanges)
 
-    def admits(self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
-        """Whether a request's body is worth reading, judged from its head alone:
-        a known route, and valid credentials where the route needs them. A refused
-        request still goes through :meth:`handle` (with no body) for its answer."""
-        try:
-            endpoint, _ = route(method, target)
-            if endpoint not in _PUBLIC:
-                authorization = _authorization(headers)
-                key = self.keys.authenticate(authorization)
-                # The same header object comes back with the whole request: no
-                # second hash for it (identity, never a comparison of contents).
-                self._admitted = (authorization, self.keys, key)
-        except OpenAIError:
-            return False
-        return True
-
-    def _authenticate(self, headers: tuple[tuple[bytes, bytes], ...]) -> ApiKey:
-        authorization = _authorization(headers)
-        admitted = self._admitted
-        if admitted is not None and admitted[0] is authorization and admitted[1] is self.keys:
-            self._admitted = None
-            return admitted[2]
-        return self.keys.authenticate(authorization)
+    @property
+    def keys(self) -> KeyTable:
+        return self._keys
 
     def state_of(self, request_id: str) -> ExchangeState | None:
         exchange = self._exchanges.get(request_id)
         return exchange.state if exchange is not None else None
 
-    def handle(self, event: Event) -> list[Action]:
-        """Feed one event; get the actions it calls for, in order."""
-        if isinstance(event, BackendChunk):
-            return self._on_chunk(event)
-        if isinstance(event, RequestReceived):
-            return self._on_request(event)
-        exchange = self._exchanges.get(event.request_id)
-        if exchange is None:
-            return []  # late news about a finished exchange
-        if isinstance(event, BackendFinished):
-            return self._on_finished(exchange, event.now)
-        if isinstance(event, EmbeddingsComputed):
-            return self._on_embeddings(exchange, event)
-        if isinstance(event, BackendFailed):
-            return self._fail(exchange, event.error, event.now)
-        if isinstance(event, ClientGone):
-            return self._on_client_gone(exchange, event.now)
-        return self._on_readiness(exchange, event)
+    def scheduler(self, backend: str) -> Scheduler:
+        return self._schedulers[backend]
 
-    # -- requests ------------------------------------------------------------------
+    def next_deadline(self) -> float:
+        """When the gateway next needs a :class:`Tick` (``inf``: no timer pending)."""
+        soonest = self._timers.next_deadline()
+        for scheduler in self._schedulers.values():
+            deadline = scheduler.next_deadline()
+            soonest = min(soonest, deadline)
+        return soonest
+
+    def admits(
+        self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...], peer: str = ""
+    ) -> Admission:
+        """Judge a request from its head alone (see :class:`Admission`): the route,
+        the credentials where the route needs them, and the body it may have."""
+        try:
+            endpoint, model_id = route(method, target)
+        except OpenAIError as error:
+            return Admission(None, 0, peer, error=error)
+        if endpoint in PUBLIC:
+            return Admission(endpoint, 0, peer)
+        try:
+            key = self._keys.authenticate(authorization_header(headers))
+        except OpenAIError as error:
+            return Admission(endpoint, 0, peer, error=error)
+        max_body = self.limits.max_body_bytes if endpoint in WITH_BODY else 0
+        return Admission(endpoint, max_body, peer, key, model_id, None, self._keys_version)
+
+    def handle(self, event: Event) -> list[Action]:
+        """Feed one event; get the actions it calls for, in order. An event that is
+        wrong for its exchange's state raises :class:`GatewayUsageError`."""
+        kind = type(event)
+        start = _STARTS.get(kind)
+        if start is not None:
+            return start(self, event)
+        request_id: str = event.request_id  # type: ignore[union-attr]
+        exchange = self._exchanges.get(request_id)
+        if exchange is None:
+            raise GatewayUsageError(f"{kind.__name__} for no exchange: {request_id!r}")
+        transition = TRANSITIONS.get((exchange.state, kind))
+        if transition is None:
+            raise GatewayUsageError(
+                f"{kind.__name__} is not valid for {request_id!r} in state {exchange.state.name}"
+            )
+        return transition(self, exchange, event)
+
+    # -- exchanges begin -----------------------------------------------------------
+
+    def _new_exchange(
+        self, request_id: str, endpoint: Endpoint | None, method: str, target: str, now: float
+    ) -> Exchange:
+        if request_id in self._exchanges:
+            raise GatewayUsageError(f"request id {request_id!r} is already in flight")
+        exchange = Exchange(
+            request_id, endpoint, method, target.partition("?")[0], now, self._created
+        )
+        self._exchanges[request_id] = exchange
+        return exchange
 
     def _on_request(self, event: RequestReceived) -> list[Action]:
-        path = event.target.partition("?")[0]
-        exchange = _Exchange(
-            request_id=event.request_id,
-            endpoint=Endpoint.HEALTH,
-            method=event.method,
-            path=path,
-            started=event.now,
-            created=event.created,
+        admission = event.admission
+        exchange = self._new_exchange(
+            event.request_id, admission.endpoint, event.method, event.target, event.now
         )
-        if event.request_id in self._exchanges:
-            raise ValueError(f"request id {event.request_id!r} is already in flight")
+        exchange.created = int(event.wall)
         try:
-            endpoint, model_id = route(event.method, event.target)
-            exchange.endpoint = endpoint
+            if admission.error is not None:
+                raise admission.error
+            endpoint = admission.endpoint
             if endpoint is Endpoint.HEALTH:
-                return self._finish(exchange, 200, b'{"status":"ok"}', event.now)
+                return [self._respond(exchange, 200, b'{"status":"ok"}')]
             if endpoint is Endpoint.READY:
                 exchange.state = ExchangeState.CHECKING
-                self._exchanges[event.request_id] = exchange
                 return [CheckReadiness(event.request_id)]
-            exchange.key = self._authenticate(event.headers)
+            exchange.principal = self._principal(admission, event.headers)
             if endpoint is Endpoint.MODELS:
                 models = (self._model_dict(r) for r in self._routes.values())
-                return self._finish(exchange, 200, encode_models(models), event.now)
+                return [self._respond(exchange, 200, encode_models(models))]
             if endpoint is Endpoint.MODEL:
-                assert model_id is not None
-                found = self._find_model(model_id)
-                return self._finish(exchange, 200, orjson.dumps(self._model_dict(found)), event.now)
-            if len(event.body) > self.limits.max_body_bytes:
-                raise RequestTooLargeError(
-                    f"The request body is larger than {self.limits.max_body_bytes} bytes.",
-                    code="request_too_large",
-                )
+                assert admission.model_id is not None
+                found = self._find_model(admission.model_id)
+                return [self._respond(exchange, 200, orjson.dumps(self._model_dict(found)))]
+            assert endpoint is not None
             call = _DECODERS[endpoint](event.body, self.limits)
             target = self._find_model(call.model)
+            if self._shutting_down:
+                raise _shutting_down()
         except OpenAIError as error:
-            return self._error(exchange, error, event.now)
+            return [self._error(exchange, error)]
         exchange.call = call
-        self._exchanges[event.request_id] = exchange
-        if not isinstance(call, EmbeddingRequest) and call.stream:
-            is_chat = isinstance(call, ChatCompletionRequest)
-            exchange.encoder = SseEncoder(
-                response_id=_response_id(call, event.request_id),
-                created=event.created,
-                model=call.model,
-                chat=is_chat,
-                include_usage=call.include_usage,
-            )
-        else:
-            exchange.collected = ChoiceAccumulator()
-        return [Dispatch(event.request_id, target.backend, call)]
+        return self._schedule(exchange, target.backend, event.now)
+
+    def _principal(self, admission: Admission, headers: tuple[tuple[bytes, bytes], ...]) -> ApiKey:
+        key = admission.principal
+        if key is None or admission.keys_version != self._keys_version:
+            # Judged by an older key table (or not at all): judge again.
+            key = self._keys.authenticate(authorization_header(headers))
+        return key
+
+    def _on_refused(self, event: RequestRefused) -> list[Action]:
+        exchange = self._new_exchange(event.request_id, None, event.method, event.target, event.now)
+        exchange.created = int(event.wall)
+        return [self._error(exchange, refusal_error(event.refusal, event.limit))]
 
     def _find_model(self, model_id: str) -> ModelRoute:
         found = self._routes.get(model_id)
@@ -330,12 +303,121 @@ class Gateway:
     def _model_dict(self, r: ModelRoute) -> dict[str, object]:
         return encode_model(r.model, created=self._created, owned_by=r.owned_by)
 
-    # -- backend output ------------------------------------------------------------
+    # -- slots and the queue ---------------------------------------------------------
 
-    def _on_chunk(self, event: BackendChunk) -> list[Action]:
-        exchange = self._exchanges.get(event.request_id)
-        if exchange is None:
+    def _schedule(self, exchange: Exchange, backend: str, now: float) -> list[Action]:
+        policy = self._policies[backend]
+        exchange.policy = policy
+        call = exchange.call
+        assert call is not None
+        if not isinstance(call, EmbeddingRequest) and call.stream:
+            exchange.encoder = SseEncoder(
+                response_id=_response_id(call, exchange.request_id),
+                created=exchange.created,
+                model=call.model,
+                chat=isinstance(call, ChatCompletionRequest),
+                include_usage=call.include_usage,
+            )
+        else:
+            exchange.collected = ChoiceAccumulator()
+        key = exchange.principal
+        ticket = Ticket(
+            exchange.request_id,
+            principal=key.id if key is not None else "",
+            deadline=now + policy.max_queue_wait,
+        )
+        scheduler = self._schedulers[backend]
+        outcome = scheduler.submit(ticket, now)
+        if outcome is Submitted.RUNNING:
+            return [self._dispatch(exchange, now)]
+        if outcome is Submitted.QUEUED:
+            exchange.state = ExchangeState.QUEUED
             return []
+        error = ServiceUnavailableError(
+            "The model's queue is full; retry shortly.",
+            code="queue_full",
+            retry_after=_estimated_wait(scheduler),
+        )
+        return [self._error(exchange, error)]
+
+    def _dispatch(self, exchange: Exchange, now: float) -> Dispatch:
+        exchange.state = ExchangeState.RUNNING
+        exchange.dispatched = now
+        policy = exchange.policy
+        call = exchange.call
+        assert policy is not None and call is not None
+        # No deadline of this call can come sooner than this (the stall deadline
+        # counts from output that comes after dispatch): one timer entry per call.
+        live = self._exchanges
+        self._timers.push(now + policy.earliest_timeout, exchange.request_id, live, len(live))
+        return Dispatch(exchange.request_id, policy.name, call)
+
+    def _release(self, exchange: Exchange, now: float) -> list[Action]:
+        """Free the exchange's slot; dispatch whoever is next (in this same call)."""
+        policy = exchange.policy
+        assert policy is not None
+        actions: list[Action] = []
+        for ticket in self._schedulers[policy.name].release(exchange.request_id, now):
+            waiting = self._exchanges[ticket.request_id]
+            actions.append(self._dispatch(waiting, now))
+            labels = (("backend", policy.name),)
+            actions.append(Count("ostiary_queue_wait_seconds", labels, now - waiting.started))
+        return actions
+
+    # -- events that belong to no exchange ------------------------------------------
+
+    def _on_tick(self, event: Tick) -> list[Action]:
+        now = event.now
+        actions: list[Action] = []
+        for scheduler in self._schedulers.values():
+            if scheduler.next_deadline() > now:
+                continue
+            for ticket in scheduler.expire(now):
+                exchange = self._exchanges[ticket.request_id]
+                error = ServiceUnavailableError(
+                    "The request waited too long for the model; retry shortly.",
+                    code="queue_timeout",
+                    retry_after=_estimated_wait(scheduler),
+                )
+                actions.append(self._error(exchange, error))
+        live = self._exchanges
+        for request_id in list(self._timers.due(now)):
+            timed = live.get(request_id)
+            if timed is None or not timed.running:
+                continue
+            deadline = timed.deadline()
+            if deadline > now:
+                self._timers.push(deadline, request_id, live, len(live))
+                continue
+            actions.extend(self._stop(timed, timed.timeout_error(now), now))
+        return actions
+
+    def _on_keys(self, event: KeysReplaced) -> list[Action]:
+        self._keys = event.keys
+        self._keys_version += 1
+        return [Log("info", "reloaded API keys", {"active_keys": len(event.keys.keys)})]
+
+    def _on_shutdown(self, event: ShutdownStarted) -> list[Action]:
+        self._shutting_down = True
+        actions: list[Action] = []
+        for scheduler in self._schedulers.values():
+            for ticket in scheduler.drain():
+                actions.append(self._error(self._exchanges[ticket.request_id], _shutting_down()))
+        return actions
+
+    # -- backend output --------------------------------------------------------------
+
+    def _on_chunk(self, exchange: Exchange, event: BackendChunk) -> list[Action]:
+        actions: list[Action] = []
+        if exchange.last_output == -math.inf:
+            exchange.last_output = event.now
+            call = exchange.call
+            assert call is not None
+            labels = (("model", call.model),)
+            wait = event.now - exchange.dispatched
+            actions.append(Count("ostiary_time_to_first_token_seconds", labels, wait))
+        else:
+            exchange.last_output = event.now
         deltas: list[Delta] = []
         for piece in event.pieces:
             if isinstance(piece, Usage):
@@ -345,74 +427,93 @@ class Gateway:
         encoder = exchange.encoder
         if encoder is None:
             collected = exchange.collected
-            if collected is None:
-                return []  # an embeddings or readiness exchange gets no chunks
+            assert collected is not None
             for delta in deltas:
                 collected.add(delta)
-            return []
+            return actions
         if not deltas:
-            return []
-        actions: list[Action] = []
-        if exchange.state is ExchangeState.DISPATCHED:
+            return actions
+        if exchange.state is ExchangeState.RUNNING:
             exchange.state = ExchangeState.STREAMING
             actions.append(StartStream(exchange.request_id, 200, self._stream_headers(exchange)))
         actions.append(SendBytes(exchange.request_id, encoder.encode(deltas)))
         return actions
 
-    def _stream_headers(self, exchange: _Exchange) -> tuple[tuple[bytes, bytes], ...]:
+    def _stream_headers(self, exchange: Exchange) -> tuple[tuple[bytes, bytes], ...]:
         return (*_SSE_HEADERS, (b"x-request-id", exchange.request_id.encode()))
 
-    def _on_finished(self, exchange: _Exchange, now: float) -> list[Action]:
+    def _on_finished(self, exchange: Exchange, event: BackendFinished) -> list[Action]:
         call = exchange.call
-        if call is None or isinstance(call, EmbeddingRequest):
-            return self._fail(exchange, _no_output(), now)
+        if isinstance(call, EmbeddingRequest):
+            return self._stop(exchange, _no_output(), event.now, cancel=False)
+        assert call is not None
+        actions = self._release(exchange, event.now)
         usage = exchange.usage if exchange.usage is not None else Usage(prompt_tokens=0)
+        exchange.usage = usage
         encoder = exchange.encoder
         if encoder is not None:
-            actions: list[Action] = []
-            if exchange.state is ExchangeState.DISPATCHED:
-                exchange.state = ExchangeState.STREAMING
+            if exchange.state is ExchangeState.RUNNING:
                 actions.append(
                     StartStream(exchange.request_id, 200, self._stream_headers(exchange))
                 )
             actions.append(SendBytes(exchange.request_id, encoder.usage(usage) + encoder.done()))
             actions.append(EndStream(exchange.request_id))
-            actions.append(self._access_log(exchange, 200, now))
-            del self._exchanges[exchange.request_id]
+            exchange.state = ExchangeState.SENDING
+            exchange.status = 200
             return actions
         collected = exchange.collected
         assert collected is not None
-        is_chat = isinstance(call, ChatCompletionRequest)
-        body: dict[str, object] = {
-            "id": _response_id(call, exchange.request_id),
-            "object": "chat.completion" if is_chat else "text_completion",
-            "created": exchange.created,
-            "model": call.model,
-            "choices": collected.chat_choices() if is_chat else collected.text_choices(),
-            "usage": usage_dict(usage),
-        }
-        return self._finish(exchange, 200, orjson.dumps(body), now)
+        body = completion_body(
+            call, _response_id(call, exchange.request_id), exchange.created, collected, usage
+        )
+        actions.append(self._respond(exchange, 200, body))
+        return actions
 
-    def _on_embeddings(self, exchange: _Exchange, event: EmbeddingsComputed) -> list[Action]:
+    def _on_embeddings(self, exchange: Exchange, event: EmbeddingsComputed) -> list[Action]:
         call = exchange.call
         if not isinstance(call, EmbeddingRequest):
-            return self._fail(exchange, _no_output(), event.now)
+            return self._stop(exchange, _no_output(), event.now, cancel=False)
+        actions = self._release(exchange, event.now)
         exchange.usage = event.result.usage
         body = encode_embeddings(
             event.result, model=call.model, encoding_format=call.encoding_format
         )
-        return self._finish(exchange, 200, body, event.now)
-
-    def _on_client_gone(self, exchange: _Exchange, now: float) -> list[Action]:
-        del self._exchanges[exchange.request_id]
-        actions: list[Action] = []
-        if exchange.call is not None:
-            actions.append(CancelBackend(exchange.request_id))
-        # 499: nginx's "client closed request"; only ever seen in our logs.
-        actions.append(self._access_log(exchange, 499, now))
+        actions.append(self._respond(exchange, 200, body))
         return actions
 
-    def _on_readiness(self, exchange: _Exchange, event: ReadinessChecked) -> list[Action]:
+    def _on_failed(self, exchange: Exchange, event: BackendFailed) -> list[Action]:
+        return self._stop(exchange, event.error, event.now, cancel=False)
+
+    def _stop(
+        self, exchange: Exchange, error: OpenAIError, now: float, *, cancel: bool = True
+    ) -> list[Action]:
+        """End a running (or checking) exchange with ``error``: cancel its backend
+        call if it may still run, free its slot, tell the client."""
+        actions: list[Action] = []
+        if cancel:
+            exchange.cancelled = True
+            actions.append(CancelBackend(exchange.request_id))
+        if exchange.running:
+            actions.extend(self._release(exchange, now))
+        if exchange.state is ExchangeState.STREAMING:
+            exchange.state = ExchangeState.SENDING
+            exchange.status = error.status
+            exchange.error = error
+            actions.append(SendBytes(exchange.request_id, sse_error(error)))
+            actions.append(EndStream(exchange.request_id))
+            return actions
+        actions.append(self._error(exchange, error))
+        return actions
+
+    def _on_late_output(self, exchange: Exchange, event: Event) -> list[Action]:
+        """Backend news after the gateway cancelled the call: expected, ignored."""
+        if not exchange.cancelled:
+            raise GatewayUsageError(
+                f"{type(event).__name__} after the response of {exchange.request_id!r}"
+            )
+        return []
+
+    def _on_readiness(self, exchange: Exchange, event: ReadinessChecked) -> list[Action]:
         if event.failures:
             body = orjson.dumps(
                 {
@@ -420,77 +521,116 @@ class Gateway:
                     "backends": {name: "unavailable" for name, _ in event.failures},
                 }
             )
-            actions = self._finish(exchange, 503, body, event.now)
-            actions.append(Log("warning", "backends not ready", {"failures": dict(event.failures)}))
-            return actions
-        return self._finish(exchange, 200, b'{"status":"ready"}', event.now)
-
-    # -- endings -------------------------------------------------------------------
-
-    def _fail(self, exchange: _Exchange, error: OpenAIError, now: float) -> list[Action]:
-        if exchange.state is ExchangeState.STREAMING:
-            self._exchanges.pop(exchange.request_id, None)
             return [
-                SendBytes(exchange.request_id, sse_error(error)),
-                EndStream(exchange.request_id),
-                self._access_log(exchange, error.status, now, error),
+                self._respond(exchange, 503, body),
+                Log("warning", "backends not ready", {"failures": dict(event.failures)}),
             ]
-        return self._error(exchange, error, now)
+        return [self._respond(exchange, 200, b'{"status":"ready"}')]
 
-    def _error(self, exchange: _Exchange, error: OpenAIError, now: float) -> list[Action]:
-        headers = [_JSON, (b"x-request-id", exchange.request_id.encode())]
-        retry_after = error.retry_after
-        if retry_after is None and error.status in (429, 503):
-            retry_after = _DEFAULT_RETRY_AFTER  # every 429 and 503 says when to retry
-        if retry_after is not None:
-            seconds = max(0.0, retry_after)
-            headers.append((b"retry-after", str(max(1, round(seconds + 0.4999))).encode()))
-            headers.append((b"retry-after-ms", str(round(seconds * 1000)).encode()))
-        if error.status == 401:
-            headers.append((b"www-authenticate", b'Bearer realm="ostiary"'))
-        self._exchanges.pop(exchange.request_id, None)
+    # -- endings ---------------------------------------------------------------------
+
+    def _on_client_gone(self, exchange: Exchange, event: ClientGone) -> list[Action]:
+        actions: list[Action] = []
+        state = exchange.state
+        if state is ExchangeState.QUEUED:
+            assert exchange.policy is not None
+            self._schedulers[exchange.policy.name].cancel(exchange.request_id)
+        elif exchange.running:
+            actions.append(CancelBackend(exchange.request_id))
+            actions.extend(self._release(exchange, event.now))
+        exchange.status = CLIENT_GONE
+        actions.extend(self._end(exchange, event.now))
+        return actions
+
+    def _on_sent(self, exchange: Exchange, event: ResponseSent) -> list[Action]:
+        return self._end(exchange, event.now)
+
+    def _respond(self, exchange: Exchange, status: int, body: bytes) -> Respond:
+        exchange.state = ExchangeState.SENDING
+        exchange.status = status
+        headers = (JSON_CONTENT, (b"x-request-id", exchange.request_id.encode()))
+        return Respond(exchange.request_id, status, headers, body)
+
+    def _error(self, exchange: Exchange, error: OpenAIError) -> Respond:
+        exchange.state = ExchangeState.SENDING
+        exchange.status = error.status
+        exchange.error = error
+        headers = error_headers(error, exchange.request_id)
+        return Respond(exchange.request_id, error.status, headers, error_body(error))
+
+    def _end(self, exchange: Exchange, now: float) -> list[Action]:
+        """The exchange is over: its one access-log record, its counts; forget it."""
+        del self._exchanges[exchange.request_id]
+        status = exchange.status
+        fields = exchange.access_fields(now)
+        call = exchange.call
+        model = call.model if call is not None else ""
+        endpoint = exchange.endpoint.value if exchange.endpoint is not None else "none"
+        labels = self._labels.get((endpoint, model, status))
+        if labels is None:
+            labels = self._labels[endpoint, model, status] = (
+                (("endpoint", endpoint), ("model", model), ("status", str(status))),
+                (("endpoint", endpoint), ("model", model)),
+            )
         return [
-            Respond(exchange.request_id, error.status, tuple(headers), error_body(error)),
-            self._access_log(exchange, error.status, now, error),
+            Log("error" if status >= 500 and status != CLIENT_GONE else "info", "request", fields),
+            Count("ostiary_requests_total", labels[0]),
+            Count("ostiary_request_duration_seconds", labels[1], now - exchange.started),
         ]
 
-    def _finish(self, exchange: _Exchange, status: int, body: bytes, now: float) -> list[Action]:
-        self._exchanges.pop(exchange.request_id, None)
-        headers = (_JSON, (b"x-request-id", exchange.request_id.encode()))
-        return [
-            Respond(exchange.request_id, status, headers, body),
-            self._access_log(exchange, status, now),
-        ]
 
-    def _access_log(
-        self, exchange: _Exchange, status: int, now: float, error: OpenAIError | None = None
-    ) -> Log:
-        fields: dict[str, object] = {
-            "request_id": exchange.request_id,
-            "method": exchange.method,
-            "path": exchange.path,
-            "status": status,
-            "duration_ms": round((now - exchange.started) * 1000, 3),
-        }
-        if exchange.key is not None:
-            fields["key_id"] = exchange.key.id
-            fields["role"] = exchange.key.role
-        if exchange.call is not None:
-            fields["model"] = exchange.call.model
-            fields["stream"] = exchange.encoder is not None
-        if exchange.usage is not None:
-            fields["prompt_tokens"] = exchange.usage.prompt_tokens
-            fields["completion_tokens"] = exchange.usage.completion_tokens
-        if error is not None:
-            fields["error_type"] = error.type
-            fields["error_code"] = error.code
-        level = "error" if status >= 500 else "info"
-        return Log(level, "request", fields)
+def _fifo(policy: BackendPolicy) -> Scheduler:
+    return FifoScheduler(policy.max_concurrency, policy.max_queue)
 
 
-def _response_id(call: ChatCompletionRequest | CompletionRequest, request_id: str) -> str:
+def _estimated_wait(scheduler: Scheduler) -> float | None:
+    estimate = getattr(scheduler, "estimate_wait", None)
+    return None if estimate is None else float(estimate())
+
+
+def _shutting_down() -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "The server is shutting down; retry on another instance.", code="shutting_down"
+    )
+
+
+def _response_id(call: BackendCall, request_id: str) -> str:
     return ("chatcmpl-" if isinstance(call, ChatCompletionRequest) else "cmpl-") + request_id
 
 
 def _no_output() -> OpenAIError:
     return ServiceUnavailableError("The backend ended without a result.", code="backend_error")
+
+
+_S = ExchangeState
+#: The lifecycle: (state, event type) → what the gateway does. Anything missing is a
+#: usage error.
+TRANSITIONS: dict[tuple[ExchangeState, type], Callable[[Gateway, Exchange, Any], list[Action]]] = {
+    (_S.QUEUED, ClientGone): Gateway._on_client_gone,
+    (_S.RUNNING, BackendChunk): Gateway._on_chunk,
+    (_S.RUNNING, BackendFinished): Gateway._on_finished,
+    (_S.RUNNING, EmbeddingsComputed): Gateway._on_embeddings,
+    (_S.RUNNING, BackendFailed): Gateway._on_failed,
+    (_S.RUNNING, ClientGone): Gateway._on_client_gone,
+    (_S.STREAMING, BackendChunk): Gateway._on_chunk,
+    (_S.STREAMING, BackendFinished): Gateway._on_finished,
+    (_S.STREAMING, BackendFailed): Gateway._on_failed,
+    (_S.STREAMING, ClientGone): Gateway._on_client_gone,
+    (_S.CHECKING, ReadinessChecked): Gateway._on_readiness,
+    (_S.CHECKING, BackendFailed): Gateway._on_failed,
+    (_S.CHECKING, ClientGone): Gateway._on_client_gone,
+    (_S.SENDING, ResponseSent): Gateway._on_sent,
+    (_S.SENDING, ClientGone): Gateway._on_client_gone,
+    (_S.SENDING, BackendChunk): Gateway._on_late_output,
+    (_S.SENDING, BackendFinished): Gateway._on_late_output,
+    (_S.SENDING, EmbeddingsComputed): Gateway._on_late_output,
+    (_S.SENDING, BackendFailed): Gateway._on_late_output,
+}
+#: Events that start an exchange or belong to none.
+_STARTS: dict[type, Callable[[Gateway, Any], list[Action]]] = {
+    RequestReceived: Gateway._on_request,
+    RequestRefused: Gateway._on_refused,
+    Tick: Gateway._on_tick,
+    KeysReplaced: Gateway._on_keys,
+    ShutdownStarted: Gateway._on_shutdown,
+}

@@ -7,23 +7,35 @@ Streamed responses are encoded by :class:`~ostiary.protocol.sse.SseEncoder`.
 from __future__ import annotations
 
 import base64
+import math
 import struct
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
-from .errors import OpenAIError
+from .errors import MethodNotAllowedError, OpenAIError
 from .generation import Delta, EmbeddingResult, Usage
+from .requests import ChatCompletionRequest, CompletionRequest
 
 __all__ = [
+    "DEFAULT_RETRY_AFTER",
+    "JSON_CONTENT",
+    "MAX_RETRY_AFTER",
     "ChoiceAccumulator",
+    "completion_body",
     "encode_embeddings",
     "encode_model",
     "encode_models",
     "error_body",
+    "error_headers",
+    "retry_after_headers",
     "usage_dict",
 ]
+
+
+Header = tuple[bytes, bytes]
+JSON_CONTENT: Header = (b"content-type", b"application/json")
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:
@@ -36,6 +48,38 @@ def usage_dict(usage: Usage) -> dict[str, int]:
 
 def error_body(error: OpenAIError) -> bytes:
     return orjson.dumps(error.to_dict())
+
+
+#: Seconds a 429 or 503 asks the client to wait when its cause names no time.
+DEFAULT_RETRY_AFTER = 1.0
+#: The longest wait ever asked for: a longer hint (an upstream's ``retry-after:
+#: 1e306``) is clamped to it, and a hint that is not a finite number is ignored.
+MAX_RETRY_AFTER = 3600.0
+
+
+def retry_after_headers(seconds: float | None) -> tuple[Header, Header]:
+    """``retry-after-ms`` (the wait, in whole milliseconds rounded up) and
+    ``retry-after`` (whole seconds, rounded up, so the two agree) for a wait of
+    ``seconds``, clamped to (0, MAX_RETRY_AFTER]."""
+    if seconds is None or not math.isfinite(seconds):
+        seconds = DEFAULT_RETRY_AFTER
+    ms = max(1, math.ceil(min(max(seconds, 0.0), MAX_RETRY_AFTER) * 1000))
+    return (
+        (b"retry-after", str(-(-ms // 1000)).encode()),
+        (b"retry-after-ms", str(ms).encode()),
+    )
+
+
+def error_headers(error: OpenAIError, request_id: str) -> tuple[Header, ...]:
+    """The headers of an error response: the one place that picks them."""
+    headers: list[Header] = [JSON_CONTENT, (b"x-request-id", request_id.encode())]
+    if error.status in (429, 503):
+        headers.extend(retry_after_headers(error.retry_after))
+    if error.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="ostiary"'))
+    elif isinstance(error, MethodNotAllowedError) and error.allow:
+        headers.append((b"allow", ", ".join(error.allow).encode()))
+    return tuple(headers)
 
 
 class ChoiceAccumulator:
@@ -105,6 +149,26 @@ class ChoiceAccumulator:
             }
             for i in self._indexes()
         ]
+
+
+def completion_body(
+    call: ChatCompletionRequest | CompletionRequest,
+    response_id: str,
+    created: int,
+    collected: ChoiceAccumulator,
+    usage: Usage,
+) -> bytes:
+    """The body of a non-streamed chat or text completion."""
+    is_chat = isinstance(call, ChatCompletionRequest)
+    body: dict[str, object] = {
+        "id": response_id,
+        "object": "chat.completion" if is_chat else "text_completion",
+        "created": created,
+        "model": call.model,
+        "choices": collected.chat_choices() if is_chat else collected.text_choices(),
+        "usage": usage_dict(usage),
+    }
+    return orjson.dumps(body)
 
 
 def encode_embeddings(result: EmbeddingResult, *, model: str, encoding_format: str) -> bytes:

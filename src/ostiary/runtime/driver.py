@@ -1,17 +1,26 @@
 """The driver: feeds the gateway events and carries out the actions it returns.
 
-It is the only place where the core meets I/O. Per request it builds a
-:class:`RequestReceived` from the HTTP request, then executes actions in order:
-responses go to the :class:`Responder`, ``Dispatch`` runs the backend call (streamed
-generations through a bounded channel, so a slow client slows only its own stream),
-``Log`` goes to :mod:`logging`. However a request ends (answered, failed, client gone,
-server shut down), the gateway hears of it exactly once.
+It is the only place where the core meets I/O. Each request has a
+:class:`_Context`: its responder, the cancel scope of its backend call, and a small
+bounded mailbox. Actions for the request whose event is being handled run inline in
+its own task (the common path pays nothing for routing); actions for another request
+(a slot freed by A dispatches B, a timer ends C) go to that request's mailbox, and
+``CancelBackend`` cancels that request's backend scope at once. ``Log`` and
+``Count`` are carried out on the spot.
+
+``Dispatch`` is fire and report: the backend call runs in the request's task, its
+output is fed back as events (streamed output through a bounded channel, so a slow
+client slows only its own stream). One timer task per gateway sleeps until
+:meth:`Gateway.next_deadline` and feeds a ``Tick``. However a request ends
+(answered, failed, timed out, client gone, a write that failed), the gateway hears
+of it exactly once and writes its one access-log record.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +31,9 @@ import trio
 from ostiary.backends import Backend, Generation
 from ostiary.protocol.actions import (
     Action,
+    CancelBackend,
     CheckReadiness,
+    Count,
     Dispatch,
     EndStream,
     Log,
@@ -30,25 +41,35 @@ from ostiary.protocol.actions import (
     SendBytes,
     StartStream,
 )
-from ostiary.protocol.errors import InternalServerError, OpenAIError, ServiceUnavailableError
+from ostiary.protocol.admission import Admission
+from ostiary.protocol.auth import KeyTable
+from ostiary.protocol.errors import InternalServerError, OpenAIError
 from ostiary.protocol.events import (
     BackendChunk,
     BackendFailed,
     BackendFinished,
     ClientGone,
     EmbeddingsComputed,
+    Event,
+    KeysReplaced,
     ReadinessChecked,
+    Refusal,
     RequestReceived,
+    RequestRefused,
+    ResponseSent,
+    ShutdownStarted,
+    Tick,
 )
+from ostiary.protocol.exchange import ExchangeState
 from ostiary.protocol.gateway import Gateway
 from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, EmbeddingRequest
-from ostiary.protocol.responses import error_body
-from ostiary.protocol.sse import sse_error
+from ostiary.protocol.responses import error_body, error_headers
 
 from .http import ClientDisconnected, HttpRequest, Responder
+from .metrics import Metrics
 
-__all__ = ["BackendSlots", "Driver"]
+__all__ = ["Driver"]
 
 access_log = logging.getLogger("ostiary.access")
 log = logging.getLogger("ostiary.driver")
@@ -57,38 +78,43 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _INTERNAL = "The server had an error while processing your request."
 #: Pieces of a non-streamed generation handed to the gateway at once.
 _BATCH = 256
+#: Actions one request may have waiting in its mailbox: far more than the gateway
+#: ever sends one request from other requests' events (a Dispatch, or a response).
+_MAILBOX = 16
 
 
-class BackendSlots:
-    """At most ``max_concurrency`` calls run on a backend; at most ``max_queue`` wait
-    for a slot, and a call beyond that is refused at once with 503. Use as
-    ``async with slots:`` (a plain class, not a generator: this is the hot path)."""
+class _Context:
+    """One request as the runtime carries it out."""
 
-    def __init__(self, max_concurrency: int, max_queue: int) -> None:
-        self._limiter = trio.CapacityLimiter(max_concurrency)
-        self._max_queue = max_queue
-        self.waiting = 0
+    __slots__ = ("backend_scope", "mailbox", "request_id", "responder", "waiter")
 
-    @property
-    def running(self) -> int:
-        return self._limiter.borrowed_tokens
+    def __init__(self, request_id: str, responder: Responder) -> None:
+        self.request_id = request_id
+        self.responder = responder
+        self.mailbox: list[Action] = []
+        self.waiter: trio.Event | None = None
+        self.backend_scope: trio.CancelScope | None = None
 
-    async def __aenter__(self) -> None:
-        try:
-            self._limiter.acquire_nowait()
-        except trio.WouldBlock:
-            if self.waiting >= self._max_queue:
-                raise ServiceUnavailableError(
-                    "The model is busy; retry shortly.", code="backend_busy", retry_after=1.0
-                ) from None
-            self.waiting += 1
-            try:
-                await self._limiter.acquire()
-            finally:
-                self.waiting -= 1
+    def post(self, action: Action) -> None:
+        if len(self.mailbox) >= _MAILBOX:
+            raise RuntimeError(f"mailbox of {self.request_id} is full")
+        self.mailbox.append(action)
+        if self.waiter is not None:
+            self.waiter.set()
+            self.waiter = None
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._limiter.release()
+    def cancel_backend(self) -> None:
+        if self.backend_scope is not None:
+            self.backend_scope.cancel()
+        else:  # not started yet: never start it
+            self.mailbox = [a for a in self.mailbox if not isinstance(a, Dispatch)]
+
+    async def take(self) -> list[Action]:
+        while not self.mailbox:
+            self.waiter = trio.Event()
+            await self.waiter.wait()
+        actions, self.mailbox = self.mailbox, []
+        return actions
 
 
 class Driver:
@@ -98,75 +124,133 @@ class Driver:
         self,
         gateway: Gateway,
         backends: Mapping[str, Backend],
-        slots: Mapping[str, BackendSlots],
         *,
         access_log: bool = True,
         stream_buffer: int = 64,
         ready_timeout: float = 5.0,
         ready_cache: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.gateway = gateway
         self._backends = backends
-        self._slots = slots
         self._access_log = access_log
         self._stream_buffer = stream_buffer
         self._ready_timeout = ready_timeout
         self._ready_cache = ready_cache
+        self.metrics = metrics if metrics is not None else Metrics()
         self._ready_lock = trio.Lock()
-        self._ready_until = -float("inf")
+        self._ready_until = -math.inf
         self._ready_failures: tuple[tuple[str, str], ...] = ()
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
+        self._contexts: dict[str, _Context] = {}
+        self._timer: trio.CancelScope | None = None
 
     def next_request_id(self) -> str:
         """A new request id: unique within the process, unpredictable across runs."""
         return f"{self._prefix}{next(self._counter):08x}"
 
-    async def __call__(self, request: HttpRequest, responder: Responder) -> None:
-        request_id = self.next_request_id()
+    # -- the HTTP server's handler interface -------------------------------------------
+
+    def admits(
+        self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...], peer: str
+    ) -> Admission:
+        return self.gateway.admits(method, target, headers, peer)
+
+    async def handle(self, request: HttpRequest, responder: Responder) -> None:
+        rid = self.next_request_id()
+        ctx = _Context(rid, responder)
         event = RequestReceived(
-            request_id=request_id,
-            method=request.method,
-            target=request.target,
-            headers=request.headers,
-            body=request.body,
-            now=trio.current_time(),
-            created=int(time.time()),
-            client=request.client,
+            rid,
+            request.admission,
+            request.method,
+            request.target,
+            request.headers,
+            request.body,
+            trio.current_time(),
+            time.time(),
         )
+        await self._serve(ctx, event)
+
+    async def refuse(
+        self, refusal: Refusal, responder: Responder, method: str, target: str, limit: int
+    ) -> None:
+        rid = self.next_request_id()
+        event = RequestRefused(
+            rid, refusal, trio.current_time(), time.time(), method, target, limit
+        )
+        await self._serve(_Context(rid, responder), event)
+
+    async def _serve(self, ctx: _Context, event: Event) -> None:
+        rid = ctx.request_id
+        gateway = self.gateway
+        self._contexts[rid] = ctx
         try:
-            await self._execute(self.gateway.handle(event), responder)
+            await self._run(ctx, self._feed(event))
+            while gateway.state_of(rid) is not None:
+                await self._run(ctx, await ctx.take())
         except ClientDisconnected:
-            raise
+            pass
         except Exception:
             # A bug of ours: log it, show the client nothing of it.
-            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            await self._internal_error(request_id, responder)
+            log.exception("unhandled error", extra={"fields": {"request_id": rid}})
+            await self._internal_error(ctx)
         finally:
-            if self.gateway.state_of(request_id) is not None:
-                # Cancelled (client gone, shutdown) or broken: the gateway still
-                # counts it in flight, so tell it. Only sync actions follow.
-                self._execute_now(self.gateway.handle(ClientGone(request_id, trio.current_time())))
+            if gateway.state_of(rid) is not None:
+                # Cancelled (client gone, too slow to read, shutdown) or broken: the
+                # gateway still counts it in flight, so tell it.
+                self._feed(ClientGone(rid, trio.current_time()))
+            del self._contexts[rid]
 
-    async def _internal_error(self, request_id: str, responder: Responder) -> None:
+    async def _internal_error(self, ctx: _Context) -> None:
+        rid = ctx.request_id
+        state = self.gateway.state_of(rid)
         error = InternalServerError(_INTERNAL)
-        if self.gateway.state_of(request_id) is not None:
-            actions = self.gateway.handle(BackendFailed(request_id, error, trio.current_time()))
-            await self._execute(actions, responder)
-        elif not responder.started:
-            headers = (
-                (b"content-type", b"application/json"),
-                (b"x-request-id", request_id.encode()),
-            )
-            await responder.respond(500, headers, error_body(error))
-        elif not responder.finished:
-            await responder.send(sse_error(error))
-            await responder.end()
+        try:
+            if state is not None and state is not ExchangeState.SENDING:
+                failed = BackendFailed(rid, error, trio.current_time())
+                if state is ExchangeState.QUEUED:
+                    self._feed(ClientGone(rid, trio.current_time()))
+                else:
+                    await self._run(ctx, self._feed(failed))
+            elif state is None and not ctx.responder.started:
+                await ctx.responder.respond(500, error_headers(error, rid), error_body(error))
+        except (ClientDisconnected, Exception):
+            log.exception("cannot report an error", extra={"fields": {"request_id": rid}})
 
-    def _execute_now(self, actions: Sequence[Action]) -> None:
+    # -- feeding the gateway and routing what it says ----------------------------------
+
+    def _feed(self, event: Event) -> list[Action]:
+        """Hand ``event`` to the gateway. Returns the actions for the event's own
+        request; the rest are carried out or posted at once."""
+        actions = self.gateway.handle(event)
+        own_id = getattr(event, "request_id", None)
+        own: list[Action] = []
         for action in actions:
-            if isinstance(action, Log):
+            if isinstance(action, Count):
+                self.metrics.observe(action)
+            elif isinstance(action, Log):
                 self._log(action)
+            elif isinstance(action, CancelBackend):
+                ctx = self._contexts.get(action.request_id)
+                if ctx is not None:
+                    ctx.cancel_backend()
+            elif action.request_id == own_id:
+                own.append(action)
+            else:
+                target = self._contexts.get(action.request_id)
+                if target is None:
+                    log.error(
+                        "action for a request without a task",
+                        extra={"fields": {"request_id": action.request_id}},
+                    )
+                else:
+                    target.post(action)
+        timer = self._timer
+        if timer is not None:
+            soonest = self.gateway.next_deadline()
+            timer.deadline = min(timer.deadline, soonest)
+        return own
 
     def _log(self, action: Log) -> None:
         if action.message == "request":
@@ -175,69 +259,99 @@ class Driver:
         else:
             log.log(_LEVELS[action.level], action.message, extra={"fields": action.fields})
 
-    async def _execute(self, actions: Sequence[Action], responder: Responder) -> None:
-        for i, action in enumerate(actions):
+    async def run_timers(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The gateway's one timer: feed a ``Tick`` whenever its next deadline comes."""
+        started = False
+        while True:
+            with trio.CancelScope(deadline=self.gateway.next_deadline()) as scope:
+                self._timer = scope
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep_forever()
+            self._timer = None
+            now = trio.current_time()
+            if now >= self.gateway.next_deadline():
+                self._feed(Tick(now))
+
+    def replace_keys(self, keys: KeyTable) -> None:
+        """The key store changed: the gateway authenticates against ``keys`` now."""
+        self._feed(KeysReplaced(keys, trio.current_time()))
+
+    def shutdown(self) -> None:
+        """Draining began: queued requests are refused at once, running ones finish."""
+        self._feed(ShutdownStarted(trio.current_time()))
+
+    # -- carrying out a request's own actions --------------------------------------------
+
+    async def _run(self, ctx: _Context, actions: Sequence[Action]) -> None:
+        responder = ctx.responder
+        rid = ctx.request_id
+        for action in actions:
             try:
-                await self._execute_one(action, responder)
+                if isinstance(action, SendBytes):
+                    await responder.send(action.data)
+                elif isinstance(action, Respond):
+                    await responder.respond(action.status, action.headers, action.body)
+                    self._feed(ResponseSent(rid, trio.current_time()))
+                elif isinstance(action, StartStream):
+                    await responder.start(action.status, action.headers)
+                elif isinstance(action, EndStream):
+                    await responder.end()
+                    self._feed(ResponseSent(rid, trio.current_time()))
+                elif isinstance(action, Dispatch):
+                    await self._dispatch(ctx, action)
+                elif isinstance(action, CheckReadiness):
+                    failures = await self._check_ready()
+                    event = ReadinessChecked(rid, failures, trio.current_time())
+                    await self._run(ctx, self._feed(event))
             except ClientDisconnected:
-                # The exchange's last write failed: its record still gets logged, as
-                # the client leaving (the gateway has already forgotten it).
-                for later in actions[i + 1 :]:
-                    if isinstance(later, Log):
-                        fields = later.fields
-                        if later.message == "request":
-                            fields = {**fields, "status": 499}
-                        self._log(Log(later.level, later.message, fields))
+                if self.gateway.state_of(rid) is not None:
+                    self._feed(ClientGone(rid, trio.current_time()))
                 raise
 
-    async def _execute_one(self, action: Action, responder: Responder) -> None:
-        if isinstance(action, SendBytes):
-            await responder.send(action.data)
-        elif isinstance(action, Respond):
-            await responder.respond(action.status, action.headers, action.body)
-        elif isinstance(action, StartStream):
-            await responder.start(action.status, action.headers)
-        elif isinstance(action, EndStream):
-            await responder.end()
-        elif isinstance(action, Log):
-            self._log(action)
-        elif isinstance(action, Dispatch):
-            await self._execute(await self._dispatch(action, responder), responder)
-        elif isinstance(action, CheckReadiness):
-            await self._execute(await self._check_ready(action.request_id), responder)
-        # CancelBackend needs nothing here: the backend call runs inside this
-        # request's task, and is already being cancelled when it is emitted.
-
-    async def _dispatch(self, action: Dispatch, responder: Responder) -> Sequence[Action]:
-        """Run the call; return the actions for its ending (stream output is
-        executed as it arrives)."""
-        rid = action.request_id
+    async def _dispatch(self, ctx: _Context, action: Dispatch) -> None:
+        """Run the backend call in its own cancel scope (``CancelBackend`` cancels
+        it) and report its ending; stream output is reported as it arrives."""
+        rid = ctx.request_id
         backend = self._backends[action.backend]
         call = action.call
-        try:
-            async with self._slots[action.backend]:
+        event: Event
+        with trio.CancelScope() as scope:
+            ctx.backend_scope = scope
+            try:
                 if isinstance(call, EmbeddingRequest):
                     result = await backend.embed(call)
-                    return self.gateway.handle(EmbeddingsComputed(rid, result, trio.current_time()))
-                if isinstance(call, ChatCompletionRequest):
-                    generation = backend.chat(call)
+                    event = EmbeddingsComputed(rid, result, trio.current_time())
                 else:
-                    generation = backend.complete(call)
-                if call.stream:
-                    failure = await self._pump(rid, generation, responder)
-                    if failure is not None:
-                        raise failure
-                else:
-                    await self._collect(rid, generation)
-        except OpenAIError as error:
-            return self.gateway.handle(BackendFailed(rid, error, trio.current_time()))
-        except ClientDisconnected:
-            raise
-        except Exception:
-            log.exception("backend failed", extra={"fields": {"request_id": rid}})
-            internal = InternalServerError(_INTERNAL)
-            return self.gateway.handle(BackendFailed(rid, internal, trio.current_time()))
-        return self.gateway.handle(BackendFinished(rid, trio.current_time()))
+                    if isinstance(call, ChatCompletionRequest):
+                        generation = backend.chat(call)
+                    else:
+                        generation = backend.complete(call)
+                    if call.stream:
+                        failure = await self._pump(ctx, generation)
+                    else:
+                        await self._collect(rid, generation)
+                        failure = None
+                    now = trio.current_time()
+                    event = (
+                        BackendFinished(rid, now)
+                        if failure is None
+                        else BackendFailed(rid, failure, now)
+                    )
+            except OpenAIError as error:
+                event = BackendFailed(rid, error, trio.current_time())
+            except ClientDisconnected:
+                raise
+            except Exception:
+                log.exception("backend failed", extra={"fields": {"request_id": rid}})
+                event = BackendFailed(rid, InternalServerError(_INTERNAL), trio.current_time())
+        ctx.backend_scope = None
+        if scope.cancelled_caught:
+            return  # the gateway stopped it; what it has to say is in the mailbox
+        await self._run(ctx, self._feed(event))
 
     async def _collect(self, rid: str, generation: Generation) -> None:
         """Feed a non-streamed generation to the gateway in batches, yielding to
@@ -247,22 +361,20 @@ class Driver:
             async for piece in generation:
                 batch.append(piece)
                 if len(batch) >= _BATCH:
-                    self.gateway.handle(BackendChunk(rid, tuple(batch)))
+                    self._feed(BackendChunk(rid, tuple(batch), trio.current_time()))
                     batch = []
                     await trio.lowlevel.checkpoint()
         finally:
             await generation.aclose()
-        self.gateway.handle(BackendChunk(rid, tuple(batch)))
+        if batch:
+            self._feed(BackendChunk(rid, tuple(batch), trio.current_time()))
 
-    async def _pump(
-        self, rid: str, generation: Generation, responder: Responder
-    ) -> OpenAIError | None:
+    async def _pump(self, ctx: _Context, generation: Generation) -> OpenAIError | None:
         """Stream a generation to the client through a bounded channel, sending
-        whatever has piled up in one write. Returns the backend's error, if any;
-        raises ClientDisconnected if the client went away."""
+        whatever has piled up in one write. Returns the backend's error, if any."""
+        rid = ctx.request_id
         send, receive = trio.open_memory_channel[Delta | Usage](self._stream_buffer)
         failure: OpenAIError | None = None
-        disconnected = False
 
         async def produce() -> None:
             nonlocal failure
@@ -286,32 +398,27 @@ class Driver:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
             async with receive:
-                try:
-                    async for piece in receive:
-                        batch = [piece]
-                        while True:
-                            try:
-                                batch.append(receive.receive_nowait())
-                            except (trio.WouldBlock, trio.EndOfChannel):
-                                break
-                        actions = self.gateway.handle(BackendChunk(rid, tuple(batch)))
-                        await self._execute(actions, responder)
-                except ClientDisconnected:
-                    disconnected = True
-                    nursery.cancel_scope.cancel()
-        if disconnected:
-            raise ClientDisconnected()
+                async for piece in receive:
+                    batch = [piece]
+                    while True:
+                        try:
+                            batch.append(receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    event = BackendChunk(rid, tuple(batch), trio.current_time())
+                    await self._run(ctx, self._feed(event))
         return failure
 
-    async def _check_ready(self, request_id: str) -> Sequence[Action]:
+    # -- readiness -------------------------------------------------------------------
+
+    async def _check_ready(self) -> tuple[tuple[str, str], ...]:
         """Check every backend at most once per ``ready_cache`` seconds, however
         often ``/readyz`` is asked (anyone may ask it: no amplification)."""
         async with self._ready_lock:
             if trio.current_time() >= self._ready_until:
                 self._ready_failures = await self._check_backends()
                 self._ready_until = trio.current_time() + self._ready_cache
-            failures = self._ready_failures
-        return self.gateway.handle(ReadinessChecked(request_id, failures, trio.current_time()))
+            return self._ready_failures
 
     async def _check_backends(self) -> tuple[tuple[str, str], ...]:
         failures: list[tuple[str, str]] = []

@@ -22,20 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol
 
 import attrs
 import h11
-import orjson
 import trio
+
+from ostiary.protocol.admission import Admission
+from ostiary.protocol.events import Refusal
 
 from .connection import Connection
 
-__all__ = ["ClientDisconnected", "HttpRequest", "HttpServer", "HttpSettings", "Responder"]
+__all__ = [
+    "ClientDisconnected",
+    "Handler",
+    "HttpRequest",
+    "HttpServer",
+    "HttpSettings",
+    "RawResponder",
+    "Responder",
+]
 
 log = logging.getLogger("ostiary.http")
 
@@ -60,6 +70,11 @@ class HttpSettings:
     max_connections: int = attrs.field(default=1024, validator=attrs.validators.gt(0))
     #: Requests served on one connection before it is closed.
     max_requests_per_connection: int = attrs.field(default=10_000, validator=attrs.validators.gt(0))
+    #: Bytes of pipelined requests read ahead while one request is being handled
+    #: (past it, reading pauses until the handler is done).
+    max_pipelined_bytes: int = attrs.field(
+        default=4 * 1024 * 1024, validator=attrs.validators.gt(0)
+    )
 
 
 @attrs.frozen
@@ -69,8 +84,10 @@ class HttpRequest:
     headers: tuple[Header, ...]
     body: bytes
     client: str
-    #: The head was refused by the screen, so the body was never read (and the
-    #: connection closes after the response).
+    #: What the handler said of the head (:meth:`Handler.admits`).
+    admission: Admission
+    #: The request had a body that was never read (refused, or a route that takes
+    #: none), so the connection closes after the response.
     body_skipped: bool = False
 
 
@@ -78,10 +95,19 @@ class ClientDisconnected(Exception):
     """The client went away (or stopped reading) before the response was complete."""
 
 
-Handler = Callable[[HttpRequest, "Responder"], Awaitable[None]]
-#: Decides from the head alone whether a request's body is worth reading (route and
-#: credentials); a refused request goes to the handler with no body, which answers it.
-Screen = Callable[[str, str, tuple[Header, ...]], bool]
+class Handler(Protocol):
+    """What the server serves: it judges each head before any body is read, answers
+    whole requests, and words the answer to requests the server could not read."""
+
+    def admits(
+        self, method: str, target: str, headers: tuple[Header, ...], peer: str
+    ) -> Admission: ...
+
+    async def handle(self, request: HttpRequest, responder: Responder) -> None: ...
+
+    async def refuse(
+        self, refusal: Refusal, responder: Responder, method: str, target: str, limit: int
+    ) -> None: ...
 
 
 class Responder:
@@ -185,32 +211,49 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-_CODES = {
-    400: "invalid_request",
-    408: "request_timeout",
-    413: "request_too_large",
-    431: "headers_too_large",
-    503: "connection_limit",
-}
+class RawResponder:
+    """Writes the one response to a connection that is refused before h11 has seen
+    a byte of it (the connection limit), then nothing more."""
+
+    __slots__ = ("_send_timeout", "_stream", "finished", "started")
+
+    def __init__(self, stream: trio.abc.Stream, send_timeout: float) -> None:
+        self._stream = stream
+        self._send_timeout = send_timeout
+        self.started = False
+        self.finished = False
+
+    async def respond(self, status: int, headers: tuple[Header, ...], body: bytes) -> None:
+        self.started = self.finished = True
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
+        lines.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        with (
+            trio.move_on_after(self._send_timeout),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await self._stream.send_all(b"".join(lines) + body)
+
+    async def start(self, status: int, headers: tuple[Header, ...]) -> None:
+        raise ClientDisconnected()
+
+    async def send(self, data: bytes) -> None:
+        raise ClientDisconnected()
+
+    async def end(self) -> None:
+        raise ClientDisconnected()
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    """A request the server cannot read; ``method`` and ``target`` are filled in
+    once its request line is known."""
 
-
-def _error_body(status: int, message: str) -> bytes:
-    # The OpenAI error shape, built here: this module knows nothing of the core.
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    error = {"message": message, "type": kind, "param": None, "code": _CODES.get(status)}
-    return orjson.dumps({"error": error})
-
-
-def _counter_ids() -> Callable[[], str]:
-    counter = itertools.count(1)
-    return lambda: f"http-{next(counter):x}"
+    def __init__(self, refusal: Refusal, limit: int = 0) -> None:
+        super().__init__(refusal.value)
+        self.refusal = refusal
+        self.limit = limit
+        self.method = ""
+        self.target = ""
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -227,29 +270,16 @@ def _event(conn: h11.Connection) -> object:
     try:
         return conn.next_event()
     except h11.RemoteProtocolError as exc:
-        raise _BadRequest(exc.error_status_hint, "Malformed HTTP request.") from None
+        refusal = Refusal.HEAD_TOO_LARGE if exc.error_status_hint == 431 else Refusal.MALFORMED
+        raise _BadRequest(refusal) from None
 
 
 class HttpServer:
     """Serves ``handler`` on listeners until cancelled (see the module docstring)."""
 
-    def __init__(
-        self,
-        handler: Handler,
-        settings: HttpSettings | None = None,
-        *,
-        max_body_bytes: int = 4 * 1024 * 1024,
-        request_ids: Callable[[], str] | None = None,
-        screen: Screen | None = None,
-    ) -> None:
+    def __init__(self, handler: Handler, settings: HttpSettings | None = None) -> None:
         self._handler = handler
-        self._screen = screen
-        #: Ids for the responses this layer writes itself (the handler's own come
-        #: from the handler); the same source keeps them unique.
-        self._request_ids = request_ids if request_ids is not None else _counter_ids()
         self.settings = settings if settings is not None else HttpSettings()
-        #: The core's ``limits.max_body_bytes``: one limit, enforced while reading.
-        self.max_body_bytes = max_body_bytes
         self._connections = 0
         self._idle: set[trio.CancelScope] = set()
         self._draining = False
@@ -299,7 +329,7 @@ class HttpServer:
         self._all_closed = self._all_closed if self._connections > 1 else trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                conn = Connection(stream, settings.max_header_bytes, self.max_body_bytes)
+                conn = Connection(stream, settings.max_header_bytes, settings.max_pipelined_bytes)
                 nursery.start_soon(conn.read_forever)
                 try:
                     await self._connection_loop(conn)
@@ -317,19 +347,11 @@ class HttpServer:
             await trio.aclose_forcefully(stream)
 
     async def _refuse(self, stream: trio.abc.Stream) -> None:
-        body = _error_body(503, "The server is at its connection limit; retry shortly.")
-        head = (
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"retry-after: 1\r\nretry-after-ms: 1000\r\nconnection: close\r\n"
-            b"x-request-id: " + self._request_ids().encode() + b"\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
-        )
-        with (
-            trio.move_on_after(1.0),
-            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-        ):
-            await stream.send_all(head + body)
-        await trio.aclose_forcefully(stream)
+        responder = RawResponder(stream, 1.0)
+        try:
+            await self._handler.refuse(Refusal.CONNECTION_LIMIT, responder, "", "", 0)  # type: ignore[arg-type]
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _connection_loop(self, conn: Connection) -> None:
         settings = self.settings
@@ -355,7 +377,7 @@ class HttpServer:
                 )
                 conn.start_handling(scope)
                 try:
-                    await self._handler(request, responder)
+                    await self._handler.handle(request, responder)
                 except ClientDisconnected:
                     return
                 finally:
@@ -395,6 +417,8 @@ class HttpServer:
         settings = self.settings
         h = conn.h11
         phase = "idle"
+        method: str | None = None
+        target: str | None = None
         wait = settings.header_timeout if first else settings.idle_timeout
         with trio.CancelScope(deadline=trio.current_time() + wait) as scope:
             event = _event(h)
@@ -415,24 +439,49 @@ class HttpServer:
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
             if not isinstance(event, h11.Request):
-                raise _BadRequest(400, "Malformed request.")
-            headers = tuple(event.headers)
-            length = self._check_head(event, headers)
+                raise _BadRequest(Refusal.MALFORMED)
             method = event.method.decode("ascii", "replace")
             target = event.target.decode("ascii", "replace")
-            has_body = bool(length) or length is None
-            screen = self._screen
-            if has_body and screen is not None and not screen(method, target, headers):
-                return HttpRequest(method, target, headers, b"", client, body_skipped=True)
-            phase = "body"
-            deadline = trio.current_time() + settings.body_timeout
-            body = await self._read_body(conn, scope, deadline) if has_body else b""
-            if not has_body and not isinstance(_event(h), h11.EndOfMessage):
-                raise _BadRequest(400, "Malformed request.")
-            return HttpRequest(method, target, headers, body, client)
+            try:
+                return await self._admit(
+                    conn, scope, event, method=method, target=target, client=client
+                )
+            except _BadRequest as bad:
+                bad.method, bad.target = method, target
+                raise
         if phase == "idle":
             return None
-        raise _BadRequest(408, f"Timed out waiting for the request {phase}.")
+        timeout = _BadRequest(Refusal.HEAD_TIMEOUT if method is None else Refusal.BODY_TIMEOUT)
+        timeout.method, timeout.target = method or "", target or ""
+        raise timeout
+
+    async def _admit(
+        self,
+        conn: Connection,
+        scope: trio.CancelScope,
+        event: h11.Request,
+        *,
+        method: str,
+        target: str,
+        client: str,
+    ) -> HttpRequest:
+        """Judge the head (the handler's admission), then read the body it allows."""
+        headers = tuple(event.headers)
+        length = self._check_head(event, headers)
+        has_body = bool(length) or length is None
+        admission = self._handler.admits(method, target, headers, client)
+        if has_body and not admission.read_body:
+            return HttpRequest(method, target, headers, b"", client, admission, body_skipped=True)
+        if not has_body:
+            if not isinstance(_event(conn.h11), h11.EndOfMessage):
+                raise _BadRequest(Refusal.MALFORMED)
+            return HttpRequest(method, target, headers, b"", client, admission)
+        limit = admission.max_body_bytes
+        if length is not None and length > limit:
+            raise _BadRequest(Refusal.BODY_TOO_LARGE, limit)
+        deadline = trio.current_time() + self.settings.body_timeout
+        body = await self._read_body(conn, scope, deadline, limit)
+        return HttpRequest(method, target, headers, body, client, admission)
 
     def _check_head(self, event: h11.Request, headers: tuple[Header, ...]) -> int | None:
         """The body length (None: chunked), after the head's own checks."""
@@ -440,7 +489,7 @@ class HttpServer:
         # measured here.
         head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
         if head_size > self.settings.max_header_bytes:
-            raise _BadRequest(431, "The request headers are too large.")
+            raise _BadRequest(Refusal.HEAD_TOO_LARGE, self.settings.max_header_bytes)
         length: int | None = 0
         chunked = False
         for name, value in headers:
@@ -450,10 +499,8 @@ class HttpServer:
                 chunked = True
         if chunked:
             if length:
-                raise _BadRequest(400, "Content-Length and Transfer-Encoding must not both be set.")
+                raise _BadRequest(Refusal.SMUGGLING)
             return None
-        if length is not None and length > self.max_body_bytes:
-            raise _BadRequest(413, f"The request body is larger than {self.max_body_bytes} bytes.")
         return length
 
     async def _next_event(
@@ -473,13 +520,14 @@ class HttpServer:
                 )
                 await conn.stream.send_all(h.send(continue_) or b"")
             if conn.eof:
-                raise _BadRequest(400, "The request ended early.")
+                raise _BadRequest(Refusal.ENDED_EARLY)
             if scope.deadline != deadline:
                 scope.deadline = deadline
             await conn.wait_data()
 
-    async def _read_body(self, conn: Connection, scope: trio.CancelScope, deadline: float) -> bytes:
-        limit = self.max_body_bytes
+    async def _read_body(
+        self, conn: Connection, scope: trio.CancelScope, deadline: float, limit: int
+    ) -> bytes:
         parts: list[bytes] = []
         size = 0
         while True:
@@ -487,34 +535,20 @@ class HttpServer:
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
-                    raise _BadRequest(413, f"The request body is larger than {limit} bytes.")
+                    raise _BadRequest(Refusal.BODY_TOO_LARGE, limit)
                 parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
             else:
-                raise _BadRequest(400, "Malformed request body.")
+                raise _BadRequest(Refusal.MALFORMED)
 
     async def _reject(self, conn: Connection, bad: _BadRequest) -> None:
-        """Answer a request we could not read, then close the connection."""
+        """Answer a request we could not read (through the handler, which words
+        it), then close the connection."""
         h = conn.h11
         if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = _error_body(bad.status, bad.message)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"x-request-id", self._request_ids().encode()),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        try:
-            response = h11.Response(
-                status_code=bad.status, headers=headers, reason=_reason(bad.status)
-            )
-            data = h.send(response) or b""
-            data += h.send(h11.Data(data=body)) or b""
-            data += h.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            return
+        responder = Responder(h, conn.stream, self.settings.send_timeout, lambda: True)
         with trio.move_on_after(self.settings.send_timeout):
-            await conn.stream.send_all(data)
+            await self._handler.refuse(bad.refusal, responder, bad.method, bad.target, bad.limit)
         await conn.linger()

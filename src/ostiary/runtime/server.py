@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 import trio
 
 from ostiary.backends import Backend, create_backend
+from ostiary.protocol.auth import KeyTable
 from ostiary.protocol.gateway import Gateway, ModelRoute
 
 from .config import Config
-from .driver import BackendSlots, Driver
+from .driver import Driver
 from .http import HttpServer
 from .keystore import KeyStore, write_bootstrap_key
 
@@ -55,21 +56,21 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 
 async def watch_keys(
     store: KeyStore,
-    gateway: Gateway,
+    replace: Callable[[KeyTable], None],
     generation: int,
     every: float,
     run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] = _in_thread,
 ) -> None:
-    """Swap in a fresh key table whenever the store's change counter moves; the
-    store is read through ``run_sync`` (a worker thread, off the event loop)."""
+    """Hand a fresh key table to ``replace`` whenever the store's change counter
+    moves; the store is read through ``run_sync`` (a worker thread, off the event
+    loop)."""
     while True:
         await trio.sleep(every)
         try:
             current = await run_sync(store.generation)
             if current != generation:
                 generation, table, _ = await run_sync(store.load)
-                gateway.keys = table
-                log.info("reloaded API keys", extra={"fields": {"active_keys": len(table.keys)}})
+                replace(table)
         except Exception as exc:
             # Keep serving with the keys we have; say why the reload failed.
             log.error("cannot reload API keys", extra={"fields": {"error": repr(exc)}})
@@ -86,7 +87,13 @@ async def run_server(
     store = await trio.to_thread.run_sync(bootstrap_keys, config)
     generation, table, _ = await trio.to_thread.run_sync(store.load)
     routes = [ModelRoute(m, b.name, owned_by=b.name) for b in config.backends for m in b.models]
-    gateway = Gateway(routes=routes, keys=table, limits=config.limits, created=int(time.time()))
+    gateway = Gateway(
+        routes=routes,
+        keys=table,
+        backends=[b.policy() for b in config.backends],
+        limits=config.limits,
+        created=int(time.time()),
+    )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}
         for settings in config.backends:
@@ -105,19 +112,13 @@ async def run_server(
                     }
                 },
             )
-        slots = {b.name: BackendSlots(b.max_concurrency, b.max_queue) for b in config.backends}
-        driver = Driver(gateway, backends, slots, access_log=config.server.access_log)
-        server = HttpServer(
-            driver,
-            config.server.http(),
-            max_body_bytes=config.limits.max_body_bytes,
-            request_ids=driver.next_request_id,
-            screen=gateway.admits,
-        )
+        driver = Driver(gateway, backends, access_log=config.server.access_log)
+        server = HttpServer(driver, config.server.http())
         listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
         async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run_timers)
             nursery.start_soon(
-                watch_keys, store, gateway, generation, config.auth.key_reload_interval
+                watch_keys, store, driver.replace_keys, generation, config.auth.key_reload_interval
             )
             await nursery.start(server.serve, listeners)
             for listener in listeners:
@@ -139,6 +140,7 @@ async def run_server(
                         },
                     )
                     break
+            driver.shutdown()
             await server.drain(trio.current_time() + config.server.drain_timeout)
             nursery.cancel_scope.cancel()
     log.info("stopped")

@@ -1,0 +1,160 @@
+"""Admission cost of the limit stores: in memory, and through Redis on loopback.
+
+The realistic shape: three layers (principal: requests and tokens per minute and a
+concurrency slot; client IP: requests per minute; model: tokens per minute), every
+request admitted. In memory: µs per ``admit`` (median of batches, CPU time and wall
+time: on a shared machine the wall time includes other processes), and per
+``admit`` + ``settle``. Through Redis (a private ``redis-server`` on a free port, or
+``--url``): median and p99 µs of one admission, one settlement and one ``PING``,
+one call at a time, and admissions per second with 16 concurrent callers.
+
+    python bench/limits.py [--requests 20000] [--url redis://127.0.0.1:6379/0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import trio
+
+from ostiary.protocol.limits import (
+    BucketSpec,
+    Charge,
+    ConcurrencyLimit,
+    Limit,
+    MemoryLimitStore,
+    Unit,
+)
+from ostiary.runtime.redis_client import RedisClient
+from ostiary.runtime.redis_limits import RedisLimitStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.runtime.redis_server import redis_server
+
+BIG = 10**9
+PRINCIPAL = "principal:key:0123456789ab"
+LIMITS = [
+    Limit(PRINCIPAL, "rpm", BucketSpec.per(BIG, 60), Unit.REQUESTS),
+    Limit(PRINCIPAL, "tpm", BucketSpec.per(BIG, 60), Unit.TOKENS),
+    Limit("ip:10.1.2.3", "rpm", BucketSpec.per(BIG, 60), Unit.REQUESTS),
+    Limit("model:smollm2", "tpm", BucketSpec.per(BIG, 60), Unit.TOKENS),
+]
+SLOTS = [ConcurrencyLimit(PRINCIPAL, BIG)]
+
+
+def charges(tokens: int) -> list[Charge]:
+    return [(lm, tokens if lm.unit is Unit.TOKENS else 1) for lm in LIMITS]
+
+
+def memory(requests: int) -> dict[str, tuple[float, float]]:
+    """µs per call, CPU time and wall time (the wall time counts other processes too)."""
+    store = MemoryLimitStore()
+    batch = 2000
+    four = charges(700)
+    three = four[:1] + four[2:]
+    samples: dict[str, list[tuple[float, float]]] = {
+        "admit (4 buckets + 1 slot, 3 layers)": [],
+        "admit (3 buckets, 3 layers)": [],
+        "admit + settle (4 buckets + 1 slot)": [],
+    }
+    clocks = (time.process_time, time.perf_counter)
+    now = 0.0
+    for _ in range(max(1, requests // batch)):
+        t0 = [c() for c in clocks]
+        decisions = [store.admit(four, SLOTS, now + i * 1e-4) for i in range(batch)]
+        t1 = [c() for c in clocks]
+        for d in decisions:
+            assert d.hold is not None
+            store.settle(d.hold, 650, now)
+        t2 = [c() for c in clocks]
+        decisions = [store.admit(three, (), now + i * 1e-4) for i in range(batch)]
+        t3 = [c() for c in clocks]
+        for d in decisions:
+            assert d.hold is not None
+            store.settle(d.hold, 0, now)
+        now += 1.0
+        for name, (start, end) in zip(samples, [(t0, t1), (t2, t3), (t0, t2)], strict=True):
+            cpu, wall = ((e - s) / batch * 1e6 for s, e in zip(start, end, strict=True))
+            samples[name].append((cpu, wall))
+    return {
+        name: (statistics.median(c for c, _ in runs), statistics.median(w for _, w in runs))
+        for name, runs in samples.items()
+    }
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99)]
+
+
+async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float]]:
+    async with RedisClient.from_url(url, timeout=1.0, pool_size=16) as client:
+        store = RedisLimitStore(client, prefix="bench:")
+        for _ in range(200):  # warm up: connections, scripts
+            d = await store.admit(charges(700), SLOTS)
+            assert d.hold is not None
+            await store.settle(d.hold, 650)
+        admit, settle, ping = [], [], []
+        clock = time.perf_counter_ns
+        for _ in range(requests):
+            t0 = clock()
+            d = await store.admit(charges(700), SLOTS)
+            t1 = clock()
+            assert d.hold is not None
+            await store.settle(d.hold, 650)
+            t2 = clock()
+            await client.execute("PING")
+            t3 = clock()
+            admit.append((t1 - t0) / 1000)
+            settle.append((t2 - t1) / 1000)
+            ping.append((t3 - t2) / 1000)
+
+        done = 0
+
+        async def caller(n: int) -> None:
+            nonlocal done
+            for _ in range(n):
+                d = await store.admit(charges(700), SLOTS)
+                assert d.hold is not None
+                await store.settle(d.hold, 650)
+                done += 1
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(caller, requests // 16)
+        rate = done / (time.perf_counter() - started)
+    return {
+        "admit (4 buckets + 1 slot, 3 layers)": percentiles(admit),
+        "settle": percentiles(settle),
+        "PING": percentiles(ping),
+        "admit + settle / s, 16 callers": (rate, rate),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--url", help="an existing Redis (default: start a private one)")
+    args = parser.parse_args()
+    print("in memory, µs per call (median of batches; CPU, wall):")
+    for name, (cpu, wall) in memory(args.requests * 5).items():
+        print(f"  {name:45} {cpu:8.2f} {wall:8.2f}")
+    with nullcontext(args.url) if args.url else redis_server() as server:
+        url = server if isinstance(server, str) else server.url
+        results = trio.run(through_redis, url, args.requests)
+    print("through Redis on loopback, µs per call (median, p99):")
+    for name, (median, p99) in results.items():
+        if name.endswith("/ s, 16 callers"):
+            print(f"  {name:45} {median:8.0f}")
+        else:
+            print(f"  {name:45} {median:8.1f} {p99:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Judging a request from its head alone: the route, the credentials, and how much
+body the runtime may read for it.
+
+:meth:`Gateway.admits <ostiary.protocol.gateway.Gateway.admits>` returns an
+:class:`Admission` before any byte of the body is read (or ``100 Continue`` sent):
+a request that is refused, or whose route takes no body, never makes the server
+buffer one. The admission then travels inside ``RequestReceived``, so the head is
+judged once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+import attrs
+
+from .auth import ApiKey
+from .errors import (
+    AuthenticationError,
+    HeadersTooLargeError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    OpenAIError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    ServiceUnavailableError,
+)
+
+__all__ = ["Admission", "Endpoint", "Refusal", "authorization_header", "refusal_error", "route"]
+
+
+class Endpoint(enum.Enum):
+    """The routes Ostiary serves; values are the endpoint names of DESIGN §5a
+    (roles, metrics labels, logs)."""
+
+    CHAT = "chat.completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    MODELS = "models"
+    MODEL = "models.retrieve"
+    HEALTH = "healthz"
+    READY = "readyz"
+
+
+#: path → (method, endpoint), for the fixed paths.
+_ROUTES: dict[str, tuple[str, Endpoint]] = {
+    "/v1/chat/completions": ("POST", Endpoint.CHAT),
+    "/v1/completions": ("POST", Endpoint.COMPLETIONS),
+    "/v1/embeddings": ("POST", Endpoint.EMBEDDINGS),
+    "/v1/models": ("GET", Endpoint.MODELS),
+    "/healthz": ("GET", Endpoint.HEALTH),
+    "/readyz": ("GET", Endpoint.READY),
+}
+_MODEL_PREFIX = "/v1/models/"
+PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY})
+#: Endpoints whose requests carry a JSON body.
+WITH_BODY = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+
+
+class Refusal(enum.Enum):
+    """Why the HTTP layer could not read a request; the core words the answer."""
+
+    MALFORMED = "malformed"
+    SMUGGLING = "smuggling"
+    ENDED_EARLY = "ended_early"
+    HEAD_TIMEOUT = "head_timeout"
+    BODY_TIMEOUT = "body_timeout"
+    HEAD_TOO_LARGE = "head_too_large"
+    BODY_TOO_LARGE = "body_too_large"
+    CONNECTION_LIMIT = "connection_limit"
+
+
+@attrs.frozen
+class Admission:
+    """What the head of a request says about it.
+
+    ``error`` set: the request is refused (the runtime reads no body and closes the
+    connection after the answer). ``max_body_bytes`` is the most body the runtime may
+    read for this route: 0 for routes without a body, whose bodies are never read.
+    ``principal`` is the authenticated key (None on public routes and refusals);
+    ``keys_version`` says which key table judged it, so a table replaced between the
+    head and the body is noticed. ``peer`` is the socket's address.
+    """
+
+    endpoint: Endpoint | None
+    max_body_bytes: int
+    peer: str = ""
+    principal: ApiKey | None = None
+    model_id: str | None = None
+    error: OpenAIError | None = attrs.field(default=None, eq=False)
+    keys_version: int = 0
+
+    @property
+    def read_body(self) -> bool:
+        """Whether the runtime should read (and bound) the body."""
+        return self.error is None and self.max_body_bytes > 0
+
+
+def route(method: str, target: str) -> tuple[Endpoint, str | None]:
+    """The endpoint for a request line, and the model id for ``/v1/models/{id}``.
+
+    Raises 404 ``unknown_url`` or 405 ``method_not_allowed`` (whose ``allow``
+    attribute lists the methods the path takes)."""
+    path = target.partition("?")[0]
+    entry = _ROUTES.get(path)
+    if entry is not None:
+        allowed, endpoint = entry
+        model = None
+    elif path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
+        allowed, endpoint = "GET", Endpoint.MODEL
+        model = _percent_decode(path[len(_MODEL_PREFIX) :])
+    else:
+        raise NotFoundError(f"Invalid URL ({method} {path})", code="unknown_url")
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise MethodNotAllowedError(
+            f"Method {method} is not allowed for {path}; use {allowed}.",
+            code="method_not_allowed",
+            allow=("GET", "HEAD") if allowed == "GET" else (allowed,),
+        )
+    return endpoint, model
+
+
+def _percent_decode(text: str) -> str:
+    if "%" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    raw = text.encode("utf-8")
+    while i < len(raw):
+        if raw[i] == 0x25 and _is_hex(raw[i + 1 : i + 3]):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _is_hex(pair: bytes) -> bool:
+    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
+
+
+def authorization_header(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The one ``authorization`` header; two are refused (a proxy in front might
+    read the other one)."""
+    found = None
+    for key, value in headers:
+        if key == b"authorization":
+            if found is not None:
+                raise AuthenticationError(
+                    "Send exactly one Authorization header.", code="invalid_api_key"
+                )
+            found = value
+    return found
+
+
+def refusal_error(refusal: Refusal, limit: int = 0) -> OpenAIError:
+    """The error that answers a request the HTTP layer refused."""
+    if refusal is Refusal.BODY_TOO_LARGE:
+        return RequestTooLargeError(
+            f"The request body is larger than {limit} bytes.", code="request_too_large"
+        )
+    if refusal is Refusal.HEAD_TOO_LARGE:
+        return HeadersTooLargeError("The request headers are too large.", code="headers_too_large")
+    if refusal is Refusal.HEAD_TIMEOUT or refusal is Refusal.BODY_TIMEOUT:
+        part = "head" if refusal is Refusal.HEAD_TIMEOUT else "body"
+        return RequestTimeoutError(
+            f"Timed out waiting for the request {part}.", code="request_timeout"
+        )
+    if refusal is Refusal.CONNECTION_LIMIT:
+        return ServiceUnavailableError(
+            "The server is at its connection limit; retry shortly.", code="connection_limit"
+        )
+    if refusal is Refusal.SMUGGLING:
+        message = "Content-Length and Transfer-Encoding must not both be set."
+    elif refusal is Refusal.ENDED_EARLY:
+        message = "The request ended early."
+    else:
+        message = "Malformed HTTP request."
+    return InvalidRequestError(message, code="invalid_request")

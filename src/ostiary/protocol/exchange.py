@@ -1,0 +1,146 @@
+"""One request's state inside the gateway, and the policy of the backend it uses.
+
+An exchange moves through :class:`ExchangeState`; the legal moves are the
+gateway's transition table (:data:`ostiary.protocol.gateway.TRANSITIONS`):
+
+``RECEIVED`` → ``QUEUED`` (no free slot) → ``RUNNING`` (dispatched) → ``STREAMING``
+(response head sent, output flowing) → ``SENDING`` (the last bytes were handed to
+the runtime) → done (forgotten, after exactly one access-log record). ``CHECKING`` is
+``/readyz`` waiting for the runtime's backend checks. Any state may end early: a
+client that leaves, a failure, a timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any
+
+import attrs
+
+from .actions import BackendCall
+from .admission import Endpoint
+from .auth import ApiKey
+from .errors import BackendTimeoutError, OpenAIError
+from .generation import Usage
+from .responses import ChoiceAccumulator
+from .sse import SseEncoder
+
+__all__ = ["BackendPolicy", "Exchange", "ExchangeState"]
+
+
+class ExchangeState(enum.Enum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    STREAMING = "streaming"
+    CHECKING = "checking"
+    SENDING = "sending"
+
+
+@attrs.frozen(kw_only=True)
+class BackendPolicy:
+    """How the gateway schedules and times one backend; every field is a key of the
+    backend's ``[[backends]]`` table, with the same default."""
+
+    name: str
+    #: Requests running on the backend at once.
+    max_concurrency: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    #: Requests waiting for a slot; one more is refused at once (503 ``queue_full``).
+    max_queue: int = attrs.field(default=256, validator=attrs.validators.ge(0))
+    #: Seconds a request may wait for a slot (then 503 ``queue_timeout``).
+    max_queue_wait: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    #: Seconds from dispatch to the backend's first output (then 504).
+    first_output_timeout: float = attrs.field(default=120.0, validator=attrs.validators.gt(0))
+    #: Seconds allowed between two pieces of output once it has started (then 504).
+    stall_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    #: Seconds from dispatch to the end of the generation (then 504).
+    total_timeout: float = attrs.field(default=1800.0, validator=attrs.validators.gt(0))
+
+    @property
+    def earliest_timeout(self) -> float:
+        """Seconds after dispatch before which no timeout of a call can fire."""
+        return min(self.first_output_timeout, self.stall_timeout, self.total_timeout)
+
+
+@attrs.define(slots=True, eq=False)
+class Exchange:
+    request_id: str
+    endpoint: Endpoint | None
+    method: str
+    path: str
+    started: float
+    created: int
+    state: ExchangeState = ExchangeState.RECEIVED
+    principal: ApiKey | None = None
+    call: BackendCall | None = None
+    policy: BackendPolicy | None = None
+    encoder: SseEncoder | None = None
+    collected: ChoiceAccumulator | None = None
+    usage: Usage | None = None
+    #: Set when the final response was handed over: what the access log will say.
+    status: int = 0
+    error: OpenAIError | None = None
+    #: When the backend call started, and when it last produced output (-inf: never).
+    dispatched: float = math.inf
+    last_output: float = -math.inf
+    #: The core asked for the backend call to stop: its late output is ignored.
+    cancelled: bool = False
+
+    def access_fields(self, now: float) -> dict[str, Any]:
+        """The fields of the exchange's one access-log record (never a secret)."""
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "duration_ms": round((now - self.started) * 1000, 3),
+        }
+        key = self.principal
+        if key is not None:
+            fields["key_id"] = key.id
+            fields["role"] = key.role
+        call = self.call
+        if call is not None:
+            fields["model"] = call.model
+            fields["stream"] = self.encoder is not None
+        usage = self.usage
+        if usage is not None:
+            fields["prompt_tokens"] = usage.prompt_tokens
+            fields["completion_tokens"] = usage.completion_tokens
+        error = self.error
+        if error is not None:
+            fields["error_type"] = error.type
+            fields["error_code"] = error.code
+        return fields
+
+    @property
+    def running(self) -> bool:
+        return self.state is ExchangeState.RUNNING or self.state is ExchangeState.STREAMING
+
+    def deadline(self) -> float:
+        """When the running backend call times out, unless more output comes."""
+        policy = self.policy
+        if policy is None or not self.running:
+            return math.inf
+        total = self.dispatched + policy.total_timeout
+        if self.last_output == -math.inf:
+            return min(self.dispatched + policy.first_output_timeout, total)
+        return min(self.last_output + policy.stall_timeout, total)
+
+    def timeout_error(self, now: float) -> BackendTimeoutError:
+        """The error for a call whose :meth:`deadline` has passed at ``now``."""
+        policy = self.policy
+        assert policy is not None
+        if now >= self.dispatched + policy.total_timeout:
+            message = f"The model did not finish within {policy.total_timeout:g} seconds."
+            code = "backend_timeout"
+        elif self.last_output == -math.inf:
+            message = (
+                f"The model produced no output within {policy.first_output_timeout:g} seconds."
+            )
+            code = "backend_timeout"
+        else:
+            message = f"The model stopped producing output for {policy.stall_timeout:g} seconds."
+            code = "backend_stalled"
+        return BackendTimeoutError(message, code=code)

@@ -1,0 +1,386 @@
+"""Rate-limit math over plain state, and the in-memory store that applies it.
+
+Every limit is a bucket whose capacity is the limit, refilled continuously over its
+window (DESIGN §5a): ``requests_per_minute = 50`` admits a burst of 50, then one
+request every 1.2 s. The algorithm is a continuous-refill token bucket. GCRA is the
+same admission rule written as a "theoretical arrival time" (TAT = now + deficit /
+rate); the bucket form was chosen because what the headers and the settlement need
+is read off it directly: the level (``remaining``), the time to full (``reset``) and
+cost-weighted debits and credits, including a debt when real usage exceeds the
+reservation.
+
+Exactness. A bucket's state is two integers, ``(deficit, stamp)``: ``deficit`` is
+how far the bucket is below full, in units of ``1 / per_token`` token, and ``stamp``
+the millisecond it was computed at. With ``g = gcd(capacity, window_ms)``, one token
+is ``per_token = window_ms / g`` units and one millisecond refills
+``per_ms = capacity / g`` units, so refill, debit, settlement, ``remaining`` and every
+wait are exact integer arithmetic; nothing rounds, so the Lua script in the Redis
+store (whose numbers are doubles) computes bit-for-bit the same figures as long as
+every value stays below 2**53, which :class:`BucketSpec` checks once, at
+configuration time. Time is whole milliseconds.
+
+Policy when real usage exceeds the reservation: the excess is debited after the fact
+and may drive the bucket below zero, down to minus one capacity at most (a debt of
+one window). Nothing is refused retroactively; the next requests wait until the debt
+is refilled. Usage below the reservation is credited back (never above full). A
+refund is a settlement with zero usage. Request counts are not refunded: a request
+that was admitted was made.
+
+Concurrency (``max_concurrent``) is a counter per layer, taken in the same
+all-or-nothing admission as the buckets and given back when the request ends.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from collections.abc import Sequence
+
+import attrs
+
+__all__ = [
+    "MAX_EXACT",
+    "BucketSpec",
+    "Charge",
+    "ConcurrencyLimit",
+    "Decision",
+    "Hold",
+    "Limit",
+    "MemoryLimitStore",
+    "Refusal",
+    "Unit",
+    "deficit_at",
+    "judge",
+    "remaining",
+    "reset_ms",
+    "settled",
+    "to_ms",
+    "wait_ms",
+]
+
+#: Integers up to this are exact in a double (Lua's only number type in Redis).
+MAX_EXACT = 2**53
+
+
+def to_ms(now: float) -> int:
+    """Seconds to whole milliseconds, rounded to the nearest (monotonic in ``now``)."""
+    return int(now * 1000.0 + 0.5)
+
+
+def _check_exact(instance: BucketSpec, attribute: attrs.Attribute[int], value: int) -> None:
+    g = math.gcd(instance.capacity, value)
+    if 4 * instance.capacity * (value // g) >= MAX_EXACT:
+        raise ValueError(
+            f"a limit of {instance.capacity} per {value} ms is too fine to count exactly"
+        )
+
+
+@attrs.frozen
+class BucketSpec:
+    """A bucket of ``capacity`` refilled over ``window_ms`` milliseconds."""
+
+    capacity: int = attrs.field(validator=attrs.validators.ge(1))
+    window_ms: int = attrs.field(validator=[attrs.validators.ge(1), _check_exact])
+    #: Units per token.
+    per_token: int = attrs.field(init=False)
+    #: Units refilled per millisecond.
+    per_ms: int = attrs.field(init=False)
+    #: Units of a whole bucket: a deficit of ``full`` is a level of zero.
+    full: int = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        g = math.gcd(self.capacity, self.window_ms)
+        object.__setattr__(self, "per_token", self.window_ms // g)
+        object.__setattr__(self, "per_ms", self.capacity // g)
+        object.__setattr__(self, "full", self.capacity * (self.window_ms // g))
+
+    @classmethod
+    def per(cls, capacity: int, window_seconds: int) -> BucketSpec:
+        return cls(capacity, window_seconds * 1000)
+
+
+class Unit(enum.Enum):
+    """What a bucket counts. Only token buckets are settled with real usage."""
+
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+
+
+@attrs.frozen
+class Limit:
+    """One bucket of one layer, built once from the configuration.
+
+    ``layer`` names the layer and the value it counts (``principal:key:abc``,
+    ``ip:10.0.0.1``, ``global``); ``name`` the dimension (``rpm``, ``tpd``...).
+    Requests sharing a ``(layer, name)`` share a bucket.
+    """
+
+    layer: str
+    name: str
+    spec: BucketSpec
+    unit: Unit
+    key: str = attrs.field(init=False)
+
+    @key.default
+    def _key(self) -> str:
+        return f"{self.layer}:{self.name}"
+
+
+@attrs.frozen
+class ConcurrencyLimit:
+    """At most ``limit`` requests of ``layer`` from admission to their end."""
+
+    layer: str
+    limit: int = attrs.field(validator=attrs.validators.ge(1))
+
+
+#: A limit and what one request costs it (1 for requests, the estimate for tokens).
+Charge = tuple[Limit, int]
+
+
+@attrs.frozen
+class Hold:
+    """What an admitted request holds until it is settled or refunded."""
+
+    id: int
+    charges: tuple[Charge, ...]
+    slots: tuple[ConcurrencyLimit, ...]
+
+
+@attrs.frozen
+class Refusal:
+    """Why a request was refused.
+
+    ``exhausted`` is the index of the charge that refused: one that can never pass
+    (``never``: its own cost exceeds the capacity, so retrying cannot help), else the
+    one with the longest wait; ``retry_after_ms`` is the wait after which every
+    bucket would admit the request. Or ``full_slot`` is the index of the concurrency
+    limit that is full, and ``retry_after_ms`` is None: no time is known.
+    """
+
+    exhausted: int | None
+    full_slot: int | None
+    retry_after_ms: int | None
+    never: bool = False
+
+    @property
+    def retry_after(self) -> int | None:
+        """Whole seconds, rounded up (``retry-after``), agreeing with the ms figure."""
+        ms = self.retry_after_ms
+        return None if ms is None else -(-ms // 1000)
+
+
+@attrs.frozen
+class Decision:
+    """The outcome of one admission across every layer: a hold, or a refusal.
+
+    ``deficits`` are the buckets' states right after the decision (debited when
+    allowed), one per charge, from which :meth:`remaining` and :meth:`reset_ms` read
+    the ``x-ratelimit-*`` figures.
+    """
+
+    charges: tuple[Charge, ...]
+    deficits: tuple[int, ...]
+    hold: Hold | None = None
+    refusal: Refusal | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.hold is not None
+
+    def limit(self, index: int) -> int:
+        return self.charges[index][0].spec.capacity
+
+    def remaining(self, index: int) -> int:
+        return remaining(self.charges[index][0].spec, self.deficits[index])
+
+    def reset_ms(self, index: int) -> int:
+        return reset_ms(self.charges[index][0].spec, self.deficits[index])
+
+
+def deficit_at(spec: BucketSpec, deficit: int, stamp: int, now: int) -> int:
+    """The deficit at ``now`` of a bucket that had ``deficit`` at ``stamp``."""
+    if deficit <= 0:
+        return 0
+    elapsed = now - stamp
+    if elapsed <= 0:
+        return deficit
+    refill = spec.per_ms * min(elapsed, 2 * spec.window_ms)
+    return deficit - refill if refill < deficit else 0
+
+
+def wait_ms(spec: BucketSpec, deficit: int, cost: int) -> int:
+    """Milliseconds until ``cost`` fits (0: it fits now). Needs ``cost <= capacity``."""
+    excess = deficit + cost * spec.per_token - spec.full
+    return -(-excess // spec.per_ms) if excess > 0 else 0
+
+
+def remaining(spec: BucketSpec, deficit: int) -> int:
+    """Whole tokens (or requests) left in the bucket, never negative."""
+    level = spec.full - deficit
+    return level // spec.per_token if level > 0 else 0
+
+
+def reset_ms(spec: BucketSpec, deficit: int) -> int:
+    """Milliseconds until the bucket is full again."""
+    return -(-deficit // spec.per_ms) if deficit > 0 else 0
+
+
+def settled(spec: BucketSpec, deficit: int, reserved: int, actual: int) -> int:
+    """The deficit after replacing a debit of ``reserved`` with ``actual`` usage."""
+    if actual <= reserved:
+        credit = min(reserved - actual, spec.capacity) * spec.per_token
+        return deficit - credit if credit < deficit else 0
+    debt = deficit + min(actual - reserved, spec.capacity) * spec.per_token
+    return min(debt, 2 * spec.full)
+
+
+def judge(
+    charges: Sequence[Charge],
+    deficits: Sequence[int],
+    slots: Sequence[ConcurrencyLimit],
+    counts: Sequence[int],
+) -> Refusal | None:
+    """All-or-nothing admission, given every bucket's deficit now and every slot's count.
+
+    None admits. A cost over a capacity refuses first (it can never pass); then the
+    bucket with the longest wait; then a full concurrency slot.
+    """
+    worst = -1
+    worst_wait = 0
+    for i, (limit, cost) in enumerate(charges):
+        spec = limit.spec
+        if cost > spec.capacity:
+            return Refusal(i, None, None, never=True)
+        wait = wait_ms(spec, deficits[i], cost)
+        if wait > worst_wait:
+            worst, worst_wait = i, wait
+    if worst >= 0:
+        return Refusal(worst, None, worst_wait)
+    for j, slot in enumerate(slots):
+        if counts[j] >= slot.limit:
+            return Refusal(None, j, None)
+    return None
+
+
+@attrs.define
+class MemoryLimitStore:
+    """The math applied to buckets held in this process, in the same call.
+
+    Memory is bounded: a bucket that is full again is the same as no bucket, so it
+    is dropped whenever the table is swept; the table is swept when it has doubled
+    since the last sweep (or reached ``max_buckets``), so sweeping costs O(1) per
+    admission. If live (not full) buckets alone fill more than seven eighths of
+    ``max_buckets``, those nearest to full are forgotten until seven eighths are left.
+    Forgetting a bucket treats it as full, so it can
+    only ever admit more for that key than exact counting would, and only for a key
+    that was about to be full anyway; under that pressure (many distinct IPs, say)
+    the store stays bounded rather than exact. Concurrency counters and open holds are
+    never evicted: they are bounded by the requests in flight.
+    """
+
+    #: Most buckets tracked at once (``[limits] max_tracked_buckets``).
+    max_buckets: int = attrs.field(default=1_000_000, validator=attrs.validators.ge(8))
+    _buckets: dict[str, list[int]] = attrs.field(factory=dict, init=False)
+    _counts: dict[str, int] = attrs.field(factory=dict, init=False)
+    _open: dict[int, Hold] = attrs.field(factory=dict, init=False)
+    _ids: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+    _sweep_at: int = attrs.field(
+        default=attrs.Factory(lambda self: min(1024, self.max_buckets), takes_self=True),
+        init=False,
+    )
+
+    def admit(
+        self, charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit], now: float
+    ) -> Decision:
+        """Admit a request on every layer at once, or on none."""
+        t = int(now * 1000.0 + 0.5)  # to_ms, inlined: this is the hot path
+        buckets = self._buckets
+        counts = self._counts
+        deficits = []
+        fits = True
+        for limit, cost in charges:
+            spec = limit.spec
+            state = buckets.get(limit.key)
+            deficit = 0 if state is None else deficit_at(spec, state[0], state[1], t)
+            deficits.append(deficit)
+            # What judge() decides, for the common case where everything fits.
+            if deficit + cost * spec.per_token > spec.full:
+                fits = False
+        held = tuple(charges)
+        for slot in slots:
+            if counts.get(slot.layer, 0) >= slot.limit:
+                fits = False
+        if not fits:
+            used = [counts.get(slot.layer, 0) for slot in slots]
+            return Decision(held, tuple(deficits), None, judge(held, deficits, slots, used))
+        for i, (limit, cost) in enumerate(held):
+            deficits[i] += cost * limit.spec.per_token
+            buckets[limit.key] = [deficits[i], t, limit.spec.per_ms]
+        for slot in slots:
+            counts[slot.layer] = counts.get(slot.layer, 0) + 1
+        hold = Hold(next(self._ids), held, tuple(slots))
+        self._open[hold.id] = hold
+        if len(buckets) >= self._sweep_at:
+            self._sweep(t)
+        return Decision(held, tuple(deficits), hold)
+
+    def settle(self, hold: Hold, actual_tokens: int, now: float) -> bool:
+        """End an admitted request: token buckets get its real usage, slots come back.
+
+        Each hold ends once; a second call changes nothing and returns False.
+        """
+        if self._open.pop(hold.id, None) is None:
+            return False
+        t = to_ms(now)
+        for limit, reserved in hold.charges:
+            if limit.unit is Unit.TOKENS and actual_tokens != reserved:
+                spec = limit.spec
+                state = self._buckets.get(limit.key)
+                deficit = 0 if state is None else deficit_at(spec, state[0], state[1], t)
+                new = settled(spec, deficit, reserved, actual_tokens)
+                if new:
+                    self._buckets[limit.key] = [new, t, spec.per_ms]
+                else:
+                    self._buckets.pop(limit.key, None)
+        counts = self._counts
+        for slot in hold.slots:
+            left = counts[slot.layer] - 1
+            if left:
+                counts[slot.layer] = left
+            else:
+                del counts[slot.layer]
+        return True
+
+    def refund(self, hold: Hold, now: float) -> bool:
+        """End a request that used nothing (cancelled, failed, timed out)."""
+        return self.settle(hold, 0, now)
+
+    def deficit(self, limit: Limit, now: float) -> int:
+        """The bucket's deficit at ``now`` (0: full), for figures without a charge."""
+        state = self._buckets.get(limit.key)
+        return 0 if state is None else deficit_at(limit.spec, state[0], state[1], to_ms(now))
+
+    def in_flight(self, layer: str) -> int:
+        return self._counts.get(layer, 0)
+
+    @property
+    def tracked(self) -> int:
+        """Buckets held in memory (full ones may linger until the next sweep)."""
+        return len(self._buckets)
+
+    @property
+    def open_holds(self) -> int:
+        return len(self._open)
+
+    def _sweep(self, now: int) -> None:
+        # A state is [deficit, stamp, per_ms]; it is full once its deficit is refilled.
+        live = {k: s for k, s in self._buckets.items() if s[0] > (now - s[1]) * s[2]}
+        keep = self.max_buckets - self.max_buckets // 8
+        if len(live) > keep:
+            order = sorted(live, key=lambda k: live[k][1] + live[k][0] // live[k][2])
+            for key in order[: len(live) - keep]:
+                del live[key]
+        self._buckets = live
+        self._sweep_at = min(max(1024, 2 * len(live)), self.max_buckets)

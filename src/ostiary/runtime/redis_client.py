@@ -1,0 +1,253 @@
+"""A thin Trio Redis client over hiredis' sans-IO ``Reader``.
+
+Chosen by measurement: coredis 6 took about 300 µs per EVALSHA on loopback here; a
+client that packs commands with ``hiredis.pack_command``, writes them in one
+``send_all`` and parses replies with ``hiredis.Reader`` takes about a sixth of that.
+It does what the limit store needs and no more:
+
+- one round trip per call, several commands per round trip (:meth:`pipeline`);
+- a small pool of connections, bounded by a semaphore, reused in LIFO order;
+- a deadline on every call (``timeout``, pool wait and connect included): when it
+  passes, the call raises :class:`RedisUnavailableError` and its connection, whose
+  state is then unknown, is closed;
+- reconnection with exponential backoff: after a failed connect, calls fail at once
+  until the backoff has passed, so a dead Redis costs no time and gets no storm;
+- a connection found dead on reuse (Redis restarted) is replaced once, at once, and
+  every other idle connection is dropped with it;
+- :class:`Script`: EVALSHA, and on ``NOSCRIPT`` (after ``SCRIPT FLUSH`` or a restart)
+  SCRIPT LOAD and EVALSHA again in the same round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.parse
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import attrs
+import hiredis
+import trio
+
+__all__ = [
+    "Arg",
+    "RedisAddress",
+    "RedisClient",
+    "RedisError",
+    "RedisReplyError",
+    "RedisUnavailableError",
+    "Script",
+]
+
+#: What a command argument may be.
+Arg = str | int | float | bytes
+_MISSING = object()
+# hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.
+_pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
+
+
+class RedisError(Exception):
+    """Anything that went wrong talking to Redis."""
+
+
+class RedisUnavailableError(RedisError):
+    """Redis could not be reached, or did not answer within the timeout."""
+
+
+class RedisReplyError(RedisError):
+    """Redis answered with an error reply (``-ERR ...``)."""
+
+
+@attrs.frozen
+class RedisAddress:
+    """Where Redis listens: ``redis://[[user]:password@]host[:port][/db]``."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisAddress:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "redis":
+            raise ValueError(f"a Redis URL starts with redis://, not {parts.scheme}://")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"the database in a Redis URL is a number, not {path!r}")
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            db=int(path or 0),
+            username=urllib.parse.unquote(parts.username) if parts.username else None,
+            password=urllib.parse.unquote(parts.password) if parts.password else None,
+        )
+
+
+@attrs.frozen
+class Script:
+    """A Lua script known by its SHA1, loaded into Redis when Redis does not know it."""
+
+    source: str
+    sha: str = attrs.field(init=False)
+
+    @sha.default
+    def _sha(self) -> str:
+        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+
+@attrs.define(eq=False)
+class _Connection:
+    stream: trio.SocketStream
+    reader: hiredis.Reader = attrs.field(
+        factory=lambda: hiredis.Reader(replyError=RedisReplyError, notEnoughData=_MISSING)
+    )
+    used: bool = False
+
+    async def roundtrip(self, payload: bytes, count: int) -> list[Any]:
+        await self.stream.send_all(payload)
+        replies: list[Any] = []
+        reader = self.reader
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is _MISSING:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise trio.BrokenResourceError("Redis closed the connection")
+                reader.feed(data)
+            else:
+                replies.append(reply)
+        return replies
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+@attrs.define(eq=False)
+class RedisClient:
+    """A pooled Redis client; every call ends within ``timeout`` seconds.
+
+    Call :meth:`aclose` (or use ``async with``) to close the pooled connections.
+    """
+
+    address: RedisAddress = attrs.field(factory=RedisAddress)
+    #: Seconds one call may take, connecting included (``[redis] timeout``).
+    timeout: float = attrs.field(default=0.05, validator=attrs.validators.gt(0))
+    #: Connections at most (``[redis] pool_size``).
+    pool_size: int = attrs.field(default=4, validator=attrs.validators.ge(1))
+    #: First and longest wait after a failed connect, in seconds.
+    backoff_min: float = attrs.field(default=0.05, validator=attrs.validators.gt(0))
+    backoff_max: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
+    _idle: list[_Connection] = attrs.field(factory=list, init=False)
+    _slots: trio.Semaphore = attrs.field(init=False)
+    _backoff: float = attrs.field(default=0.0, init=False)
+    _down_until: float = attrs.field(default=float("-inf"), init=False)
+
+    @_slots.default
+    def _make_slots(self) -> trio.Semaphore:
+        return trio.Semaphore(self.pool_size)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
+        return cls(RedisAddress.from_url(url), **kwargs)
+
+    async def __aenter__(self) -> RedisClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
+    async def execute(self, *args: Arg) -> Any:
+        """One command; an error reply raises :class:`RedisReplyError`."""
+        (reply,) = await self.pipeline([args])
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Several commands in one round trip; error replies come back in place."""
+        payload = b"".join(_pack(tuple(c)) for c in commands)
+        with trio.move_on_after(self.timeout) as scope:
+            return await self._roundtrip(payload, len(commands))
+        assert scope.cancelled_caught
+        raise RedisUnavailableError(f"Redis did not answer within {self.timeout} s")
+
+    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """Run ``script``, loading it first if Redis does not know it (any more)."""
+        call = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        (reply,) = await self.pipeline([call])
+        if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT"):
+            _, reply = await self.pipeline([("SCRIPT", "LOAD", script.source), call])
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
+
+    async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
+        async with self._slots:
+            conn = await self._checkout()
+            try:
+                replies = await conn.roundtrip(payload, count)
+            except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
+                await conn.close()
+                if not conn.used:
+                    raise RedisUnavailableError(f"Redis connection lost: {exc}") from exc
+                # A pooled connection that died while idle (Redis restarted): the
+                # command never reached a live server, so try a fresh connection once.
+                await self.aclose()
+                conn = await self._checkout()
+                try:
+                    replies = await conn.roundtrip(payload, count)
+                except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as again:
+                    await conn.close()
+                    raise RedisUnavailableError(f"Redis connection lost: {again}") from again
+                except BaseException:
+                    await conn.close()
+                    raise
+            except BaseException:
+                await conn.close()
+                raise
+            conn.used = True
+            self._idle.append(conn)
+            return replies
+
+    async def _checkout(self) -> _Connection:
+        if self._idle:
+            return self._idle.pop()
+        if trio.current_time() < self._down_until:
+            raise RedisUnavailableError("Redis is unreachable (waiting to reconnect)")
+        try:
+            conn = await self._connect()
+        except (OSError, trio.BrokenResourceError, RedisReplyError) as exc:
+            self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
+            self._down_until = trio.current_time() + self._backoff
+            raise RedisUnavailableError(f"cannot connect to Redis: {exc}") from exc
+        self._backoff = 0.0
+        return conn
+
+    async def _connect(self) -> _Connection:
+        address = self.address
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        conn = _Connection(stream)
+        setup: list[tuple[Arg, ...]] = []
+        if address.password is not None:
+            user = () if address.username is None else (address.username,)
+            setup.append(("AUTH", *user, address.password))
+        if address.db:
+            setup.append(("SELECT", address.db))
+        if setup:
+            try:
+                payload = b"".join(_pack(c) for c in setup)
+                for reply in await conn.roundtrip(payload, len(setup)):
+                    if isinstance(reply, RedisReplyError):
+                        raise reply
+            except BaseException:
+                await conn.close()
+                raise
+        return conn

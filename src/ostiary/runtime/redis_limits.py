@@ -1,0 +1,257 @@
+"""The limit store shared by replicas: the core's bucket math, run inside Redis.
+
+One Lua script per admission judges every layer at once and debits all or none,
+atomically, on Redis' own clock (``TIME``), so the clocks of the replicas cannot
+change a decision. It is the same integer arithmetic as
+:mod:`ostiary.protocol.limits`, operation for operation (``lua/bucket.lua``); a
+differential test keeps the two identical. Tests may pass an explicit ``now_ms``,
+which replaces Redis' clock; nothing else does.
+
+Keys (``prefix`` defaults to ``ostiary:``):
+
+- ``{prefix}{<layer>}:<name>``: a bucket, a hash ``d`` (deficit) and ``t`` (stamp),
+  expiring once it is full again, so Redis holds only buckets below full;
+- ``{prefix}{<layer>}:concurrent``: the requests in flight of a layer, a hash of
+  replica id to count;
+- ``{prefix}holds:{<replica>}``: the replica's open holds (hold id to slot count),
+  its lease. Every admission and every :meth:`heartbeat` renews its TTL (``lease``);
+  one heartbeat owns all holds, so a long stream needs no renewal of its own.
+
+Leases. When a replica dies its holds hash expires, and the next admission that
+counts a layer's concurrency drops the counts of every replica without a live holds
+hash: a dead replica's slots come back within ``lease`` of its death, at the first
+admission that needs them (nothing needs them earlier). Token reservations need no
+lease: a reservation is a debit that the bucket refills on its own within a window,
+so a dead replica's reservations count as fully used, which errs on the safe side.
+A replica that was only slow (no heartbeat for ``lease``) loses its counts the same
+way; its later settlements change nothing (their reservations count as used). An admission whose
+reply was lost (timeout, cancellation) may still have taken its slot: it is undone by
+the heartbeat, which releases the hold if Redis has it (settlements are idempotent:
+the hold's field in the holds hash is deleted once).
+
+Redis Cluster. Every key carries a hash tag: all buckets and the counter of one
+layer value share a slot (``{principal:key:abc}``), and each replica's holds its own.
+One admission, though, spans several layers (principal, IP, model, global...), which
+land in different slots, and EVAL may only touch one slot; and the reclaim reads
+other replicas' holds hashes, keys the script is not given. So Cluster would need
+either one tag for everything (Cluster-compatible, but one node does all the work),
+or one script per slot, run in turn, each reserving its layers, with the earlier
+reservations refunded when a later slot refuses: never more admitted than the
+limits allow, but a refused request can briefly hold budget another one needed; and
+a copy of each replica's lease expiry inside every counter hash it writes to,
+refreshed with the heartbeat (one write per slot touched instead of one). The key
+layout allows the second way; the scripts are written for a single primary (Redis
+or Valkey).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib.resources
+import itertools
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from ..protocol.limits import (
+    Charge,
+    ConcurrencyLimit,
+    Decision,
+    Hold,
+    Limit,
+    Refusal,
+    Unit,
+    deficit_at,
+)
+from .redis_client import RedisClient, RedisError, Script
+
+__all__ = ["ADMIT", "SETTLE", "LimiterUnavailableError", "RedisLimitStore"]
+
+
+def _script(name: str) -> Script:
+    lua = importlib.resources.files("ostiary.runtime") / "lua"
+    return Script((lua / "bucket.lua").read_text() + (lua / f"{name}.lua").read_text())
+
+
+ADMIT = _script("admit")
+SETTLE = _script("settle")
+
+
+class LimiterUnavailableError(Exception):
+    """The shared limit store could not decide in time (Redis down or too slow).
+
+    The gateway answers 503 ``rate_limiter_unavailable`` or counts locally, as
+    ``[redis] on_failure`` says.
+    """
+
+
+@attrs.define(eq=False)
+class RedisLimitStore:
+    """Admission, settlement and leases against one Redis (or Valkey) primary."""
+
+    client: RedisClient
+    prefix: str = "ostiary:"
+    #: This process's id among the replicas sharing Redis.
+    replica: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    #: Seconds a replica's holds outlive its last heartbeat (``[redis] lease``).
+    lease: float = attrs.field(default=15.0, validator=attrs.validators.gt(0))
+    #: Settlements that failed (Redis down) wait here and are retried by the heartbeat.
+    max_pending: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    _ids: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+    _open: set[int] = attrs.field(factory=set, init=False)
+    _pending: collections.deque[tuple[Hold, int]] = attrs.field(init=False)
+
+    @_pending.default
+    def _make_pending(self) -> collections.deque[tuple[Hold, int]]:
+        return collections.deque(maxlen=self.max_pending)
+
+    @property
+    def holds_key(self) -> str:
+        return f"{self.prefix}holds:{{{self.replica}}}"
+
+    def bucket_key(self, limit: Limit) -> str:
+        return f"{self.prefix}{{{limit.layer}}}:{limit.name}"
+
+    def slot_key(self, slot: ConcurrencyLimit) -> str:
+        return f"{self.prefix}{{{slot.layer}}}:concurrent"
+
+    @property
+    def open_holds(self) -> int:
+        return len(self._open)
+
+    async def admit(
+        self,
+        charges: Sequence[Charge],
+        slots: Sequence[ConcurrencyLimit],
+        *,
+        now_ms: int | None = None,
+    ) -> Decision:
+        """Admit a request on every layer at once, or on none (one round trip)."""
+        hold_id = next(self._ids)
+        keys = [self.bucket_key(limit) for limit, _ in charges]
+        keys += [self.slot_key(slot) for slot in slots]
+        keys.append(self.holds_key)
+        args: list[str | int] = [
+            "" if now_ms is None else now_ms,
+            self.replica,
+            hold_id,
+            int(self.lease * 1000),
+            f"{self.prefix}holds:{{",
+            len(charges),
+            len(slots),
+        ]
+        for limit, cost in charges:
+            s = limit.spec
+            args += (s.capacity, s.per_token, s.per_ms, s.full, s.window_ms, cost)
+        args += (slot.limit for slot in slots)
+        try:
+            reply = await self._run(ADMIT, keys, args)
+        except BaseException:
+            # The script may have run before the reply was lost (timeout, cancel):
+            # undo its hold, if any, later. Without the hold nothing is undone.
+            self._pending.append((Hold(hold_id, (), tuple(slots)), 0))
+            raise
+        held = tuple(charges)
+        deficits = tuple(int(d) for d in reply[6:])
+        if reply[0] == 1:
+            hold = Hold(hold_id, held, tuple(slots))
+            self._open.add(hold_id)
+            return Decision(held, deficits, hold)
+        exhausted, full_slot, retry, never = reply[2:6]
+        refusal = Refusal(
+            None if exhausted < 0 else exhausted,
+            None if full_slot < 0 else full_slot,
+            None if retry < 0 else retry,
+            never == 1,
+        )
+        return Decision(held, deficits, None, refusal)
+
+    async def settle(self, hold: Hold, actual_tokens: int, *, now_ms: int | None = None) -> bool:
+        """End an admitted request: token buckets get real usage, slots come back.
+
+        Each hold ends once; a second call returns False. If Redis fails (or the
+        call is cancelled), the settlement is kept (up to ``max_pending``) for the
+        heartbeat to retry, which is safe: Redis applies a hold's settlement once.
+        """
+        if hold.id not in self._open:
+            return False
+        self._open.discard(hold.id)
+        try:
+            await self._settle(hold, actual_tokens, now_ms)
+        except BaseException:
+            self._pending.append((hold, actual_tokens))
+            raise
+        return True
+
+    async def refund(self, hold: Hold, *, now_ms: int | None = None) -> bool:
+        """End a request that used nothing (cancelled, failed, timed out)."""
+        return await self.settle(hold, 0, now_ms=now_ms)
+
+    async def heartbeat(self) -> None:
+        """Renew this replica's lease, then retry settlements that failed earlier."""
+        await self._call(("PEXPIRE", self.holds_key, int(self.lease * 1000)))
+        while self._pending:
+            hold, actual = self._pending[0]
+            await self._settle(hold, actual, None)
+            self._pending.popleft()
+
+    async def run_heartbeat(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Heartbeat every third of the lease, forever; Redis outages are waited out."""
+        task_status.started()
+        while True:
+            with contextlib.suppress(LimiterUnavailableError):
+                await self.heartbeat()
+            await trio.sleep(self.lease / 3)
+
+    async def deficit(self, limit: Limit, now_ms: int) -> int:
+        """A bucket's deficit at ``now_ms`` (0: full), read without changing it."""
+        stored = await self._call(("HMGET", self.bucket_key(limit), "d", "t"))
+        if stored[0] is None:
+            return 0
+        return deficit_at(limit.spec, int(stored[0]), int(stored[1]), now_ms)
+
+    async def in_flight(self, slot: ConcurrencyLimit) -> int:
+        """Requests in flight on a layer, across replicas (dead ones included)."""
+        counts = await self._call(("HVALS", self.slot_key(slot)))
+        return sum(int(c) for c in counts)
+
+    async def _settle(self, hold: Hold, actual: int, now_ms: int | None) -> None:
+        settled = [
+            (limit, reserved)
+            for limit, reserved in hold.charges
+            if limit.unit is Unit.TOKENS and reserved != actual
+        ]
+        keys = [self.bucket_key(limit) for limit, _ in settled]
+        keys += [self.slot_key(slot) for slot in hold.slots]
+        keys.append(self.holds_key)
+        args: list[str | int] = [
+            "" if now_ms is None else now_ms,
+            self.replica,
+            hold.id,
+            len(settled),
+            len(hold.slots),
+        ]
+        for limit, reserved in settled:
+            s = limit.spec
+            args += (s.capacity, s.per_token, s.per_ms, s.full, s.window_ms, reserved, actual)
+        await self._run(SETTLE, keys, args)
+
+    async def _run(self, script: Script, keys: list[str], args: list[str | int]) -> list[int]:
+        try:
+            reply = await self.client.evalsha(script, keys, args)
+        except RedisError as exc:
+            raise LimiterUnavailableError(str(exc)) from exc
+        return reply if isinstance(reply, list) else [reply]
+
+    async def _call(self, command: tuple[str | int, ...]) -> list[Any]:
+        try:
+            reply = await self.client.execute(*command)
+        except RedisError as exc:
+            raise LimiterUnavailableError(str(exc)) from exc
+        return reply if isinstance(reply, list) else [reply]

@@ -1,0 +1,356 @@
+"""The Redis limit store against the core's math, on a real private redis-server."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ostiary.protocol.limits import (
+    BucketSpec,
+    ConcurrencyLimit,
+    Decision,
+    Hold,
+    Limit,
+    MemoryLimitStore,
+    Unit,
+)
+from ostiary.runtime.redis_client import (
+    Arg,
+    RedisAddress,
+    RedisClient,
+    RedisReplyError,
+    RedisUnavailableError,
+    Script,
+)
+from ostiary.runtime.redis_limits import LimiterUnavailableError, RedisLimitStore
+
+from .redis_server import RedisServer, free_port, redis_server
+
+T0 = 1_700_000_000_000  # a realistic Redis clock, in ms
+PREFIXES = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def shared_redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+def client_for(server: RedisServer, **kwargs: float) -> RedisClient:
+    return RedisClient.from_url(server.url, timeout=kwargs.pop("timeout", 2.0), **kwargs)
+
+
+def same(memory: Decision, redis: Decision) -> None:
+    assert redis.allowed == memory.allowed
+    assert redis.deficits == memory.deficits
+    assert redis.refusal == memory.refusal
+    for i in range(len(memory.charges)):
+        assert (redis.remaining(i), redis.reset_ms(i)) == (memory.remaining(i), memory.reset_ms(i))
+
+
+SHAPES = st.lists(
+    st.tuples(st.integers(1, 12), st.integers(1, 5000), st.sampled_from(Unit)),
+    min_size=1,
+    max_size=4,
+)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.one_of(st.integers(0, 50), st.integers(0, 20_000))),
+        st.tuples(
+            st.just("admit"),
+            st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),
+            st.lists(st.integers(0, 1), max_size=2, unique=True),
+            st.integers(0, 14),
+        ),
+        st.tuples(st.just("settle"), st.integers(0, 100), st.integers(0, 30)),
+        st.tuples(st.just("refund"), st.integers(0, 100)),
+    ),
+    min_size=10,
+    max_size=60,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(shapes=SHAPES, slot_limits=st.lists(st.integers(1, 3), max_size=2), ops=OPS)
+async def test_lua_and_python_decide_identically(
+    shared_redis: RedisServer,
+    shapes: list[tuple[int, int, Unit]],
+    slot_limits: list[int],
+    ops: list[tuple[object, ...]],
+) -> None:
+    limits = [
+        Limit(f"layer{i % 2}", f"d{i}", BucketSpec(c, w), u) for i, (c, w, u) in enumerate(shapes)
+    ]
+    slots = [ConcurrencyLimit(f"slot{j}", n) for j, n in enumerate(slot_limits)]
+    memory = MemoryLimitStore()
+    async with client_for(shared_redis) as client:
+        redis = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
+        now = T0
+        holds: list[tuple[Hold, Hold]] = []
+        for op in ops:
+            match op:
+                case ("advance", int(dt)):
+                    now += dt
+                case ("admit", list(picks), list(slot_picks), int(tokens)):
+                    chosen = sorted({limits[p % len(limits)] for p in picks}, key=str)
+                    charges = [(lm, tokens if lm.unit is Unit.TOKENS else 1) for lm in chosen]
+                    held = [slots[j % len(slots)] for j in slot_picks] if slots else []
+                    held = list(dict.fromkeys(held))
+                    m = memory.admit(charges, held, now / 1000)
+                    r = await redis.admit(charges, held, now_ms=now)
+                    same(m, r)
+                    if m.hold is not None and r.hold is not None:
+                        holds.append((m.hold, r.hold))
+                case ("settle" | "refund", int(k), *actual) if holds:
+                    m_hold, r_hold = holds.pop(k % len(holds))
+                    used = actual[0] if actual else 0
+                    assert isinstance(used, int)
+                    assert memory.settle(m_hold, used, now / 1000)
+                    assert await redis.settle(r_hold, used, now_ms=now)
+                    assert not await redis.settle(r_hold, used, now_ms=now)
+        for limit in limits:
+            assert await redis.deficit(limit, now) == memory.deficit(limit, now / 1000)
+        for m_hold, r_hold in holds:
+            memory.refund(m_hold, now / 1000)
+            await redis.refund(r_hold, now_ms=now)
+        for slot in slots:
+            assert await redis.in_flight(slot) == memory.in_flight(slot.layer) == 0
+        assert redis.open_holds == 0
+
+
+async def test_redis_clock_is_used_without_an_explicit_now(shared_redis: RedisServer) -> None:
+    rpm = Limit("principal:key:a", "rpm", BucketSpec.per(2, 60), Unit.REQUESTS)
+    async with client_for(shared_redis) as client:
+        store = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
+        assert (await store.admit([(rpm, 1)], [])).allowed
+        assert (await store.admit([(rpm, 1)], [])).allowed
+        refused = await store.admit([(rpm, 1)], [])
+        assert refused.refusal is not None and refused.refusal.retry_after_ms is not None
+        assert 0 < refused.refusal.retry_after_ms <= 30_000
+        ttl = await client.execute("PTTL", store.bucket_key(rpm))
+        assert 60_000 <= ttl <= 61_000  # gone once full again
+
+
+async def test_script_flush_mid_run_reloads_the_scripts(shared_redis: RedisServer) -> None:
+    rpm = Limit("p", "rpm", BucketSpec.per(10, 60), Unit.REQUESTS)
+    tpm = Limit("p", "tpm", BucketSpec.per(100, 60), Unit.TOKENS)
+    slot = ConcurrencyLimit("p", 2)
+    async with client_for(shared_redis) as client:
+        store = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
+        first = await store.admit([(rpm, 1), (tpm, 50)], [slot], now_ms=T0)
+        assert first.hold is not None
+        assert await client.execute("SCRIPT", "FLUSH") == b"OK"
+        assert await store.settle(first.hold, 20, now_ms=T0)
+        assert await client.execute("SCRIPT", "FLUSH") == b"OK"
+        second = await store.admit([(rpm, 1), (tpm, 50)], [slot], now_ms=T0)
+        assert second.allowed and second.remaining(0) == 8 and second.remaining(1) == 30
+
+
+async def test_a_dead_replicas_slots_are_reclaimed_once_its_lease_expires(
+    shared_redis: RedisServer,
+) -> None:
+    slot = ConcurrencyLimit("principal:key:a", 1)
+    async with client_for(shared_redis) as client:
+        prefix = f"t{next(PREFIXES)}:"
+        dead = RedisLimitStore(client, prefix=prefix, replica="dead", lease=60.0)
+        alive = RedisLimitStore(client, prefix=prefix, replica="alive", lease=60.0)
+        held = await dead.admit([], [slot], now_ms=T0)
+        assert held.hold is not None
+        assert (await alive.admit([], [slot], now_ms=T0)).refusal is not None
+        await dead.heartbeat()  # a heartbeat renews the lease: still refused
+        assert (await alive.admit([], [slot], now_ms=T0)).refusal is not None
+        await client.execute("DEL", dead.holds_key)  # as when its lease runs out
+        reclaimed = await alive.admit([], [slot], now_ms=T0)
+        assert reclaimed.hold is not None
+        assert await alive.in_flight(slot) == 1
+        # The dead replica, back after all, settles without eating alive's slot.
+        assert await dead.settle(held.hold, 0, now_ms=T0)
+        assert await alive.in_flight(slot) == 1
+        assert await alive.settle(reclaimed.hold, 0, now_ms=T0)
+        assert await alive.in_flight(slot) == 0
+
+
+async def test_a_killed_redis_raises_the_limiter_error_then_recovers(
+    own_redis: RedisServer,
+) -> None:
+    rpm = Limit("p", "rpm", BucketSpec.per(10, 60), Unit.REQUESTS)
+    slot = ConcurrencyLimit("p", 5)
+    async with client_for(own_redis, timeout=0.5, backoff_min=1e-6, backoff_max=1e-6) as client:
+        store = RedisLimitStore(client, prefix="k:")
+        held = await store.admit([(rpm, 1)], [slot], now_ms=T0)
+        assert held.hold is not None
+        own_redis.kill()
+        with trio.fail_after(5):  # a guard against a hang, not a timing assertion
+            with pytest.raises(LimiterUnavailableError):
+                await store.admit([(rpm, 1)], [slot], now_ms=T0)
+            with pytest.raises(LimiterUnavailableError):
+                await store.settle(held.hold, 0, now_ms=T0)
+        own_redis.start()  # an empty Redis, without the scripts
+        again = await store.admit([(rpm, 1)], [slot], now_ms=T0)
+        assert again.allowed and again.remaining(0) == 9
+        await store.heartbeat()  # retries the settlement that failed
+        assert await store.in_flight(slot) == 1
+        assert again.hold is not None and await store.refund(again.hold)
+        assert await store.in_flight(slot) == 0
+
+
+async def test_a_hung_redis_times_out_with_the_limiter_error(own_redis: RedisServer) -> None:
+    rpm = Limit("p", "rpm", BucketSpec.per(10, 60), Unit.REQUESTS)
+    async with client_for(own_redis, timeout=0.1) as client:
+        store = RedisLimitStore(client, prefix="h:")
+        assert (await store.admit([(rpm, 1)], [], now_ms=T0)).allowed
+        assert own_redis.process is not None
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        try:
+            with trio.fail_after(5), pytest.raises(LimiterUnavailableError, match="within"):
+                await store.admit([(rpm, 1)], [], now_ms=T0)
+        finally:
+            os.kill(own_redis.process.pid, signal.SIGCONT)
+        assert (await store.admit([(rpm, 1)], [], now_ms=T0)).allowed
+
+
+async def test_a_refused_connect_backs_off_before_trying_again() -> None:
+    client = RedisClient(RedisAddress(port=free_port()), backoff_min=30.0)
+    with pytest.raises(RedisUnavailableError, match="cannot connect"):
+        await client.execute("PING")
+    with pytest.raises(RedisUnavailableError, match="waiting to reconnect"):
+        await client.execute("PING")
+
+
+async def test_pipelines_scripts_and_error_replies(shared_redis: RedisServer) -> None:
+    async with client_for(shared_redis) as client:
+        replies = await client.pipeline([("SET", "p:x", 41), ("INCR", "p:x"), ("LPOP", "p:x")])
+        assert replies[:2] == [b"OK", 42] and isinstance(replies[2], RedisReplyError)
+        with pytest.raises(RedisReplyError, match="WRONGTYPE"):
+            await client.execute("LPOP", "p:x")
+        script = Script("return {KEYS[1], ARGV[1] + 1}")
+        assert await client.evalsha(script, ["k"], [1]) == [b"k", 2]
+        with pytest.raises(RedisReplyError, match="Unknown Redis command"):
+            await client.evalsha(Script("return redis.call('NOPE')"), [], [])
+        async with trio.open_nursery() as nursery:  # more callers than connections
+            for i in range(12):
+                nursery.start_soon(client.execute, "INCR", f"p:n{i % 3}")
+        assert await client.execute("MGET", "p:n0", "p:n1", "p:n2") == [b"4", b"4", b"4"]
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("redis://127.0.0.1:6380/2", RedisAddress("127.0.0.1", 6380, 2)),
+        ("redis://:s%40cret@db.local", RedisAddress("db.local", 6379, 0, None, "s@cret")),
+        ("redis://me:pw@h:1/0", RedisAddress("h", 1, 0, "me", "pw")),
+    ],
+)
+def test_urls(url: str, address: RedisAddress) -> None:
+    assert RedisAddress.from_url(url) == address
+
+
+@pytest.mark.parametrize("url", ["http://h", "redis://h/x"])
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(ValueError, match="Redis URL"):
+        RedisAddress.from_url(url)
+
+
+async def test_a_password_is_sent_on_connect(own_redis: RedisServer) -> None:
+    async with client_for(own_redis) as client:
+        await client.execute("CONFIG", "SET", "requirepass", "pw")
+    url = f"redis://:pw@127.0.0.1:{own_redis.port}/3"
+    async with RedisClient.from_url(url) as client:
+        assert await client.execute("SET", "a", 1) == b"OK"
+    async with client_for(own_redis) as client:
+        with pytest.raises(RedisReplyError, match="NOAUTH"):
+            await client.execute("GET", "a")
+
+
+async def test_calls_whose_replies_were_lost_are_reconciled_once(own_redis: RedisServer) -> None:
+    """A timed-out admission may have taken its slot, a timed-out settlement may have
+    been applied: the heartbeat undoes the one and retries the other, exactly once.
+    (On Redis' clock, as the heartbeat is: a day's bucket refills no whole token here.)"""
+    tpd = Limit("p", "tpd", BucketSpec.per(100, 86_400), Unit.TOKENS)
+    slot = ConcurrencyLimit("p", 1)
+    assert own_redis.process is not None
+    pid = own_redis.process.pid
+    async with client_for(own_redis, timeout=0.2) as client:
+        store = RedisLimitStore(client, prefix="r:")
+        settled = await store.admit([(tpd, 60)], [slot])
+        assert settled.hold is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(LimiterUnavailableError):
+                await store.settle(settled.hold, 10)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await client.execute("PING") == b"PONG"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(LimiterUnavailableError):
+                await store.admit([(tpd, 5)], [slot])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await client.execute("PING") == b"PONG"
+        await store.heartbeat()
+        assert await store.in_flight(slot) == 0
+        assert await client.execute("HLEN", store.holds_key) == 0
+        # 60 reserved, 10 used: 50 back, once; a lost admission's 5 may stay debited.
+        again = await store.admit([(tpd, 1)], [slot])
+        assert again.allowed and again.remaining(0) in (100 - 11, 100 - 16)
+
+
+class LossyClient(RedisClient):
+    """Runs scripts, then loses the reply once (as a timeout after the fact would)."""
+
+    lose_next = False
+
+    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        reply = await super().evalsha(script, keys, args)
+        if self.lose_next:
+            self.lose_next = False
+            raise RedisUnavailableError("the reply was lost")
+        return reply
+
+
+async def test_an_admission_whose_reply_was_lost_gives_its_slot_back(
+    shared_redis: RedisServer,
+) -> None:
+    slot = ConcurrencyLimit("p", 1)
+    client = LossyClient(RedisAddress(port=shared_redis.port), timeout=2.0)
+    async with client:
+        store = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
+        client.lose_next = True
+        with pytest.raises(LimiterUnavailableError):
+            await store.admit([], [slot], now_ms=T0)
+        assert await store.in_flight(slot) == 1  # taken, though nobody holds it
+        assert (await store.admit([], [slot], now_ms=T0)).refusal is not None
+        await store.heartbeat()
+        assert await store.in_flight(slot) == 0
+        assert (await store.admit([], [slot], now_ms=T0)).allowed
+
+
+async def test_a_redis_restart_between_calls_costs_no_failed_call(own_redis: RedisServer) -> None:
+    """The pooled connections died with the old server; the scripts are unknown to the
+    new one: the next call reconnects and reloads them, and succeeds."""
+    rpm = Limit("p", "rpm", BucketSpec.per(10, 60), Unit.REQUESTS)
+    async with client_for(own_redis) as client:
+        store = RedisLimitStore(client, prefix="s:")
+        async with trio.open_nursery() as nursery:  # several pooled connections
+            for _ in range(3):
+                nursery.start_soon(store.admit, [(rpm, 1)], [])
+        own_redis.kill()
+        own_redis.start()
+        decision = await store.admit([(rpm, 1)], [], now_ms=T0)
+        assert decision.allowed and decision.remaining(0) == 9
+        assert await client.execute("PING") == b"PONG"

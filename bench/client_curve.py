@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
+from serving import running
 
 from ostiary.backends.httpclient import HttpClient
 from ostiary.backends.openai_compat import OpenAIBackend, OpenAISettings
@@ -30,24 +29,6 @@ from ostiary.protocol.sse import SseDecoder
 CHUNKS = 20
 BODY = b'{"model":"mock-model","messages":[{"role":"user","content":"hi"}]}'
 STREAM_BODY = BODY[:-1] + b',"stream":true}'
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, deadline: float) -> None:
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -165,16 +146,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 200])
     args = parser.parse_args()
-    port = free_port()
     mock = Path(__file__).with_name("mock_upstream.py")
-    command = [sys.executable, str(mock), "--port", str(port), "--chunks", str(CHUNKS)]
-    with subprocess.Popen(command) as process:
-        try:
-            wait_for_port(port, time.monotonic() + 10)
-            url = f"http://127.0.0.1:{port}/v1"
-            trio.run(run, url, args.concurrency, args.seconds, process.pid)
-        finally:
-            process.terminate()
+    command = [sys.executable, str(mock), "--port", "0", "--chunks", str(CHUNKS)]
+    with running(command) as (process, port):
+        url = f"http://127.0.0.1:{port}/v1"
+        trio.run(run, url, args.concurrency, args.seconds, process.pid)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,7 @@ import argparse
 import contextlib
 import http.client
 import json
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from serving import running
 
 from ostiary.backends.embedded import EmbeddedBackend, EmbeddedEngine, EmbeddedSettings
 from ostiary.protocol.generation import Delta, Usage
@@ -130,31 +128,11 @@ def http_run(port: int, key: str, max_tokens: int) -> tuple[float, float]:
 
 @contextlib.contextmanager
 def ostiary_server() -> Iterator[tuple[int, str]]:
-    """``ostiary serve`` with no config (the embedded default) on a free port."""
+    """``ostiary serve`` with no config (the embedded default) on a port it picks."""
     with tempfile.TemporaryDirectory() as tmp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ostiary.runtime.cli", "serve", "--port", str(port)],
-            cwd=tmp,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise SystemExit("ostiary serve did not start") from None
-                    time.sleep(0.2)
+        serve = [sys.executable, "-m", "ostiary.runtime.cli", "serve", "--port", "0"]
+        with running(serve, cwd=Path(tmp)) as (_, port):
             yield port, (Path(tmp) / ".ostiary" / "admin.key").read_text().strip()
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
 
 
 def rss_mib() -> tuple[float, float]:

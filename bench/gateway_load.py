@@ -19,15 +19,14 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from serving import running
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -45,51 +44,16 @@ def ensure_wrk() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], limit: float = 60.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
-
-
-@contextmanager
-def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
-    proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
-    )
-    try:
-        wait_listening(port, proc)
-        yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @contextmanager
 def ostiary(backend_toml: str, env: dict[str, str] | None = None) -> Iterator[tuple[int, str]]:
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
         cfg = Path(tmp) / "bench.toml"
         cfg.write_text(
-            f'[server]\nport = {port}\nstate_dir = "{tmp}/state"\naccess_log = false\n'
+            f'[server]\nport = 0\nstate_dir = "{tmp}/state"\naccess_log = false\n'
             f"max_connections = 4096\n\n{backend_toml}"
         )
-        with process([PY, "-m", "ostiary.runtime.cli", "serve", "--config", str(cfg)], port, env):
+        serve = [PY, "-m", "ostiary.runtime.cli", "serve", "--config", str(cfg)]
+        with running(serve, cwd=ROOT, env=env) as (_, port):
             key = (Path(tmp) / "state" / "admin.key").read_text().strip()
             yield port, key
 
@@ -143,8 +107,7 @@ CHAT = '{"model":"%s","messages":[{"role":"user","content":"hello there"}]%s}'
 
 def ceiling(seconds: int) -> list[tuple[str, float, str]]:
     """The same load against a bare h11-on-trio server: the machine's ceiling now."""
-    port = free_port()
-    with process([PY, str(ROOT / "bench" / "raw_h11.py"), "--port", str(port)], port):
+    with running([PY, str(ROOT / "bench" / "raw_h11.py"), "--port", "0"], cwd=ROOT) as (_, port):
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         r = wrk(url, "x", CHAT % ("s", ""), 64, seconds)
     return [("ceiling: bare h11 on trio, 64 conn", r["rps"], detail("req/s", r))]
@@ -170,15 +133,19 @@ def scripted(seconds: int) -> list[tuple[str, float, str]]:
 
 
 def upstream(seconds: int) -> list[tuple[str, float, str]]:
+    mock = [PY, str(ROOT / "bench" / "mock_upstream.py"), "--port", "0", "--chunks", "20"]
+    with running(mock, cwd=ROOT) as (_, mock_port):
+        backend = (
+            '[[backends]]\nname = "up"\nkind = "openai"\nmodels = ["relay"]\n'
+            f'base_url = "http://127.0.0.1:{mock_port}/v1"\n'
+            "max_concurrency = 1024\nmax_queue = 4096\n"
+        )
+        return _upstream_rows(backend, seconds)
+
+
+def _upstream_rows(backend: str, seconds: int) -> list[tuple[str, float, str]]:
     rows = []
-    mock_port = free_port()
-    mock_script = str(ROOT / "bench" / "mock_upstream.py")
-    mock = [PY, mock_script, "--port", str(mock_port), "--chunks", "20"]
-    backend = (
-        '[[backends]]\nname = "up"\nkind = "openai"\nmodels = ["relay"]\n'
-        f'base_url = "http://127.0.0.1:{mock_port}/v1"\nmax_concurrency = 1024\nmax_queue = 4096\n'
-    )
-    with process(mock, mock_port), ostiary(backend) as (port, key):
+    with ostiary(backend) as (port, key):
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         wrk(url, key, CHAT % ("relay", ""), 16, 2)
         for conns in (1, 16, 64, 200):

@@ -8,7 +8,8 @@ the ``/v1`` prefix): ``POST /chat/completions`` (JSON, or SSE when the body has
 chunk and ``[DONE]``), ``POST /completions`` (the same for text), ``POST /embeddings``
 (one 8-dim vector per input; base64 when asked) and ``GET /models``.
 
-Run it: ``python bench/mock_upstream.py --port 8001 --chunks 20``. Tests start
+Run it: ``python bench/mock_upstream.py --port 8001 --chunks 20`` (``--port 0``: the
+kernel picks; the first line printed, ``listening on <url>``, says which). Tests start
 :func:`serve` (or :func:`serve_scripted`, for hand-written misbehaviour) in their own
 nursery: ``port = await nursery.start(serve, 0)``.
 """
@@ -331,10 +332,21 @@ async def _scripted_connection(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--port", type=int, default=8001, help="0: the kernel picks")
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
     args = parser.parse_args()
-    trio.run(lambda: serve(args.port, host=args.host, chunks=args.chunks))
+    from serving import announce  # beside this script; tests import this module alone
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: serve(
+                    args.port, host=args.host, chunks=args.chunks, task_status=task_status
+                )
+            )
+            announce(args.host, port)
+
+    trio.run(run)
 
 
 if __name__ == "__main__":

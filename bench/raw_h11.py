@@ -1,6 +1,7 @@
 """The ceiling: the least an h11-on-trio server can do per request (parse it, answer
 a fixed JSON body). Ostiary's own numbers are read against this one, measured in the
-same run on the same machine. ``python bench/raw_h11.py --port P``."""
+same run on the same machine. ``python bench/raw_h11.py [--port P]`` (it prints
+``listening on <url>`` first)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 
 import h11
 import trio
+from serving import announce
 
 BODY = b'{"ok":true}'
 
@@ -34,9 +36,15 @@ async def handle(stream: trio.SocketStream) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0, help="0: the kernel picks (printed)")
     args = parser.parse_args()
-    trio.run(trio.serve_tcp, handle, args.port)
+    trio.run(serve, args.port)
+
+
+async def serve(port: int) -> None:
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    announce("127.0.0.1", listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
 
 
 if __name__ == "__main__":

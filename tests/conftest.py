@@ -1,7 +1,10 @@
-"""Shared test helpers: a key table with known secrets, and request builders."""
+"""Shared test helpers: a key table with known secrets, request builders and a
+loopback port that refuses connections."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -35,3 +38,14 @@ def chat_body(**fields: Any) -> bytes:
 @pytest.fixture
 def keys() -> KeyTable:
     return key_table()
+
+
+@pytest.fixture(scope="session")
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole session: a socket is
+    bound to it and never listens, so connecting gets a reset and no other process
+    can start listening there meanwhile (unlike a port bound and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port

@@ -151,6 +151,7 @@ class FakeOllama:
     connections_opened: int = 0
     connections_closed: int = 0
     _closed_event: trio.Event = attrs.Factory(trio.Event)
+    _request_event: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def base_url(self) -> str:
@@ -164,6 +165,11 @@ class FakeOllama:
         """Return once at least ``count`` connections have ended."""
         while self.connections_closed < count:
             await self._closed_event.wait()
+
+    async def wait_requests(self, count: int) -> None:
+        """Return once at least ``count`` whole requests have arrived."""
+        while len(self.requests) < count:
+            await self._request_event.wait()
 
     # -- connections -----------------------------------------------------------
 
@@ -213,6 +219,8 @@ class FakeOllama:
                     json=parsed,
                 )
                 self.requests.append(recorded)
+                self._request_event.set()
+                self._request_event = trio.Event()
                 return recorded
             else:  # ConnectionClosed
                 return None

@@ -9,7 +9,6 @@ import datetime
 import functools
 import ipaddress
 import math
-import socket
 import ssl
 from pathlib import Path
 
@@ -36,14 +35,7 @@ from tests.backends.upstream import (
     start_mock,
     start_scripted,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
+from tests.timers import finishes_at
 
 # -- happy paths and keep-alive --------------------------------------------------------
 
@@ -268,8 +260,8 @@ async def test_unread_and_incomplete_body_is_not_pooled(nursery: trio.Nursery) -
 # -- errors ---------------------------------------------------------------------------------------
 
 
-async def test_refused_port_is_a_connect_error() -> None:
-    async with HttpClient(f"http://127.0.0.1:{free_port()}") as client:
+async def test_refused_port_is_a_connect_error(closed_port: int) -> None:
+    async with HttpClient(f"http://127.0.0.1:{closed_port}") as client:
         with pytest.raises(ConnectError) as info:
             await client.request("GET", "/")
         assert not isinstance(info.value, ConnectTimeout)
@@ -290,22 +282,27 @@ async def test_connect_timeout(
 
 
 async def test_read_timeout_before_and_during_the_body(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:
+    asked = trio.Event()
+
     async def never(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        asked.set()
         await trio.sleep_forever()
         return False  # pragma: no cover
 
     async with HttpClient(await start_scripted(nursery, never), read_timeout=7) as client:
         with pytest.raises(ReadTimeout):
-            await client.request("GET", "/x")
-        assert trio.current_time() == pytest.approx(7)
+            await finishes_at(mock_clock, 7, lambda: client.request("GET", "/x"), asked.wait)
     closed = trio.Event()
-    async with HttpClient(
-        await start_scripted(nursery, stalled_stream(closed)), read_timeout=3
-    ) as client:
+    async with (
+        HttpClient(await start_scripted(nursery, stalled_stream(closed)), read_timeout=3) as client,
+        client.stream("GET", "/s") as response,
+    ):
+        chunks = response.iter_bytes()
+        assert await chunks.__anext__() == b"abc"  # all that was sent has been read
         with pytest.raises(ReadTimeout):
-            await client.request("GET", "/s")
+            await finishes_at(mock_clock, 3, chunks.__anext__, trio.lowlevel.checkpoint)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ from tests.backends.upstream import (
     start_scripted,
 )
 from tests.protocol.meters import ScanMeter
+from tests.timers import finishes_at
 
 # -- the pool ------------------------------------------------------------------------------
 
@@ -247,21 +248,23 @@ async def test_reused_connection_failing_mid_response_is_not_retried(
 
 
 async def test_reused_connection_timing_out_is_not_retried(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:
     stats = MockStats()
+    asked = trio.Event()
 
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
         if stats.requests == 1:
             await stream.send_all(http_response(200, b"ok"))
             return True
+        asked.set()
         await trio.sleep_forever()
         return False  # pragma: no cover
 
     async with HttpClient(await start_scripted(nursery, handler, stats), read_timeout=5) as c:
         await c.request("GET", "/x")
         with pytest.raises(ReadTimeout):
-            await c.request("GET", "/x")
+            await finishes_at(mock_clock, 5, lambda: c.request("GET", "/x"), asked.wait)
     assert stats.accepted == 1
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -16,7 +15,7 @@ import trio.testing
 from ostiary.backends.base import Backend, Generation
 from ostiary.backends.httpclient import HttpClient
 from ostiary.backends.ollama import OllamaBackend, OllamaSettings
-from ostiary.backends.upstream import UpstreamError
+from ostiary.backends.upstream import UpstreamBackend, UpstreamError
 from ostiary.protocol.errors import (
     BackendError,
     BackendTimeoutError,
@@ -41,6 +40,8 @@ from ostiary.protocol.requests import (
     ToolChoice,
 )
 from tests.backends.fake_ollama import FakeOllama, Fault, serve_fake_ollama
+from tests.backends.upstream import DRAIN_SECONDS
+from tests.timers import calls, finishes_at
 
 REPLY_TOKENS = ["The", " sky", " is", " blue", " because", " of", " Rayleigh", " scattering."]
 QUESTION = (ChatMessage(role="user", content="Why is the sky blue?"),)
@@ -425,11 +426,24 @@ async def test_generation_reuses_the_connection(backend: OllamaBackend, fake: Fa
 
 
 async def test_done_line_without_end_of_body_still_finishes(
-    backend: OllamaBackend, fake: FakeOllama, autojump_clock: trio.testing.MockClock
+    backend: OllamaBackend,
+    fake: FakeOllama,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake.fault = Fault.HANG_MID_STREAM
     fake.fault_after = 100  # every object is sent, then the body never ends
-    pieces = await collect(backend.chat(chat_request()))
+    drains = calls(monkeypatch, UpstreamBackend, "_drain")
+
+    def chat() -> Awaitable[list[Delta | Usage]]:
+        return collect(backend.chat(chat_request()))
+
+    pieces = await finishes_at(
+        mock_clock,
+        DRAIN_SECONDS,
+        chat,
+        drains.acquire,
+    )
     assert pieces[-1] == Usage(5, 8)
     await fake.wait_closed(1)
 
@@ -757,11 +771,12 @@ async def test_ready_tolerates_odd_tag_entries(fake: FakeOllama) -> None:
 
 
 async def test_readiness_times_out(
-    backend: OllamaBackend, fake: FakeOllama, autojump_clock: trio.testing.MockClock
+    backend: OllamaBackend, fake: FakeOllama, mock_clock: trio.testing.MockClock
 ) -> None:
     fake.fault = Fault.HANG_BEFORE_RESPONSE
+    ready_within = make_settings(fake).connect_timeout
     with pytest.raises(BackendTimeoutError):
-        await backend.check_ready()
+        await finishes_at(mock_clock, ready_within, backend.check_ready, asked(fake))
     await fake.wait_closed(1)
 
 
@@ -882,15 +897,8 @@ async def test_line_too_long_is_a_backend_error(backend: OllamaBackend, fake: Fa
         await collect(backend.chat(chat_request()))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-async def test_connection_refused_is_unavailable(fake: FakeOllama) -> None:
-    settings = make_settings(fake, base_url=f"http://127.0.0.1:{free_port()}")
+async def test_connection_refused_is_unavailable(fake: FakeOllama, closed_port: int) -> None:
+    settings = make_settings(fake, base_url=f"http://127.0.0.1:{closed_port}")
     async with OllamaBackend(settings) as backend:
         for call in (
             lambda: collect(backend.chat(chat_request())),
@@ -903,28 +911,33 @@ async def test_connection_refused_is_unavailable(fake: FakeOllama) -> None:
             assert info.value.retry_after == 1.0
 
 
+def asked(fake: FakeOllama) -> Callable[[], Awaitable[None]]:
+    """Returns once the fake holds one more whole request than it does now."""
+    count = len(fake.requests) + 1
+    return lambda: fake.wait_requests(count)
+
+
 async def test_read_timeout_before_headers(
-    backend: OllamaBackend, fake: FakeOllama, autojump_clock: trio.testing.MockClock
+    backend: OllamaBackend, fake: FakeOllama, mock_clock: trio.testing.MockClock
 ) -> None:
     fake.fault = Fault.HANG_BEFORE_RESPONSE
-    start = trio.current_time()
     with pytest.raises(BackendTimeoutError):
-        await collect(backend.chat(chat_request()))
-    assert trio.current_time() - start == pytest.approx(600.0)
+        await finishes_at(
+            mock_clock, 600.0, lambda: collect(backend.chat(chat_request())), asked(fake)
+        )
     await fake.wait_closed(1)
 
 
 async def test_read_timeout_mid_stream(
-    fake: FakeOllama, autojump_clock: trio.testing.MockClock
+    fake: FakeOllama, mock_clock: trio.testing.MockClock
 ) -> None:
     fake.fault = Fault.HANG_MID_STREAM
-    received: list[Delta | Usage] = []
-    async with OllamaBackend(make_settings(fake, read_timeout=30.0)) as backend:
+    backend = OllamaBackend(make_settings(fake, read_timeout=30.0))
+    async with backend, aclosing(backend.chat(chat_request())) as pieces:
+        # The fake sends one object, then nothing: once it is read, nothing is in flight.
+        assert await pieces.__anext__() == Delta(text="The")
         with pytest.raises(BackendTimeoutError):
-            async with aclosing(backend.chat(chat_request())) as pieces:
-                async for piece in pieces:
-                    received.append(piece)
-    assert received == [Delta(text="The")]
+            await finishes_at(mock_clock, 30.0, pieces.__anext__, trio.lowlevel.checkpoint)
     await fake.wait_closed(1)
 
 

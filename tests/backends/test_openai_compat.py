@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -15,7 +15,7 @@ import trio.testing
 
 from ostiary.backends.base import Backend
 from ostiary.backends.openai_compat import OpenAIBackend, OpenAISettings
-from ostiary.backends.upstream import UpstreamError
+from ostiary.backends.upstream import UpstreamBackend, UpstreamError
 from ostiary.protocol.errors import (
     BackendError,
     BackendTimeoutError,
@@ -33,6 +33,7 @@ from ostiary.protocol.requests import (
     EmbeddingRequest,
 )
 from tests.backends.upstream import (
+    DRAIN_SECONDS,
     LAST_CHUNK,
     Handler,
     MockStats,
@@ -45,6 +46,7 @@ from tests.backends.upstream import (
     start_mock,
     start_scripted,
 )
+from tests.timers import calls, finishes_at, finishes_untimed
 
 Item = Delta | Usage
 
@@ -413,24 +415,33 @@ async def test_done_then_slow_end_of_body_keeps_the_connection(nursery: trio.Nur
 
 
 async def test_done_without_end_of_body_gives_up_after_a_while(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What follows [DONE] is sent once the client drains: nothing (the drain gives up
+    at exactly ``response_drain_timeout``), far too much, or garbage (it gives up at once,
+    with the clock stopped)."""
     stats = MockStats()
+    drains = calls(monkeypatch, UpstreamBackend, "_drain")
+    sent = trio.Semaphore(0)
 
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        # Nothing after [DONE]; then far too much after it; then garbage.
         tail = [b"", sse_chunk(b"x" * 300_000), b"zz\r\n"][stats.requests - 1]
         await stream.send_all(sse_head() + sse_chunk(b"[DONE]"))
-        await trio.testing.wait_all_tasks_blocked()
+        await drains.acquire()
         await stream.send_all(tail)
+        sent.release()
         await trio.sleep_forever()
         return False  # pragma: no cover
 
     async with backend_for(await start_scripted(nursery, handler, stats)) as backend:
-        for _ in range(3):
-            start = trio.current_time()
-            assert await collect(backend.chat(chat(stream=True))) == [Usage(6, 0)]
-            assert trio.current_time() - start <= 1.0
+
+        def stream() -> Awaitable[list[Item]]:
+            return collect(backend.chat(chat(stream=True)))
+
+        drained = DRAIN_SECONDS
+        assert await finishes_at(mock_clock, drained, stream, sent.acquire) == [Usage(6, 0)]
+        for _ in range(2):
+            assert await finishes_untimed(stream, sent.acquire) == [Usage(6, 0)]
     assert stats.accepted == 3
 
 
@@ -616,13 +627,8 @@ async def test_upstream_status_mapping(
             assert error.__cause__.status == status
 
 
-async def test_refused_port_is_unavailable() -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    async with backend_for(f"http://127.0.0.1:{port}/v1") as backend:
+async def test_refused_port_is_unavailable(closed_port: int) -> None:
+    async with backend_for(f"http://127.0.0.1:{closed_port}/v1") as backend:
         with pytest.raises(BackendUnavailableError) as info:
             await collect(backend.chat(chat(stream=True)))
         assert info.value.retry_after == 1.0
@@ -632,27 +638,34 @@ async def test_refused_port_is_unavailable() -> None:
 
 async def test_timeouts(
     nursery: trio.Nursery,
-    autojump_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    arrived = trio.Semaphore(0)
+
     async def never(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        arrived.release()
         await trio.sleep_forever()
         return False  # pragma: no cover
 
     async with backend_for(await start_scripted(nursery, never), read_timeout=30) as backend:
         with pytest.raises(BackendTimeoutError, match="did not answer"):
-            await collect(backend.chat(chat(stream=True)))
+            await finishes_at(
+                mock_clock, 30, lambda: collect(backend.chat(chat(stream=True))), arrived.acquire
+            )
         with pytest.raises(BackendTimeoutError):
-            await collect(backend.complete(completion()))
-        start = trio.current_time()
+            await finishes_at(
+                mock_clock, 30, lambda: collect(backend.complete(completion())), arrived.acquire
+            )
         with pytest.raises(BackendTimeoutError):
-            await backend.check_ready()
-        assert trio.current_time() - start == pytest.approx(5.0)
+            await finishes_at(mock_clock, 5.0, backend.check_ready, arrived.acquire)
 
     async def hang(host: str, port: int) -> trio.SocketStream:
         await trio.sleep_forever()
         raise AssertionError  # pragma: no cover
 
+    # No socket from here on: the clock may jump by itself.
+    mock_clock.autojump_threshold = 0
     monkeypatch.setattr(trio, "open_tcp_stream", hang)
     async with backend_for("http://127.0.0.1:9/v1") as backend:
         with pytest.raises(BackendTimeoutError, match="Connecting"):

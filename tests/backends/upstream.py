@@ -10,7 +10,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import attrs
 import trio
+
+from ostiary.backends.upstream import UpstreamSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from mock_upstream import (
@@ -87,3 +90,7 @@ def replies(*answers: bytes) -> Handler:
         return True
 
     return handler
+
+
+#: How long an upstream backend drains a body after its last useful byte, by default.
+DRAIN_SECONDS = float(attrs.fields(UpstreamSettings).response_drain_timeout.default or 0.0)

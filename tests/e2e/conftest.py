@@ -1,9 +1,11 @@
-"""End-to-end fixtures: the real ``ostiary serve`` process on a free loopback port.
+"""End-to-end fixtures: the real ``ostiary serve`` process on a loopback port.
 
 :func:`launch_server` (session-scoped) starts servers from a ``[[backends]]`` TOML
-fragment, each with its own temporary ``state_dir``, waits until its port accepts
-connections (a bounded poll of the port and the process, never a fixed sleep) and
-reads the bootstrap admin key. At the end of the session each server gets SIGTERM
+fragment, each with its own temporary ``state_dir`` and ``port = 0``: the kernel
+picks the port while the server binds it, and the test reads it from the server's
+one ``listening`` log record (a bounded poll of the log and the process, never a
+fixed sleep), so no other process can take the port in between. It then reads the
+bootstrap admin key. At the end of the session each server gets SIGTERM
 and must exit 0 within :data:`STOP_TIMEOUT` seconds, with no secret it ever handed
 out in its log.
 
@@ -19,10 +21,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,8 @@ POLL_INTERVAL = 0.02
 CLI_TIMEOUT = 30.0
 #: Seconds any one HTTP request to a test server may take.
 HTTP_TIMEOUT = 15.0
+#: How often test servers poll their key store (``[auth] key_reload_interval``).
+KEY_RELOAD_INTERVAL = 0.1
 
 SCRIPTED_BACKEND = """
 [[backends]]
@@ -54,24 +58,30 @@ embedding_models = ["scripted-embed"]
 """
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def server_config(port: int, state_dir: Path, backends: str) -> str:
+def server_config(state_dir: Path, backends: str) -> str:
     return (
         "[server]\n"
         'host = "127.0.0.1"\n'
-        f"port = {port}\n"
+        "port = 0\n"
         f'state_dir = "{state_dir}"\n'
         'log_format = "json"\n'
         "access_log = true\n"
-        "drain_timeout = 2.0\n" + backends
+        "drain_timeout = 2.0\n"
+        "[auth]\n"
+        f"key_reload_interval = {KEY_RELOAD_INTERVAL}\n" + backends
     )
+
+
+def log_records(text: str) -> list[dict[str, Any]]:
+    """The complete JSON records of a server's log (a line still being written, and
+    any line that is not JSON, are left out)."""
+    records = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("{") and line.endswith("\n"):
+            record = orjson.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 class ServerProcess:
@@ -81,7 +91,6 @@ class ServerProcess:
         self,
         name: str,
         process: subprocess.Popen[bytes],
-        port: int,
         workdir: Path,
         config_path: Path,
         state_dir: Path,
@@ -90,7 +99,7 @@ class ServerProcess:
     ) -> None:
         self.name = name
         self.process = process
-        self.port = port
+        self._port: int | None = None
         self.workdir = workdir
         self.config_path = config_path
         self.state_dir = state_dir
@@ -99,6 +108,12 @@ class ServerProcess:
         self.key = ""
         #: Every secret this server's store handed out (checked against the log).
         self.secrets: list[str] = []
+
+    @property
+    def port(self) -> int:
+        """The port the server reported in its ``listening`` record."""
+        assert self._port is not None, f"server {self.name!r} has not reported its port yet"
+        return self._port
 
     @property
     def root_url(self) -> str:
@@ -110,6 +125,25 @@ class ServerProcess:
 
     def log_text(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_records(self, msg: str) -> list[dict[str, Any]]:
+        """The server's JSON log records whose ``msg`` is ``msg``, oldest first."""
+        return [r for r in log_records(self.log_text()) if r.get("msg") == msg]
+
+    def wait_for_log(self, msg: str, count: int, timeout: float) -> dict[str, Any]:
+        """The ``count``-th record with ``msg``, once the server has logged it (a
+        bounded poll of the log and the process: a hang guard, not a measure)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.log_records(msg)
+            if len(found) >= count:
+                return found[count - 1]
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"server {self.name!r} logged {len(found)} {msg!r} records, not "
+                    f"{count}, within {timeout} s; log:\n{self.log_text()[-4000:]}"
+                )
+            self.pause()
 
     def pause(self, seconds: float = POLL_INTERVAL) -> None:
         """Wait on the process for up to ``seconds``: the paced step of a bounded
@@ -140,19 +174,11 @@ class ServerProcess:
         return result
 
     def wait_until_listening(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"server {self.name!r} did not listen on port {self.port} within "
-                    f"{timeout} s; log:\n{self.log_text()[-4000:]}"
-                )
-            self.pause()
+        """Read the port from the server's ``listening`` record (one per listener;
+        the tests bind one loopback address)."""
+        url = urllib.parse.urlsplit(str(self.wait_for_log("listening", 1, timeout)["url"]))
+        assert url.hostname == "127.0.0.1" and url.port, url
+        self._port = url.port
 
     def stop(self) -> int:
         """SIGTERM, then the exit status (killed and failed if it takes too long)."""
@@ -177,9 +203,8 @@ def _start(
     workdir = root / name
     workdir.mkdir()
     state_dir = workdir / "state"
-    port = free_port()
     config_path = workdir / "cfg.toml"
-    config_path.write_text(server_config(port, state_dir, backends), encoding="utf-8")
+    config_path.write_text(server_config(state_dir, backends), encoding="utf-8")
     stderr_path = workdir / "stderr.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     env.update(extra_env or {})
@@ -192,7 +217,7 @@ def _start(
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
-    server = ServerProcess(name, process, port, workdir, config_path, state_dir, stderr_path, env)
+    server = ServerProcess(name, process, workdir, config_path, state_dir, stderr_path, env)
     try:
         server.wait_until_listening()
         server.key = (state_dir / "admin.key").read_text(encoding="ascii").strip()

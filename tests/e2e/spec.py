@@ -1,8 +1,11 @@
 """OpenAI's own OpenAPI spec as JSON Schema validators for response bodies.
 
-The spec (``<repo>/../shared/spec/openai-openapi.yaml``, or the file named by
-``OSTIARY_OPENAPI_SPEC``) is OpenAPI 3.1, but it still uses OpenAPI 3.0's
-``nullable: true``, which JSON Schema does not know. :func:`load_spec` rewrites
+The spec is the repository's trimmed copy, ``tests/e2e/spec_data/
+openai-openapi-trimmed.json`` (the schemas below and what they reference, cut from
+OpenAI's full spec by ``spec_data/trim_spec.py``; its README says where from), or
+the file named by ``OSTIARY_OPENAPI_SPEC`` (the full spec, YAML or JSON). It is
+OpenAPI 3.1, but it still uses OpenAPI 3.0's ``nullable: true``, which JSON Schema
+does not know. :func:`load_spec` rewrites
 it once per session: a schema with ``type`` gets ``"null"`` added to its type
 (and ``None`` to its ``enum``); any other schema becomes
 ``anyOf: [schema, {"type": "null"}]``.
@@ -37,6 +40,7 @@ __all__ = [
     "COMPLETION_CHUNK",
     "SCHEMA_NAMES",
     "SPEC_ENV",
+    "TRIMMED_SPEC",
     "OpenAPI",
     "SpecMissingError",
     "assert_valid",
@@ -51,7 +55,8 @@ __all__ = [
 
 SPEC_ENV = "OSTIARY_OPENAPI_SPEC"
 _BASE_URI = "urn:ostiary:openai-openapi"
-_REPO = Path(__file__).resolve().parents[2]
+#: The trimmed copy of OpenAI's spec kept in the repository.
+TRIMMED_SPEC = Path(__file__).resolve().parent / "spec_data" / "openai-openapi-trimmed.json"
 
 #: The response schemas the e2e tests validate against.
 SCHEMA_NAMES = (
@@ -75,11 +80,9 @@ class SpecMissingError(AssertionError):
 
 
 def spec_path() -> Path:
-    """``$OSTIARY_OPENAPI_SPEC`` if set, else ``<repo>/../shared/spec/openai-openapi.yaml``."""
+    """``$OSTIARY_OPENAPI_SPEC`` if set, else the trimmed copy (:data:`TRIMMED_SPEC`)."""
     override = os.environ.get(SPEC_ENV)
-    if override:
-        return Path(override)
-    return _REPO.parent / "shared" / "spec" / "openai-openapi.yaml"
+    return Path(override) if override else TRIMMED_SPEC
 
 
 def _null_type(schema: JsonObject) -> JsonObject:
@@ -121,9 +124,11 @@ def load_spec() -> JsonObject:
         raise SpecMissingError(
             f"OpenAI's OpenAPI spec is missing: {path} (set {SPEC_ENV} to its path)"
         )
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with path.open("rb") as f:
-        document = yaml.load(f, Loader=loader)
+    raw = path.read_bytes()
+    if path.suffix == ".json":
+        document = orjson.loads(raw)
+    else:
+        document = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     if not isinstance(document, dict) or "components" not in document:
         raise SpecMissingError(f"{path} is not an OpenAPI document")
     converted: JsonObject = _convert(document)

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.e2e import spec
-from tests.e2e.conftest import Api, ServerProcess, free_port
+from tests.e2e.conftest import Api, ServerProcess
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "multilingual-e5-small"
@@ -25,11 +25,10 @@ EMBED_MODEL = "multilingual-e5-small"
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("newcomer")
-    port = free_port()
     stderr_path = workdir / "stderr.log"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ostiary.runtime.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "ostiary.runtime.cli", "serve", "--port", "0"],
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -37,7 +36,7 @@ def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
         )
     state = workdir / ".ostiary"
     server = ServerProcess(
-        "default", process, port, workdir, workdir / "none.toml", state, stderr_path, {}
+        "default", process, workdir, workdir / "none.toml", state, stderr_path, {}
     )
     try:
         server.wait_until_listening(timeout=120)

@@ -4,7 +4,7 @@ processes, driven by the official SDK with every body checked against the spec.
 
 The relay serves ``relay`` (mapped to the upstream's ``scripted``) with the
 upstream's admin key from ``$UPSTREAM_KEY``; ``badkey`` (the same upstream with a
-wrong key) and ``down`` (a loopback port nothing listens on) exercise the failures.
+wrong key) and ``down`` (a loopback port that refuses connections) exercise the failures.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from ostiary.backends.scripted import ScriptedSettings
-from tests.e2e.conftest import SCRIPTED_BACKEND, Api, free_port
+from tests.e2e.conftest import SCRIPTED_BACKEND, Api
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Launcher, ServerProcess
@@ -61,11 +61,11 @@ def upstream(launch_server: Launcher) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def relay(launch_server: Launcher, upstream: ServerProcess) -> ServerProcess:
+def relay(launch_server: Launcher, upstream: ServerProcess, closed_port: int) -> ServerProcess:
     wrong = "ost_" + upstream.key[4:16] + "_" + "W" * 43
     server = launch_server(
         "relay",
-        _relay_backends(upstream.port, free_port()),
+        _relay_backends(upstream.port, closed_port),
         env={"UPSTREAM_KEY": upstream.key, "WRONG_UPSTREAM_KEY": wrong},
     )
     # The relay holds the upstream's key: it must never log it either.

@@ -421,3 +421,54 @@ async def test_rejected_client_still_sending_gets_the_response(
         status, headers, _ = await client.response()
         assert status == 413
         assert headers[b"x-request-id"]
+
+
+POST_HEAD = b"POST / HTTP/1.1\r\nhost: t\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (POST_HEAD + b"content-length: 0\r\ntransfer-encoding: chunked", 400),
+        (POST_HEAD + b"transfer-encoding: chunked\r\ncontent-length: 0", 400),
+        (POST_HEAD + b"content-length: 00\r\ntransfer-encoding: chunked", 400),
+        (b"POST / HTTP/1.0\r\nhost: t\r\ntransfer-encoding: chunked", 400),
+        (POST_HEAD + b"content-length: +3", 400),
+        (POST_HEAD + b"content-length: -3", 400),
+        (POST_HEAD + b"content-length: 3 3", 400),
+        (POST_HEAD + b"content-length: 0x3", 400),
+        (POST_HEAD + b"transfer-encoding: gzip, chunked", 501),
+        (POST_HEAD + b"transfer-encoding: identity", 501),
+        (POST_HEAD + b"transfer-encoding: chunked\r\ntransfer-encoding: chunked", 501),
+    ],
+)
+async def test_ambiguous_framing_is_refused(
+    head: bytes, status: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(head + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")  # a chunked body
+        got, headers, _ = await client.response()
+        assert (got, headers[b"connection"]) == (status, b"close")
+        assert await client.closed()
+        assert recorder.requests == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"content-length: 3\r\ncontent-length: 3",
+        b"content-length: 3, 3",
+        b"content-length:  3  ",
+        b"transfer-encoding: Chunked",
+    ],
+)
+async def test_equal_lengths_and_padding_are_one_length(
+    header: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    body = b"3\r\nabc\r\n0\r\n\r\n" if b"chunked" in header.lower() else b"abc"
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(POST_HEAD + header + b"\r\n\r\n" + body)
+        assert (await client.response())[::2] == (200, b"3")
+        assert [r.body for r in recorder.requests] == [b"abc"]

@@ -5,11 +5,12 @@ request head counted from its first byte (slow-loris), a deadline for the body, 
 idle deadline between keep-alive requests, a deadline for every write (a client that
 stops reading is dropped), bounds on head and body size (413 from ``content-length``
 alone, before a byte of the body is read), a bound on connections (503 beyond), a
-bound on requests per connection, refusal of ``content-length`` together with
-``transfer-encoding`` (request smuggling: 400 and close; h11 already refuses
-conflicting lengths), ``expect: 100-continue`` answered only when we mean to read the
-body, and a graceful drain: on :meth:`HttpServer.drain` no new connections are taken,
-idle ones close at once, and busy ones close after their current response.
+bound on requests per connection, refusal of any ``content-length`` beside
+``transfer-encoding`` and of ``transfer-encoding`` in HTTP/1.0 (request smuggling: 400
+and close; h11 already refuses conflicting or signed lengths and codings other than
+``chunked``), ``expect: 100-continue`` answered only when we mean to read the body, and
+a graceful drain: on :meth:`HttpServer.drain` no new connections are taken, idle ones
+close at once, and busy ones close after their current response.
 
 Each connection has one reader task for its whole life (:mod:`.connection`); while a
 request is being handled it keeps reading, so if the client goes away the handler's
@@ -441,18 +442,23 @@ class HttpServer:
         head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
         if head_size > self.settings.max_header_bytes:
             raise _BadRequest(431, "The request headers are too large.")
-        length: int | None = 0
+        length: int | None = None
         chunked = False
         for name, value in headers:
             if name == b"content-length":
-                length = int(value)
+                length = int(value)  # h11 has checked it: digits, one value
             elif name == b"transfer-encoding":
                 chunked = True
         if chunked:
-            if length:
+            # RFC 9112 section 6.1: framings that a proxy in front may read otherwise.
+            if length is not None:
                 raise _BadRequest(400, "Content-Length and Transfer-Encoding must not both be set.")
+            if event.http_version != b"1.1":
+                raise _BadRequest(400, "Transfer-Encoding needs HTTP/1.1.")
             return None
-        if length is not None and length > self.max_body_bytes:
+        if length is None:
+            return 0
+        if length > self.max_body_bytes:
             raise _BadRequest(413, f"The request body is larger than {self.max_body_bytes} bytes.")
         return length
 

@@ -472,3 +472,41 @@ async def test_equal_lengths_and_padding_are_one_length(
         await client.send_raw(POST_HEAD + header + b"\r\n\r\n" + body)
         assert (await client.response())[::2] == (200, b"3")
         assert [r.body for r in recorder.requests] == [b"abc"]
+
+
+CHUNKED_HEAD = POST_HEAD + b"transfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [CHUNKED_HEAD + b"ffffffff\r\n"],
+        [CHUNKED_HEAD, b"ffffffff\r\n"],
+        [CHUNKED_HEAD, b"ffff", b"ffff\r\n"],
+        [CHUNKED_HEAD + b"5\r\n12345\r\n", b"6\r\n1"],
+    ],
+)
+async def test_chunk_declared_over_the_limit_is_refused_at_once(
+    pieces: list[bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(max_body_bytes=10) as (_, recorder, connect):
+        client = await connect()
+        start = trio.current_time()
+        for piece in pieces:
+            await client.send_raw(piece)
+            await trio.testing.wait_all_tasks_blocked()
+        status, headers, _ = await client.response()
+        assert (status, headers[b"connection"]) == (413, b"close")
+        assert trio.current_time() == start  # not after the body timeout
+        assert recorder.requests == []
+
+
+async def test_chunk_filling_the_limit_exactly_is_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(max_body_bytes=10) as (_, _recorder, connect):
+        client = await connect()
+        await client.send_raw(CHUNKED_HEAD + b"4\r\n1234\r\n6\r\n12")
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send_raw(b"3456\r\n0\r\n\r\n")
+        assert (await client.response())[::2] == (200, b"10")

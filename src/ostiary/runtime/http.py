@@ -8,9 +8,10 @@ alone, before a byte of the body is read), a bound on connections (503 beyond), 
 bound on requests per connection, refusal of any ``content-length`` beside
 ``transfer-encoding`` and of ``transfer-encoding`` in HTTP/1.0 (request smuggling: 400
 and close; h11 already refuses conflicting or signed lengths and codings other than
-``chunked``), ``expect: 100-continue`` answered only when we mean to read the body, and
-a graceful drain: on :meth:`HttpServer.drain` no new connections are taken, idle ones
-close at once, and busy ones close after their current response.
+``chunked``), 413 for a chunk whose declared size alone passes the body limit,
+``expect: 100-continue`` answered only when we mean to read the body, and a graceful
+drain: on :meth:`HttpServer.drain` no new connections are taken, idle ones close at
+once, and busy ones close after their current response.
 
 Each connection has one reader task for its whole life (:mod:`.connection`); while a
 request is being handled it keeps reading, so if the client goes away the handler's
@@ -229,6 +230,13 @@ def _event(conn: h11.Connection) -> object:
         return conn.next_event()
     except h11.RemoteProtocolError as exc:
         raise _BadRequest(exc.error_status_hint, "Malformed HTTP request.") from None
+
+
+def _promised(h: h11.Connection) -> int:
+    """Bytes of the current chunk that its size line declared and have not come yet.
+    h11 keeps the size line to itself, so this reads its chunked reader's count (0 for
+    any other reader, or if h11 renames it: then the limit holds only as bytes come)."""
+    return int(getattr(getattr(h, "_reader", None), "_bytes_in_chunk", 0))
 
 
 class HttpServer:
@@ -473,23 +481,32 @@ class HttpServer:
             event = _event(h)
             if event is not h11.NEED_DATA:
                 return event
-            if h.they_are_waiting_for_100_continue:
-                continue_ = h11.InformationalResponse(
-                    status_code=100, headers=[], reason=b"Continue"
-                )
-                await conn.stream.send_all(h.send(continue_) or b"")
-            if conn.eof:
-                raise _BadRequest(400, "The request ended early.")
-            if scope.deadline != deadline:
-                scope.deadline = deadline
-            await conn.wait_data()
+            await self._wait(conn, scope, deadline)
+
+    async def _wait(self, conn: Connection, scope: trio.CancelScope, deadline: float) -> None:
+        """Until more bytes come, once h11 needs them (400 if the input has ended)."""
+        h = conn.h11
+        if h.they_are_waiting_for_100_continue:
+            continue_ = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            await conn.stream.send_all(h.send(continue_) or b"")
+        if conn.eof:
+            raise _BadRequest(400, "The request ended early.")
+        if scope.deadline != deadline:
+            scope.deadline = deadline
+        await conn.wait_data()
 
     async def _read_body(self, conn: Connection, scope: trio.CancelScope, deadline: float) -> bytes:
         limit = self.max_body_bytes
+        h = conn.h11
         parts: list[bytes] = []
         size = 0
         while True:
-            event = await self._next_event(conn, scope, deadline)
+            event = _event(h)
+            if event is h11.NEED_DATA:
+                if size + _promised(h) > limit:
+                    raise _BadRequest(413, f"The request body is larger than {limit} bytes.")
+                await self._wait(conn, scope, deadline)
+                continue
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:

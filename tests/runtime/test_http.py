@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,7 +31,7 @@ class Recorder:
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
         self.requests.append(request)
-        if request.target == "/forever":
+        if request.target in ("/forever", "/v1/forever"):
             self.entered.set()
             try:
                 await trio.sleep_forever()
@@ -303,7 +305,7 @@ async def test_requests_per_connection_limit(autojump_clock: trio.testing.MockCl
 async def test_client_leaving_cancels_the_handler(autojump_clock: trio.testing.MockClock) -> None:
     async with serving() as (server, recorder, connect):
         client = await connect()
-        await client.request(target="/forever")
+        await client.request(target="/v1/forever")
         await recorder.entered.wait()
         await client.stream.aclose()
         await trio.testing.wait_all_tasks_blocked()
@@ -510,3 +512,70 @@ async def test_chunk_filling_the_limit_exactly_is_read(
         await trio.testing.wait_all_tasks_blocked()
         await client.send_raw(b"3456\r\n0\r\n\r\n")
         assert (await client.response())[::2] == (200, b"10")
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_request_then_half_close_is_answered(
+    method: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving() as (server, recorder, connect):
+        client = await connect()
+        await client.request(method=method, target="/slow")
+        await recorder.entered.wait()
+        await client.stream.send_eof()  # while the handler is still at work
+        status, headers, _ = await client.response()
+        assert (status, headers[b"connection"]) == (200, b"close")
+        assert await client.closed()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connections == 0
+
+
+@pytest.mark.parametrize("target", ["/", "/healthz"])
+async def test_buffered_request_and_eof_are_answered(
+    target: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving() as (_, _recorder, connect):
+        for _ in range(10):
+            client = await connect()
+            await client.request(method="GET", target=target)
+            await client.stream.send_eof()
+            assert (await client.response())[0] == 200
+            assert await client.closed()
+
+
+async def test_half_close_abandons_a_model_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as (server, recorder, connect):
+        client = await connect()
+        await client.request(target="/v1/forever")
+        await client.stream.send_eof()
+        assert await client.closed()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (recorder.cancelled, server.connections) == (1, 0)
+        assert client.conn.their_state is h11.SEND_RESPONSE  # no response at all
+
+
+def _get_then_half_close(port: int) -> bytes:
+    """One GET /healthz from a blocking socket in a thread, so that its bytes and its
+    FIN reach the server at moments of their own, as from another process."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                received += data
+        return received
+
+
+async def test_half_close_over_loopback_is_always_answered() -> None:
+    # Real sockets on the real clock: nothing here sleeps or waits for time to pass.
+    server = HttpServer(Recorder(), HttpSettings())
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, listeners)
+        answers = [await trio.to_thread.run_sync(_get_then_half_close, port) for _ in range(40)]
+        nursery.cancel_scope.cancel()
+    assert sum(a.startswith(b"HTTP/1.1 200 ") for a in answers) == 40

@@ -14,10 +14,13 @@ drain: on :meth:`HttpServer.drain` no new connections are taken, idle ones close
 once, and busy ones close after their current response.
 
 Each connection has one reader task for its whole life (:mod:`.connection`); while a
-request is being handled it keeps reading, so if the client goes away the handler's
-cancel scope is cancelled at once and its backend work stops. A request whose head is
-refused by the ``screen`` (unknown route, bad credentials) is answered without its
-body ever being read.
+request is being handled it keeps reading, so if the client goes away during a model
+request (``POST /v1/...``) the handler's cancel scope is cancelled at once and its
+backend work stops. End of input is taken as the client leaving only for those, as
+nginx does: a client that half-closes after any other request (``nc -N``, health
+checkers) is answered, and the connection closes after the response. A request whose
+head is refused by the ``screen`` (unknown route, bad credentials) is answered without
+its body ever being read.
 """
 
 from __future__ import annotations
@@ -232,6 +235,16 @@ def _event(conn: h11.Connection) -> object:
         raise _BadRequest(exc.error_status_hint, "Malformed HTTP request.") from None
 
 
+def _abandoned_on_eof(request: HttpRequest) -> bool:
+    """Whether end of input while ``request`` is handled means the client left. The
+    layer cannot know which requests need backend work, so the rule is nginx's (with
+    ``proxy_ignore_client_abort off``) for model requests, ``POST /v1/...``; any other
+    request, and a screened one (only an error to write), is answered."""
+    return (
+        request.method == "POST" and request.target.startswith("/v1/") and not request.body_skipped
+    )
+
+
 def _promised(h: h11.Connection) -> int:
     """Bytes of the current chunk that its size line declared and have not come yet.
     h11 keeps the size line to itself, so this reads its chunked reader's count (0 for
@@ -358,11 +371,11 @@ class HttpServer:
                     conn.h11,
                     conn.stream,
                     settings.send_timeout,
-                    self._closer(served, request.body_skipped),
+                    self._closer(conn, served, request.body_skipped),
                     head=request.method == "HEAD",
                     scope=scope,
                 )
-                conn.start_handling(scope)
+                conn.start_handling(scope, abandon_on_eof=_abandoned_on_eof(request))
                 try:
                     await self._handler(request, responder)
                 except ClientDisconnected:
@@ -387,12 +400,12 @@ class HttpServer:
             except h11.LocalProtocolError:
                 return
 
-    def _closer(self, served: int, body_skipped: bool) -> Callable[[], bool]:
+    def _closer(self, conn: Connection, served: int, body_skipped: bool) -> Callable[[], bool]:
         """Whether the response to the ``served``-th request must close the
-        connection; asked when its head is written, so a drain that began while it
-        was being handled is honoured."""
+        connection; asked when its head is written, so a drain that began (or an end
+        of input that came) while it was being handled is honoured."""
         last = body_skipped or served >= self.settings.max_requests_per_connection
-        return lambda: last or self._draining
+        return lambda: last or self._draining or conn.eof
 
     async def _read_request(
         self, conn: Connection, client: str, *, first: bool
@@ -412,10 +425,10 @@ class HttpServer:
                 try:
                     if self._draining:
                         return None
-                    await conn.wait_data()
+                    arrived = await conn.wait_data()
                 finally:
                     self._idle.discard(scope)
-                if conn.eof and not conn.has_unread():
+                if conn.eof and not arrived:
                     return None
             phase = "head"
             deadline = trio.current_time() + settings.header_timeout

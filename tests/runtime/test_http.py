@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,12 @@ from ostiary.runtime.http import (
     HttpServer,
     HttpSettings,
     Responder,
+    _HttpDate,
+)
+
+IMF_FIXDATE = re.compile(
+    rb"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+    rb" \d{4} \d\d:\d\d:\d\d GMT"
 )
 
 
@@ -579,3 +587,28 @@ async def test_half_close_over_loopback_is_always_answered() -> None:
         answers = [await trio.to_thread.run_sync(_get_then_half_close, port) for _ in range(40)]
         nursery.cancel_scope.cancel()
     assert sum(a.startswith(b"HTTP/1.1 200 ") for a in answers) == 40
+
+
+async def test_every_response_carries_a_date(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(max_connections=1)) as (_, _recorder, connect):
+        first = await connect()
+        await first.request()
+        answered = await first.response()
+        refused = await (await connect()).response()  # over the connection limit
+        await first.send_raw(b"GARBAGE\r\n\r\n")
+        rejected = await first.response()
+    assert [r[0] for r in (answered, refused, rejected)] == [200, 503, 400]
+    for _, headers, _ in (answered, refused, rejected):
+        assert IMF_FIXDATE.fullmatch(headers[b"date"])
+        assert email.utils.parsedate_to_datetime(headers[b"date"].decode()).tzname() == "UTC"
+
+
+def test_date_is_formatted_once_a_second() -> None:
+    now = [0.25]
+    date = _HttpDate(clock=lambda: now[0])
+    first = date()
+    assert first == b"Thu, 01 Jan 1970 00:00:00 GMT"
+    now[0] = 0.99
+    assert date() is first
+    now[0] = 86401.0
+    assert date() == b"Fri, 02 Jan 1970 00:00:01 GMT"

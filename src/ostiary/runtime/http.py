@@ -20,16 +20,18 @@ backend work stops. End of input is taken as the client leaving only for those, 
 nginx does: a client that half-closes after any other request (``nc -N``, health
 checkers) is answered, and the connection closes after the response. A request whose
 head is refused by the ``screen`` (unknown route, bad credentials) is answered without
-its body ever being read.
+its body ever being read. Every response carries ``date``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import functools
 import itertools
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
@@ -89,6 +91,28 @@ Handler = Callable[[HttpRequest, "Responder"], Awaitable[None]]
 Screen = Callable[[str, str, tuple[Header, ...]], bool]
 
 
+class _HttpDate:
+    """The ``date`` header's value (RFC 9110 IMF-fixdate), formatted at most once a
+    second: every response needs it, and formatting costs more than reading a clock."""
+
+    __slots__ = ("_clock", "_second", "_value")
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(self._clock())
+        if second != self._second:
+            self._second = second
+            self._value = email.utils.formatdate(second, usegmt=True).encode()
+        return self._value
+
+
+_date = _HttpDate()
+
+
 class Responder:
     """Writes one response: whole (:meth:`respond`) or streamed (:meth:`start`,
     :meth:`send`, :meth:`end`). Raises :class:`ClientDisconnected` if the client is
@@ -128,6 +152,7 @@ class Responder:
 
     def _headers(self, headers: tuple[Header, ...] | list[Header]) -> list[Header]:
         out = list(headers)
+        out.append((b"date", _date()))
         if self._close():
             out.append((b"connection", b"close"))
         return out
@@ -343,6 +368,7 @@ class HttpServer:
         head = (
             b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
             b"retry-after: 1\r\nretry-after-ms: 1000\r\nconnection: close\r\n"
+            b"date: " + _date() + b"\r\n"
             b"x-request-id: " + self._request_ids().encode() + b"\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
         )
@@ -541,6 +567,7 @@ class HttpServer:
             (b"x-request-id", self._request_ids().encode()),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
+            (b"date", _date()),
         ]
         try:
             response = h11.Response(

@@ -202,6 +202,8 @@ def test_shutdown_refuses_the_queued_and_lets_the_running_finish() -> None:
         (Refusal.HEAD_TOO_LARGE, 431, "headers_too_large"),
         (Refusal.BODY_TOO_LARGE, 413, "request_too_large"),
         (Refusal.CONNECTION_LIMIT, 503, "connection_limit"),
+        (Refusal.OLD_CHUNKED, 400, "invalid_request"),
+        (Refusal.UNSUPPORTED_CODING, 501, "unsupported_transfer_coding"),
     ],
 )
 def test_http_refusals_are_answered_and_logged_by_the_core(

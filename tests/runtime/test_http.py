@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
+import re
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +24,12 @@ from ostiary.runtime.http import (
     HttpServer,
     HttpSettings,
     Responder,
+    _HttpDate,
+)
+
+IMF_FIXDATE = re.compile(
+    rb"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+    rb" \d{4} \d\d:\d\d:\d\d GMT"
 )
 
 Header = tuple[bytes, bytes]
@@ -53,7 +63,7 @@ class Recorder:
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
         self.requests.append(request)
-        if request.target == "/forever":
+        if request.target in ("/forever", "/v1/forever"):
             self.entered.set()
             try:
                 await trio.sleep_forever()
@@ -327,7 +337,7 @@ async def test_requests_per_connection_limit(autojump_clock: trio.testing.MockCl
 async def test_client_leaving_cancels_the_handler(autojump_clock: trio.testing.MockClock) -> None:
     async with serving() as (server, recorder, connect):
         client = await connect()
-        await client.request(target="/forever")
+        await client.request(target="/v1/forever")
         await recorder.entered.wait()
         await client.stream.aclose()
         await trio.testing.wait_all_tasks_blocked()
@@ -443,3 +453,184 @@ async def test_rejected_client_still_sending_gets_the_response(
         status, headers, _ = await client.response()
         assert status == 413
         assert headers[b"x-request-id"]
+
+
+POST_HEAD = b"POST / HTTP/1.1\r\nhost: t\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (POST_HEAD + b"content-length: 0\r\ntransfer-encoding: chunked", 400),
+        (POST_HEAD + b"transfer-encoding: chunked\r\ncontent-length: 0", 400),
+        (POST_HEAD + b"content-length: 00\r\ntransfer-encoding: chunked", 400),
+        (b"POST / HTTP/1.0\r\nhost: t\r\ntransfer-encoding: chunked", 400),
+        (POST_HEAD + b"content-length: +3", 400),
+        (POST_HEAD + b"content-length: -3", 400),
+        (POST_HEAD + b"content-length: 3 3", 400),
+        (POST_HEAD + b"content-length: 0x3", 400),
+        (POST_HEAD + b"transfer-encoding: gzip, chunked", 501),
+        (POST_HEAD + b"transfer-encoding: identity", 501),
+        (POST_HEAD + b"transfer-encoding: chunked\r\ntransfer-encoding: chunked", 501),
+    ],
+)
+async def test_ambiguous_framing_is_refused(
+    head: bytes, status: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(head + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")  # a chunked body
+        got, headers, _ = await client.response()
+        assert (got, headers[b"connection"]) == (status, b"close")
+        assert await client.closed()
+        assert recorder.requests == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"content-length: 3\r\ncontent-length: 3",
+        b"content-length: 3, 3",
+        b"content-length:  3  ",
+        b"transfer-encoding: Chunked",
+    ],
+)
+async def test_equal_lengths_and_padding_are_one_length(
+    header: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    body = b"3\r\nabc\r\n0\r\n\r\n" if b"chunked" in header.lower() else b"abc"
+    async with serving() as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(POST_HEAD + header + b"\r\n\r\n" + body)
+        assert (await client.response())[::2] == (200, b"3")
+        assert [r.body for r in recorder.requests] == [b"abc"]
+
+
+CHUNKED_HEAD = POST_HEAD + b"transfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [CHUNKED_HEAD + b"ffffffff\r\n"],
+        [CHUNKED_HEAD, b"ffffffff\r\n"],
+        [CHUNKED_HEAD, b"ffff", b"ffff\r\n"],
+        [CHUNKED_HEAD + b"5\r\n12345\r\n", b"6\r\n1"],
+    ],
+)
+async def test_chunk_declared_over_the_limit_is_refused_at_once(
+    pieces: list[bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(max_body_bytes=10) as (_, recorder, connect):
+        client = await connect()
+        start = trio.current_time()
+        for piece in pieces:
+            await client.send_raw(piece)
+            await trio.testing.wait_all_tasks_blocked()
+        status, headers, _ = await client.response()
+        assert (status, headers[b"connection"]) == (413, b"close")
+        assert trio.current_time() == start  # not after the body timeout
+        assert recorder.requests == []
+
+
+async def test_chunk_filling_the_limit_exactly_is_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(max_body_bytes=10) as (_, _recorder, connect):
+        client = await connect()
+        await client.send_raw(CHUNKED_HEAD + b"4\r\n1234\r\n6\r\n12")
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send_raw(b"3456\r\n0\r\n\r\n")
+        assert (await client.response())[::2] == (200, b"10")
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_request_then_half_close_is_answered(
+    method: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving() as (server, recorder, connect):
+        client = await connect()
+        await client.request(method=method, target="/slow")
+        await recorder.entered.wait()
+        await client.stream.send_eof()  # while the handler is still at work
+        status, headers, _ = await client.response()
+        assert (status, headers[b"connection"]) == (200, b"close")
+        assert await client.closed()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connections == 0
+
+
+@pytest.mark.parametrize("target", ["/", "/healthz"])
+async def test_buffered_request_and_eof_are_answered(
+    target: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving() as (_, _recorder, connect):
+        for _ in range(10):
+            client = await connect()
+            await client.request(method="GET", target=target)
+            await client.stream.send_eof()
+            assert (await client.response())[0] == 200
+            assert await client.closed()
+
+
+async def test_half_close_abandons_a_model_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as (server, recorder, connect):
+        client = await connect()
+        await client.request(target="/v1/forever")
+        await client.stream.send_eof()
+        assert await client.closed()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (recorder.cancelled, server.connections) == (1, 0)
+        assert client.conn.their_state is h11.SEND_RESPONSE  # no response at all
+
+
+def _get_then_half_close(port: int) -> bytes:
+    """One GET /healthz from a blocking socket in a thread, so that its bytes and its
+    FIN reach the server at moments of their own, as from another process."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                received += data
+        return received
+
+
+async def test_half_close_over_loopback_is_always_answered() -> None:
+    # Real sockets on the real clock: nothing here sleeps or waits for time to pass.
+    server = HttpServer(Recorder(), HttpSettings())
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, listeners)
+        answers = [await trio.to_thread.run_sync(_get_then_half_close, port) for _ in range(40)]
+        nursery.cancel_scope.cancel()
+    assert sum(a.startswith(b"HTTP/1.1 200 ") for a in answers) == 40
+
+
+async def test_every_response_carries_a_date(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(HttpSettings(max_connections=1)) as (_, _recorder, connect):
+        first = await connect()
+        await first.request()
+        answered = await first.response()
+        refused = await (await connect()).response()  # over the connection limit
+        await first.send_raw(b"GARBAGE\r\n\r\n")
+        rejected = await first.response()
+    assert [r[0] for r in (answered, refused, rejected)] == [200, 503, 400]
+    for _, headers, _ in (answered, refused, rejected):
+        assert IMF_FIXDATE.fullmatch(headers[b"date"])
+        assert email.utils.parsedate_to_datetime(headers[b"date"].decode()).tzname() == "UTC"
+
+
+def test_date_is_formatted_once_a_second() -> None:
+    now = [0.25]
+    date = _HttpDate(clock=lambda: now[0])
+    first = date()
+    assert first == b"Thu, 01 Jan 1970 00:00:00 GMT"
+    now[0] = 0.99
+    assert date() is first
+    now[0] = 86401.0
+    assert date() == b"Fri, 02 Jan 1970 00:00:01 GMT"

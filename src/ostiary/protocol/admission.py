@@ -22,6 +22,7 @@ from .errors import (
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
+    NotImplementedHttpError,
     OpenAIError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -64,6 +65,8 @@ class Refusal(enum.Enum):
 
     MALFORMED = "malformed"
     SMUGGLING = "smuggling"
+    OLD_CHUNKED = "old_chunked"
+    UNSUPPORTED_CODING = "unsupported_coding"
     ENDED_EARLY = "ended_early"
     HEAD_TIMEOUT = "head_timeout"
     BODY_TIMEOUT = "body_timeout"
@@ -169,12 +172,18 @@ def refusal_error(refusal: Refusal, limit: int = 0) -> OpenAIError:
         return RequestTimeoutError(
             f"Timed out waiting for the request {part}.", code="request_timeout"
         )
+    if refusal is Refusal.UNSUPPORTED_CODING:
+        return NotImplementedHttpError(
+            "Only the chunked transfer coding is supported.", code="unsupported_transfer_coding"
+        )
     if refusal is Refusal.CONNECTION_LIMIT:
         return ServiceUnavailableError(
             "The server is at its connection limit; retry shortly.", code="connection_limit"
         )
     if refusal is Refusal.SMUGGLING:
         message = "Content-Length and Transfer-Encoding must not both be set."
+    elif refusal is Refusal.OLD_CHUNKED:
+        message = "Transfer-Encoding needs HTTP/1.1."
     elif refusal is Refusal.ENDED_EARLY:
         message = "The request ended early."
     else:

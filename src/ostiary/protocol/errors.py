@@ -19,6 +19,7 @@ __all__ = [
     "InvalidRequestError",
     "MethodNotAllowedError",
     "NotFoundError",
+    "NotImplementedHttpError",
     "OpenAIError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -121,6 +122,14 @@ class RequestTimeoutError(OpenAIError):
     """The client did not send its request in time."""
 
     status = 408
+    type = "invalid_request_error"
+
+
+class NotImplementedHttpError(OpenAIError):
+    """The request uses an HTTP feature the server does not implement (a transfer
+    coding other than chunked)."""
+
+    status = 501
     type = "invalid_request_error"
 
 

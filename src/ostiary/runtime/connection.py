@@ -17,12 +17,17 @@ class Connection:
 
     The reader runs for the connection's whole life. Between requests it feeds the
     request being read; while a handler runs it keeps reading, so that a client that
-    leaves is noticed at once (the handler's scope is cancelled) and a pipelined
-    request is kept for later (bounded: past the bound, reading pauses until the
-    handler is done). No task is started per request.
+    leaves is noticed at once and a pipelined request is kept for later (bounded: past
+    the bound, reading pauses until the handler is done). No task is started per
+    request.
+
+    End of input is recorded in :attr:`eof`; it cancels the handler's scope only for
+    a request handled with ``abandon_on_eof`` (see :meth:`start_handling`), since a
+    client that half-closes after its request still reads the answer.
     """
 
     __slots__ = (
+        "_abandon_on_eof",
         "_budget",
         "_handler_scope",
         "_paused",
@@ -43,6 +48,7 @@ class Connection:
         self._budget = max_header_bytes + max_body_bytes
         self._unread = 0
         self._handler_scope: trio.CancelScope | None = None
+        self._abandon_on_eof = False
         self._waiter: trio.Event | None = None
         self._paused: trio.Event | None = None
 
@@ -63,7 +69,7 @@ class Connection:
                 data = b""
             if not data:
                 self.eof = True
-                if self._handler_scope is not None:
+                if self._handler_scope is not None and self._abandon_on_eof:
                     self._handler_scope.cancel()
                 self._wake()
                 return
@@ -83,18 +89,26 @@ class Connection:
             self._waiter.set()
             self._waiter = None
 
-    async def wait_data(self) -> None:
-        """Until the reader has more bytes (or the client closed)."""
-        if self._unread or self.eof:
-            self._unread = 0
-            return
-        self._waiter = trio.Event()
-        await self._waiter.wait()
+    async def wait_data(self) -> bool:
+        """Until the reader has more bytes (or the client closed); whether bytes
+        came (they may have come just before the end of input)."""
+        if not (self._unread or self.eof):
+            self._waiter = trio.Event()
+            await self._waiter.wait()
+        arrived = self._unread > 0
         self._unread = 0
+        return arrived
 
-    def start_handling(self, scope: trio.CancelScope) -> None:
+    def start_handling(self, scope: trio.CancelScope, *, abandon_on_eof: bool) -> None:
+        """While ``scope``'s handler runs, end of input means the client left (the
+        scope is cancelled, at once if the input has already ended) only if
+        ``abandon_on_eof``; otherwise the handler runs on, and is stopped only by a
+        write that fails."""
         self._handler_scope = scope
+        self._abandon_on_eof = abandon_on_eof
         self._unread = 0
+        if abandon_on_eof and self.eof:
+            scope.cancel()
 
     def stop_handling(self) -> None:
         self._handler_scope = None

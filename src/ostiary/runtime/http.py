@@ -5,25 +5,32 @@ request head counted from its first byte (slow-loris), a deadline for the body, 
 idle deadline between keep-alive requests, a deadline for every write (a client that
 stops reading is dropped), bounds on head and body size (413 from ``content-length``
 alone, before a byte of the body is read), a bound on connections (503 beyond), a
-bound on requests per connection, refusal of ``content-length`` together with
-``transfer-encoding`` (request smuggling: 400 and close; h11 already refuses
-conflicting lengths), ``expect: 100-continue`` answered only when we mean to read the
-body, and a graceful drain: on :meth:`HttpServer.drain` no new connections are taken,
-idle ones close at once, and busy ones close after their current response.
+bound on requests per connection, refusal of any ``content-length`` beside
+``transfer-encoding`` and of ``transfer-encoding`` in HTTP/1.0 (request smuggling: 400
+and close; h11 already refuses conflicting or signed lengths and codings other than
+``chunked``), 413 for a chunk whose declared size alone passes the body limit,
+``expect: 100-continue`` answered only when we mean to read the body, and a graceful
+drain: on :meth:`HttpServer.drain` no new connections are taken, idle ones close at
+once, and busy ones close after their current response.
 
 Each connection has one reader task for its whole life (:mod:`.connection`); while a
-request is being handled it keeps reading, so if the client goes away the handler's
-cancel scope is cancelled at once and its backend work stops. A request whose head is
-refused by the ``screen`` (unknown route, bad credentials) is answered without its
-body ever being read.
+request is being handled it keeps reading, so if the client goes away during a model
+request (``POST /v1/...``) the handler's cancel scope is cancelled at once and its
+backend work stops. End of input is taken as the client leaving only for those, as
+nginx does: a client that half-closes after any other request (``nc -N``, health
+checkers) is answered, and the connection closes after the response. A request whose
+head is refused by the ``screen`` (unknown route, bad credentials) is answered without
+its body ever being read. Every response carries ``date``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
@@ -110,6 +117,28 @@ class Handler(Protocol):
     ) -> None: ...
 
 
+class _HttpDate:
+    """The ``date`` header's value (RFC 9110 IMF-fixdate), formatted at most once a
+    second: every response needs it, and formatting costs more than reading a clock."""
+
+    __slots__ = ("_clock", "_second", "_value")
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(self._clock())
+        if second != self._second:
+            self._second = second
+            self._value = email.utils.formatdate(second, usegmt=True).encode()
+        return self._value
+
+
+_date = _HttpDate()
+
+
 class Responder:
     """Writes one response: whole (:meth:`respond`) or streamed (:meth:`start`,
     :meth:`send`, :meth:`end`). Raises :class:`ClientDisconnected` if the client is
@@ -149,6 +178,7 @@ class Responder:
 
     def _headers(self, headers: tuple[Header, ...] | list[Header]) -> list[Header]:
         out = list(headers)
+        out.append((b"date", _date()))
         if self._close():
             out.append((b"connection", b"close"))
         return out
@@ -227,6 +257,7 @@ class RawResponder:
         self.started = self.finished = True
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
         lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
+        lines.append(b"date: " + _date() + b"\r\n")
         lines.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         with (
             trio.move_on_after(self._send_timeout),
@@ -270,8 +301,31 @@ def _event(conn: h11.Connection) -> object:
     try:
         return conn.next_event()
     except h11.RemoteProtocolError as exc:
-        refusal = Refusal.HEAD_TOO_LARGE if exc.error_status_hint == 431 else Refusal.MALFORMED
+        hint = exc.error_status_hint
+        if hint == 431:
+            refusal = Refusal.HEAD_TOO_LARGE
+        elif hint == 501:
+            refusal = Refusal.UNSUPPORTED_CODING
+        else:
+            refusal = Refusal.MALFORMED
         raise _BadRequest(refusal) from None
+
+
+def _abandoned_on_eof(request: HttpRequest) -> bool:
+    """Whether end of input while ``request`` is handled means the client left. The
+    layer cannot know which requests need backend work, so the rule is nginx's (with
+    ``proxy_ignore_client_abort off``) for model requests, ``POST /v1/...``; any other
+    request, and a screened one (only an error to write), is answered."""
+    return (
+        request.method == "POST" and request.target.startswith("/v1/") and not request.body_skipped
+    )
+
+
+def _promised(h: h11.Connection) -> int:
+    """Bytes of the current chunk that its size line declared and have not come yet.
+    h11 keeps the size line to itself, so this reads its chunked reader's count (0 for
+    any other reader, or if h11 renames it: then the limit holds only as bytes come)."""
+    return int(getattr(getattr(h, "_reader", None), "_bytes_in_chunk", 0))
 
 
 class HttpServer:
@@ -371,11 +425,11 @@ class HttpServer:
                     conn.h11,
                     conn.stream,
                     settings.send_timeout,
-                    self._closer(served, request.body_skipped),
+                    self._closer(conn, served, request.body_skipped),
                     head=request.method == "HEAD",
                     scope=scope,
                 )
-                conn.start_handling(scope)
+                conn.start_handling(scope, abandon_on_eof=_abandoned_on_eof(request))
                 try:
                     await self._handler.handle(request, responder)
                 except ClientDisconnected:
@@ -400,12 +454,12 @@ class HttpServer:
             except h11.LocalProtocolError:
                 return
 
-    def _closer(self, served: int, body_skipped: bool) -> Callable[[], bool]:
+    def _closer(self, conn: Connection, served: int, body_skipped: bool) -> Callable[[], bool]:
         """Whether the response to the ``served``-th request must close the
-        connection; asked when its head is written, so a drain that began while it
-        was being handled is honoured."""
+        connection; asked when its head is written, so a drain that began (or an end
+        of input that came) while it was being handled is honoured."""
         last = body_skipped or served >= self.settings.max_requests_per_connection
-        return lambda: last or self._draining
+        return lambda: last or self._draining or conn.eof
 
     async def _read_request(
         self, conn: Connection, client: str, *, first: bool
@@ -427,10 +481,10 @@ class HttpServer:
                 try:
                     if self._draining:
                         return None
-                    await conn.wait_data()
+                    arrived = await conn.wait_data()
                 finally:
                     self._idle.discard(scope)
-                if conn.eof and not conn.has_unread():
+                if conn.eof and not arrived:
                     return None
             phase = "head"
             deadline = trio.current_time() + settings.header_timeout
@@ -490,17 +544,22 @@ class HttpServer:
         head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
         if head_size > self.settings.max_header_bytes:
             raise _BadRequest(Refusal.HEAD_TOO_LARGE, self.settings.max_header_bytes)
-        length: int | None = 0
+        length: int | None = None
         chunked = False
         for name, value in headers:
             if name == b"content-length":
-                length = int(value)
+                length = int(value)  # h11 has checked it: digits, one value
             elif name == b"transfer-encoding":
                 chunked = True
         if chunked:
-            if length:
+            # RFC 9112 section 6.1: framings that a proxy in front may read otherwise.
+            if length is not None:
                 raise _BadRequest(Refusal.SMUGGLING)
+            if event.http_version != b"1.1":
+                raise _BadRequest(Refusal.OLD_CHUNKED)
             return None
+        if length is None:
+            return 0
         return length
 
     async def _next_event(
@@ -514,24 +573,33 @@ class HttpServer:
             event = _event(h)
             if event is not h11.NEED_DATA:
                 return event
-            if h.they_are_waiting_for_100_continue:
-                continue_ = h11.InformationalResponse(
-                    status_code=100, headers=[], reason=b"Continue"
-                )
-                await conn.stream.send_all(h.send(continue_) or b"")
-            if conn.eof:
-                raise _BadRequest(Refusal.ENDED_EARLY)
-            if scope.deadline != deadline:
-                scope.deadline = deadline
-            await conn.wait_data()
+            await self._wait(conn, scope, deadline)
+
+    async def _wait(self, conn: Connection, scope: trio.CancelScope, deadline: float) -> None:
+        """Until more bytes come, once h11 needs them (400 if the input has ended)."""
+        h = conn.h11
+        if h.they_are_waiting_for_100_continue:
+            continue_ = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            await conn.stream.send_all(h.send(continue_) or b"")
+        if conn.eof:
+            raise _BadRequest(Refusal.ENDED_EARLY)
+        if scope.deadline != deadline:
+            scope.deadline = deadline
+        await conn.wait_data()
 
     async def _read_body(
         self, conn: Connection, scope: trio.CancelScope, deadline: float, limit: int
     ) -> bytes:
+        h = conn.h11
         parts: list[bytes] = []
         size = 0
         while True:
-            event = await self._next_event(conn, scope, deadline)
+            event = _event(h)
+            if event is h11.NEED_DATA:
+                if size + _promised(h) > limit:
+                    raise _BadRequest(Refusal.BODY_TOO_LARGE, limit)
+                await self._wait(conn, scope, deadline)
+                continue
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:

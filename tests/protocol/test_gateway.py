@@ -581,3 +581,35 @@ def test_an_upstream_model_takes_everything_openai_accepts() -> None:
     )
     call = only(gw.handle(request(gw, body=body)), Dispatch).call
     assert call.tools is not None and call.n == 4
+
+
+class Letters:
+    """A token codec for tests: id n is the n-th lower-case letter."""
+
+    def decode(self, ids: Any) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    def count(self, text: str, limit: int) -> int:
+        return min(len(text), limit)
+
+
+def test_token_id_embedding_input_becomes_text_for_a_text_model() -> None:
+    gw = gateway(tokens=Letters())
+    body = orjson.dumps({"model": "e", "input": [[7, 8], [0]]})
+    call = only(gw.handle(request(gw, body=body, target="/v1/embeddings")), Dispatch).call
+    assert call.inputs() == ("hi", "a")
+    assert call.raw["input"] == ["hi", "a"]
+    # Without a codec, the model cannot take them: refused by name, never passed on.
+    gw = gateway()
+    status, error, _ = json_of(gw.handle(request(gw, body=body, target="/v1/embeddings")))
+    assert (status, error["error"]["param"]) == (400, "input")
+
+
+def test_a_body_that_is_not_json_is_refused_from_the_head() -> None:
+    gw = gateway()
+    headers = (*auth_headers(), (b"content-type", b"application/x-www-form-urlencoded"))
+    admission = gw.admits("POST", "/v1/chat/completions", headers)
+    assert not admission.read_body  # the runtime never reads it
+    assert admission.principal is not None
+    status, body, _ = json_of(gw.handle(request(gw, body=b"", headers=headers)))
+    assert (status, body["error"]["code"]) == (415, "unsupported_media_type")

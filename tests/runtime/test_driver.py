@@ -483,3 +483,20 @@ async def test_readiness_checks_are_cached(autojump_clock: trio.testing.MockCloc
         await client.request(method="GET", target="/readyz")
         await client.response()
         assert calls == 2
+
+
+async def test_public_routes_never_read_a_body(autojump_clock: trio.testing.MockClock) -> None:
+    """Issue 7 item 7: a client with no credentials cannot make the server read and
+    hold a body on /healthz or /readyz: the head is answered, the body never read."""
+    async with running() as (connect, driver, _):
+        for target in ("/healthz", "/readyz"):
+            client = await connect()
+            head = f"GET {target} HTTP/1.1\r\nhost: t\r\ncontent-length: 4000000\r\n\r\n".encode()
+            await client.send_raw(head + b"x" * 1000)  # far less than announced
+            start = trio.current_time()
+            status, headers, _ = await client.response()
+            assert status == 200
+            assert headers[b"connection"] == b"close"
+            assert trio.current_time() == start  # no waiting for a body
+            assert await client.closed()
+        assert driver.gateway.in_flight == 0

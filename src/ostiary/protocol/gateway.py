@@ -54,7 +54,7 @@ from .admission import (
     route,
 )
 from .auth import ApiKey, KeyTable
-from .capabilities import Capabilities, check_capabilities
+from .capabilities import Capabilities, check_capabilities, unsupported
 from .errors import (
     NotFoundError,
     OpenAIError,
@@ -92,6 +92,7 @@ from .responses import (
 from .scheduler import FifoScheduler, Scheduler, Submitted, Ticket
 from .sse import SseEncoder, sse_error
 from .timers import CallTimers
+from .tokens import TokenCodec, embedding_as_text
 
 __all__ = [
     "TRANSITIONS",
@@ -152,8 +153,10 @@ class Gateway:
         limits: RequestLimits | None = None,
         created: int = 0,
         scheduler: Callable[[BackendPolicy], Scheduler] | None = None,
+        tokens: TokenCodec | None = None,
     ) -> None:
         self._routes = {r.model: r for r in routes}
+        self._tokens = tokens
         self._keys = keys
         self._keys_version = 0
         self.limits = limits if limits is not None else RequestLimits()
@@ -214,7 +217,14 @@ class Gateway:
             key = self._keys.authenticate(authorization_header(headers))
         except OpenAIError as error:
             return Admission(endpoint, 0, peer, error=error)
-        max_body = self.limits.max_body_bytes if endpoint in WITH_BODY else 0
+        if endpoint not in WITH_BODY:
+            return Admission(endpoint, 0, peer, key, model_id, None, self._keys_version)
+        try:
+            # Judged before the body is read: a body we would refuse is never read.
+            decoding.check_content_type(headers)
+        except OpenAIError as error:
+            return Admission(endpoint, 0, peer, key, error=error)
+        max_body = self.limits.max_body_bytes
         return Admission(endpoint, max_body, peer, key, model_id, None, self._keys_version)
 
     def handle(self, event: Event) -> list[Action]:
@@ -254,6 +264,7 @@ class Gateway:
             event.request_id, admission.endpoint, event.method, event.target, event.now
         )
         exchange.created = int(event.wall)
+        exchange.principal = admission.principal
         try:
             if admission.error is not None:
                 raise admission.error
@@ -272,10 +283,9 @@ class Gateway:
                 found = self._find_model(admission.model_id)
                 return [self._respond(exchange, 200, orjson.dumps(self._model_dict(found)))]
             assert endpoint is not None
-            decoding.check_content_type(event.headers)
             call = _DECODERS[endpoint](event.body, self.limits)
             target = self._find_model(call.model)
-            call = _fit(call, target.capabilities)
+            call = _fit(call, target.capabilities, self._tokens)
             if self._shutting_down:
                 raise _shutting_down()
         except OpenAIError as error:
@@ -584,11 +594,18 @@ class Gateway:
         ]
 
 
-def _fit(call: BackendCall, caps: Capabilities) -> BackendCall:
+def _fit(call: BackendCall, caps: Capabilities, tokens: TokenCodec | None) -> BackendCall:
     """``call`` as the model may take it: refused if it asks for what the model
     cannot do; tools that ``tool_choice: "none"`` disables are left out for a model
-    without tools."""
+    without tools; embedding inputs given as token ids become text (cl100k) for a
+    model that takes text."""
     check_capabilities(call, caps)
+    if isinstance(call, EmbeddingRequest):
+        if caps.token_inputs or all(isinstance(i, str) for i in call.inputs()):
+            return call
+        if tokens is None:
+            raise unsupported("input", "input given as token ids")
+        return embedding_as_text(call, tokens)
     if isinstance(call, ChatCompletionRequest) and call.tools and not caps.tools:
         raw = {k: v for k, v in call.raw.items() if k not in _TOOL_FIELDS}
         return attrs.evolve(call, tools=None, tool_choice=None, parallel_tool_calls=None, raw=raw)

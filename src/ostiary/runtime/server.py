@@ -19,12 +19,14 @@ import trio
 
 from ostiary.backends import Backend, create_backend
 from ostiary.protocol.auth import KeyTable
+from ostiary.protocol.capabilities import ModelKind
 from ostiary.protocol.gateway import Gateway, ModelRoute
 
 from .config import Config
 from .driver import Driver
 from .http import HttpServer
 from .keystore import KeyStore, write_bootstrap_key
+from .tokenizer import load_cl100k
 
 __all__ = ["StartupError", "bootstrap_keys", "run_server", "watch_keys"]
 
@@ -91,7 +93,16 @@ async def run_server(
         for b in config.backends
         for m in b.models
     ]
+    tokens = None
+    if any(
+        r.capabilities.kind is ModelKind.EMBEDDING and not r.capabilities.token_inputs
+        for r in routes
+    ):
+        # Token-id embedding input decodes as cl100k for models that take text;
+        # loading it takes about a second, once.
+        tokens = await trio.to_thread.run_sync(load_cl100k)
     gateway = Gateway(
+        tokens=tokens,
         routes=routes,
         keys=table,
         backends=[b.policy() for b in config.backends],

@@ -21,6 +21,7 @@ from ostiary.protocol.actions import (
 )
 from ostiary.protocol.admission import route
 from ostiary.protocol.capabilities import Capabilities, ModelKind
+from ostiary.protocol.cors import CorsPolicy
 from ostiary.protocol.errors import BackendUnavailableError, RateLimitError
 from ostiary.protocol.events import (
     BackendChunk,
@@ -613,3 +614,61 @@ def test_a_body_that_is_not_json_is_refused_from_the_head() -> None:
     assert admission.principal is not None
     status, body, _ = json_of(gw.handle(request(gw, body=b"", headers=headers)))
     assert (status, body["error"]["code"]) == (415, "unsupported_media_type")
+
+
+def test_no_cors_headers_unless_configured() -> None:
+    gw = gateway()
+    headers = (*auth_headers(), (b"origin", b"https://app.example"))
+    _, _, out = json_of(gw.handle(request(gw, body=chat_body(model="nope"), headers=headers)))
+    assert not any(k.startswith(b"access-control") for k in out)
+    respond = json_of(
+        gw.handle(request(gw, "r2", method="GET", target="/v1/models", headers=headers))
+    )
+    assert not any(k.startswith(b"access-control") for k in respond[2])
+
+
+def test_cors_for_listed_origins_and_preflights() -> None:
+    gw = gateway(cors=CorsPolicy(frozenset({"https://app.example"})))
+    good = (*auth_headers(), (b"origin", b"https://app.example"))
+    _, _, headers = json_of(gw.handle(request(gw, method="GET", target="/v1/models", headers=good)))
+    assert headers[b"access-control-allow-origin"] == b"https://app.example"
+    assert headers[b"vary"] == b"origin"
+    assert b"x-request-id" in headers[b"access-control-expose-headers"]
+    # Errors carry them too, or the browser hides the error from the page.
+    status, _, headers = json_of(
+        gw.handle(request(gw, "r2", body=chat_body(model="nope"), headers=good))
+    )
+    assert (status, headers[b"access-control-allow-origin"]) == (404, b"https://app.example")
+    evil = (*auth_headers(), (b"origin", b"https://evil.example"))
+    _, _, headers = json_of(
+        gw.handle(request(gw, "r3", method="GET", target="/v1/models", headers=evil))
+    )
+    assert b"access-control-allow-origin" not in headers
+    # A preflight comes without a key and gets 204.
+    asked = (
+        (b"origin", b"https://app.example"),
+        (b"access-control-request-method", b"POST"),
+        (b"access-control-request-headers", b"authorization, content-type, x-stainless-os"),
+    )
+    respond = only(
+        gw.handle(
+            request(gw, "p1", method="OPTIONS", target="/v1/chat/completions", headers=asked)
+        ),
+        Respond,
+    )
+    headers = dict(respond.headers)
+    assert respond.status == 204 and respond.body == b""
+    assert headers[b"access-control-allow-methods"] == b"POST, OPTIONS"
+    assert (
+        headers[b"access-control-allow-headers"] == b"authorization, content-type, x-stainless-os"
+    )
+    assert b"access-control-allow-credentials" not in headers
+
+
+def test_a_wildcard_origin_never_comes_with_credentials() -> None:
+    gw = gateway(cors=CorsPolicy(frozenset({"*"})))
+    headers = (*auth_headers(), (b"origin", b"https://anything.example"))
+    _, _, out = json_of(gw.handle(request(gw, method="GET", target="/v1/models", headers=headers)))
+    assert out[b"access-control-allow-origin"] == b"*"
+    assert b"access-control-allow-credentials" not in out
+    assert b"vary" not in out

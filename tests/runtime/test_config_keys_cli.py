@@ -365,3 +365,14 @@ def test_example_configs_are_valid() -> None:
     assert len(examples) >= 6
     for path in examples:
         assert load_config(path).backends, path
+
+
+def test_cors_origins_must_be_origins(tmp_path: Path) -> None:
+    from ostiary.runtime.config import ConfigError, parse_config
+
+    good = parse_config(
+        '[server]\ncors_origins = ["https://app.example:8443", "*"]\n' + SCRIPTED, "t"
+    )
+    assert good.server.cors_origins == ("https://app.example:8443", "*")
+    with pytest.raises(ConfigError, match="is not an origin"):
+        parse_config('[server]\ncors_origins = ["https://app.example/path"]\n' + SCRIPTED, "t")

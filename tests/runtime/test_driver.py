@@ -500,3 +500,23 @@ async def test_public_routes_never_read_a_body(autojump_clock: trio.testing.Mock
             assert trio.current_time() == start  # no waiting for a body
             assert await client.closed()
         assert driver.gateway.in_flight == 0
+
+
+async def test_a_cors_preflight_is_answered_over_http(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running() as (connect, _, _):
+        client = await connect()
+        await client.request(
+            method="OPTIONS",
+            target="/v1/chat/completions",
+            origin="https://app.example",
+            **{"access-control-request-method": "POST"},
+        )
+        status, headers, body = await client.response()
+        assert (status, body) == (204, b"")
+        assert headers[b"allow"] == b"POST, OPTIONS"
+        assert b"content-length" not in headers
+        # The connection stays usable for the request the preflight was for.
+        status, _, _ = await post(client, "/v1/chat/completions", chat_body(model="s"))
+        assert status == 200

@@ -29,7 +29,15 @@ from .errors import (
     ServiceUnavailableError,
 )
 
-__all__ = ["Admission", "Endpoint", "Refusal", "authorization_header", "refusal_error", "route"]
+__all__ = [
+    "Admission",
+    "Endpoint",
+    "Refusal",
+    "authorization_header",
+    "methods_of",
+    "refusal_error",
+    "route",
+]
 
 
 class Endpoint(enum.Enum):
@@ -43,6 +51,7 @@ class Endpoint(enum.Enum):
     MODEL = "models.retrieve"
     HEALTH = "healthz"
     READY = "readyz"
+    PREFLIGHT = "preflight"
 
 
 #: path → (method, endpoint), for the fixed paths.
@@ -55,7 +64,7 @@ _ROUTES: dict[str, tuple[str, Endpoint]] = {
     "/readyz": ("GET", Endpoint.READY),
 }
 _MODEL_PREFIX = "/v1/models/"
-PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY})
+PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY, Endpoint.PREFLIGHT})
 #: Endpoints whose requests carry a JSON body.
 WITH_BODY = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
 
@@ -102,7 +111,7 @@ class Admission:
 
 
 def route(method: str, target: str) -> tuple[Endpoint, str | None]:
-    """The endpoint for a request line, and the model id for ``/v1/models/{id}``.
+    """The endpoint for a request line, and the model id for ``/v1/models/{id}``
 
     Raises 404 ``unknown_url`` or 405 ``method_not_allowed`` (whose ``allow``
     attribute lists the methods the path takes)."""
@@ -116,6 +125,9 @@ def route(method: str, target: str) -> tuple[Endpoint, str | None]:
         model = _percent_decode(path[len(_MODEL_PREFIX) :])
     else:
         raise NotFoundError(f"Invalid URL ({method} {path})", code="unknown_url")
+    if method == "OPTIONS":
+        # A CORS preflight (or a plain OPTIONS): answered without a key.
+        return Endpoint.PREFLIGHT, None
     if method != allowed and not (allowed == "GET" and method == "HEAD"):
         raise MethodNotAllowedError(
             f"Method {method} is not allowed for {path}; use {allowed}.",
@@ -123,6 +135,14 @@ def route(method: str, target: str) -> tuple[Endpoint, str | None]:
             allow=("GET", "HEAD") if allowed == "GET" else (allowed,),
         )
     return endpoint, model
+
+
+def methods_of(target: str) -> bytes:
+    """The ``Allow`` value of a path that :func:`route` knows."""
+    entry = _ROUTES.get(target.partition("?")[0])
+    if entry is not None and entry[0] == "POST":
+        return b"POST, OPTIONS"
+    return b"GET, HEAD, OPTIONS"
 
 
 def _percent_decode(text: str) -> str:

@@ -86,6 +86,8 @@ class Exchange:
     last_output: float = -math.inf
     #: The core asked for the backend call to stop: its late output is ignored.
     cancelled: bool = False
+    #: CORS headers every response of this exchange carries (none by default).
+    cors: tuple[tuple[bytes, bytes], ...] = ()
 
     def access_fields(self, now: float) -> dict[str, Any]:
         """The fields of the exchange's one access-log record (never a secret)."""

@@ -50,11 +50,13 @@ from .admission import (
     Admission,
     Endpoint,
     authorization_header,
+    methods_of,
     refusal_error,
     route,
 )
 from .auth import ApiKey, KeyTable
 from .capabilities import Capabilities, check_capabilities, unsupported
+from .cors import CorsPolicy
 from .errors import (
     NotFoundError,
     OpenAIError,
@@ -154,9 +156,11 @@ class Gateway:
         created: int = 0,
         scheduler: Callable[[BackendPolicy], Scheduler] | None = None,
         tokens: TokenCodec | None = None,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self._routes = {r.model: r for r in routes}
         self._tokens = tokens
+        self._cors = cors if cors is not None else CorsPolicy()
         self._keys = keys
         self._keys_version = 0
         self.limits = limits if limits is not None else RequestLimits()
@@ -265,10 +269,14 @@ class Gateway:
         )
         exchange.created = int(event.wall)
         exchange.principal = admission.principal
+        if self._cors.enabled:
+            exchange.cors = self._cors.response_headers(event.headers)
         try:
             if admission.error is not None:
                 raise admission.error
             endpoint = admission.endpoint
+            if endpoint is Endpoint.PREFLIGHT:
+                return [self._preflight(exchange, event.target, event.headers)]
             if endpoint is Endpoint.HEALTH:
                 return [self._respond(exchange, 200, b'{"status":"ok"}')]
             if endpoint is Endpoint.READY:
@@ -455,7 +463,7 @@ class Gateway:
         return actions
 
     def _stream_headers(self, exchange: Exchange) -> tuple[tuple[bytes, bytes], ...]:
-        return (*_SSE_HEADERS, (b"x-request-id", exchange.request_id.encode()))
+        return (*_SSE_HEADERS, (b"x-request-id", exchange.request_id.encode()), *exchange.cors)
 
     def _on_finished(self, exchange: Exchange, event: BackendFinished) -> list[Action]:
         call = exchange.call
@@ -563,15 +571,28 @@ class Gateway:
     def _respond(self, exchange: Exchange, status: int, body: bytes) -> Respond:
         exchange.state = ExchangeState.SENDING
         exchange.status = status
-        headers = (JSON_CONTENT, (b"x-request-id", exchange.request_id.encode()))
+        headers = (JSON_CONTENT, (b"x-request-id", exchange.request_id.encode()), *exchange.cors)
         return Respond(exchange.request_id, status, headers, body)
 
     def _error(self, exchange: Exchange, error: OpenAIError) -> Respond:
         exchange.state = ExchangeState.SENDING
         exchange.status = error.status
         exchange.error = error
-        headers = error_headers(error, exchange.request_id)
+        headers = (*error_headers(error, exchange.request_id), *exchange.cors)
         return Respond(exchange.request_id, error.status, headers, error_body(error))
+
+    def _preflight(
+        self, exchange: Exchange, target: str, headers: tuple[tuple[bytes, bytes], ...]
+    ) -> Respond:
+        exchange.state = ExchangeState.SENDING
+        exchange.status = 204
+        methods = methods_of(target)
+        out = (
+            (b"x-request-id", exchange.request_id.encode()),
+            (b"allow", methods),
+            *self._cors.preflight_headers(headers, methods),
+        )
+        return Respond(exchange.request_id, 204, out, b"")
 
     def _end(self, exchange: Exchange, now: float) -> list[Action]:
         """The exchange is over: its one access-log record, its counts; forget it."""

@@ -10,6 +10,7 @@ setup: one embedded backend (SmolLM2 and multilingual-e5-small).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,17 @@ class ConfigError(Exception):
 _LEVELS = ("debug", "info", "warning", "error")
 
 
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\*")
+
+
+def _check_origins(
+    _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    for origin in value:
+        if not _ORIGIN.fullmatch(origin):
+            raise ValueError(f'{origin!r} is not an origin (scheme://host[:port], or "*")')
+
+
 @attrs.frozen(kw_only=True)
 class ServerSettings(HttpSettings):
     host: str = "127.0.0.1"
@@ -58,6 +70,9 @@ class ServerSettings(HttpSettings):
     log_level: str = attrs.field(default="info", validator=attrs.validators.in_(_LEVELS))
     #: "json" (one object per line) or "text".
     log_format: str = attrs.field(default="json", validator=attrs.validators.in_(("json", "text")))
+    #: Origins whose browser pages may call the server ("*": any). Default none: no
+    #: CORS headers at all.
+    cors_origins: tuple[str, ...] = attrs.field(default=(), validator=_check_origins)
 
     def http(self) -> HttpSettings:
         fields = {a.name for a in attrs.fields(HttpSettings)}

@@ -209,7 +209,8 @@ class Responder:
 
     async def respond(self, status: int, headers: tuple[Header, ...], body: bytes) -> None:
         hdrs = self._headers(headers)
-        hdrs.append((b"content-length", str(len(body)).encode()))
+        if status != 204:
+            hdrs.append((b"content-length", str(len(body)).encode()))
         data = self._send(h11.Response(status_code=status, headers=hdrs, reason=_reason(status)))
         if body and not self._head:
             data += self._send(h11.Data(data=body))

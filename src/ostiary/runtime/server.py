@@ -20,6 +20,7 @@ import trio
 from ostiary.backends import Backend, create_backend
 from ostiary.protocol.auth import KeyTable
 from ostiary.protocol.capabilities import ModelKind
+from ostiary.protocol.cors import CorsPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
 
 from .config import Config
@@ -103,6 +104,7 @@ async def run_server(
         tokens = await trio.to_thread.run_sync(load_cl100k)
     gateway = Gateway(
         tokens=tokens,
+        cors=CorsPolicy(frozenset(config.server.cors_origins)),
         routes=routes,
         keys=table,
         backends=[b.policy() for b in config.backends],

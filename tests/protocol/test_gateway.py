@@ -672,3 +672,39 @@ def test_a_wildcard_origin_never_comes_with_credentials() -> None:
     assert out[b"access-control-allow-origin"] == b"*"
     assert b"access-control-allow-credentials" not in out
     assert b"vary" not in out
+
+
+def extension_gateway() -> Gateway:
+    sampler = Capabilities(extensions=frozenset({"top_k", "min_p"}))
+    upstream = Capabilities.upstream(ModelKind.CHAT, frozenset({"chat_template_kwargs"}))
+    return Gateway(
+        routes=[
+            ModelRoute("plain", "b"),
+            ModelRoute("llama", "b", capabilities=sampler),
+            ModelRoute("vllm", "u", capabilities=upstream),
+        ],
+        keys=key_table(),
+    )
+
+
+def test_extension_parameters_reach_only_models_that_declare_them() -> None:
+    gw = extension_gateway()
+    call = only(gw.handle(request(gw, "a", chat_body(model="llama", top_k=40))), Dispatch).call
+    assert dict(call.extensions) == {"top_k": 40}
+    assert call.raw["top_k"] == 40
+    status, body, _ = json_of(gw.handle(request(gw, "b", chat_body(model="plain", top_k=40))))
+    assert (status, body["error"]["code"], body["error"]["param"]) == (
+        400,
+        "unknown_parameter",
+        "top_k",
+    )
+    assert body["error"]["message"] == "Unrecognized request argument supplied: top_k"
+    status, body, _ = json_of(gw.handle(request(gw, "c", chat_body(model="llama", min_p="x"))))
+    assert (status, body["error"]["code"]) == (400, "invalid_value")
+    kwargs = {"enable_thinking": False}
+    body_bytes = chat_body(model="vllm", chat_template_kwargs=kwargs)
+    call = only(gw.handle(request(gw, "d", body_bytes)), Dispatch).call
+    assert call.raw["chat_template_kwargs"] == kwargs
+    # A name no configured backend passes on stays unknown everywhere.
+    status, body, _ = json_of(gw.handle(request(gw, "e", chat_body(model="vllm", bogus=1))))
+    assert (status, body["error"]["code"]) == (400, "unknown_parameter")

@@ -106,6 +106,13 @@ def check_capabilities(call: BackendCall, caps: Capabilities) -> None:
         return
     if caps.kind is not ModelKind.CHAT:
         raise _wrong_kind(call, caps)
+    for name in call.extensions:
+        if name not in caps.extensions:
+            raise InvalidRequestError(
+                f"Unrecognized request argument supplied: {name}",
+                param=name,
+                code="unknown_parameter",
+            )
     n = call.n or 1
     if n > caps.max_n:
         raise unsupported("n", f"more than {caps.max_n} choice(s) per request")

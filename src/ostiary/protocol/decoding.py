@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import InvalidRequestError, UnsupportedMediaTypeError
+from .extensions import take_extensions
 from .json_body import JsonObject, kind_of, parse_json_object
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
@@ -203,11 +204,15 @@ def _require_model(model: str) -> None:
         )
 
 
-def decode_chat(body: bytes, limits: RequestLimits) -> ChatCompletionRequest:
-    """Decode and validate a ``POST /v1/chat/completions`` body."""
+def decode_chat(
+    body: bytes, limits: RequestLimits, passed_on: frozenset[str] = frozenset()
+) -> ChatCompletionRequest:
+    """Decode and validate a ``POST /v1/chat/completions`` body; extension
+    parameters (:mod:`.extensions`) go to ``extensions``."""
     payload = _parse(body, limits)
     _check_chat_sizes(payload, limits)
-    req = structure(payload, ChatCompletionRequest)
+    strict, extensions = take_extensions(payload, passed_on)
+    req = structure(strict, ChatCompletionRequest, raw=payload, extensions=extensions)
     _require_model(req.model)
     if not req.messages:
         raise _empty_array("messages")
@@ -338,12 +343,15 @@ def _check_prompt_sizes(param: str, items: tuple[Any, ...], limits: RequestLimit
             )
 
 
-def decode_completion(body: bytes, limits: RequestLimits) -> CompletionRequest:
+def decode_completion(
+    body: bytes, limits: RequestLimits, passed_on: frozenset[str] = frozenset()
+) -> CompletionRequest:
     """Decode and validate a ``POST /v1/completions`` body."""
     payload = _parse(body, limits)
     _check_shared_sizes(payload, limits)
     _check_batch_sizes("prompt", payload.get("prompt"), limits)
-    req = structure(payload, CompletionRequest)
+    strict, extensions = take_extensions(payload, passed_on)
+    req = structure(strict, CompletionRequest, raw=payload, extensions=extensions)
     _require_model(req.model)
     _check_prompt_sizes("prompt", req.prompts(), limits)
     _check_sampling(req, limits)
@@ -360,7 +368,9 @@ def decode_completion(body: bytes, limits: RequestLimits) -> CompletionRequest:
     return req
 
 
-def decode_embedding(body: bytes, limits: RequestLimits) -> EmbeddingRequest:
+def decode_embedding(
+    body: bytes, limits: RequestLimits, passed_on: frozenset[str] = frozenset()
+) -> EmbeddingRequest:
     """Decode and validate a ``POST /v1/embeddings`` body."""
     payload = _parse(body, limits)
     _check_batch_sizes("input", payload.get("input"), limits)

@@ -106,7 +106,7 @@ __all__ = [
     "ModelRoute",
 ]
 
-_DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits], BackendCall]] = {
+_DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits, frozenset[str]], BackendCall]] = {
     Endpoint.CHAT: decoding.decode_chat,
     Endpoint.COMPLETIONS: decoding.decode_completion,
     Endpoint.EMBEDDINGS: decoding.decode_embedding,
@@ -160,6 +160,10 @@ class Gateway:
     ) -> None:
         self._routes = {r.model: r for r in routes}
         self._tokens = tokens
+        #: Extension names some model takes beyond the known ones: decoding keeps them.
+        self._passed_on = frozenset(
+            name for r in self._routes.values() for name in r.capabilities.extensions
+        )
         self._cors = cors if cors is not None else CorsPolicy()
         self._keys = keys
         self._keys_version = 0
@@ -291,7 +295,7 @@ class Gateway:
                 found = self._find_model(admission.model_id)
                 return [self._respond(exchange, 200, orjson.dumps(self._model_dict(found)))]
             assert endpoint is not None
-            call = _DECODERS[endpoint](event.body, self.limits)
+            call = _DECODERS[endpoint](event.body, self.limits, self._passed_on)
             target = self._find_model(call.model)
             call = _fit(call, target.capabilities, self._tokens)
             if self._shutting_down:

@@ -8,9 +8,13 @@ forward fields it does not interpret without loss.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import attrs
+
+NO_EXTENSIONS: Mapping[str, Any] = MappingProxyType({})
 
 __all__ = [
     "ChatCompletionRequest",
@@ -151,6 +155,8 @@ class ChatCompletionRequest:
     prompt_cache_options: Any = attrs.field(default=None, eq=False)
     prompt_cache_retention: Any = attrs.field(default=None, eq=False)
     raw: JsonObject = attrs.field(factory=dict, eq=False, repr=False)
+    #: Parameters outside OpenAI's API (``top_k``...), checked by name and type.
+    extensions: Mapping[str, Any] = attrs.field(default=NO_EXTENSIONS, eq=False, repr=False)
 
     @property
     def output_limit(self) -> int | None:
@@ -185,6 +191,7 @@ class CompletionRequest:
     logprobs: int | None = None
     user: str | None = None
     raw: JsonObject = attrs.field(factory=dict, eq=False, repr=False)
+    extensions: Mapping[str, Any] = attrs.field(default=NO_EXTENSIONS, eq=False, repr=False)
 
     @property
     def output_limit(self) -> int | None:

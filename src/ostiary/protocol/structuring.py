@@ -241,7 +241,9 @@ def _make_converter() -> cattrs.Converter:
     for cls in (ChatCompletionRequest, CompletionRequest):
         conv.register_structure_hook(
             cls,
-            make_dict_structure_fn(cls, conv, raw=override(omit=True)),
+            make_dict_structure_fn(
+                cls, conv, raw=override(omit=True), extensions=override(omit=True)
+            ),
         )
     formats = frozenset({"float", "base64"})
     conv.register_structure_hook(
@@ -392,13 +394,24 @@ def _lookup(payload: object, path: Path) -> object:
     return node
 
 
-def structure(payload: JsonObject, cls: type[T]) -> T:
-    """``payload`` as a ``cls``, or the InvalidRequestError naming the bad field."""
+def structure(
+    payload: JsonObject,
+    cls: type[T],
+    *,
+    raw: JsonObject | None = None,
+    extensions: JsonObject | None = None,
+) -> T:
+    """``payload`` as a ``cls``, or the InvalidRequestError naming the bad field.
+    ``raw`` (default: ``payload``) is the body as sent; ``extensions`` its
+    parameters outside OpenAI's API."""
     try:
         value = _CONVERTER.structure(payload, cls)
     except (ClassValidationError, IterableValidationError, _Invalid, KeyError) as exc:
         raise _to_openai_error(exc, payload) from None
-    # ``raw`` is never structured from the body (a client cannot set it); it is set
-    # here once, as attrs itself sets frozen fields (evolve() would copy it all).
-    object.__setattr__(value, "raw", payload)
+    # ``raw`` and ``extensions`` are never structured from the body (a client cannot
+    # set them); they are set here once, as attrs itself sets frozen fields
+    # (evolve() would copy it all).
+    object.__setattr__(value, "raw", payload if raw is None else raw)
+    if extensions:
+        object.__setattr__(value, "extensions", extensions)
     return value

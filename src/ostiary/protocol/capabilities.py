@@ -21,12 +21,14 @@ import attrs
 
 from .errors import InvalidRequestError
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .tokens import TokenCodec, embedding_as_text
 
 __all__ = [
     "RESPONSE_FORMATS",
     "Capabilities",
     "ModelKind",
     "check_capabilities",
+    "fit",
     "unsupported",
 ]
 
@@ -152,3 +154,24 @@ def _check_completion(call: CompletionRequest, caps: Capabilities) -> None:
         raise unsupported("suffix", "suffix")
     if not caps.token_prompts and any(not isinstance(p, str) for p in call.prompts()):
         raise unsupported("prompt", "prompts given as token ids")
+
+
+def fit(call: BackendCall, caps: Capabilities, tokens: TokenCodec | None) -> BackendCall:
+    """``call`` as the model may take it: refused if it asks for what the model
+    cannot do; tools that ``tool_choice: "none"`` disables are left out for a model
+    without tools; embedding inputs given as token ids become text (cl100k) for a
+    model that takes text."""
+    check_capabilities(call, caps)
+    if isinstance(call, EmbeddingRequest):
+        if caps.token_inputs or all(isinstance(i, str) for i in call.inputs()):
+            return call
+        if tokens is None:
+            raise unsupported("input", "input given as token ids")
+        return embedding_as_text(call, tokens)
+    if isinstance(call, ChatCompletionRequest) and call.tools and not caps.tools:
+        raw = {k: v for k, v in call.raw.items() if k not in TOOL_FIELDS}
+        return attrs.evolve(call, tools=None, tool_choice=None, parallel_tool_calls=None, raw=raw)
+    return call
+
+
+TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})

@@ -18,15 +18,21 @@ from typing import Any
 
 import attrs
 
-from .actions import BackendCall
-from .admission import Endpoint
+from .actions import BackendCall, Respond
+from .admission import Endpoint, methods_of
 from .auth import ApiKey
+from .cors import CorsPolicy
 from .errors import BackendTimeoutError, OpenAIError
 from .generation import Usage
-from .responses import ChoiceAccumulator
+from .responses import JSON_CONTENT, ChoiceAccumulator, error_body, error_headers
 from .sse import SseEncoder
 
 __all__ = ["BackendPolicy", "Exchange", "ExchangeState"]
+
+_SSE_HEADERS = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+)
 
 
 class ExchangeState(enum.Enum):
@@ -88,6 +94,39 @@ class Exchange:
     cancelled: bool = False
     #: CORS headers every response of this exchange carries (none by default).
     cors: tuple[tuple[bytes, bytes], ...] = ()
+
+    def respond(self, status: int, body: bytes) -> Respond:
+        """The exchange's final, whole JSON response."""
+        self.state = ExchangeState.SENDING
+        self.status = status
+        headers = (JSON_CONTENT, (b"x-request-id", self.request_id.encode()), *self.cors)
+        return Respond(self.request_id, status, headers, body)
+
+    def fail(self, error: OpenAIError) -> Respond:
+        """The exchange's final answer: ``error``, rendered."""
+        self.state = ExchangeState.SENDING
+        self.status = error.status
+        self.error = error
+        headers = (*error_headers(error, self.request_id), *self.cors)
+        return Respond(self.request_id, error.status, headers, error_body(error))
+
+    def stream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return (*_SSE_HEADERS, (b"x-request-id", self.request_id.encode()), *self.cors)
+
+    def preflight(
+        self, cors: CorsPolicy, target: str, headers: tuple[tuple[bytes, bytes], ...]
+    ) -> Respond:
+        """The answer to ``OPTIONS``: the methods the path takes, and CORS headers for
+        an origin the policy lets in."""
+        self.state = ExchangeState.SENDING
+        self.status = 204
+        methods = methods_of(target)
+        out = (
+            (b"x-request-id", self.request_id.encode()),
+            (b"allow", methods),
+            *cors.preflight_headers(headers, methods),
+        )
+        return Respond(self.request_id, 204, out, b"")
 
     def access_fields(self, now: float) -> dict[str, Any]:
         """The fields of the exchange's one access-log record (never a secret)."""

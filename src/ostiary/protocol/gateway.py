@@ -40,7 +40,6 @@ from .actions import (
     Dispatch,
     EndStream,
     Log,
-    Respond,
     SendBytes,
     StartStream,
 )
@@ -50,18 +49,13 @@ from .admission import (
     Admission,
     Endpoint,
     authorization_header,
-    methods_of,
     refusal_error,
     route,
 )
 from .auth import ApiKey, KeyTable
-from .capabilities import Capabilities, check_capabilities, unsupported
+from .capabilities import Capabilities, fit
 from .cors import CorsPolicy
-from .errors import (
-    NotFoundError,
-    OpenAIError,
-    ServiceUnavailableError,
-)
+from .errors import NotFoundError, OpenAIError, ServiceUnavailableError
 from .events import (
     BackendChunk,
     BackendFailed,
@@ -82,19 +76,16 @@ from .generation import Delta, Usage
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, EmbeddingRequest
 from .responses import (
-    JSON_CONTENT,
     ChoiceAccumulator,
     completion_body,
     encode_embeddings,
     encode_model,
     encode_models,
-    error_body,
-    error_headers,
 )
 from .scheduler import FifoScheduler, Scheduler, Submitted, Ticket
 from .sse import SseEncoder, sse_error
 from .timers import CallTimers
-from .tokens import TokenCodec, embedding_as_text
+from .tokens import TokenCodec
 
 __all__ = [
     "TRANSITIONS",
@@ -111,10 +102,6 @@ _DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits, frozenset[str]], Backe
     Endpoint.COMPLETIONS: decoding.decode_completion,
     Endpoint.EMBEDDINGS: decoding.decode_embedding,
 }
-_SSE_HEADERS = (
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-)
 #: 499: nginx's "client closed request"; only ever seen in our logs.
 CLIENT_GONE = 499
 
@@ -280,28 +267,28 @@ class Gateway:
                 raise admission.error
             endpoint = admission.endpoint
             if endpoint is Endpoint.PREFLIGHT:
-                return [self._preflight(exchange, event.target, event.headers)]
+                return [exchange.preflight(self._cors, event.target, event.headers)]
             if endpoint is Endpoint.HEALTH:
-                return [self._respond(exchange, 200, b'{"status":"ok"}')]
+                return [exchange.respond(200, b'{"status":"ok"}')]
             if endpoint is Endpoint.READY:
                 exchange.state = ExchangeState.CHECKING
                 return [CheckReadiness(event.request_id)]
             exchange.principal = self._principal(admission, event.headers)
             if endpoint is Endpoint.MODELS:
                 models = (self._model_dict(r) for r in self._routes.values())
-                return [self._respond(exchange, 200, encode_models(models))]
+                return [exchange.respond(200, encode_models(models))]
             if endpoint is Endpoint.MODEL:
                 assert admission.model_id is not None
                 found = self._find_model(admission.model_id)
-                return [self._respond(exchange, 200, orjson.dumps(self._model_dict(found)))]
+                return [exchange.respond(200, orjson.dumps(self._model_dict(found)))]
             assert endpoint is not None
             call = _DECODERS[endpoint](event.body, self.limits, self._passed_on)
             target = self._find_model(call.model)
-            call = _fit(call, target.capabilities, self._tokens)
+            call = fit(call, target.capabilities, self._tokens)
             if self._shutting_down:
                 raise _shutting_down()
         except OpenAIError as error:
-            return [self._error(exchange, error)]
+            return [exchange.fail(error)]
         exchange.call = call
         return self._schedule(exchange, target.backend, event.now)
 
@@ -315,7 +302,7 @@ class Gateway:
     def _on_refused(self, event: RequestRefused) -> list[Action]:
         exchange = self._new_exchange(event.request_id, None, event.method, event.target, event.now)
         exchange.created = int(event.wall)
-        return [self._error(exchange, refusal_error(event.refusal, event.limit))]
+        return [exchange.fail(refusal_error(event.refusal, event.limit))]
 
     def _find_model(self, model_id: str) -> ModelRoute:
         found = self._routes.get(model_id)
@@ -365,7 +352,7 @@ class Gateway:
             code="queue_full",
             retry_after=scheduler.estimate_wait(now),
         )
-        return [self._error(exchange, error)]
+        return [exchange.fail(error)]
 
     def _dispatch(self, exchange: Exchange, now: float) -> Dispatch:
         exchange.state = ExchangeState.RUNNING
@@ -406,7 +393,7 @@ class Gateway:
                     code="queue_timeout",
                     retry_after=scheduler.estimate_wait(now),
                 )
-                actions.append(self._error(exchange, error))
+                actions.append(exchange.fail(error))
         live = self._exchanges
         for request_id in list(self._timers.due(now)):
             timed = live.get(request_id)
@@ -429,7 +416,7 @@ class Gateway:
         actions: list[Action] = []
         for scheduler in self._schedulers.values():
             for ticket in scheduler.drain():
-                actions.append(self._error(self._exchanges[ticket.request_id], _shutting_down()))
+                actions.append(self._exchanges[ticket.request_id].fail(_shutting_down()))
         return actions
 
     # -- backend output --------------------------------------------------------------
@@ -462,12 +449,9 @@ class Gateway:
             return actions
         if exchange.state is ExchangeState.RUNNING:
             exchange.state = ExchangeState.STREAMING
-            actions.append(StartStream(exchange.request_id, 200, self._stream_headers(exchange)))
+            actions.append(StartStream(exchange.request_id, 200, exchange.stream_headers()))
         actions.append(SendBytes(exchange.request_id, encoder.encode(deltas)))
         return actions
-
-    def _stream_headers(self, exchange: Exchange) -> tuple[tuple[bytes, bytes], ...]:
-        return (*_SSE_HEADERS, (b"x-request-id", exchange.request_id.encode()), *exchange.cors)
 
     def _on_finished(self, exchange: Exchange, event: BackendFinished) -> list[Action]:
         call = exchange.call
@@ -480,9 +464,7 @@ class Gateway:
         encoder = exchange.encoder
         if encoder is not None:
             if exchange.state is ExchangeState.RUNNING:
-                actions.append(
-                    StartStream(exchange.request_id, 200, self._stream_headers(exchange))
-                )
+                actions.append(StartStream(exchange.request_id, 200, exchange.stream_headers()))
             actions.append(SendBytes(exchange.request_id, encoder.usage(usage) + encoder.done()))
             actions.append(EndStream(exchange.request_id))
             exchange.state = ExchangeState.SENDING
@@ -493,7 +475,7 @@ class Gateway:
         body = completion_body(
             call, _response_id(call, exchange.request_id), exchange.created, collected, usage
         )
-        actions.append(self._respond(exchange, 200, body))
+        actions.append(exchange.respond(200, body))
         return actions
 
     def _on_embeddings(self, exchange: Exchange, event: EmbeddingsComputed) -> list[Action]:
@@ -505,7 +487,7 @@ class Gateway:
         body = encode_embeddings(
             event.result, model=call.model, encoding_format=call.encoding_format
         )
-        actions.append(self._respond(exchange, 200, body))
+        actions.append(exchange.respond(200, body))
         return actions
 
     def _on_failed(self, exchange: Exchange, event: BackendFailed) -> list[Action]:
@@ -529,7 +511,7 @@ class Gateway:
             actions.append(SendBytes(exchange.request_id, sse_error(error)))
             actions.append(EndStream(exchange.request_id))
             return actions
-        actions.append(self._error(exchange, error))
+        actions.append(exchange.fail(error))
         return actions
 
     def _on_late_output(self, exchange: Exchange, event: Event) -> list[Action]:
@@ -549,10 +531,10 @@ class Gateway:
                 }
             )
             return [
-                self._respond(exchange, 503, body),
+                exchange.respond(503, body),
                 Log("warning", "backends not ready", {"failures": dict(event.failures)}),
             ]
-        return [self._respond(exchange, 200, b'{"status":"ready"}')]
+        return [exchange.respond(200, b'{"status":"ready"}')]
 
     # -- endings ---------------------------------------------------------------------
 
@@ -571,32 +553,6 @@ class Gateway:
 
     def _on_sent(self, exchange: Exchange, event: ResponseSent) -> list[Action]:
         return self._end(exchange, event.now)
-
-    def _respond(self, exchange: Exchange, status: int, body: bytes) -> Respond:
-        exchange.state = ExchangeState.SENDING
-        exchange.status = status
-        headers = (JSON_CONTENT, (b"x-request-id", exchange.request_id.encode()), *exchange.cors)
-        return Respond(exchange.request_id, status, headers, body)
-
-    def _error(self, exchange: Exchange, error: OpenAIError) -> Respond:
-        exchange.state = ExchangeState.SENDING
-        exchange.status = error.status
-        exchange.error = error
-        headers = (*error_headers(error, exchange.request_id), *exchange.cors)
-        return Respond(exchange.request_id, error.status, headers, error_body(error))
-
-    def _preflight(
-        self, exchange: Exchange, target: str, headers: tuple[tuple[bytes, bytes], ...]
-    ) -> Respond:
-        exchange.state = ExchangeState.SENDING
-        exchange.status = 204
-        methods = methods_of(target)
-        out = (
-            (b"x-request-id", exchange.request_id.encode()),
-            (b"allow", methods),
-            *self._cors.preflight_headers(headers, methods),
-        )
-        return Respond(exchange.request_id, 204, out, b"")
 
     def _end(self, exchange: Exchange, now: float) -> list[Action]:
         """The exchange is over: its one access-log record, its counts; forget it."""
@@ -617,27 +573,6 @@ class Gateway:
             Count("ostiary_requests_total", labels[0]),
             Count("ostiary_request_duration_seconds", labels[1], now - exchange.started),
         ]
-
-
-def _fit(call: BackendCall, caps: Capabilities, tokens: TokenCodec | None) -> BackendCall:
-    """``call`` as the model may take it: refused if it asks for what the model
-    cannot do; tools that ``tool_choice: "none"`` disables are left out for a model
-    without tools; embedding inputs given as token ids become text (cl100k) for a
-    model that takes text."""
-    check_capabilities(call, caps)
-    if isinstance(call, EmbeddingRequest):
-        if caps.token_inputs or all(isinstance(i, str) for i in call.inputs()):
-            return call
-        if tokens is None:
-            raise unsupported("input", "input given as token ids")
-        return embedding_as_text(call, tokens)
-    if isinstance(call, ChatCompletionRequest) and call.tools and not caps.tools:
-        raw = {k: v for k, v in call.raw.items() if k not in _TOOL_FIELDS}
-        return attrs.evolve(call, tools=None, tool_choice=None, parallel_tool_calls=None, raw=raw)
-    return call
-
-
-_TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 
 
 def _fifo(policy: BackendPolicy) -> Scheduler:

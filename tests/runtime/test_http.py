@@ -367,14 +367,9 @@ async def test_handler_that_never_answers_closes_the_connection(
 
 
 async def test_drain_closes_idle_and_finishes_busy(autojump_clock: trio.testing.MockClock) -> None:
-    recorder = Recorder()
-    server = HttpServer(recorder, HttpSettings())
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve, listeners)
-        idle = Client(await trio.open_tcp_stream("127.0.0.1", port))
-        busy = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    async with serving() as (server, recorder, connect):
+        idle = await connect()
+        busy = await connect()
         await idle.request()
         await idle.response()
         await busy.request(target="/slow")
@@ -385,25 +380,34 @@ async def test_drain_closes_idle_and_finishes_busy(autojump_clock: trio.testing.
         assert await idle.closed()
         assert await busy.closed()
         assert server.connections == 0
-        nursery.cancel_scope.cancel()
 
 
 async def test_drain_deadline_returns(autojump_clock: trio.testing.MockClock) -> None:
-    recorder = Recorder()
-    server = HttpServer(recorder, HttpSettings())
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve, listeners)
-        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
-        await client.request(target="/forever")
+    async with serving() as (server, recorder, connect):
+        await (await connect()).request(target="/forever")
         await recorder.entered.wait()
         start = trio.current_time()
         await server.drain(start + 3)
         assert trio.current_time() - start == pytest.approx(3)
         assert server.connections == 1
-        nursery.cancel_scope.cancel()
     assert recorder.cancelled == 1
+
+
+async def test_drain_stops_accepting() -> None:
+    """Over a real listener, with trio's own clock: no timing is involved."""
+    server = HttpServer(Recorder(), HttpSettings())
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, listeners)
+        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        await client.request()
+        assert (await client.response())[0] == 200
+        await server.drain(trio.current_time() + 30)  # the idle connection closes
+        assert await client.closed()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
+        nursery.cancel_scope.cancel()
 
 
 async def test_refused_request_body_is_never_read(autojump_clock: trio.testing.MockClock) -> None:

@@ -18,7 +18,17 @@ FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "f
 
 @attrs.frozen
 class ToolCallDelta:
-    """A piece of one tool call: the first piece carries ``id`` and ``name``."""
+    """A piece of one tool call, the shape every backend produces.
+
+    ``index`` says which call of the choice the piece belongs to (calls of one
+    choice may interleave). The first piece of a call carries its ``id`` and
+    ``name``; later pieces carry only ``arguments`` fragments, which concatenate, in
+    order, to the call's JSON arguments. A backend that gets a call whole (Ollama)
+    yields one piece with all four. The choice's last :class:`Delta` has
+    ``finish_reason="tool_calls"``. Backends that receive quirky upstream shapes
+    (names repeated, ids late or missing, arguments sent whole at the end) hand them
+    on as they come; the core's stream normalizer makes them regular.
+    """
 
     index: int
     id: str | None = None

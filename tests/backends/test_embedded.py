@@ -27,10 +27,10 @@ from ostiary.backends.embedded import (
     default_model_path,
     read_gguf_vocab_size,
 )
+from ostiary.protocol.capabilities import fit
 from ostiary.protocol.errors import (
     BackendUnavailableError,
     InvalidRequestError,
-    NotFoundError,
     OpenAIError,
     ServiceUnavailableError,
 )
@@ -46,7 +46,6 @@ from ostiary.protocol.requests import (
     ResponseFormat,
     Tool,
     ToolCall,
-    ToolChoice,
 )
 
 pytest.importorskip("xllamacpp")
@@ -320,12 +319,74 @@ async def test_a_reader_that_lags_gets_everything_in_order(engine: EmbeddedEngin
 # --- refusals -----------------------------------------------------------------------
 
 
-UNSUPPORTED_CHAT: list[tuple[dict[str, Any], str]] = [
+UNDECLARED_CHAT: list[tuple[dict[str, Any], str]] = [
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"top_logprobs": 3}, "logprobs"),
     ({"tools": (Tool(FunctionDefinition(name="f")),)}, "tools"),
-    ({"tool_choice": ToolChoice("required")}, "tool_choice"),
+    ({"extensions": {"dry_multiplier": 0.8}}, "dry_multiplier"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), UNDECLARED_CHAT)
+def test_what_the_model_does_not_declare_is_refused_before_it(
+    fields: dict[str, Any], param: str
+) -> None:
+    """The gateway refuses these with the model's declared capabilities; the backend
+    never sees them."""
+    caps = EmbeddedSettings().capabilities(CHAT)
+    with pytest.raises(InvalidRequestError) as info:
+        fit(chat_request(**fields), caps, None)
+    assert info.value.param == param
+    assert info.value.code in ("unsupported_parameter", "unknown_parameter")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 3}, "n"),
+        ({"best_of": 2}, "best_of"),
+        ({"echo": True}, "echo"),
+        ({"suffix": "end"}, "suffix"),
+        ({"logprobs": 0}, "logprobs"),
+    ],
+)
+def test_completion_parameters_the_model_does_not_declare(
+    fields: dict[str, Any], param: str
+) -> None:
+    caps = EmbeddedSettings().capabilities(CHAT)
+    with pytest.raises(InvalidRequestError) as info:
+        fit(CompletionRequest(model=CHAT, prompt="Once upon a time", **fields), caps, None)
+    assert info.value.param == param
+
+
+def test_each_model_serves_its_own_endpoint() -> None:
+    settings = EmbeddedSettings()
+    for call, model in (
+        (attrs.evolve(chat_request(), model=EMBED), EMBED),
+        (CompletionRequest(model=EMBED, prompt="x"), EMBED),
+        (EmbeddingRequest(model=CHAT, input="x"), CHAT),
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            fit(call, settings.capabilities(model), None)
+        assert (info.value.param, info.value.code) == ("model", "unsupported_model")
+
+
+async def test_llama_cpp_sampling_extensions_reach_the_engine(engine: EmbeddedEngine) -> None:
+    request = chat_request(
+        extensions={"top_k": 1, "min_p": 0.1, "repetition_penalty": 1.1}, max_tokens=4
+    )
+    fit(request, EmbeddedSettings().capabilities(CHAT), None)  # declared: no refusal
+    async with backend_for(engine) as backend:
+        body = backend._sampling(request, engine)
+        assert body["samplers"][:3] == ["penalties", "top_k", "min_p"]
+        assert (body["top_k"], body["min_p"], body["repeat_penalty"]) == (1, 0.1, 1.1)
+        pieces, usage = await collect(backend.chat(request))
+    assert pieces
+    assert usage.completion_tokens <= 4
+
+
+UNSUPPORTED_CHAT: list[tuple[dict[str, Any], str]] = [
     ({"logit_bias": {"49152": 5.0}}, "logit_bias.49152"),
     ({"logit_bias": {"x1": 5.0}}, "logit_bias.x1"),
 ]
@@ -372,11 +433,6 @@ async def test_messages_the_model_cannot_read_are_a_400(
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 3}, "n"),
-        ({"best_of": 2}, "best_of"),
-        ({"echo": True}, "echo"),
-        ({"suffix": "end"}, "suffix"),
-        ({"logprobs": 0}, "logprobs"),
         ({"prompt": ("ok", "")}, "prompt[1]"),
     ],
 )
@@ -388,20 +444,6 @@ async def test_unsupported_completion_parameters_are_a_400_naming_them(
         with pytest.raises(InvalidRequestError) as info:
             backend.complete(CompletionRequest(model=CHAT, **fields))
     assert info.value.param == param
-
-
-async def test_a_model_for_the_wrong_endpoint_is_a_400_on_model(engine: EmbeddedEngine) -> None:
-    async with backend_for(engine) as backend:
-        with pytest.raises(InvalidRequestError) as chat_info:
-            backend.chat(attrs.evolve(chat_request(), model=EMBED))
-        with pytest.raises(InvalidRequestError) as completion_info:
-            backend.complete(CompletionRequest(model=EMBED, prompt="x"))
-        with pytest.raises(InvalidRequestError) as embed_info:
-            await backend.embed(EmbeddingRequest(model=CHAT, input="x"))
-        with pytest.raises(NotFoundError):
-            backend.chat(attrs.evolve(chat_request(), model="gpt-4o"))
-    for info in (chat_info, completion_info, embed_info):
-        assert info.value.param == "model"
 
 
 # --- embeddings ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ server engine through ``xllamacpp``. Embeddings: multilingual-e5-small through
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any, Literal
 
@@ -52,7 +52,6 @@ from ostiary.protocol.errors import (
     BackendError,
     BackendUnavailableError,
     InvalidRequestError,
-    NotFoundError,
     OpenAIError,
     ServiceUnavailableError,
 )
@@ -176,20 +175,36 @@ def _refuse(param: str, message: str) -> InvalidRequestError:
     return InvalidRequestError(message, param=param, code="unsupported_parameter")
 
 
-_WHY_UNSUPPORTED = {
-    "n": "The embedded model generates one choice per request (n=1).",
-    "best_of": "The embedded model generates one choice per request (best_of=1).",
-    "tools": "The embedded model does not support tool calls.",
-    "tool_choice": "The embedded model does not support tool calls.",
+#: Extension parameters (declared in EmbeddedSettings.capabilities) -> llama.cpp's
+#: request field, and the sampler it needs in the chain (None: no sampler).
+_EXTENSIONS: dict[str, tuple[str, str | None]] = {
+    "top_k": ("top_k", "top_k"),
+    "typical_p": ("typical_p", "typ_p"),
+    "min_p": ("min_p", "min_p"),
+    "repeat_penalty": ("repeat_penalty", None),
+    "repetition_penalty": ("repeat_penalty", None),
+    "repeat_last_n": ("repeat_last_n", None),
+    "ignore_eos": ("ignore_eos", None),
+    "mirostat": ("mirostat", None),
+    "mirostat_tau": ("mirostat_tau", None),
+    "mirostat_eta": ("mirostat_eta", None),
 }
 
 
-def _refuse_set(*checks: tuple[str, bool]) -> None:
-    """Raise a 400 naming the first parameter the client set that we cannot honour."""
-    for param, is_set in checks:
-        if is_set:
-            why = f"The embedded backend does not support '{param}'."
-            raise _refuse(param, _WHY_UNSUPPORTED.get(param, why))
+def _extensions(given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """llama.cpp's fields for the request's extension parameters, and the samplers
+    they add (in llama.cpp's own order: top-k, typical, then min-p after top-p)."""
+    fields: dict[str, Any] = {}
+    samplers: list[str] = []
+    for name, value in given.items():
+        if value is None:
+            continue
+        field, sampler = _EXTENSIONS[name]
+        fields[field] = value
+        if sampler is not None:
+            samplers.append(sampler)
+    order = ("top_k", "typ_p", "min_p")
+    return fields, sorted(samplers, key=order.index)
 
 
 def _chat_message(i: int, message: ChatMessage) -> dict[str, Any]:
@@ -263,33 +278,10 @@ class EmbeddedBackend(ConfiguredBackend):
             raise BackendUnavailableError("The embedded model is not loaded.")
         return self._engine
 
-    def _check_model(self, model: str, *, embeddings: bool) -> None:
-        s = self._settings
-        if model not in s.models:
-            raise NotFoundError(
-                f"The model '{model}' does not exist.", param="model", code="model_not_found"
-            )
-        if embeddings and model != s.embedding_model:
-            raise InvalidRequestError(
-                f"'{model}' is a chat model; it cannot create embeddings.", param="model"
-            )
-        if not embeddings and model == s.embedding_model:
-            raise InvalidRequestError(
-                f"'{model}' is an embeddings model; use it with /v1/embeddings.", param="model"
-            )
-
     def chat(self, request: ChatCompletionRequest) -> Generation:
-        """Validate now (an unsupported parameter raises InvalidRequestError here,
-        before any output) and return the generation, started on first iteration."""
-        self._check_model(request.model, embeddings=False)
+        """The generation, started on first iteration. The gateway has already
+        refused what the model does not declare (its capabilities)."""
         engine = self._require_engine()
-        _refuse_set(
-            ("n", request.n is not None and request.n > 1),
-            ("logprobs", bool(request.logprobs)),
-            ("top_logprobs", bool(request.top_logprobs)),
-            ("tools", bool(request.tools)),
-            ("tool_choice", request.tool_choice is not None and request.tool_choice.mode != "none"),
-        )
         body = self._sampling(request, engine)
         body["messages"] = [_chat_message(i, m) for i, m in enumerate(request.messages)]
         fmt = request.response_format
@@ -305,15 +297,7 @@ class EmbeddedBackend(ConfiguredBackend):
     def complete(self, request: CompletionRequest) -> Generation:
         """Like :meth:`chat`; a batch of prompts runs one after another in one slot,
         prompt ``i`` being choice ``i``."""
-        self._check_model(request.model, embeddings=False)
         engine = self._require_engine()
-        _refuse_set(
-            ("n", request.n is not None and request.n > 1),
-            ("best_of", request.best_of is not None and request.best_of > 1),
-            ("echo", bool(request.echo)),
-            ("suffix", bool(request.suffix)),
-            ("logprobs", request.logprobs is not None),
-        )
         base = self._sampling(request, engine)
         bodies = []
         for i, prompt in enumerate(request.prompts()):
@@ -333,12 +317,14 @@ class EmbeddedBackend(ConfiguredBackend):
         # OpenAI's order and no top-k/min-p; top-p sorts the whole vocabulary, so it
         # is left out where it changes nothing (greedy, or top_p = 1).
         nucleus = ["top_p"] if temperature > 0 and top_p < 1 else []
+        extra, samplers = _extensions(request.extensions)
         body: dict[str, Any] = {
             "stream": True,
             "stream_options": {"include_usage": True},
-            "samplers": ["penalties", "temperature", *nucleus],
+            "samplers": ["penalties", *samplers, "temperature", *nucleus],
             "temperature": temperature,
             "top_p": top_p,
+            **extra,
         }
         if request.output_limit is not None:
             body["max_tokens"] = request.output_limit
@@ -459,7 +445,6 @@ class EmbeddedBackend(ConfiguredBackend):
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """E5 vectors (L2-normalized, 384 wide); ``usage.prompt_tokens`` counts the
         tokens the model read, special tokens and the E5 prefix included."""
-        self._check_model(request.model, embeddings=True)
         engine = self._require_engine()
         if request.dimensions is not None and request.dimensions != E5_DIMENSIONS:
             raise _refuse(

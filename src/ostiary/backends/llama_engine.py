@@ -28,6 +28,7 @@ import attrs
 from ostiary.backends.base import BackendSettings
 from ostiary.protocol.capabilities import RESPONSE_FORMATS, Capabilities, ModelKind
 from ostiary.protocol.errors import BackendUnavailableError
+from ostiary.protocol.extensions import LLAMA_CPP
 
 __all__ = [
     "E5_DIMENSIONS",
@@ -85,8 +86,11 @@ class EmbeddedSettings(BackendSettings):
         if model == self.embedding_model:
             # ``dimensions`` is accepted when it asks for the model's own width.
             return Capabilities(kind=ModelKind.EMBEDDING, dimensions=True)
-        # Grammar-constrained output gives JSON; one choice per request.
-        return Capabilities(response_formats=RESPONSE_FORMATS)
+        # Grammar-constrained output gives JSON; one choice per request; llama.cpp's
+        # own sampling parameters; prompts as the model's token ids.
+        return Capabilities(
+            response_formats=RESPONSE_FORMATS, token_prompts=True, extensions=LLAMA_CPP
+        )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()

@@ -142,6 +142,16 @@ async def post(
     return await client.response()
 
 
+async def send_stream(client: Client, model: str = "block") -> Client:
+    """Send a streamed chat request (its answer is read later)."""
+    await client.request(
+        target="/v1/chat/completions",
+        body=chat_body(model=model, stream=True),
+        authorization=auth_headers()[0][1].decode(),
+    )
+    return client
+
+
 def events(body: bytes) -> list[Any]:
     out = []
     for block in body.split(b"\n\n"):
@@ -252,12 +262,7 @@ async def test_client_leaving_mid_stream_cancels_backend(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with running() as (connect, driver, backends):
-        client = await connect()
-        await client.request(
-            target="/v1/chat/completions",
-            body=chat_body(model="block", stream=True),
-            authorization=auth_headers()[0][1].decode(),
-        )
+        client = await send_stream(await connect())
         await backends["blocking"].started.wait()
         assert driver.gateway.in_flight == 1
         await client.stream.aclose()
@@ -285,12 +290,7 @@ async def test_client_leaving_non_stream_cancels_backend(
 
 async def test_busy_backend_queues_then_refuses(autojump_clock: trio.testing.MockClock) -> None:
     async with running(max_concurrency=1, max_queue=1) as (connect, _, backends):
-        holder = await connect()
-        await holder.request(
-            target="/v1/chat/completions",
-            body=chat_body(model="block", stream=True),
-            authorization=auth_headers()[0][1].decode(),
-        )
+        await send_stream(await connect())
         await backends["blocking"].started.wait()
         waiter = await connect()
         await waiter.request(
@@ -414,12 +414,7 @@ async def test_queue_wait_times_out_through_the_core(
         driver,
         backends,
     ):
-        holder = await connect()
-        await holder.request(
-            target="/v1/chat/completions",
-            body=chat_body(model="block", stream=True),
-            authorization=auth_headers()[0][1].decode(),
-        )
+        await send_stream(await connect())
         await backends["blocking"].started.wait()
         start = trio.current_time()
         status, headers, body = await post(
@@ -439,20 +434,10 @@ async def test_a_stalled_backend_is_cut_off_and_its_slot_serves_the_next(
         driver,
         backends,
     ):
-        stalled = await connect()
-        await stalled.request(
-            target="/v1/chat/completions",
-            body=chat_body(model="block", stream=True),
-            authorization=auth_headers()[0][1].decode(),
-        )
+        stalled = await send_stream(await connect())
         await backends["blocking"].started.wait()
         # Queued behind the stalled stream, on the same backend.
-        waiting = await connect()
-        await waiting.request(
-            target="/v1/chat/completions",
-            body=chat_body(model="block", stream=True),
-            authorization=auth_headers()[0][1].decode(),
-        )
+        waiting = await send_stream(await connect())
         status, _, body = await stalled.response()
         assert status == 200
         error = events(body)[-1]

@@ -6,7 +6,8 @@ gateway's transition table (:data:`ostiary.protocol.gateway.TRANSITIONS`):
 ``RECEIVED`` → ``QUEUED`` (no free slot) → ``RUNNING`` (dispatched) → ``STREAMING``
 (response head sent, output flowing) → ``SENDING`` (the last bytes were handed to
 the runtime) → done (forgotten, after exactly one access-log record). ``CHECKING`` is
-``/readyz`` waiting for the runtime's backend checks. Any state may end early: a
+``/readyz`` waiting for the runtime's backend checks, or ``/metrics`` for its
+rendering. Any state may end early: a
 client that leaves, a failure, a timeout.
 """
 

@@ -12,8 +12,8 @@ from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.runtime.driver import Driver
-from ostiary.runtime.http import HttpServer, HttpSettings
 from tests.conftest import ADMIN_SECRET, USER_SECRET, chat_body, key_table
+from tests.runtime.inprocess import in_memory
 from tests.runtime.test_http import Client
 
 #: Each request holds its slot for 2 pieces * 0.05 s.
@@ -26,16 +26,9 @@ async def light_latencies(kind: str) -> list[float]:
     policy = BackendPolicy(name="scripted", max_concurrency=2, max_queue=64, scheduler=kind)
     gateway = Gateway(routes=[ModelRoute("s", "scripted")], keys=key_table(), backends=[policy])
     driver = Driver(gateway, {"scripted": backend}, access_log=False)
-    server = HttpServer(driver, HttpSettings())
     latencies: list[float] = []
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run_timers)
-
-        async def connect() -> Client:
-            client, srv = trio.testing.memory_stream_pair()
-            nursery.start_soon(server.serve_connection, srv)
-            return Client(client)
+    async with in_memory(driver) as connect:
 
         async def send(client: Client, secret: str) -> None:
             await client.request(
@@ -54,7 +47,6 @@ async def light_latencies(kind: str) -> list[float]:
                 start = trio.current_time()
                 await send(light, USER_SECRET)
                 latencies.append(trio.current_time() - start)
-        nursery.cancel_scope.cancel()
     return latencies
 
 

@@ -3,7 +3,7 @@ core deciding access, the runtime rendering the tally, bytes out."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,42 +17,11 @@ from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.protocol.visibility import parse_networks
 from ostiary.runtime.driver import Driver
-from ostiary.runtime.http import HttpServer, HttpSettings
 from tests.conftest import USER_SECRET, auth_headers, chat_body, key_table
+from tests.runtime.inprocess import Connect, in_memory
 from tests.runtime.test_http import Client
 
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
-
-
-class _Socket:
-    def __init__(self, peer: str) -> None:
-        self._peer = peer
-
-    def getpeername(self) -> tuple[str, int]:
-        return (self._peer, 40000)
-
-
-class PeerStream(trio.abc.Stream):
-    """A memory stream that says it comes from ``peer`` (as a socket would)."""
-
-    def __init__(self, inner: trio.abc.Stream, peer: str) -> None:
-        self._inner = inner
-        self.socket = _Socket(peer)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-Connect = Callable[[str], Awaitable[Client]]
 
 
 @asynccontextmanager
@@ -65,17 +34,8 @@ async def serving() -> AsyncIterator[tuple[Connect, Driver]]:
         metrics_allow=parse_networks(["10.0.0.0/8"]),
     )
     driver = Driver(gateway, {"scripted": backend})
-    server = HttpServer(driver, HttpSettings())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run_timers)
-
-        async def connect(peer: str = "192.168.1.1") -> Client:
-            client, srv = trio.testing.memory_stream_pair()
-            nursery.start_soon(server.serve_connection, PeerStream(srv, peer))
-            return Client(client)
-
+    async with in_memory(driver) as connect:
         yield connect, driver
-        nursery.cancel_scope.cancel()
 
 
 def headers_for(secret: str | None) -> dict[str, str]:

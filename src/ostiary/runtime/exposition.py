@@ -8,6 +8,10 @@ servers in one process, or tests, never see each other's numbers). Every family 
 DESIGN §5a is written out, with its help text, even before it has a sample, so a
 dashboard can be built against a fresh server. The queue gauges are read from the
 gateway's schedulers at the moment of the scrape.
+
+A scrape renders on the event loop (the tally is the loop's, so no copy and no
+thread): ``bench/metrics_render.py`` measured 0.5 ms for one model, 5 ms for ten and
+48 ms for a hundred (900 KiB, every endpoint and status seen for each).
 """
 
 from __future__ import annotations

@@ -191,6 +191,21 @@ class SchedulerContract(RuleBasedStateMachine):
         assert math.isfinite(wait)
         assert (wait == 0.0) is (self.s.running < self.max_concurrency)
 
+    @invariant()
+    def snapshot_counts_each_principal(self) -> None:
+        if not hasattr(self, "s"):
+            return
+        expected: dict[str, list[int]] = {}
+        for rid, state in self.status.items():
+            if state in (QUEUED, RUNNING):
+                counts = expected.setdefault(self.tickets[rid].principal, [0, 0])
+                counts[0 if state == QUEUED else 1] += 1
+        snap = self.s.snapshot(self.now)
+        assert snap.principals == tuple((p, q, r) for p, (q, r) in sorted(expected.items()))
+        assert (snap.queued, snap.running) == (self.s.queued, self.s.running)
+        assert snap.service_rate > 0
+        assert snap.estimated_wait == self.s.estimate_wait(self.now)
+
     def teardown(self) -> None:
         if not hasattr(self, "s"):
             return

@@ -376,3 +376,31 @@ def test_cors_origins_must_be_origins(tmp_path: Path) -> None:
     assert good.server.cors_origins == ("https://app.example:8443", "*")
     with pytest.raises(ConfigError, match="is not an origin"):
         parse_config('[server]\ncors_origins = ["https://app.example/path"]\n' + SCRIPTED, "t")
+
+
+def test_queue_and_metrics_keys(tmp_path: Path) -> None:
+    from ostiary.protocol.fair_queue import FairQueue, scheduler_for
+    from ostiary.protocol.scheduler import FifoScheduler
+    from ostiary.runtime.config import ConfigError, parse_config
+
+    config = parse_config(SCRIPTED, "t")
+    policy = config.backends[0].policy()
+    assert (policy.scheduler, policy.aging_seconds) == ("fair", 60.0)
+    assert isinstance(scheduler_for(policy), FairQueue)
+    assert config.server.metrics_allow == ()
+    text = (
+        '[server]\nmetrics_allow = ["10.0.0.0/8", "::1"]\n'
+        + SCRIPTED
+        + 'scheduler = "fifo"\naging_seconds = 5\nrate_window = 10\nservice_time = 0.5\n'
+    )
+    config = parse_config(text, "t")
+    assert config.server.metrics_allow == ("10.0.0.0/8", "::1")
+    policy = config.backends[0].policy()
+    assert (policy.aging_seconds, policy.rate_window, policy.service_time) == (5.0, 10.0, 0.5)
+    assert isinstance(scheduler_for(policy), FifoScheduler)
+    with pytest.raises(ConfigError, match="scheduler"):
+        parse_config(SCRIPTED + 'scheduler = "lifo"\n', "t")
+    with pytest.raises(ConfigError, match="aging_seconds"):
+        parse_config(SCRIPTED + "aging_seconds = 0\n", "t")
+    with pytest.raises(ConfigError, match="not an address or network"):
+        parse_config('[server]\nmetrics_allow = ["10.0.0.0/33"]\n' + SCRIPTED, "t")

@@ -22,6 +22,7 @@ from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, 
 from ostiary.runtime.driver import Driver
 from ostiary.runtime.http import HttpServer, HttpSettings
 from tests.conftest import auth_headers, chat_body, key_table
+from tests.runtime.inprocess import in_memory
 from tests.runtime.test_http import Client
 
 
@@ -121,17 +122,8 @@ async def running(
     driver = Driver(
         gateway, backends, access_log=access_log, ready_timeout=3, ready_cache=ready_cache
     )
-    server = HttpServer(driver, HttpSettings())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run_timers)
-
-        async def connect() -> Client:
-            client, srv = trio.testing.memory_stream_pair()
-            nursery.start_soon(server.serve_connection, srv)
-            return Client(client)
-
+    async with in_memory(driver) as connect:
         yield connect, driver, backends
-        nursery.cancel_scope.cancel()
 
 
 async def post(

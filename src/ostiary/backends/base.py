@@ -55,6 +55,14 @@ class BackendSettings:
     stall_timeout: float = attrs.field(default=_POLICY.stall_timeout)
     #: Seconds from dispatch to the end of the generation (then 504).
     total_timeout: float = attrs.field(default=_POLICY.total_timeout)
+    #: The queue's policy: "fair" (per principal, by tokens) or "fifo".
+    scheduler: str = attrs.field(default=_POLICY.scheduler)
+    #: Seconds a queued request waits to rise one priority class ("fair" only).
+    aging_seconds: float = attrs.field(default=_POLICY.aging_seconds)
+    #: Seconds over which the service rate behind ``retry-after`` is measured.
+    rate_window: float = attrs.field(default=_POLICY.rate_window)
+    #: Seconds a request is assumed to hold a slot before releases are measured.
+    service_time: float = attrs.field(default=_POLICY.service_time)
 
     def __attrs_post_init__(self) -> None:
         self.policy()  # the policy's validators judge the values
@@ -79,6 +87,10 @@ class BackendSettings:
             first_output_timeout=self.first_output_timeout,
             stall_timeout=self.stall_timeout,
             total_timeout=self.total_timeout,
+            scheduler=self.scheduler,
+            aging_seconds=self.aging_seconds,
+            rate_window=self.rate_window,
+            service_time=self.service_time,
         )
 
 

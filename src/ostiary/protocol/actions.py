@@ -23,6 +23,7 @@ __all__ = [
     "Dispatch",
     "EndStream",
     "Log",
+    "RenderMetrics",
     "Respond",
     "SendBytes",
     "StartStream",
@@ -90,6 +91,16 @@ class CheckReadiness:
 
 
 @attrs.frozen
+class RenderMetrics:
+    """Render the metrics (the tally of :class:`Count` actions, the queues' gauges,
+    the process) in Prometheus text format, and report the bytes with
+    :class:`~ostiary.protocol.events.MetricsRendered`: the core still answers and
+    logs the request."""
+
+    request_id: str
+
+
+@attrs.frozen
 class Log:
     """A structured log record; ``fields`` never hold secrets."""
 
@@ -117,6 +128,7 @@ Action = (
     | Dispatch
     | CancelBackend
     | CheckReadiness
+    | RenderMetrics
     | Log
     | Count
 )

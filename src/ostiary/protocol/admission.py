@@ -30,6 +30,7 @@ from .errors import (
 )
 
 __all__ = [
+    "ADMIN",
     "Admission",
     "Endpoint",
     "Refusal",
@@ -52,6 +53,8 @@ class Endpoint(enum.Enum):
     HEALTH = "healthz"
     READY = "readyz"
     PREFLIGHT = "preflight"
+    QUEUE = "queue"
+    METRICS = "metrics"
 
 
 #: path → (method, endpoint), for the fixed paths.
@@ -62,9 +65,13 @@ _ROUTES: dict[str, tuple[str, Endpoint]] = {
     "/v1/models": ("GET", Endpoint.MODELS),
     "/healthz": ("GET", Endpoint.HEALTH),
     "/readyz": ("GET", Endpoint.READY),
+    "/v1/queue": ("GET", Endpoint.QUEUE),
+    "/metrics": ("GET", Endpoint.METRICS),
 }
 _MODEL_PREFIX = "/v1/models/"
 PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY, Endpoint.PREFLIGHT})
+#: Endpoints for the ``admin`` role only (``/metrics`` also for ``metrics_allow``).
+ADMIN = frozenset({Endpoint.QUEUE, Endpoint.METRICS})
 #: Endpoints whose requests carry a JSON body.
 WITH_BODY = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
 

@@ -24,6 +24,7 @@ __all__ = [
     "EmbeddingsComputed",
     "Event",
     "KeysReplaced",
+    "MetricsRendered",
     "ReadinessChecked",
     "Refusal",
     "RequestReceived",
@@ -124,6 +125,16 @@ class ReadinessChecked:
 
 
 @attrs.frozen
+class MetricsRendered:
+    """The answer to :class:`~ostiary.protocol.actions.RenderMetrics`: the metrics in
+    Prometheus text format."""
+
+    request_id: str
+    body: bytes = attrs.field(repr=False)
+    now: float
+
+
+@attrs.frozen
 class Tick:
     """The time the core asked to be woken at (:meth:`Gateway.next_deadline`) came."""
 
@@ -155,6 +166,7 @@ Event = (
     | ClientGone
     | ResponseSent
     | ReadinessChecked
+    | MetricsRendered
     | Tick
     | KeysReplaced
     | ShutdownStarted

@@ -6,7 +6,8 @@ gateway's transition table (:data:`ostiary.protocol.gateway.TRANSITIONS`):
 ``RECEIVED`` → ``QUEUED`` (no free slot) → ``RUNNING`` (dispatched) → ``STREAMING``
 (response head sent, output flowing) → ``SENDING`` (the last bytes were handed to
 the runtime) → done (forgotten, after exactly one access-log record). ``CHECKING`` is
-``/readyz`` waiting for the runtime's backend checks. Any state may end early: a
+``/readyz`` waiting for the runtime's backend checks, or ``/metrics`` for its
+rendering. Any state may end early: a
 client that leaves, a failure, a timeout.
 """
 
@@ -62,6 +63,15 @@ class BackendPolicy:
     stall_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
     #: Seconds from dispatch to the end of the generation (then 504).
     total_timeout: float = attrs.field(default=1800.0, validator=attrs.validators.gt(0))
+    #: The queue's policy: "fair" (:class:`~ostiary.protocol.fair_queue.FairQueue`,
+    #: token-weighted per principal) or "fifo" (arrival order).
+    scheduler: str = attrs.field(default="fair", validator=attrs.validators.in_(("fair", "fifo")))
+    #: Seconds a queued request waits to rise one priority class ("fair" only).
+    aging_seconds: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    #: Seconds over which the recent service rate (and so ``retry-after``) is measured.
+    rate_window: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    #: Seconds one request is assumed to hold a slot until releases have been measured.
+    service_time: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
 
     @property
     def earliest_timeout(self) -> float:
@@ -94,12 +104,16 @@ class Exchange:
     cancelled: bool = False
     #: CORS headers every response of this exchange carries (none by default).
     cors: tuple[tuple[bytes, bytes], ...] = ()
+    #: Tokens the request is charged in its backend's queue until real usage is known.
+    cost: float = 1.0
 
-    def respond(self, status: int, body: bytes) -> Respond:
-        """The exchange's final, whole JSON response."""
+    def respond(
+        self, status: int, body: bytes, content_type: tuple[bytes, bytes] = JSON_CONTENT
+    ) -> Respond:
+        """The exchange's final, whole response (JSON unless told otherwise)."""
         self.state = ExchangeState.SENDING
         self.status = status
-        headers = (JSON_CONTENT, (b"x-request-id", self.request_id.encode()), *self.cors)
+        headers = (content_type, (b"x-request-id", self.request_id.encode()), *self.cors)
         return Respond(self.request_id, status, headers, body)
 
     def fail(self, error: OpenAIError) -> Respond:

@@ -69,10 +69,19 @@ from collections import OrderedDict
 
 import attrs
 
+from .exchange import BackendPolicy
 from .keyed_heap import HeapKey, KeyedHeap
-from .scheduler import SchedulerBase, Submitted, Ticket, check_cost
+from .scheduler import (
+    FifoScheduler,
+    QueueSnapshot,
+    Scheduler,
+    SchedulerBase,
+    Submitted,
+    Ticket,
+    check_cost,
+)
 
-__all__ = ["FairQueue"]
+__all__ = ["FairQueue", "scheduler_for"]
 
 #: (priority, principal)
 FlowKey = tuple[int, str]
@@ -218,6 +227,15 @@ class FairQueue(SchedulerBase):
             self._remove_queued(ticket.request_id)
         return drained
 
+    def snapshot(self, now: float) -> QueueSnapshot:
+        """O(flows): a principal's flows in every class, added up."""
+        counts: dict[str, list[int]] = {}
+        for (_, principal), flow in self._flows.items():
+            entry = counts.setdefault(principal, [0, 0])
+            entry[0] += len(flow.queue)
+            entry[1] += flow.running
+        return self._snapshot(now, counts)
+
     def _age_key(self, priority: int, enqueued: float) -> HeapKey:
         if self.aging_seconds == math.inf:
             return (-priority, enqueued)
@@ -297,3 +315,21 @@ class FairQueue(SchedulerBase):
         cls.flows -= 1
         if not cls.flows:
             del self._classes[cls.priority]
+
+
+def scheduler_for(policy: BackendPolicy) -> Scheduler:
+    """The queue a backend's policy asks for ("fair" or "fifo"), with its limits."""
+    if policy.scheduler == "fifo":
+        return FifoScheduler(
+            policy.max_concurrency,
+            policy.max_queue,
+            rate_window=policy.rate_window,
+            service_time=policy.service_time,
+        )
+    return FairQueue(
+        policy.max_concurrency,
+        policy.max_queue,
+        aging_seconds=policy.aging_seconds,
+        rate_window=policy.rate_window,
+        service_time=policy.service_time,
+    )

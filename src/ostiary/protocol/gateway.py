@@ -40,10 +40,12 @@ from .actions import (
     Dispatch,
     EndStream,
     Log,
+    RenderMetrics,
     SendBytes,
     StartStream,
 )
 from .admission import (
+    ADMIN,
     PUBLIC,
     WITH_BODY,
     Admission,
@@ -55,7 +57,7 @@ from .admission import (
 from .auth import ApiKey, KeyTable
 from .capabilities import Capabilities, fit
 from .cors import CorsPolicy
-from .errors import NotFoundError, OpenAIError, ServiceUnavailableError
+from .errors import NotFoundError, OpenAIError, PermissionDeniedError, ServiceUnavailableError
 from .events import (
     BackendChunk,
     BackendFailed,
@@ -64,6 +66,7 @@ from .events import (
     EmbeddingsComputed,
     Event,
     KeysReplaced,
+    MetricsRendered,
     ReadinessChecked,
     RequestReceived,
     RequestRefused,
@@ -72,6 +75,7 @@ from .events import (
     Tick,
 )
 from .exchange import BackendPolicy, Exchange, ExchangeState
+from .fair_queue import scheduler_for
 from .generation import Delta, Usage
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, EmbeddingRequest
@@ -82,10 +86,18 @@ from .responses import (
     encode_model,
     encode_models,
 )
-from .scheduler import FifoScheduler, Scheduler, Submitted, Ticket
+from .scheduler import Scheduler, Submitted, Ticket
 from .sse import SseEncoder, sse_error
 from .timers import CallTimers
 from .tokens import TokenCodec
+from .visibility import (
+    Network,
+    WaitWindow,
+    ending_counts,
+    estimate_cost,
+    peer_allowed,
+    queue_body,
+)
 
 __all__ = [
     "TRANSITIONS",
@@ -104,6 +116,8 @@ _DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits, frozenset[str]], Backe
 }
 #: 499: nginx's "client closed request"; only ever seen in our logs.
 CLIENT_GONE = 499
+#: The content type of ``/metrics`` (Prometheus text format 0.0.4).
+PROMETHEUS_CONTENT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
 
 class GatewayUsageError(Exception):
@@ -130,7 +144,10 @@ class Gateway:
     backend's policy (one with the defaults is made for a backend a route names and
     this does not); ``keys`` is the key table (replace it with a
     :class:`KeysReplaced` event); ``created`` is the ``created`` time reported for
-    models; ``scheduler`` builds the queue in front of each backend.
+    models; ``scheduler`` builds the queue in front of each backend (default: the
+    one each policy's ``scheduler`` names, :class:`FairQueue` unless "fifo");
+    ``metrics_allow`` lists the networks whose peers may read ``/metrics`` without a
+    key.
     """
 
     def __init__(
@@ -144,6 +161,7 @@ class Gateway:
         scheduler: Callable[[BackendPolicy], Scheduler] | None = None,
         tokens: TokenCodec | None = None,
         cors: CorsPolicy | None = None,
+        metrics_allow: tuple[Network, ...] = (),
     ) -> None:
         self._routes = {r.model: r for r in routes}
         self._tokens = tokens
@@ -160,8 +178,11 @@ class Gateway:
         for r in self._routes.values():
             policies.setdefault(r.backend, BackendPolicy(name=r.backend))
         self._policies: Mapping[str, BackendPolicy] = policies
-        make = scheduler if scheduler is not None else _fifo
+        make = scheduler if scheduler is not None else scheduler_for
         self._schedulers: dict[str, Scheduler] = {n: make(p) for n, p in policies.items()}
+        #: Recent queue waits per backend, for ``/v1/queue``.
+        self._waits = {name: WaitWindow() for name in policies}
+        self._metrics_allow = metrics_allow
         self._exchanges: dict[str, Exchange] = {}
         #: (deadline, seq, request_id) of running backend calls; an entry may be
         #: earlier than the call's real deadline (then it is pushed again) or stale
@@ -189,6 +210,11 @@ class Gateway:
     def scheduler(self, backend: str) -> Scheduler:
         return self._schedulers[backend]
 
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends' names, each with its own scheduler."""
+        return tuple(self._schedulers)
+
     def next_deadline(self) -> float:
         """When the gateway next needs a :class:`Tick` (``inf``: no timer pending)."""
         soonest = self._timers.next_deadline()
@@ -206,7 +232,9 @@ class Gateway:
             endpoint, model_id = route(method, target)
         except OpenAIError as error:
             return Admission(None, 0, peer, error=error)
-        if endpoint in PUBLIC:
+        if endpoint in PUBLIC or (
+            endpoint is Endpoint.METRICS and peer_allowed(peer, self._metrics_allow)
+        ):
             return Admission(endpoint, 0, peer)
         try:
             key = self._keys.authenticate(authorization_header(headers))
@@ -273,7 +301,11 @@ class Gateway:
             if endpoint is Endpoint.READY:
                 exchange.state = ExchangeState.CHECKING
                 return [CheckReadiness(event.request_id)]
+            if endpoint is Endpoint.METRICS and peer_allowed(admission.peer, self._metrics_allow):
+                return self._render_metrics(exchange)
             exchange.principal = self._principal(admission, event.headers)
+            if endpoint in ADMIN:
+                return self._on_admin(exchange, endpoint, event.now)
             if endpoint is Endpoint.MODELS:
                 models = (self._model_dict(r) for r in self._routes.values())
                 return [exchange.respond(200, encode_models(models))]
@@ -290,7 +322,28 @@ class Gateway:
         except OpenAIError as error:
             return [exchange.fail(error)]
         exchange.call = call
+        exchange.cost = estimate_cost(call, len(event.body))
         return self._schedule(exchange, target.backend, event.now)
+
+    def _on_admin(self, exchange: Exchange, endpoint: Endpoint, now: float) -> list[Action]:
+        key = exchange.principal
+        if key is None or key.role != "admin":
+            raise PermissionDeniedError(
+                f"The {endpoint.value} endpoint needs a key with the admin role.",
+                code="permission_denied",
+            )
+        if endpoint is Endpoint.QUEUE:
+            body = queue_body(self._policies, self._schedulers, self._waits, now)
+            return [exchange.respond(200, body)]
+        return self._render_metrics(exchange)
+
+    def _render_metrics(self, exchange: Exchange) -> list[Action]:
+        """The runtime renders (it keeps the tally), the core answers."""
+        exchange.state = ExchangeState.CHECKING
+        return [RenderMetrics(exchange.request_id)]
+
+    def _on_metrics(self, exchange: Exchange, event: MetricsRendered) -> list[Action]:
+        return [exchange.respond(200, event.body, PROMETHEUS_CONTENT)]
 
     def _principal(self, admission: Admission, headers: tuple[tuple[bytes, bytes], ...]) -> ApiKey:
         key = admission.principal
@@ -338,6 +391,7 @@ class Gateway:
         ticket = Ticket(
             exchange.request_id,
             principal=key.id if key is not None else "",
+            cost=exchange.cost,
             deadline=now + policy.max_queue_wait,
         )
         scheduler = self._schedulers[backend]
@@ -360,6 +414,7 @@ class Gateway:
         policy = exchange.policy
         call = exchange.call
         assert policy is not None and call is not None
+        self._waits[policy.name].add(now, now - exchange.started)
         # No deadline of this call can come sooner than this (the stall deadline
         # counts from output that comes after dispatch): one timer entry per call.
         live = self._exchanges
@@ -371,7 +426,12 @@ class Gateway:
         policy = exchange.policy
         assert policy is not None
         actions: list[Action] = []
-        for ticket in self._schedulers[policy.name].release(exchange.request_id, now):
+        scheduler = self._schedulers[policy.name]
+        usage = exchange.usage
+        if usage is not None:
+            # The real cost replaces the estimate in the fair queue's accounts.
+            scheduler.charge(exchange.request_id, usage.total_tokens)
+        for ticket in scheduler.release(exchange.request_id, now):
             waiting = self._exchanges[ticket.request_id]
             actions.append(self._dispatch(waiting, now))
             labels = (("backend", policy.name),)
@@ -482,8 +542,8 @@ class Gateway:
         call = exchange.call
         if not isinstance(call, EmbeddingRequest):
             return self._stop(exchange, _no_output(), event.now, cancel=False)
-        actions = self._release(exchange, event.now)
         exchange.usage = event.result.usage
+        actions = self._release(exchange, event.now)
         body = encode_embeddings(
             event.result, model=call.model, encoding_format=call.encoding_format
         )
@@ -568,15 +628,14 @@ class Gateway:
                 (("endpoint", endpoint), ("model", model), ("status", str(status))),
                 (("endpoint", endpoint), ("model", model)),
             )
-        return [
+        actions: list[Action] = [
             Log("error" if status >= 500 and status != CLIENT_GONE else "info", "request", fields),
             Count("ostiary_requests_total", labels[0]),
             Count("ostiary_request_duration_seconds", labels[1], now - exchange.started),
         ]
-
-
-def _fifo(policy: BackendPolicy) -> Scheduler:
-    return FifoScheduler(policy.max_concurrency, policy.max_queue)
+        if call is not None or status == 401:
+            actions.extend(ending_counts(model, exchange.usage, status, exchange.error))
+        return actions
 
 
 def _shutting_down() -> ServiceUnavailableError:
@@ -608,6 +667,7 @@ TRANSITIONS: dict[tuple[ExchangeState, type], Callable[[Gateway, Exchange, Any],
     (_S.STREAMING, BackendFailed): Gateway._on_failed,
     (_S.STREAMING, ClientGone): Gateway._on_client_gone,
     (_S.CHECKING, ReadinessChecked): Gateway._on_readiness,
+    (_S.CHECKING, MetricsRendered): Gateway._on_metrics,
     (_S.CHECKING, BackendFailed): Gateway._on_failed,
     (_S.CHECKING, ClientGone): Gateway._on_client_gone,
     (_S.SENDING, ResponseSent): Gateway._on_sent,

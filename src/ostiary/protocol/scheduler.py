@@ -15,7 +15,9 @@ queue, whatever its policy:
   :meth:`~Scheduler.next_deadline` to say when that is next needed;
 - :meth:`~Scheduler.drain` every queued ticket (shutdown);
 - :meth:`~Scheduler.estimate_wait` for the ``retry-after`` of a refusal, from the
-  queue's depth and its recent service rate (:class:`ServiceRate`).
+  queue's depth and its recent service rate (:class:`ServiceRate`);
+- :meth:`~Scheduler.snapshot` for ``/v1/queue`` and ``/metrics``: what runs and
+  waits, per principal (O(principals), read-only).
 
 Every implementation keeps the same contract: a slot is never idle while a ticket
 waits (``running < max_concurrency`` implies ``queued == 0``), the queue never holds
@@ -41,6 +43,7 @@ from .keyed_heap import KeyedHeap
 
 __all__ = [
     "FifoScheduler",
+    "QueueSnapshot",
     "Scheduler",
     "SchedulerBase",
     "ServiceRate",
@@ -89,6 +92,20 @@ class Ticket:
     weight: float = attrs.field(default=1.0, validator=_check_weight)
     priority: int = 0
     deadline: float = attrs.field(default=math.inf, validator=_check_deadline)
+
+
+@attrs.frozen
+class QueueSnapshot:
+    """One scheduler at one moment: ``running`` and ``queued`` requests, the recent
+    ``service_rate`` (requests finished per second), the ``estimated_wait`` of a
+    request submitted now, and per principal ``(principal, queued, running)``,
+    sorted by principal (only principals with something queued or running)."""
+
+    running: int
+    queued: int
+    service_rate: float
+    estimated_wait: float
+    principals: tuple[tuple[str, int, int], ...]
 
 
 class Submitted(enum.Enum):
@@ -141,6 +158,10 @@ class Scheduler(Protocol):
 
     def estimate_wait(self, now: float) -> float:
         """Seconds a ticket submitted now would wait for a slot (0 if one is free)."""
+        ...
+
+    def snapshot(self, now: float) -> QueueSnapshot:
+        """What runs and waits now, per principal; changes nothing."""
         ...
 
 
@@ -236,6 +257,16 @@ class SchedulerBase:
     def estimate_wait(self, now: float) -> float:
         return self._rate.estimate_wait(now, self.queued, self.running, self.max_concurrency)
 
+    def _snapshot(self, now: float, principals: dict[str, list[int]]) -> QueueSnapshot:
+        """A snapshot from per-principal ``[queued, running]`` counts."""
+        return QueueSnapshot(
+            running=self.running,
+            queued=self.queued,
+            service_rate=self._rate.rate(now),
+            estimated_wait=self.estimate_wait(now),
+            principals=tuple((p, q, r) for p, (q, r) in sorted(principals.items()) if q or r),
+        )
+
     def _admit(self, ticket: Ticket, now: float) -> Submitted:
         """Whether ``ticket`` runs, queues or is refused (the caller then does it);
         a queued ticket's deadline is noted here."""
@@ -257,7 +288,7 @@ class FifoScheduler(SchedulerBase):
     """First come, first served, with ``max_concurrency`` slots and room for
     ``max_queue`` waiting tickets."""
 
-    __slots__ = ("_queue", "_running")
+    __slots__ = ("_counts", "_queue", "_running")
 
     def __init__(
         self,
@@ -268,10 +299,13 @@ class FifoScheduler(SchedulerBase):
         service_time: float = 1.0,
     ) -> None:
         super().__init__(max_concurrency, max_queue, rate_window, service_time)
-        self._running: set[str] = set()
+        #: Running request ids, with their principals.
+        self._running: dict[str, str] = {}
         #: Queued tickets in arrival order (an OrderedDict pops its first item in
         #: O(1); a dict's cost grows with the items deleted before it).
         self._queue: OrderedDict[str, Ticket] = OrderedDict()
+        #: ``[queued, running]`` per principal with something queued or running.
+        self._counts: dict[str, list[int]] = {}
 
     @property
     def running(self) -> int:
@@ -290,22 +324,37 @@ class FifoScheduler(SchedulerBase):
     def submit(self, ticket: Ticket, now: float) -> Submitted:
         verdict = self._admit(ticket, now)
         if verdict is Submitted.RUNNING:
-            self._running.add(ticket.request_id)
+            self._running[ticket.request_id] = ticket.principal
+            self._count(ticket.principal, 0, 1)
         elif verdict is Submitted.QUEUED:
             self._queue[ticket.request_id] = ticket
+            self._count(ticket.principal, 1, 0)
         return verdict
 
     def release(self, request_id: str, now: float) -> list[Ticket]:
-        self._running.remove(request_id)
+        self._count(self._running.pop(request_id), 0, -1)
         self._rate.release(now)
         started: list[Ticket] = []
         queue = self._queue
         while queue and len(self._running) < self.max_concurrency:
             rid, ticket = queue.popitem(last=False)
             self._deadlines.discard(rid)
-            self._running.add(rid)
+            self._running[rid] = ticket.principal
+            self._count(ticket.principal, -1, 1)
             started.append(ticket)
         return started
+
+    def snapshot(self, now: float) -> QueueSnapshot:
+        return self._snapshot(now, self._counts)
+
+    def _count(self, principal: str, queued: int, running: int) -> None:
+        counts = self._counts.get(principal)
+        if counts is None:
+            counts = self._counts[principal] = [0, 0]
+        counts[0] += queued
+        counts[1] += running
+        if not (counts[0] or counts[1]):
+            del self._counts[principal]
 
     def charge(self, request_id: str, actual_cost: float) -> bool:
         check_cost(actual_cost)
@@ -313,13 +362,22 @@ class FifoScheduler(SchedulerBase):
 
     def cancel(self, request_id: str) -> bool:
         self._deadlines.discard(request_id)
-        return self._queue.pop(request_id, None) is not None
+        ticket = self._queue.pop(request_id, None)
+        if ticket is None:
+            return False
+        self._count(ticket.principal, -1, 0)
+        return True
 
     def expire(self, now: float) -> list[Ticket]:
-        return [self._queue.pop(rid) for rid in self._deadlines.pop_due(now)]
+        expired = [self._queue.pop(rid) for rid in self._deadlines.pop_due(now)]
+        for ticket in expired:
+            self._count(ticket.principal, -1, 0)
+        return expired
 
     def drain(self) -> list[Ticket]:
         drained = list(self._queue.values())
         self._queue.clear()
         self._deadlines.clear()
+        for ticket in drained:
+            self._count(ticket.principal, -1, 0)
         return drained

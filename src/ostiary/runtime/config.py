@@ -23,6 +23,7 @@ from ostiary.backends import SETTINGS_BY_KIND, BackendSettings
 from ostiary.backends.llama_engine import EmbeddedSettings
 from ostiary.protocol.request_limits import RequestLimits
 from ostiary.protocol.structuring import first_structure_error
+from ostiary.protocol.visibility import parse_networks
 
 from .http import HttpSettings
 
@@ -55,6 +56,12 @@ def _check_origins(
             raise ValueError(f'{origin!r} is not an origin (scheme://host[:port], or "*")')
 
 
+def _check_networks(
+    _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    parse_networks(value)
+
+
 @attrs.frozen(kw_only=True)
 class ServerSettings(HttpSettings):
     host: str = "127.0.0.1"
@@ -73,6 +80,9 @@ class ServerSettings(HttpSettings):
     #: Origins whose browser pages may call the server ("*": any). Default none: no
     #: CORS headers at all.
     cors_origins: tuple[str, ...] = attrs.field(default=(), validator=_check_origins)
+    #: Networks (CIDR) whose socket peers may read ``/metrics`` without a key, so
+    #: Prometheus can scrape. Default none: only the admin key.
+    metrics_allow: tuple[str, ...] = attrs.field(default=(), validator=_check_networks)
 
     def http(self) -> HttpSettings:
         fields = {a.name for a in attrs.fields(HttpSettings)}

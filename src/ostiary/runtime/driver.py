@@ -6,7 +6,8 @@ bounded mailbox. Actions for the request whose event is being handled run inline
 its own task (the common path pays nothing for routing); actions for another request
 (a slot freed by A dispatches B, a timer ends C) go to that request's mailbox, and
 ``CancelBackend`` cancels that request's backend scope at once. ``Log`` and
-``Count`` are carried out on the spot.
+``Count`` are carried out on the spot. ``RenderMetrics`` renders the tally of those
+counts (:mod:`.exposition`) and hands the bytes back to the gateway, which answers.
 
 ``Dispatch`` is fire and report: the backend call runs in the request's task, its
 output is fed back as events (streamed output through a bounded channel, so a slow
@@ -37,6 +38,7 @@ from ostiary.protocol.actions import (
     Dispatch,
     EndStream,
     Log,
+    RenderMetrics,
     Respond,
     SendBytes,
     StartStream,
@@ -52,6 +54,7 @@ from ostiary.protocol.events import (
     EmbeddingsComputed,
     Event,
     KeysReplaced,
+    MetricsRendered,
     ReadinessChecked,
     Refusal,
     RequestReceived,
@@ -66,6 +69,7 @@ from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, EmbeddingRequest
 from ostiary.protocol.responses import error_body, error_headers
 
+from .exposition import Exposition
 from .http import ClientDisconnected, HttpRequest, Responder
 from .metrics import Metrics
 
@@ -138,6 +142,7 @@ class Driver:
         self._ready_timeout = ready_timeout
         self._ready_cache = ready_cache
         self.metrics = metrics if metrics is not None else Metrics()
+        self._exposition = Exposition(self.metrics, gateway)
         self._ready_lock = trio.Lock()
         self._ready_until = -math.inf
         self._ready_failures: tuple[tuple[str, str], ...] = ()
@@ -307,6 +312,9 @@ class Driver:
                     failures = await self._check_ready()
                     event = ReadinessChecked(rid, failures, trio.current_time())
                     await self._run(ctx, self._feed(event))
+                elif isinstance(action, RenderMetrics):
+                    rendered = MetricsRendered(rid, self._exposition.render(), trio.current_time())
+                    await self._run(ctx, self._feed(rendered))
             except ClientDisconnected:
                 if self.gateway.state_of(rid) is not None:
                     self._feed(ClientGone(rid, trio.current_time()))

@@ -22,6 +22,7 @@ from ostiary.protocol.auth import KeyTable
 from ostiary.protocol.capabilities import ModelKind
 from ostiary.protocol.cors import CorsPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.protocol.visibility import parse_networks
 
 from .config import Config
 from .driver import Driver
@@ -110,6 +111,7 @@ async def run_server(
         backends=[b.policy() for b in config.backends],
         limits=config.limits,
         created=int(time.time()),
+        metrics_allow=parse_networks(config.server.metrics_allow),
     )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}

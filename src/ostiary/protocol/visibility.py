@@ -1,0 +1,177 @@
+"""What the gateway shows of its queues, and what it guesses a request costs.
+
+- :func:`estimate_cost`: a request's cost in tokens when it is submitted, before any
+  usage is known (the fair queue's charge; real usage replaces it at the end);
+- :class:`WaitWindow`: a bounded ring of recent queue waits of one backend, for the
+  p50 / p99 of ``GET /v1/queue``;
+- :func:`queue_body`: the JSON of ``GET /v1/queue``;
+- :func:`ending_counts`: the token and authentication-failure counts of an
+  exchange that ended;
+- :func:`peer_allowed`: whether a socket peer is inside ``[server] metrics_allow``.
+
+All pure: ``ipaddress`` is the standard library's, no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+
+import orjson
+
+from .actions import BackendCall, Count
+from .errors import OpenAIError
+from .exchange import BackendPolicy
+from .generation import Usage
+from .requests import EmbeddingRequest
+from .scheduler import Scheduler
+
+__all__ = [
+    "DEFAULT_OUTPUT_GUESS",
+    "MAX_COST",
+    "Network",
+    "WaitWindow",
+    "ending_counts",
+    "estimate_cost",
+    "parse_networks",
+    "peer_allowed",
+    "queue_body",
+]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Output tokens assumed for a request that sets no ``max_tokens``: a typical answer,
+#: not the worst case (which would make every such request look huge until its real
+#: usage is charged).
+DEFAULT_OUTPUT_GUESS = 512
+#: The most one request is charged at submission: bounds ``C``, the largest cost in
+#: the fair queue's fairness and latency bounds.
+MAX_COST = 1 << 20
+
+
+def estimate_cost(call: BackendCall, body_bytes: int) -> float:
+    """Tokens a request will cost: its body's bytes / 4 for the prompt (about four
+    bytes a token in English; JSON's own syntax makes it a slight overestimate),
+    plus, for generation, the output it asks for (``max_tokens`` times ``n``, or
+    :data:`DEFAULT_OUTPUT_GUESS` per choice), at most :data:`MAX_COST`."""
+    prompt = body_bytes // 4
+    if isinstance(call, EmbeddingRequest):
+        return float(min(prompt, MAX_COST))
+    asked = call.output_limit
+    output = asked if asked is not None else DEFAULT_OUTPUT_GUESS
+    choices = call.n if call.n is not None and call.n > 0 else 1
+    return float(min(prompt + output * choices, MAX_COST))
+
+
+class WaitWindow:
+    """The queue waits (seconds, 0 for a request that found a free slot) of the last
+    ``size`` dispatches of one backend; percentiles count those of the last
+    ``window`` seconds. Adding is O(1); a percentile sorts at most ``size`` values."""
+
+    __slots__ = ("_waits", "window")
+
+    def __init__(self, size: int = 1024, window: float = 60.0) -> None:
+        if size < 1 or not window > 0:
+            raise ValueError("size must be >= 1 and window > 0")
+        self.window = window
+        self._waits: deque[tuple[float, float]] = deque(maxlen=size)
+
+    def add(self, now: float, wait: float) -> None:
+        self._waits.append((now, wait))
+
+    def recent(self, now: float) -> list[float]:
+        """The waits of dispatches within the window, sorted."""
+        since = now - self.window
+        return sorted(wait for at, wait in self._waits if at >= since)
+
+
+def percentile(ordered: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile of sorted values (None if there are none)."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def queue_body(
+    policies: Mapping[str, BackendPolicy],
+    schedulers: Mapping[str, Scheduler],
+    waits: Mapping[str, WaitWindow],
+    now: float,
+) -> bytes:
+    """``GET /v1/queue``: per backend, its limits, what runs and waits (per principal
+    too), the recent wait percentiles and the service rate."""
+    backends = []
+    for name, policy in policies.items():
+        snap = schedulers[name].snapshot(now)
+        window = waits[name]
+        recent = window.recent(now)
+        backends.append(
+            {
+                "name": name,
+                "scheduler": policy.scheduler,
+                "max_concurrency": policy.max_concurrency,
+                "max_queue": policy.max_queue,
+                "queued": snap.queued,
+                "running": snap.running,
+                "service_rate": round(snap.service_rate, 6),
+                "estimated_wait": round(snap.estimated_wait, 6),
+                "wait": {
+                    "window_seconds": window.window,
+                    "samples": len(recent),
+                    "p50": percentile(recent, 0.50),
+                    "p99": percentile(recent, 0.99),
+                },
+                "principals": [
+                    {"principal": p, "queued": q, "running": r} for p, q, r in snap.principals
+                ],
+            }
+        )
+    return orjson.dumps({"object": "queue", "backends": backends})
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """``[server] metrics_allow`` entries as networks; ValueError names a bad one."""
+    networks: list[Network] = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise ValueError(f"{cidr!r} is not an address or network (CIDR)") from None
+    return tuple(networks)
+
+
+def peer_allowed(peer: str, networks: tuple[Network, ...]) -> bool:
+    """Whether the socket peer ``peer`` (an IP address, maybe with an IPv6 zone) is
+    inside one of ``networks``; never for a peer that is not an address."""
+    if not networks or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def ending_counts(
+    model: str, usage: Usage | None, status: int, error: OpenAIError | None
+) -> list[Count]:
+    """``ostiary_tokens_total`` of a request that used a model, by kind (only kinds
+    with tokens), and ``ostiary_auth_failures_total`` of a 401, with its error code
+    as reason (the core's own codes: a bounded set)."""
+    counts: list[Count] = []
+    if usage is not None and model:
+        if usage.prompt_tokens:
+            labels = (("model", model), ("kind", "prompt"))
+            counts.append(Count("ostiary_tokens_total", labels, usage.prompt_tokens))
+        if usage.completion_tokens:
+            labels = (("model", model), ("kind", "completion"))
+            counts.append(Count("ostiary_tokens_total", labels, usage.completion_tokens))
+    if status == 401 and error is not None:
+        reason = error.code or "unknown"
+        counts.append(Count("ostiary_auth_failures_total", (("reason", reason),)))
+    return counts

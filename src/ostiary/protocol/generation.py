@@ -21,9 +21,11 @@ class ToolCallDelta:
     """A piece of one tool call, the shape every backend produces.
 
     ``index`` says which call of the choice the piece belongs to (calls of one
-    choice may interleave). The first piece of a call carries its ``id`` and
-    ``name``; later pieces carry only ``arguments`` fragments, which concatenate, in
-    order, to the call's JSON arguments. A backend that gets a call whole (Ollama)
+    choice may interleave); ``None`` when the upstream sent none (the normalizer
+    then goes by the order of the pieces, :mod:`ostiary.protocol.toolcalls`). The
+    first piece of a call carries its ``id`` and ``name``; later pieces carry only
+    ``arguments`` fragments, which concatenate, in order, to the call's JSON
+    arguments. A backend that gets a call whole (Ollama)
     yields one piece with all four. The choice's last :class:`Delta` has
     ``finish_reason="tool_calls"``. Backends that receive quirky upstream shapes
     (names repeated, ids late or missing, arguments sent whole at the end) hand them
@@ -31,7 +33,7 @@ class ToolCallDelta:
     backend's.
     """
 
-    index: int
+    index: int | None
     id: str | None = None
     name: str | None = None
     arguments: str = ""

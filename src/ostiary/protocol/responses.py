@@ -98,9 +98,10 @@ class ChoiceAccumulator:
         if delta.tool_calls:
             calls = self._tools.setdefault(i, {})
             for tc in delta.tool_calls:
-                call = calls.get(tc.index)
+                index = 0 if tc.index is None else tc.index
+                call = calls.get(index)
                 if call is None:
-                    call = calls[tc.index] = {
+                    call = calls[index] = {
                         "id": tc.id or "",
                         "type": "function",
                         "function": {"name": tc.name or "", "arguments": ""},

@@ -45,7 +45,7 @@ def sse_error(error: OpenAIError) -> bytes:
 
 
 def _tool_call_delta(tc: ToolCallDelta) -> dict[str, Any]:
-    out: dict[str, Any] = {"index": tc.index}
+    out: dict[str, Any] = {"index": 0 if tc.index is None else tc.index}
     if tc.id is not None:
         out["id"] = tc.id
         out["type"] = "function"

@@ -27,6 +27,7 @@ from .errors import BackendTimeoutError, OpenAIError
 from .generation import Usage
 from .responses import JSON_CONTENT, ChoiceAccumulator, error_body, error_headers
 from .sse import SseEncoder
+from .toolcalls import ToolCallNormalizer
 
 __all__ = ["BackendPolicy", "Exchange", "ExchangeState"]
 
@@ -93,6 +94,8 @@ class Exchange:
     policy: BackendPolicy | None = None
     encoder: SseEncoder | None = None
     collected: ChoiceAccumulator | None = None
+    #: Only for a call with tools: makes the backend's tool-call pieces regular.
+    tool_calls: ToolCallNormalizer | None = None
     usage: Usage | None = None
     #: Set when the final response was handed over: what the access log will say.
     status: int = 0

@@ -89,6 +89,7 @@ from .responses import (
 from .scheduler import Scheduler, Submitted, Ticket
 from .sse import SseEncoder, sse_error
 from .timers import CallTimers
+from .toolcalls import ToolCallNormalizer
 from .tokens import TokenCodec
 from .visibility import (
     Network,
@@ -387,6 +388,8 @@ class Gateway:
             )
         else:
             exchange.collected = ChoiceAccumulator()
+        if isinstance(call, ChatCompletionRequest) and call.tools:
+            exchange.tool_calls = ToolCallNormalizer(f"call_{exchange.request_id}")
         key = exchange.principal
         ticket = Ticket(
             exchange.request_id,
@@ -498,6 +501,11 @@ class Gateway:
                 exchange.usage = piece
             else:
                 deltas.append(piece)
+        if exchange.tool_calls is not None:
+            try:
+                deltas = exchange.tool_calls.feed(deltas)
+            except OpenAIError as error:
+                return [*actions, *self._stop(exchange, error, event.now)]
         encoder = exchange.encoder
         if encoder is None:
             collected = exchange.collected
@@ -518,6 +526,12 @@ class Gateway:
         if isinstance(call, EmbeddingRequest):
             return self._stop(exchange, _no_output(), event.now, cancel=False)
         assert call is not None
+        tail: list[Delta] = []
+        if exchange.tool_calls is not None:
+            try:
+                tail = exchange.tool_calls.finish()
+            except OpenAIError as error:
+                return self._stop(exchange, error, event.now, cancel=False)
         actions = self._release(exchange, event.now)
         usage = exchange.usage if exchange.usage is not None else Usage(prompt_tokens=0)
         exchange.usage = usage
@@ -525,13 +539,16 @@ class Gateway:
         if encoder is not None:
             if exchange.state is ExchangeState.RUNNING:
                 actions.append(StartStream(exchange.request_id, 200, exchange.stream_headers()))
-            actions.append(SendBytes(exchange.request_id, encoder.usage(usage) + encoder.done()))
+            end = encoder.encode(tail) + encoder.usage(usage) + encoder.done()
+            actions.append(SendBytes(exchange.request_id, end))
             actions.append(EndStream(exchange.request_id))
             exchange.state = ExchangeState.SENDING
             exchange.status = 200
             return actions
         collected = exchange.collected
         assert collected is not None
+        for delta in tail:
+            collected.add(delta)
         body = completion_body(
             call, _response_id(call, exchange.request_id), exchange.created, collected, usage
         )

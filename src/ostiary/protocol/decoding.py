@@ -21,6 +21,7 @@ from .json_body import JsonObject, kind_of, parse_json_object
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
 from .structuring import structure
+from .tool_validation import SchemaChecker, check_tool_fields
 
 __all__ = ["check_content_type", "decode_chat", "decode_completion", "decode_embedding"]
 
@@ -205,10 +206,16 @@ def _require_model(model: str) -> None:
 
 
 def decode_chat(
-    body: bytes, limits: RequestLimits, passed_on: frozenset[str] = frozenset()
+    body: bytes,
+    limits: RequestLimits,
+    passed_on: frozenset[str] = frozenset(),
+    *,
+    schema_checker: SchemaChecker | None = None,
 ) -> ChatCompletionRequest:
     """Decode and validate a ``POST /v1/chat/completions`` body; extension
-    parameters (:mod:`.extensions`) go to ``extensions``."""
+    parameters (:mod:`.extensions`) go to ``extensions``. Tools, tool calls and
+    ``response_format`` are checked by :mod:`.tool_validation` (JSON Schemas by
+    ``schema_checker`` too, when given)."""
     payload = _parse(body, limits)
     _check_chat_sizes(payload, limits)
     strict, extensions = take_extensions(payload, passed_on)
@@ -223,22 +230,15 @@ def decode_chat(
     if req.metadata is not None:
         _check_metadata(req.metadata)
     _check_range("top_logprobs", req.top_logprobs, 0, 20)
-    if req.tools is not None:
-        if not req.tools:
-            raise _empty_array("tools")
-        for i, tool in enumerate(req.tools):
-            if tool.type != "function":
-                raise InvalidRequestError(
-                    f"Invalid 'tools[{i}].type': expected 'function'.",
-                    param=f"tools[{i}].type",
-                    code="invalid_value",
-                )
+    if req.tools is not None and not req.tools:
+        raise _empty_array("tools")
     if req.tool_choice is not None and req.tool_choice.mode != "none" and not req.tools:
         raise InvalidRequestError(
             "Invalid 'tool_choice': only allowed when 'tools' are specified.",
             param="tool_choice",
             code="invalid_value",
         )
+    check_tool_fields(req, limits, schema_checker)
     return req
 
 

@@ -89,8 +89,8 @@ from .responses import (
 from .scheduler import Scheduler, Submitted, Ticket
 from .sse import SseEncoder, sse_error
 from .timers import CallTimers
-from .toolcalls import ToolCallNormalizer
 from .tokens import TokenCodec
+from .toolcalls import ToolCallNormalizer
 from .visibility import (
     Network,
     WaitWindow,

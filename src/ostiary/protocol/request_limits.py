@@ -39,6 +39,13 @@ class RequestLimits:
     max_stop_sequences: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     #: Tools per request.
     max_tools: int = attrs.field(default=128, validator=attrs.validators.ge(1))
+    #: Schemas (a node and its subschemas) in one JSON Schema: a tool's
+    #: ``parameters`` or ``response_format.json_schema.schema``.
+    max_schema_nodes: int = attrs.field(default=5000, validator=attrs.validators.ge(1))
+    #: Levels of subschemas nesting in one JSON Schema.
+    max_schema_depth: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+    #: Bytes of one JSON Schema, as compact JSON.
+    max_schema_bytes: int = attrs.field(default=256 * 1024, validator=attrs.validators.ge(1))
     #: Inputs in one embeddings request or prompts in one completions request.
     max_batch_inputs: int = attrs.field(default=2048, validator=attrs.validators.ge(1))
     #: Token ids in one request's ``input`` or ``prompt``, all items together

@@ -7,11 +7,19 @@ from typing import Any
 
 import orjson
 
-from ostiary.protocol.actions import Dispatch, EndStream, Respond, SendBytes, StartStream
+from ostiary.protocol.actions import (
+    CancelBackend,
+    Dispatch,
+    EndStream,
+    Respond,
+    SendBytes,
+    StartStream,
+)
 from ostiary.protocol.capabilities import Capabilities
 from ostiary.protocol.events import BackendChunk, BackendFinished
 from ostiary.protocol.gateway import ExchangeState, Gateway, ModelRoute
 from ostiary.protocol.generation import Delta, ToolCallDelta, Usage
+from ostiary.protocol.request_limits import RequestLimits
 from tests.conftest import chat_body, key_table
 from tests.protocol.test_gateway import only, request, sse_events
 
@@ -107,3 +115,17 @@ def test_a_call_never_named_is_a_502_before_the_stream_starts() -> None:
     actions = gw.handle(BackendFinished("r1", 10.5))
     assert not any(isinstance(a, StartStream) for a in actions)
     assert only(actions, Respond).status == 502
+
+
+def test_the_output_bounds_are_limits() -> None:
+    gw = Gateway(
+        routes=[ModelRoute("m", "b1", capabilities=Capabilities(tools=True))],
+        keys=key_table(),
+        limits=RequestLimits(max_output_tool_calls=1),
+    )
+    gw.handle(request(gw, body=chat_body(tools=TOOLS)))
+    actions = gw.handle(BackendChunk("r1", QUIRKY, 10.2))
+    assert any(isinstance(a, CancelBackend) for a in actions)
+    respond = only(actions, Respond)
+    assert respond.status == 502
+    assert b"more than 1 tool calls" in respond.body

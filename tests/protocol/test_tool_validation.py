@@ -201,11 +201,11 @@ def test_bad_tool_conversations_name_the_message(
 def test_schema_bounds() -> None:
     limits = RequestLimits(max_schema_nodes=3, max_schema_depth=2, max_schema_bytes=60)
     accept(chat(tools=[tool(parameters={"properties": {"a": {}}})]), limits)
-    wide = {"properties": {"a": {}, "b": {}, "c": {}}}
+    wide: dict[str, Any] = {"properties": {"a": {}, "b": {}, "c": {}}}
     assert reject(chat(tools=[tool(parameters=wide)]), limits).param == (
         "tools[0].function.parameters"
     )
-    deep = {"properties": {"a": {"items": {}}}}
+    deep: dict[str, Any] = {"properties": {"a": {"items": {}}}}
     assert reject(chat(tools=[tool(parameters=deep)]), limits).param == (
         "tools[0].function.parameters.properties.a.items"
     )

@@ -89,6 +89,11 @@ def test_decoding_bounds_are_limits_keys() -> None:
         "max_tool_calls": 8,
         "max_logit_bias": 9,
         "max_token_ids": 10,
+        "max_schema_nodes": 11,
+        "max_schema_depth": 12,
+        "max_schema_bytes": 13,
+        "max_output_tool_calls": 14,
+        "max_output_argument_bytes": 15,
     }
     text = "[limits]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + SCRIPTED
     limits = parse_config(text, "f.toml").limits

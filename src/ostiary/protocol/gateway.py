@@ -389,7 +389,11 @@ class Gateway:
         else:
             exchange.collected = ChoiceAccumulator()
         if isinstance(call, ChatCompletionRequest) and call.tools:
-            exchange.tool_calls = ToolCallNormalizer(f"call_{exchange.request_id}")
+            exchange.tool_calls = ToolCallNormalizer(
+                f"call_{exchange.request_id}",
+                max_calls=self.limits.max_output_tool_calls,
+                max_argument_bytes=self.limits.max_output_argument_bytes,
+            )
         key = exchange.principal
         ticket = Ticket(
             exchange.request_id,

@@ -46,6 +46,12 @@ class RequestLimits:
     max_schema_depth: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     #: Bytes of one JSON Schema, as compact JSON.
     max_schema_bytes: int = attrs.field(default=256 * 1024, validator=attrs.validators.ge(1))
+    #: Tool calls one choice of a backend's output may make (more: 502).
+    max_output_tool_calls: int = attrs.field(default=128, validator=attrs.validators.ge(1))
+    #: Bytes of one output tool call's arguments (more: 502).
+    max_output_argument_bytes: int = attrs.field(
+        default=1024 * 1024, validator=attrs.validators.ge(1)
+    )
     #: Inputs in one embeddings request or prompts in one completions request.
     max_batch_inputs: int = attrs.field(default=2048, validator=attrs.validators.ge(1))
     #: Token ids in one request's ``input`` or ``prompt``, all items together

@@ -24,11 +24,16 @@ The repairs, per choice:
   :class:`BackendError`;
 * pieces without ``index`` (``index=None``) belong to the choice's latest
   index-less call unless they start a new one: a piece starts a new call when its
-  id differs from that call's id, or when it names a function and that call's
-  arguments are already a complete JSON value (and it does not just repeat the
-  call, same name and same arguments). Such a call starts with its first
-  non-empty argument fragment, so a repeated name with nothing after it is no
-  phantom call. Calls get indexes in the order they start;
+  id differs from that call's id, when it names another function, or when it names
+  one after that call's arguments formed a complete JSON value (unless it just
+  repeats the call whole, or brings its late id with no arguments). Such a call
+  starts with its first non-empty argument fragment, and one that only repeats the
+  call before it (same name, same arguments, or none) is dropped, so a name
+  repeated after the end is no phantom call. Without an index an id that comes
+  late cannot always be told from the next call's: give an index, or ids on the
+  first piece. Calls get indexes in the order they start, so a client that
+  merges by position (the OpenAI SDK does) sees each call's start before any
+  later call's;
 * a call that never got arguments gets ``{}``; a call never named is a
   :class:`BackendError`;
 * ``stop`` (or ``function_call``) after calls becomes ``tool_calls``; ``tool_calls``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -284,10 +285,12 @@ def quirky(draw: st.DrawFn) -> tuple[list[tuple[str, str, str | None]], list[Del
     return calls, deltas, ids, draw(st.booleans())
 
 
-def sdk_accumulate(deltas: list[Delta]) -> list[dict[str, Any]]:
+def sdk_accumulate(deltas: list[Delta], choice: int = 0) -> list[dict[str, Any]]:
     """What the OpenAI SDK's stream helper does: merge by position ``index``."""
     acc: list[dict[str, Any]] = []
     for d in deltas:
+        if d.choice != choice:
+            continue
         for tc in d.tool_calls:
             assert tc.index is not None
             if tc.index == len(acc):
@@ -305,7 +308,9 @@ def sdk_accumulate(deltas: list[Delta]) -> list[dict[str, Any]]:
 def test_any_quirky_shape_normalizes_to_the_same_calls(
     case: tuple[list[tuple[str, str, str | None]], list[Delta], str, bool], data: st.DataObject
 ) -> None:
-    calls, deltas, ids, _ = case
+    calls, deltas, ids, two_choices = case
+    if two_choices:  # the same output for choice 1, interleaved with choice 0's
+        deltas = [d for d0 in deltas for d in (d0, attrs.evolve(d0, choice=1))]
     # Streamed: fed in batches of any size.
     stream = ToolCallNormalizer(PREFIX)
     streamed: list[Delta] = []
@@ -320,12 +325,17 @@ def test_any_quirky_shape_normalizes_to_the_same_calls(
     collected = ChoiceAccumulator()
     for delta in [*whole.feed(deltas), *whole.finish()]:
         collected.add(delta)
-    (choice,) = collected.chat_choices()
+    choice, *other = collected.chat_choices()
 
     got = sdk_accumulate(streamed)
     assert [(c["name"], c["arguments"]) for c in got] == [(n, a) for n, a, _ in calls]
     assert choice["finish_reason"] == "tool_calls"
-    assert reasons(streamed) == ["tool_calls"]
+    assert reasons(streamed) == ["tool_calls"] * (2 if two_choices else 1)
+    if two_choices:
+        again = sdk_accumulate(streamed, 1)
+        assert [(c["name"], c["arguments"]) for c in again] == [(n, a) for n, a, _ in calls]
+        assert all(c["id"].startswith(PREFIX + "_1_") for c in again)
+        assert other[0]["finish_reason"] == "tool_calls"
     message_calls = [
         {
             "id": c["id"],

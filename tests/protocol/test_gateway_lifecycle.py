@@ -183,7 +183,7 @@ class GatewayLifecycle(RuleBasedStateMachine):
         assert scheduler.running == len(self.live(S.RUNNING, S.STREAMING))
         assert scheduler.queued == len(self.live(S.QUEUED))
         assert self.gw.in_flight == len(self.live(*S))
-        assert len(self.gw._timers) <= 2 * self.gw.in_flight + 65
+        assert len(self.gw._backends.timers) <= 2 * self.gw.in_flight + 65
 
     @invariant()
     def ended_once(self) -> None:

@@ -25,9 +25,8 @@ from .auth import ApiKey
 from .cors import CorsPolicy
 from .errors import BackendTimeoutError, OpenAIError
 from .generation import Usage
-from .responses import JSON_CONTENT, ChoiceAccumulator, error_body, error_headers
-from .sse import SseEncoder
-from .toolcalls import ToolCallNormalizer
+from .output import CompletionOutput
+from .responses import JSON_CONTENT, error_body, error_headers
 
 __all__ = ["BackendPolicy", "Exchange", "ExchangeState"]
 
@@ -92,10 +91,8 @@ class Exchange:
     principal: ApiKey | None = None
     call: BackendCall | None = None
     policy: BackendPolicy | None = None
-    encoder: SseEncoder | None = None
-    collected: ChoiceAccumulator | None = None
-    #: Only for a call with tools: makes the backend's tool-call pieces regular.
-    tool_calls: ToolCallNormalizer | None = None
+    #: How a chat or text completion's output becomes its response.
+    output: CompletionOutput | None = None
     usage: Usage | None = None
     #: Set when the final response was handed over: what the access log will say.
     status: int = 0
@@ -161,7 +158,7 @@ class Exchange:
         call = self.call
         if call is not None:
             fields["model"] = call.model
-            fields["stream"] = self.encoder is not None
+            fields["stream"] = self.output is not None and self.output.streaming
         usage = self.usage
         if usage is not None:
             fields["prompt_tokens"] = usage.prompt_tokens

@@ -24,7 +24,7 @@ The walk of a request through runtime and core is written down in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -37,7 +37,6 @@ from .actions import (
     CancelBackend,
     CheckReadiness,
     Count,
-    Dispatch,
     EndStream,
     Log,
     RenderMetrics,
@@ -77,23 +76,20 @@ from .events import (
 from .exchange import BackendPolicy, Exchange, ExchangeState
 from .fair_queue import scheduler_for
 from .generation import Delta, Usage
+from .output import CompletionOutput
 from .request_limits import RequestLimits
-from .requests import ChatCompletionRequest, EmbeddingRequest
+from .requests import EmbeddingRequest
 from .responses import (
-    ChoiceAccumulator,
-    completion_body,
     encode_embeddings,
     encode_model,
     encode_models,
 )
-from .scheduler import Scheduler, Submitted, Ticket
-from .sse import SseEncoder, sse_error
-from .timers import CallTimers
+from .scheduler import Scheduler, Submitted
+from .slots import Backends
+from .sse import sse_error
 from .tokens import TokenCodec
-from .toolcalls import ToolCallNormalizer
 from .visibility import (
     Network,
-    WaitWindow,
     ending_counts,
     estimate_cost,
     peer_allowed,
@@ -178,17 +174,10 @@ class Gateway:
         policies = {p.name: p for p in backends}
         for r in self._routes.values():
             policies.setdefault(r.backend, BackendPolicy(name=r.backend))
-        self._policies: Mapping[str, BackendPolicy] = policies
-        make = scheduler if scheduler is not None else scheduler_for
-        self._schedulers: dict[str, Scheduler] = {n: make(p) for n, p in policies.items()}
-        #: Recent queue waits per backend, for ``/v1/queue``.
-        self._waits = {name: WaitWindow() for name in policies}
-        self._metrics_allow = metrics_allow
         self._exchanges: dict[str, Exchange] = {}
-        #: (deadline, seq, request_id) of running backend calls; an entry may be
-        #: earlier than the call's real deadline (then it is pushed again) or stale
-        #: (its exchange ended), never later. Compacted when mostly stale.
-        self._timers = CallTimers()
+        make = scheduler if scheduler is not None else scheduler_for
+        self._backends = Backends(policies, make, self._exchanges)
+        self._metrics_allow = metrics_allow
         self._shutting_down = False
         #: Metric labels by (endpoint, model, status): bounded by the config.
         self._labels: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -209,20 +198,16 @@ class Gateway:
         return exchange.state if exchange is not None else None
 
     def scheduler(self, backend: str) -> Scheduler:
-        return self._schedulers[backend]
+        return self._backends.schedulers[backend]
 
     @property
     def backends(self) -> tuple[str, ...]:
         """The backends' names, each with its own scheduler."""
-        return tuple(self._schedulers)
+        return tuple(self._backends.schedulers)
 
     def next_deadline(self) -> float:
         """When the gateway next needs a :class:`Tick` (``inf``: no timer pending)."""
-        soonest = self._timers.next_deadline()
-        for scheduler in self._schedulers.values():
-            deadline = scheduler.next_deadline()
-            soonest = min(soonest, deadline)
-        return soonest
+        return self._backends.next_deadline(math.inf)
 
     def admits(
         self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...], peer: str = ""
@@ -334,7 +319,8 @@ class Gateway:
                 code="permission_denied",
             )
         if endpoint is Endpoint.QUEUE:
-            body = queue_body(self._policies, self._schedulers, self._waits, now)
+            b = self._backends
+            body = queue_body(b.policies, b.schedulers, b.waits, now)
             return [exchange.respond(200, body)]
         return self._render_metrics(exchange)
 
@@ -374,102 +360,37 @@ class Gateway:
     # -- slots and the queue ---------------------------------------------------------
 
     def _schedule(self, exchange: Exchange, backend: str, now: float) -> list[Action]:
-        policy = self._policies[backend]
-        exchange.policy = policy
         call = exchange.call
         assert call is not None
-        if not isinstance(call, EmbeddingRequest) and call.stream:
-            exchange.encoder = SseEncoder(
-                response_id=_response_id(call, exchange.request_id),
-                created=exchange.created,
-                model=call.model,
-                chat=isinstance(call, ChatCompletionRequest),
-                include_usage=call.include_usage,
+        if not isinstance(call, EmbeddingRequest):
+            exchange.output = CompletionOutput(
+                call, exchange.request_id, exchange.created, self.limits
             )
-        else:
-            exchange.collected = ChoiceAccumulator()
-        if isinstance(call, ChatCompletionRequest) and call.tools:
-            exchange.tool_calls = ToolCallNormalizer(
-                f"call_{exchange.request_id}",
-                max_calls=self.limits.max_output_tool_calls,
-                max_argument_bytes=self.limits.max_output_argument_bytes,
-            )
-        key = exchange.principal
-        ticket = Ticket(
-            exchange.request_id,
-            principal=key.id if key is not None else "",
-            cost=exchange.cost,
-            deadline=now + policy.max_queue_wait,
-        )
-        scheduler = self._schedulers[backend]
-        outcome = scheduler.submit(ticket, now)
+        outcome = self._backends.submit(exchange, backend, now)
         if outcome is Submitted.RUNNING:
-            return [self._dispatch(exchange, now)]
+            return [self._backends.dispatch(exchange, now)]
         if outcome is Submitted.QUEUED:
-            exchange.state = ExchangeState.QUEUED
             return []
         error = ServiceUnavailableError(
             "The model's queue is full; retry shortly.",
             code="queue_full",
-            retry_after=scheduler.estimate_wait(now),
+            retry_after=self._backends.schedulers[backend].estimate_wait(now),
         )
         return [exchange.fail(error)]
-
-    def _dispatch(self, exchange: Exchange, now: float) -> Dispatch:
-        exchange.state = ExchangeState.RUNNING
-        exchange.dispatched = now
-        policy = exchange.policy
-        call = exchange.call
-        assert policy is not None and call is not None
-        self._waits[policy.name].add(now, now - exchange.started)
-        # No deadline of this call can come sooner than this (the stall deadline
-        # counts from output that comes after dispatch): one timer entry per call.
-        live = self._exchanges
-        self._timers.push(now + policy.earliest_timeout, exchange.request_id, live, len(live))
-        return Dispatch(exchange.request_id, policy.name, call)
-
-    def _release(self, exchange: Exchange, now: float) -> list[Action]:
-        """Free the exchange's slot; dispatch whoever is next (in this same call)."""
-        policy = exchange.policy
-        assert policy is not None
-        actions: list[Action] = []
-        scheduler = self._schedulers[policy.name]
-        usage = exchange.usage
-        if usage is not None:
-            # The real cost replaces the estimate in the fair queue's accounts.
-            scheduler.charge(exchange.request_id, usage.total_tokens)
-        for ticket in scheduler.release(exchange.request_id, now):
-            waiting = self._exchanges[ticket.request_id]
-            actions.append(self._dispatch(waiting, now))
-            labels = (("backend", policy.name),)
-            actions.append(Count("ostiary_queue_wait_seconds", labels, now - waiting.started))
-        return actions
 
     # -- events that belong to no exchange ------------------------------------------
 
     def _on_tick(self, event: Tick) -> list[Action]:
         now = event.now
         actions: list[Action] = []
-        for scheduler in self._schedulers.values():
-            if scheduler.next_deadline() > now:
-                continue
-            for ticket in scheduler.expire(now):
-                exchange = self._exchanges[ticket.request_id]
-                error = ServiceUnavailableError(
-                    "The request waited too long for the model; retry shortly.",
-                    code="queue_timeout",
-                    retry_after=scheduler.estimate_wait(now),
-                )
-                actions.append(exchange.fail(error))
-        live = self._exchanges
-        for request_id in list(self._timers.due(now)):
-            timed = live.get(request_id)
-            if timed is None or not timed.running:
-                continue
-            deadline = timed.deadline()
-            if deadline > now:
-                self._timers.push(deadline, request_id, live, len(live))
-                continue
+        for exchange, wait in self._backends.expired(now):
+            error = ServiceUnavailableError(
+                "The request waited too long for the model; retry shortly.",
+                code="queue_timeout",
+                retry_after=wait,
+            )
+            actions.append(exchange.fail(error))
+        for timed in self._backends.timed_out(now):
             actions.extend(self._stop(timed, timed.timeout_error(now), now))
         return actions
 
@@ -480,11 +401,7 @@ class Gateway:
 
     def _on_shutdown(self, event: ShutdownStarted) -> list[Action]:
         self._shutting_down = True
-        actions: list[Action] = []
-        for scheduler in self._schedulers.values():
-            for ticket in scheduler.drain():
-                actions.append(self._exchanges[ticket.request_id].fail(_shutting_down()))
-        return actions
+        return [exchange.fail(_shutting_down()) for exchange in self._backends.drain()]
 
     # -- backend output --------------------------------------------------------------
 
@@ -505,58 +422,42 @@ class Gateway:
                 exchange.usage = piece
             else:
                 deltas.append(piece)
-        if exchange.tool_calls is not None:
-            try:
-                deltas = exchange.tool_calls.feed(deltas)
-            except OpenAIError as error:
-                return [*actions, *self._stop(exchange, error, event.now)]
-        encoder = exchange.encoder
-        if encoder is None:
-            collected = exchange.collected
-            assert collected is not None
-            for delta in deltas:
-                collected.add(delta)
-            return actions
-        if not deltas:
+        output = exchange.output
+        assert output is not None
+        try:
+            data = output.feed(deltas)
+        except OpenAIError as error:
+            return [*actions, *self._stop(exchange, error, event.now)]
+        if not data:
             return actions
         if exchange.state is ExchangeState.RUNNING:
             exchange.state = ExchangeState.STREAMING
             actions.append(StartStream(exchange.request_id, 200, exchange.stream_headers()))
-        actions.append(SendBytes(exchange.request_id, encoder.encode(deltas)))
+        actions.append(SendBytes(exchange.request_id, data))
         return actions
 
     def _on_finished(self, exchange: Exchange, event: BackendFinished) -> list[Action]:
         call = exchange.call
         if isinstance(call, EmbeddingRequest):
             return self._stop(exchange, _no_output(), event.now, cancel=False)
-        assert call is not None
-        tail: list[Delta] = []
-        if exchange.tool_calls is not None:
-            try:
-                tail = exchange.tool_calls.finish()
-            except OpenAIError as error:
-                return self._stop(exchange, error, event.now, cancel=False)
-        actions = self._release(exchange, event.now)
+        output = exchange.output
+        assert output is not None
         usage = exchange.usage if exchange.usage is not None else Usage(prompt_tokens=0)
         exchange.usage = usage
-        encoder = exchange.encoder
-        if encoder is not None:
-            if exchange.state is ExchangeState.RUNNING:
-                actions.append(StartStream(exchange.request_id, 200, exchange.stream_headers()))
-            end = encoder.encode(tail) + encoder.usage(usage) + encoder.done()
-            actions.append(SendBytes(exchange.request_id, end))
-            actions.append(EndStream(exchange.request_id))
-            exchange.state = ExchangeState.SENDING
-            exchange.status = 200
+        try:
+            data = output.finish(usage)
+        except OpenAIError as error:
+            return self._stop(exchange, error, event.now, cancel=False)
+        actions = self._backends.release(exchange, event.now)
+        if not output.streaming:
+            actions.append(exchange.respond(200, data))
             return actions
-        collected = exchange.collected
-        assert collected is not None
-        for delta in tail:
-            collected.add(delta)
-        body = completion_body(
-            call, _response_id(call, exchange.request_id), exchange.created, collected, usage
-        )
-        actions.append(exchange.respond(200, body))
+        if exchange.state is ExchangeState.RUNNING:
+            actions.append(StartStream(exchange.request_id, 200, exchange.stream_headers()))
+        actions.append(SendBytes(exchange.request_id, data))
+        actions.append(EndStream(exchange.request_id))
+        exchange.state = ExchangeState.SENDING
+        exchange.status = 200
         return actions
 
     def _on_embeddings(self, exchange: Exchange, event: EmbeddingsComputed) -> list[Action]:
@@ -564,7 +465,7 @@ class Gateway:
         if not isinstance(call, EmbeddingRequest):
             return self._stop(exchange, _no_output(), event.now, cancel=False)
         exchange.usage = event.result.usage
-        actions = self._release(exchange, event.now)
+        actions = self._backends.release(exchange, event.now)
         body = encode_embeddings(
             event.result, model=call.model, encoding_format=call.encoding_format
         )
@@ -584,7 +485,7 @@ class Gateway:
             exchange.cancelled = True
             actions.append(CancelBackend(exchange.request_id))
         if exchange.running:
-            actions.extend(self._release(exchange, now))
+            actions.extend(self._backends.release(exchange, now))
         if exchange.state is ExchangeState.STREAMING:
             exchange.state = ExchangeState.SENDING
             exchange.status = error.status
@@ -623,11 +524,10 @@ class Gateway:
         actions: list[Action] = []
         state = exchange.state
         if state is ExchangeState.QUEUED:
-            assert exchange.policy is not None
-            self._schedulers[exchange.policy.name].cancel(exchange.request_id)
+            self._backends.cancel(exchange)
         elif exchange.running:
             actions.append(CancelBackend(exchange.request_id))
-            actions.extend(self._release(exchange, event.now))
+            actions.extend(self._backends.release(exchange, event.now))
         exchange.status = CLIENT_GONE
         actions.extend(self._end(exchange, event.now))
         return actions
@@ -663,10 +563,6 @@ def _shutting_down() -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "The server is shutting down; retry on another instance.", code="shutting_down"
     )
-
-
-def _response_id(call: BackendCall, request_id: str) -> str:
-    return ("chatcmpl-" if isinstance(call, ChatCompletionRequest) else "cmpl-") + request_id
 
 
 def _no_output() -> OpenAIError:

@@ -21,6 +21,7 @@ from ostiary.backends import Backend, create_backend
 from ostiary.protocol.auth import KeyTable
 from ostiary.protocol.gateway import Gateway, ModelRoute
 
+from .access_log import AccessLog
 from .config import Config
 from .driver import Driver
 from .http import HttpServer
@@ -79,11 +80,14 @@ async def watch_keys(
 async def run_server(
     config: Config,
     *,
+    access_log: AccessLog | None = None,
     handle_signals: bool = True,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config`` until a signal (or cancellation); ``task_status.started``
-    reports the bound listeners (useful with port 0)."""
+    reports the bound listeners (useful with port 0). With ``access_log`` (and
+    ``[server] access_log`` on), request records go through it, flushed by a task of
+    the server's nursery and once more at the end; without, through ``logging``."""
     store = await trio.to_thread.run_sync(bootstrap_keys, config)
     generation, table, _ = await trio.to_thread.run_sync(store.load)
     routes = [ModelRoute(m, b.name, owned_by=b.name) for b in config.backends for m in b.models]
@@ -112,10 +116,17 @@ async def run_server(
                     }
                 },
             )
-        driver = Driver(gateway, backends, access_log=config.server.access_log)
+        writer = access_log if config.server.access_log else None
+        driver = Driver(
+            gateway, backends, access_log=writer if writer is not None else config.server.access_log
+        )
+        if writer is not None:
+            stack.callback(writer.flush)  # what was logged while the nursery unwound
         server = HttpServer(driver, config.server.http())
         listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
         async with trio.open_nursery() as nursery:
+            if writer is not None:
+                await nursery.start(writer.run)
             await nursery.start(driver.run_timers)
             nursery.start_soon(
                 watch_keys, store, driver.replace_keys, generation, config.auth.key_reload_interval

@@ -255,7 +255,9 @@ class Driver:
         timer = self._timer
         if timer is not None:
             soonest = self.gateway.next_deadline()
-            timer.deadline = min(timer.deadline, soonest)
+            # Setting a deadline is not free, even to the same value: only when sooner.
+            if soonest < timer.deadline:  # noqa: PLR1730
+                timer.deadline = soonest
         return own
 
     def _log(self, action: Log) -> None:

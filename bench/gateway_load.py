@@ -4,6 +4,10 @@ Scenarios (pick with ``--only``):
 
 * ``scripted``: non-stream chat through the scripted backend at 1 and 64
   connections; a streaming load of 200 concurrent streams (chunks/s).
+* ``access-log``: non-stream chat through the scripted backend at 64 connections with
+  the access log on, as ``ostiary serve`` runs by default (JSON lines to stderr, here
+  a file), and off; each as a share of the bare h11 ceiling measured in the same run.
+  ``--pythonpath DIR`` serves another checkout's ``src`` (before/after comparisons).
 * ``upstream``: the ``openai`` backend in front of ``bench/mock_upstream.py``:
   non-stream chat at 1, 16, 64 and 200 connections, and streams/s with 200 concurrent
   streams of 20 chunks.
@@ -45,11 +49,14 @@ def ensure_wrk() -> str:
 
 
 @contextmanager
-def ostiary(backend_toml: str, env: dict[str, str] | None = None) -> Iterator[tuple[int, str]]:
+def ostiary(
+    backend_toml: str, env: dict[str, str] | None = None, *, access_log: bool = False
+) -> Iterator[tuple[int, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bench.toml"
         cfg.write_text(
-            f'[server]\nport = 0\nstate_dir = "{tmp}/state"\naccess_log = false\n'
+            f'[server]\nport = 0\nstate_dir = "{tmp}/state"\n'
+            f"access_log = {str(access_log).lower()}\n"
             f"max_connections = 4096\n\n{backend_toml}"
         )
         serve = [PY, "-m", "ostiary.runtime.cli", "serve", "--config", str(cfg)]
@@ -132,6 +139,21 @@ def scripted(seconds: int) -> list[tuple[str, float, str]]:
     return rows
 
 
+def access_log(seconds: int, pythonpath: str | None) -> list[tuple[str, float, str]]:
+    rows = ceiling(seconds)
+    top = rows[0][1]
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    backend = '[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["s"]\nchunks = 1\n'
+    for on in (True, False):
+        with ostiary(backend, env, access_log=on) as (port, key):
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            wrk(url, key, CHAT % ("s", ""), 16, 2)  # warm-up
+            r = wrk(url, key, CHAT % ("s", ""), 64, seconds)
+            label = f"scripted non-stream chat, access log {'on' if on else 'off'}, 64 conn"
+            rows.append((label, r["rps"], detail(f"req/s, {r['rps'] / top:.0%} of ceiling", r)))
+    return rows
+
+
 def upstream(seconds: int) -> list[tuple[str, float, str]]:
     mock = [PY, str(ROOT / "bench" / "mock_upstream.py"), "--port", "0", "--chunks", "20"]
     with running(mock, cwd=ROOT) as (_, mock_port):
@@ -160,13 +182,16 @@ def _upstream_rows(backend: str, seconds: int) -> list[tuple[str, float, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=["scripted", "upstream"])
+    parser.add_argument("--only", choices=["scripted", "access-log", "upstream"])
+    parser.add_argument("--pythonpath", help="serve the ostiary package found here")
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows: list[tuple[str, float, str]] = []
     if args.only in (None, "scripted"):
         rows += scripted(args.seconds)
+    if args.only in (None, "access-log"):
+        rows += access_log(args.seconds, args.pythonpath)
     if args.only in (None, "upstream"):
         rows += upstream(args.seconds)
     if args.json:

@@ -7,11 +7,17 @@ own Python (h11, driver, gateway, backend) per request. Run it under
 for microseconds of CPU per request.
 
     python bench/inprocess.py [--requests 20000] [--connections 16] [--stream]
+                              [--access-log off|logging|fast]
+
+``--access-log`` writes JSON access-log lines to ``os.devnull``: through ``logging``
+(what embedders get), or through the runtime's ``AccessLog`` (what ``ostiary serve``
+uses by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import orjson
@@ -22,19 +28,27 @@ from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_secret
 from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.runtime.access_log import AccessLog
 from ostiary.runtime.driver import Driver
 from ostiary.runtime.http import HttpServer, HttpSettings
+from ostiary.runtime.logs import setup_logging
 
 SECRET = format_secret("0123456789ab", "x" * 43)
 
 
-def build(chunks: int) -> HttpServer:
+def build(chunks: int, access_log: str) -> tuple[HttpServer, AccessLog | None]:
     backend = ScriptedBackend(ScriptedSettings(models=("s",), chunks=chunks))
     keys = KeyTable.of([ApiKey("0123456789ab", "bench", "admin", digest_secret(SECRET))])
     policy = BackendPolicy(name="scripted", max_concurrency=1024, max_queue=1024)
     gateway = Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy])
-    driver = Driver(gateway, {"scripted": backend}, access_log=False)
-    return HttpServer(driver, HttpSettings())
+    writer = None
+    if access_log == "logging":
+        setup_logging("info", "json", open(os.devnull, "w"))  # noqa: SIM115
+    elif access_log == "fast":
+        writer = AccessLog(open(os.devnull, "wb"))  # noqa: SIM115
+    chosen = writer if writer is not None else access_log != "off"
+    driver = Driver(gateway, {"scripted": backend}, access_log=chosen)
+    return HttpServer(driver, HttpSettings()), writer
 
 
 def request_bytes(stream: bool) -> bytes:
@@ -65,13 +79,17 @@ async def client(stream: trio.abc.Stream, raw: bytes, count: int, end: bytes) ->
     await stream.aclose()
 
 
-async def run(requests: int, connections: int, streaming: bool, chunks: int) -> float:
-    server = build(chunks)
+async def run(
+    requests: int, connections: int, streaming: bool, chunks: int, access_log: str
+) -> float:
+    server, writer = build(chunks, access_log)
     raw = request_bytes(streaming)
     # A non-streamed answer ends with its JSON; a stream with the final chunk.
     end = b"0\r\n\r\n" if streaming else b'"total_tokens":'
     started = time.process_time()
     async with trio.open_nursery() as nursery:
+        if writer is not None:
+            await nursery.start(writer.run)
         async with trio.open_nursery() as clients:
             for _ in range(connections):
                 a, b = trio.testing.memory_stream_pair()
@@ -87,8 +105,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--chunks", type=int, default=1)
+    parser.add_argument("--access-log", choices=["off", "logging", "fast"], default="off")
     args = parser.parse_args()
-    cpu = trio.run(run, args.requests, args.connections, args.stream, args.chunks)
+    cpu = trio.run(run, args.requests, args.connections, args.stream, args.chunks, args.access_log)
     per = cpu / args.requests * 1e6
     print(
         f"{args.requests} requests, {cpu:.2f} s CPU: {per:.1f} us per request"

@@ -19,6 +19,7 @@ from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ostiary.runtime.access_log import AccessLog
 from ostiary.runtime.driver import Driver
 from ostiary.runtime.http import HttpServer, HttpSettings
 from tests.conftest import auth_headers, chat_body, key_table
@@ -92,7 +93,7 @@ async def running(
     *,
     max_concurrency: int = 4,
     max_queue: int = 4,
-    access_log: bool = True,
+    access_log: bool | AccessLog = True,
     ready_cache: float = 0.0,
     **policy: Any,
 ) -> AsyncIterator[tuple[Any, Driver, dict[str, Any]]]:

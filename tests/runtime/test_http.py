@@ -9,22 +9,27 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from unittest import mock
 
 import h11
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ostiary.protocol.admission import Admission, refusal_error
 from ostiary.protocol.errors import AuthenticationError
 from ostiary.protocol.events import Refusal
 from ostiary.protocol.responses import error_body, error_headers
 from ostiary.runtime.http import (
+    ClientDisconnected,
     HttpRequest,
     HttpServer,
     HttpSettings,
     Responder,
     _HttpDate,
+    _reason,
 )
 
 IMF_FIXDATE = re.compile(
@@ -638,3 +643,88 @@ def test_date_is_formatted_once_a_second() -> None:
     assert date() is first
     now[0] = 86401.0
     assert date() == b"Fri, 02 Jan 1970 00:00:01 GMT"
+
+
+class _Capture:
+    """A stream that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def send_all(self, data: bytes) -> None:
+        self.data += data
+
+
+def _after_request(request: bytes) -> h11.Connection:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(request)
+    while not isinstance(conn.next_event(), h11.EndOfMessage):
+        pass
+    return conn
+
+
+_names = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12).map(str.encode)
+_values = st.text("abc XYZ 0123456789-;=/,", max_size=20).map(lambda v: v.strip().encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    status=st.integers(100, 999),
+    headers=st.lists(st.tuples(_names, _values), max_size=6),
+    body=st.binary(max_size=64),
+    close=st.booleans(),
+    request=st.sampled_from(
+        [
+            b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}",
+            b"GET /v1/x HTTP/1.1\r\nhost: a\r\n\r\n",
+            b"GET /v1/x HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+            b"GET /v1/x HTTP/1.0\r\n\r\n",
+            b"HEAD /v1/x HTTP/1.1\r\nhost: a\r\n\r\n",
+            b"GET /v1/x HTTP/1.1\r\nhost: a\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n",
+        ]
+    ),
+)
+def test_responses_are_the_bytes_h11_writes(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes, close: bool, request: bytes
+) -> None:
+    """``Responder.respond`` writes common responses itself: byte for byte what h11
+    writes, and h11's state machine ends where it would have."""
+    if status < 200:
+        status += 100
+    ours, theirs = _after_request(request), _after_request(request)
+    stream = _Capture()
+    head = request.startswith(b"HEAD")
+    responder = Responder(ours, stream, 5.0, lambda: close, head=head)  # type: ignore[arg-type]
+    hdrs = tuple(headers)
+    try:
+        # One Date for both writers, whatever second the clock turns over.
+        with mock.patch("ostiary.runtime.http._date", lambda: b"Tue, 01 Dec 2026 11:00:00 GMT"):
+            trio.run(responder.respond, status, hdrs, body)
+    except ClientDisconnected:  # h11 refused our headers (a duplicate content-length...)
+        with pytest.raises(h11.LocalProtocolError):
+            _reference(theirs, status, hdrs, body, close, head)
+        return
+    expected = _reference(theirs, status, hdrs, body, close, head)
+    assert stream.data == expected
+    assert (ours.our_state, ours.their_state) == (theirs.our_state, theirs.their_state)
+
+
+def _reference(
+    conn: h11.Connection,
+    status: int,
+    headers: tuple[tuple[bytes, bytes], ...],
+    body: bytes,
+    close: bool,
+    head: bool,
+) -> bytes:
+    """What the h11-only responder wrote for this response."""
+    hdrs = [*headers, (b"date", b"Tue, 01 Dec 2026 11:00:00 GMT")]
+    if close:
+        hdrs.append((b"connection", b"close"))
+    if status != 204:
+        hdrs.append((b"content-length", str(len(body)).encode()))
+    reason = _reason(status)
+    data = conn.send(h11.Response(status_code=status, headers=hdrs, reason=reason)) or b""
+    if body and not head:
+        data += conn.send(h11.Data(data=body)) or b""
+    return data + (conn.send(h11.EndOfMessage()) or b"")

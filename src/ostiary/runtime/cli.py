@@ -9,13 +9,16 @@ Every subcommand takes ``--config F``. Errors go to stderr with exit status 1.
 from __future__ import annotations
 
 import argparse
+import codecs
+import functools
 import sys
 from collections.abc import Sequence
 
 import attrs
 import trio
 
-from .config import Config, ConfigError, default_config, load_config
+from .access_log import AccessLog
+from .config import Config, ConfigError, ServerSettings, default_config, load_config
 from .keystore import KeyStore, KeyStoreError
 from .logs import setup_logging
 
@@ -54,6 +57,22 @@ def _load(path: str | None) -> Config:
     return load_config(path) if path else default_config()
 
 
+def _stderr_access_log(server: ServerSettings) -> AccessLog | None:
+    """The access log's fast path on stderr, writing what the ``logging`` handler
+    would: only if the log level lets request records through and stderr takes
+    UTF-8 bytes (otherwise ``logging`` carries them, as for every other record)."""
+    if not server.access_log or server.log_level not in ("debug", "info"):
+        return None
+    sink = getattr(sys.stderr, "buffer", None)
+    encoding = getattr(sys.stderr, "encoding", None)
+    if sink is None or not encoding or codecs.lookup(encoding).name != "utf-8":
+        return None
+    limit = server.access_log_buffer
+    return AccessLog(
+        sink, fmt=server.log_format, flush_bytes=min(64 * 1024, limit), max_bytes=limit
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     server = config.server
@@ -66,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import StartupError, run_server
 
     try:
-        trio.run(run_server, config)
+        trio.run(functools.partial(run_server, config, access_log=_stderr_access_log(server)))
     except StartupError as exc:
         print(f"ostiary: {exc}", file=sys.stderr)
         return 1

@@ -74,6 +74,9 @@ class ServerSettings(HttpSettings):
     drain_timeout: float = attrs.field(default=15.0, validator=attrs.validators.ge(0))
     #: One log record per request.
     access_log: bool = True
+    #: Bytes of access-log lines ``ostiary serve`` holds while stderr is slow to take
+    #: them; past it, records are dropped (and counted in a warning).
+    access_log_buffer: int = attrs.field(default=1024 * 1024, validator=attrs.validators.gt(0))
     log_level: str = attrs.field(default="info", validator=attrs.validators.in_(_LEVELS))
     #: "json" (one object per line) or "text".
     log_format: str = attrs.field(default="json", validator=attrs.validators.in_(("json", "text")))

@@ -208,15 +208,50 @@ class Responder:
             raise ClientDisconnected() from None
 
     async def respond(self, status: int, headers: tuple[Header, ...], body: bytes) -> None:
-        hdrs = self._headers(headers)
-        if status != 204:
-            hdrs.append((b"content-length", str(len(body)).encode()))
-        data = self._send(h11.Response(status_code=status, headers=hdrs, reason=_reason(status)))
-        if body and not self._head:
-            data += self._send(h11.Data(data=body))
-        data += self._send(h11.EndOfMessage())
+        data = self._plain_response(status, headers, body)
+        if data is None:
+            hdrs = self._headers(headers)
+            if status != 204:
+                hdrs.append((b"content-length", str(len(body)).encode()))
+            head = h11.Response(status_code=status, headers=hdrs, reason=_reason(status))
+            data = self._send(head)
+            if body and not self._head:
+                data += self._send(h11.Data(data=body))
+            data += self._send(h11.EndOfMessage())
         self.started = self.finished = True
         await self._write(data, last=True)
+
+    def _plain_response(
+        self, status: int, headers: tuple[Header, ...], body: bytes
+    ) -> bytes | None:
+        """The common case written without h11 re-checking our own headers: a whole
+        response to a complete keep-alive HTTP/1.1 request that is not HEAD. The bytes
+        are exactly what h11 would write; h11's state machine is then told of a
+        response of the same status and keep-alive (a prebuilt head, no body), so it
+        stays in step. Anything unusual (None) goes through h11 itself."""
+        conn = self._conn
+        if (
+            self._head
+            or conn.their_state is not h11.DONE
+            or conn.our_state is not h11.SEND_RESPONSE
+            or status in (204, 304)
+            or not 200 <= status <= 999
+        ):
+            return None
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        for name, value in headers:
+            if name.lower() in _FRAMING:
+                return None
+            parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"date: %s\r\n" % _date())
+        close = self._close()
+        if close:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"content-length: %d\r\n\r\n" % len(body))
+        parts.append(body)
+        self._send(_sync_head(status, close))
+        self._send(_END)
+        return b"".join(parts)
 
     async def start(self, status: int, headers: tuple[Header, ...]) -> None:
         hdrs = self._headers(headers)
@@ -232,6 +267,20 @@ class Responder:
     async def end(self) -> None:
         self.finished = True
         await self._write(self._send(h11.EndOfMessage()), last=True)
+
+
+#: Headers h11 treats specially (framing, keep-alive, host first): never our fast path.
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection", b"host"))
+_END = h11.EndOfMessage()
+
+
+@functools.cache
+def _sync_head(status: int, close: bool) -> h11.Response:
+    """What h11's state machine is told was sent by :meth:`Responder._plain_response`."""
+    headers = [(b"content-length", b"0")]
+    if close:
+        headers.append((b"connection", b"close"))
+    return h11.Response(status_code=status, headers=headers, reason=_reason(status))
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from ostiary.protocol.cors import CorsPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.protocol.visibility import parse_networks
 
+from .access_log import AccessLog
 from .config import Config
 from .driver import Driver
 from .http import HttpServer
@@ -83,11 +84,14 @@ async def watch_keys(
 async def run_server(
     config: Config,
     *,
+    access_log: AccessLog | None = None,
     handle_signals: bool = True,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config`` until a signal (or cancellation); ``task_status.started``
-    reports the bound listeners (useful with port 0)."""
+    reports the bound listeners (useful with port 0). With ``access_log`` (and
+    ``[server] access_log`` on), request records go through it, flushed by a task of
+    the server's nursery and once more at the end; without, through ``logging``."""
     store = await trio.to_thread.run_sync(bootstrap_keys, config)
     generation, table, _ = await trio.to_thread.run_sync(store.load)
     routes = [
@@ -131,10 +135,17 @@ async def run_server(
                     }
                 },
             )
-        driver = Driver(gateway, backends, access_log=config.server.access_log)
+        writer = access_log if config.server.access_log else None
+        driver = Driver(
+            gateway, backends, access_log=writer if writer is not None else config.server.access_log
+        )
+        if writer is not None:
+            stack.callback(writer.flush)  # what was logged while the nursery unwound
         server = HttpServer(driver, config.server.http())
         listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
         async with trio.open_nursery() as nursery:
+            if writer is not None:
+                await nursery.start(writer.run)
             await nursery.start(driver.run_timers)
             nursery.start_soon(
                 watch_keys, store, driver.replace_keys, generation, config.auth.key_reload_interval

@@ -28,9 +28,8 @@ from ostiary.runtime.http import (
     HttpServer,
     HttpSettings,
     Responder,
-    _HttpDate,
-    _reason,
 )
+from ostiary.runtime.responder import _HttpDate, _reason
 
 IMF_FIXDATE = re.compile(
     rb"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
@@ -38,6 +37,7 @@ IMF_FIXDATE = re.compile(
 )
 
 Header = tuple[bytes, bytes]
+FIXED_DATE = b"Tue, 01 Dec 2026 11:00:00 GMT"
 
 
 class Recorder:
@@ -698,7 +698,9 @@ def test_responses_are_the_bytes_h11_writes(
     hdrs = tuple(headers)
     try:
         # One Date for both writers, whatever second the clock turns over.
-        with mock.patch("ostiary.runtime.http._date", lambda: b"Tue, 01 Dec 2026 11:00:00 GMT"):
+        with mock.patch(
+            "ostiary.runtime.responder._date", lambda: b"Tue, 01 Dec 2026 11:00:00 GMT"
+        ):
             trio.run(responder.respond, status, hdrs, body)
     except ClientDisconnected:  # h11 refused our headers (a duplicate content-length...)
         with pytest.raises(h11.LocalProtocolError):
@@ -718,7 +720,7 @@ def _reference(
     head: bool,
 ) -> bytes:
     """What the h11-only responder wrote for this response."""
-    hdrs = [*headers, (b"date", b"Tue, 01 Dec 2026 11:00:00 GMT")]
+    hdrs = [*headers, (b"date", FIXED_DATE)]
     if close:
         hdrs.append((b"connection", b"close"))
     if status != 204:

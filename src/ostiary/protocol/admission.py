@@ -45,6 +45,9 @@ class Endpoint(enum.Enum):
     """The routes Ostiary serves; values are the endpoint names of DESIGN §5a
     (roles, metrics labels, logs)."""
 
+    # Members are singletons: hash by identity, not (as Enum does) in Python by name.
+    __hash__ = object.__hash__
+
     CHAT = "chat.completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"

@@ -37,6 +37,9 @@ RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 
 
 class ModelKind(enum.Enum):
+    # Members are singletons: hash by identity, not (as Enum does) in Python by name.
+    __hash__ = object.__hash__
+
     CHAT = "chat"  # chat completions and (unless declared otherwise) text completions
     EMBEDDING = "embedding"
 

@@ -37,6 +37,9 @@ _SSE_HEADERS = (
 
 
 class ExchangeState(enum.Enum):
+    # Members are singletons: hash by identity, not (as Enum does) in Python by name.
+    __hash__ = object.__hash__
+
     RECEIVED = "received"
     QUEUED = "queued"
     RUNNING = "running"

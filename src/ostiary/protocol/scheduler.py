@@ -109,6 +109,9 @@ class QueueSnapshot:
 
 
 class Submitted(enum.Enum):
+    # Members are singletons: hash by identity, not (as Enum does) in Python by name.
+    __hash__ = object.__hash__
+
     RUNNING = "running"
     QUEUED = "queued"
     FULL = "full"

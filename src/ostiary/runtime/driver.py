@@ -237,6 +237,8 @@ class Driver:
         actions = self.gateway.handle(event)
         own_id = getattr(event, "request_id", None)
         own: list[Action] = []
+        # New deadlines come with a queued request or a dispatched call only.
+        rearm = type(event) is RequestReceived
         for action in actions:
             if isinstance(action, Count):
                 self.metrics.observe(action)
@@ -248,7 +250,9 @@ class Driver:
                     ctx.cancel_backend()
             elif action.request_id == own_id:
                 own.append(action)
+                rearm = rearm or isinstance(action, Dispatch)
             else:
+                rearm = rearm or isinstance(action, Dispatch)
                 target = self._contexts.get(action.request_id)
                 if target is None:
                     log.error(
@@ -258,7 +262,7 @@ class Driver:
                 else:
                     target.post(action)
         timer = self._timer
-        if timer is not None:
+        if timer is not None and rearm:
             soonest = self.gateway.next_deadline()
             # Setting a deadline is not free, even to the same value: only when sooner.
             if soonest < timer.deadline:  # noqa: PLR1730

@@ -8,6 +8,7 @@ from .actions import (
     Action,
     CancelBackend,
     CheckReadiness,
+    Count,
     Dispatch,
     EndStream,
     Log,
@@ -16,7 +17,10 @@ from .actions import (
     SendBytes,
     StartStream,
 )
+from .admission import Admission, Refusal
 from .auth import ApiKey, KeyTable
+from .capabilities import Capabilities, ModelKind
+from .cors import CorsPolicy
 from .errors import (
     AuthenticationError,
     BackendError,
@@ -44,30 +48,38 @@ from .events import (
     ReadinessChecked,
     RequestReceived,
 )
-from .gateway import Endpoint, ExchangeState, Gateway, ModelRoute
+from .exchange import BackendPolicy
+from .fair_queue import FairQueue
+from .gateway import Endpoint, ExchangeState, Gateway, GatewayUsageError, ModelRoute
 from .generation import Delta, EmbeddingResult, ToolCallDelta, Usage
 from .ndjson import NdjsonDecoder
 from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
+from .scheduler import FifoScheduler, Scheduler, Ticket
 from .sse import SseDecoder, SseEncoder
 from .tokens import TokenCodec, embedding_as_text
 
 __all__ = [
     "Action",
+    "Admission",
     "ApiKey",
     "AuthenticationError",
     "BackendChunk",
     "BackendError",
     "BackendFailed",
     "BackendFinished",
+    "BackendPolicy",
     "BackendTimeoutError",
     "BackendUnavailableError",
     "CancelBackend",
+    "Capabilities",
     "ChatCompletionRequest",
     "ChatMessage",
     "CheckReadiness",
     "ClientGone",
     "CompletionRequest",
+    "CorsPolicy",
+    "Count",
     "Delta",
     "Dispatch",
     "EmbeddingRequest",
@@ -77,13 +89,18 @@ __all__ = [
     "Endpoint",
     "Event",
     "ExchangeState",
+    "FairQueue",
+    "FifoScheduler",
     "Gateway",
+    "GatewayUsageError",
     "InternalServerError",
     "InvalidRequestError",
     "KeyTable",
+    "KeysReplaced",
     "Log",
     "MethodNotAllowedError",
     "MetricsRendered",
+    "ModelKind",
     "ModelRoute",
     "NdjsonDecoder",
     "NotFoundError",
@@ -91,16 +108,23 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "ReadinessChecked",
+    "Refusal",
     "RenderMetrics",
     "RequestLimits",
     "RequestReceived",
+    "RequestRefused",
     "RequestTooLargeError",
     "Respond",
+    "ResponseSent",
+    "Scheduler",
     "SendBytes",
     "ServiceUnavailableError",
+    "ShutdownStarted",
     "SseDecoder",
     "SseEncoder",
     "StartStream",
+    "Tick",
+    "Ticket",
     "TokenCodec",
     "ToolCallDelta",
     "UnsupportedMediaTypeError",

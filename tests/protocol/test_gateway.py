@@ -708,3 +708,19 @@ def test_extension_parameters_reach_only_models_that_declare_them() -> None:
     # A name no configured backend passes on stays unknown everywhere.
     status, body, _ = json_of(gw.handle(request(gw, "e", chat_body(model="vllm", bogus=1))))
     assert (status, body["error"]["code"]) == (400, "unknown_parameter")
+
+
+def test_a_request_whose_handling_broke_is_still_ended_once() -> None:
+    """A bug while the gateway handled RequestReceived leaves the exchange RECEIVED;
+    the runtime's fallbacks (a 500, or the client gone) still end it, once."""
+    gw = gateway()
+    gw._new_exchange("r1", None, "POST", "/v1/chat/completions", 1.0)
+    assert gw.state_of("r1") is ExchangeState.RECEIVED
+    from ostiary.protocol.errors import InternalServerError
+
+    status, _, _ = json_of(gw.handle(BackendFailed("r1", InternalServerError("x"), 2.0)))
+    assert status == 500
+    assert sent(gw).fields["status"] == 500
+    gw._new_exchange("r2", None, "POST", "/v1/chat/completions", 1.0)
+    assert only(gw.handle(ClientGone("r2", 2.0)), Log).fields["status"] == 499
+    assert gw.in_flight == 0

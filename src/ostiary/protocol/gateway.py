@@ -573,6 +573,9 @@ _S = ExchangeState
 #: The lifecycle: (state, event type) → what the gateway does. Anything missing is a
 #: usage error.
 TRANSITIONS: dict[tuple[ExchangeState, type], Callable[[Gateway, Exchange, Any], list[Action]]] = {
+    # A request whose own handling broke (a bug) is still answered once, or ended.
+    (_S.RECEIVED, BackendFailed): Gateway._on_failed,
+    (_S.RECEIVED, ClientGone): Gateway._on_client_gone,
     (_S.QUEUED, ClientGone): Gateway._on_client_gone,
     (_S.RUNNING, BackendChunk): Gateway._on_chunk,
     (_S.RUNNING, BackendFinished): Gateway._on_finished,

@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parent
 #: (raw_h11, mock_upstream) are started by the benchmarks that need them.
 BENCHMARKS: list[tuple[str, str, list[str], list[str]]] = [
     ("inprocess", "inprocess.py", [], ["--requests", "2000"]),
+    ("core_request", "core_request.py", [], ["--requests", "3000"]),
     ("inprocess-stream", "inprocess.py", ["--stream", "--chunks", "20"], ["--requests", "500"]),
     ("client_curve", "client_curve.py", [], ["--seconds", "0.5", "--concurrency", "1", "64"]),
     ("gateway_load", "gateway_load.py", [], ["--seconds", "2"]),

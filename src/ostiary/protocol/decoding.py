@@ -28,6 +28,10 @@ __all__ = ["check_content_type", "decode_chat", "decode_completion", "decode_emb
 # -- the head --------------------------------------------------------------------------
 
 
+#: What clients send nearly always, passed without parsing its parameters.
+_PLAIN_JSON = frozenset((b"application/json", b"application/json; charset=utf-8"))
+
+
 def check_content_type(headers: Iterable[tuple[bytes, bytes]]) -> None:
     """Refuse (415) a body declared as anything but JSON.
 
@@ -47,6 +51,8 @@ def check_content_type(headers: Iterable[tuple[bytes, bytes]]) -> None:
             "'content-type: application/json'.",
             code="unsupported_media_type",
         )
+    if values[0] in _PLAIN_JSON:
+        return
     media, _, parameters = values[0].partition(b";")
     charset = b"utf-8"
     for parameter in parameters.split(b";"):

@@ -179,8 +179,9 @@ class Gateway:
         self._backends = Backends(policies, make, self._exchanges)
         self._metrics_allow = metrics_allow
         self._shutting_down = False
-        #: Metric labels by (endpoint, model, status): bounded by the config.
-        self._labels: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        #: By (endpoint, model, status), bounded by the config: the request's count
+        #: (frozen, so one object serves them all) and its duration's labels.
+        self._labels: dict[tuple[str, str, int], tuple[Count, tuple[tuple[str, str], ...]]] = {}
 
     # -- what the runtime may ask --------------------------------------------------
 
@@ -543,16 +544,17 @@ class Gateway:
         call = exchange.call
         model = call.model if call is not None else ""
         endpoint = exchange.endpoint.value if exchange.endpoint is not None else "none"
-        labels = self._labels.get((endpoint, model, status))
-        if labels is None:
-            labels = self._labels[endpoint, model, status] = (
-                (("endpoint", endpoint), ("model", model), ("status", str(status))),
-                (("endpoint", endpoint), ("model", model)),
+        cached = self._labels.get((endpoint, model, status))
+        if cached is None:
+            labels = (("endpoint", endpoint), ("model", model), ("status", str(status)))
+            cached = self._labels[endpoint, model, status] = (
+                Count("ostiary_requests_total", labels),
+                labels[:2],
             )
         actions: list[Action] = [
             Log("error" if status >= 500 and status != CLIENT_GONE else "info", "request", fields),
-            Count("ostiary_requests_total", labels[0]),
-            Count("ostiary_request_duration_seconds", labels[1], now - exchange.started),
+            cached[0],
+            Count("ostiary_request_duration_seconds", cached[1], now - exchange.started),
         ]
         if call is not None or status == 401:
             actions.extend(ending_counts(model, exchange.usage, status, exchange.error))

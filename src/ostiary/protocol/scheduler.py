@@ -61,20 +61,6 @@ def check_cost(value: float) -> float:
     return value
 
 
-def _check_cost(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    check_cost(value)
-
-
-def _check_weight(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"weight must be finite and > 0, not {value!r}")
-
-
-def _check_deadline(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if math.isnan(value):
-        raise ValueError("deadline must be a number")
-
-
 def check_capacity(max_concurrency: int, max_queue: int) -> None:
     if max_concurrency < 1 or max_queue < 0:
         raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
@@ -88,10 +74,19 @@ class Ticket:
 
     request_id: str
     principal: str = ""
-    cost: float = attrs.field(default=1.0, validator=_check_cost)
-    weight: float = attrs.field(default=1.0, validator=_check_weight)
+    cost: float = 1.0
+    weight: float = 1.0
     priority: int = 0
-    deadline: float = attrs.field(default=math.inf, validator=_check_deadline)
+    deadline: float = math.inf
+
+    def __attrs_post_init__(self) -> None:
+        # One check of all three (built per request: three validators cost more).
+        if not 0.0 <= self.cost < math.inf:
+            check_cost(self.cost)
+        if not 0.0 < self.weight < math.inf:
+            raise ValueError(f"weight must be finite and > 0, not {self.weight!r}")
+        if self.deadline != self.deadline:
+            raise ValueError("deadline must be a number")
 
 
 @attrs.frozen

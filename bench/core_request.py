@@ -1,0 +1,86 @@
+"""CPU cost per request of the sans-IO gateway alone: no trio, no h11, no backend.
+
+Each request is the four events of a non-stream chat through one backend
+(``RequestReceived``, one ``BackendChunk``, ``BackendFinished``, ``ResponseSent``),
+with the scripted backend's reply captured once beforehand. What is left is the
+core's own Python per request (admission, decoding, scheduling, output, counts).
+
+    python bench/core_request.py [--requests 30000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import orjson
+import trio
+
+from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
+from ostiary.protocol.actions import Dispatch
+from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_secret
+from ostiary.protocol.events import BackendChunk, BackendFinished, RequestReceived, ResponseSent
+from ostiary.protocol.exchange import BackendPolicy
+from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.protocol.generation import Delta, Usage
+from ostiary.protocol.requests import ChatCompletionRequest
+
+SECRET = format_secret("0123456789ab", "x" * 43)
+TARGET = "/v1/chat/completions"
+BODY = orjson.dumps(
+    {"model": "s", "messages": [{"role": "user", "content": "hello there"}], "stream": False}
+)
+HEADERS = (
+    (b"host", b"bench"),
+    (b"content-type", b"application/json"),
+    (b"authorization", b"Bearer " + SECRET.encode()),
+    (b"content-length", str(len(BODY)).encode()),
+)
+
+
+def build() -> Gateway:
+    keys = KeyTable.of([ApiKey("0123456789ab", "bench", "admin", digest_secret(SECRET))])
+    policy = BackendPolicy(name="scripted", max_concurrency=1024, max_queue=1024)
+    return Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy])
+
+
+def one(gateway: Gateway, rid: str, now: float, pieces: tuple[Delta | Usage, ...]) -> list[object]:
+    admission = gateway.admits("POST", TARGET, HEADERS, "127.0.0.1")
+    event = RequestReceived(rid, admission, "POST", TARGET, HEADERS, BODY, now, 1.0)
+    actions: list[object] = list(gateway.handle(event))
+    actions += gateway.handle(BackendChunk(rid, pieces, now))
+    actions += gateway.handle(BackendFinished(rid, now))
+    actions += gateway.handle(ResponseSent(rid, now))
+    return actions
+
+
+async def reply(gateway: Gateway) -> tuple[Delta | Usage, ...]:
+    """The scripted backend's pieces for the bench request."""
+    backend = ScriptedBackend(ScriptedSettings(models=("s",), chunks=1))
+    admission = gateway.admits("POST", TARGET, HEADERS, "127.0.0.1")
+    event = RequestReceived("probe", admission, "POST", TARGET, HEADERS, BODY, 0.0, 1.0)
+    dispatch = next(a for a in gateway.handle(event) if isinstance(a, Dispatch))
+    assert isinstance(dispatch.call, ChatCompletionRequest)
+    pieces = tuple([piece async for piece in backend.chat(dispatch.call)])
+    gateway.handle(BackendChunk("probe", pieces, 0.0))
+    gateway.handle(BackendFinished("probe", 0.0))
+    gateway.handle(ResponseSent("probe", 0.0))
+    return pieces
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=30000)
+    args = parser.parse_args()
+    gateway = build()
+    pieces = trio.run(reply, gateway)
+    started = time.process_time()
+    for i in range(args.requests):
+        one(gateway, f"r{i}", i * 1e-3, pieces)
+    spent = time.process_time() - started
+    each = spent / args.requests * 1e6
+    print(f"{args.requests} requests, {spent:.2f} s CPU: {each:.1f} us per request")
+
+
+if __name__ == "__main__":
+    main()

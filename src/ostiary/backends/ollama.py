@@ -23,7 +23,6 @@ import orjson
 
 from ostiary.backends.base import Generation
 from ostiary.backends.upstream import (
-    DEFAULT_RETRY_AFTER,
     UpstreamBackend,
     UpstreamSettings,
     ended_early,
@@ -43,6 +42,7 @@ from ostiary.protocol.requests import (
     EmbeddingRequest,
     Tool,
 )
+from ostiary.protocol.responses import DEFAULT_RETRY_AFTER
 
 __all__ = ["OllamaBackend", "OllamaSettings"]
 

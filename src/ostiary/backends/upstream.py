@@ -74,9 +74,9 @@ from ostiary.protocol.errors import (
     OpenAIError,
     RequestTooLargeError,
 )
+from ostiary.protocol.responses import DEFAULT_RETRY_AFTER
 
 __all__ = [
-    "DEFAULT_RETRY_AFTER",
     "UpstreamBackend",
     "UpstreamError",
     "UpstreamSettings",
@@ -94,8 +94,6 @@ log = logging.getLogger("ostiary.upstream")
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
-#: Seconds a client is told to wait when the upstream names no time.
-DEFAULT_RETRY_AFTER = 1.0
 #: Longest upstream message passed on to a client (400 and 413 only).
 _MAX_CLIENT_MESSAGE = 500
 #: Longest upstream text in a log record.

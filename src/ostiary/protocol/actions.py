@@ -12,12 +12,14 @@ from typing import Any
 
 import attrs
 
+from .limits import Charge, ConcurrencyLimit, Hold
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = [
     "Action",
     "BackendCall",
     "CancelBackend",
+    "CheckLimits",
     "CheckReadiness",
     "Count",
     "Dispatch",
@@ -26,6 +28,7 @@ __all__ = [
     "RenderMetrics",
     "Respond",
     "SendBytes",
+    "SettleLimits",
     "StartStream",
 ]
 
@@ -120,6 +123,27 @@ class Count:
     value: float = 1.0
 
 
+@attrs.frozen
+class CheckLimits:
+    """Judge a request's charges and slots in the shared (Redis) limit store, all or
+    nothing, and report with :class:`~ostiary.protocol.events.LimitsDecided`
+    (``decision`` None when the store could not answer within its timeout)."""
+
+    request_id: str
+    charges: tuple[Charge, ...]
+    slots: tuple[ConcurrencyLimit, ...]
+
+
+@attrs.frozen
+class SettleLimits:
+    """The request that held ``hold`` in the shared store ended having used
+    ``actual_tokens``: settle its token buckets and give back its slots. Fire and
+    forget (the store's leases cover a settlement that never arrives)."""
+
+    hold: Hold
+    actual_tokens: int
+
+
 Action = (
     Respond
     | StartStream
@@ -129,6 +153,8 @@ Action = (
     | CancelBackend
     | CheckReadiness
     | RenderMetrics
+    | CheckLimits
+    | SettleLimits
     | Log
     | Count
 )

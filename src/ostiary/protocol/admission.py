@@ -113,6 +113,9 @@ class Admission:
     model_id: str | None = None
     error: OpenAIError | None = attrs.field(default=None, eq=False)
     keys_version: int = 0
+    #: The credential is a JWT naming a signing key the verifier does not hold: the
+    #: runtime may refresh the key set (rate-limited) and ask :meth:`admits` again.
+    refresh_keys: bool = False
 
     @property
     def read_body(self) -> bool:

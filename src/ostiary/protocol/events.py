@@ -15,6 +15,7 @@ from .admission import Admission, Refusal
 from .auth import KeyTable
 from .errors import OpenAIError
 from .generation import Delta, EmbeddingResult, Usage
+from .limits import Decision
 
 __all__ = [
     "BackendChunk",
@@ -24,6 +25,7 @@ __all__ = [
     "EmbeddingsComputed",
     "Event",
     "KeysReplaced",
+    "LimitsDecided",
     "MetricsRendered",
     "ReadinessChecked",
     "Refusal",
@@ -135,6 +137,16 @@ class MetricsRendered:
 
 
 @attrs.frozen
+class LimitsDecided:
+    """The shared limit store's answer to :class:`~ostiary.protocol.actions.CheckLimits`;
+    ``decision`` None: the store is down or did not answer within its timeout."""
+
+    request_id: str
+    decision: Decision | None
+    now: float
+
+
+@attrs.frozen
 class Tick:
     """The time the core asked to be woken at (:meth:`Gateway.next_deadline`) came."""
 
@@ -167,6 +179,7 @@ Event = (
     | ResponseSent
     | ReadinessChecked
     | MetricsRendered
+    | LimitsDecided
     | Tick
     | KeysReplaced
     | ShutdownStarted

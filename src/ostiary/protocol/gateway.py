@@ -211,7 +211,12 @@ class Gateway:
         return self._backends.next_deadline(math.inf)
 
     def admits(
-        self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...], peer: str = ""
+        self,
+        method: str,
+        target: str,
+        headers: tuple[tuple[bytes, bytes], ...],
+        peer: str = "",
+        wall: float = 0.0,
     ) -> Admission:
         """Judge a request from its head alone (see :class:`Admission`): the route,
         the credentials where the route needs them, and the body it may have."""

@@ -21,6 +21,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 
 from ostiary.backends import SETTINGS_BY_KIND, BackendSettings
 from ostiary.backends.llama_engine import EmbeddedSettings
+from ostiary.protocol.access import AccessPolicy, RateLimitLayer, Role
 from ostiary.protocol.request_limits import RequestLimits
 from ostiary.protocol.structuring import first_structure_error
 from ostiary.protocol.visibility import parse_networks
@@ -31,6 +32,8 @@ __all__ = [
     "AuthSettings",
     "Config",
     "ConfigError",
+    "JwtSettings",
+    "RedisSettings",
     "ServerSettings",
     "default_config",
     "load_config",
@@ -92,12 +95,96 @@ class ServerSettings(HttpSettings):
         return HttpSettings(**{k: v for k, v in attrs.asdict(self).items() if k in fields})
 
 
+#: Algorithms a JWT may be signed with: asymmetric only (never ``none``, never an
+#: HMAC, whose "secret" would be the public key). ``Ed25519`` is RFC 9864's name
+#: for ``EdDSA`` over Ed25519; both are accepted as the same algorithm.
+JWT_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA", "Ed25519",
+)  # fmt: skip
+
+
+def _check_algorithms(
+    _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    if not value:
+        raise ValueError("list at least one algorithm")
+    for name in value:
+        if name not in JWT_ALGORITHMS:
+            raise ValueError(
+                f"algorithm {name!r} is not allowed (allowed: {', '.join(JWT_ALGORITHMS)})"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class JwtSettings:
+    """``[auth.jwt]``: bearer JWTs beside API keys (DESIGN §5a)."""
+
+    #: The key set: a JWKS file, or a URL the server fetches (exactly one).
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...] = attrs.field(
+        default=("RS256", "ES256", "EdDSA"), validator=_check_algorithms
+    )
+    #: Seconds of clock skew allowed for ``exp`` and ``nbf``.
+    leeway: float = attrs.field(
+        default=30.0, validator=[attrs.validators.ge(0), attrs.validators.le(600)]
+    )
+    #: Dotted claim paths: whom limits count against, and the role names.
+    subject_claim: str = "sub"
+    roles_claim: str = "roles"
+    #: Seconds between scheduled refetches of ``jwks_url`` (key rotation).
+    jwks_refresh_interval: float = attrs.field(default=300.0, validator=attrs.validators.ge(1))
+    #: Least seconds between refetches caused by tokens naming an unknown ``kid``, so
+    #: a flood of bogus kids cannot make the server hammer the identity provider.
+    jwks_min_refetch_interval: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+    #: Seconds one fetch of ``jwks_url`` may take.
+    jwks_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+
+    def __attrs_post_init__(self) -> None:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("set exactly one of jwks_file and jwks_url")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("jwks_url must be an http(s) URL")
+
+
 @attrs.frozen(kw_only=True)
 class AuthSettings:
     #: SQLite file of API keys (default: ``<state_dir>/keys.sqlite3``).
     keys_db: str | None = None
     #: Seconds between checks of the key store for changes made with the CLI.
     key_reload_interval: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    #: Networks (CIDR) of proxies whose ``forwarded`` / ``x-forwarded-for`` is believed.
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_check_networks)
+    #: 401s a client IP may earn per minute before it is refused unheard (0: off).
+    failed_auth_per_minute: int = attrs.field(default=60, validator=attrs.validators.ge(0))
+    jwt: JwtSettings | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RedisSettings:
+    """``[redis]``: every limit moves to Redis, shared by the replicas using it."""
+
+    url: str = attrs.field(validator=attrs.validators.matches_re(r"redis://[^/\s]+(/[0-9]{1,2})?"))
+    #: When Redis is down or slower than ``timeout``: "refuse" (503
+    #: ``rate_limiter_unavailable``) or "local" (count in this process until it is back).
+    on_failure: str = attrs.field(
+        default="refuse", validator=attrs.validators.in_(("refuse", "local"))
+    )
+    #: Seconds one admission may wait for Redis.
+    timeout: float = attrs.field(
+        default=0.05, validator=[attrs.validators.gt(0), attrs.validators.le(10)]
+    )
+    #: Prefix of every key Ostiary writes.
+    prefix: str = "ostiary:"
+    #: Seconds a replica's holds (concurrency slots) outlive its last heartbeat.
+    lease: float = attrs.field(default=30.0, validator=attrs.validators.ge(1))
+    #: Connections to Redis.
+    pool_size: int = attrs.field(
+        default=4, validator=[attrs.validators.ge(1), attrs.validators.le(64)]
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -105,6 +192,9 @@ class Config:
     server: ServerSettings = attrs.field(factory=ServerSettings)
     auth: AuthSettings = attrs.field(factory=AuthSettings)
     limits: RequestLimits = attrs.field(factory=RequestLimits)
+    roles: tuple[Role, ...] = ()
+    rate_limits: tuple[RateLimitLayer, ...] = ()
+    redis: RedisSettings | None = None
     backends: tuple[BackendSettings, ...] = ()
     #: The file it came from ("" for the built-in default).
     source: str = ""
@@ -112,6 +202,17 @@ class Config:
     @property
     def state_dir(self) -> Path:
         return Path(self.server.state_dir)
+
+    def access_policy(self) -> AccessPolicy:
+        """The roles and limit layers as the core takes them."""
+        return AccessPolicy(
+            self.roles, self.rate_limits, failed_auth_per_minute=self.auth.failed_auth_per_minute
+        )
+
+    @property
+    def role_names(self) -> tuple[str, ...]:
+        """Every role a key may have: the built-in ones and the configured ones."""
+        return tuple(sorted(self.access_policy().roles))
 
     @property
     def keys_db(self) -> Path:
@@ -203,6 +304,15 @@ def _backend_path(path: str, data: dict[str, Any]) -> str:
 
 def _check(config: Config) -> None:
     source = config.source
+    roles = [r.name for r in config.roles]
+    for name in roles:
+        if roles.count(name) > 1:
+            raise ConfigError(f"{source}: two [[roles]] are named '{name}'")
+    known = set(config.role_names)
+    for i, layer in enumerate(config.rate_limits):
+        for name in layer.roles or ():
+            if name not in known:
+                raise ConfigError(f"{source}: rate_limits[{i}].roles names unknown role '{name}'")
     if not config.backends:
         raise ConfigError(f"{source}: no [[backends]] configured")
     names: set[str] = set()

@@ -41,6 +41,7 @@ from ostiary.protocol.actions import (
     RenderMetrics,
     Respond,
     SendBytes,
+    SettleLimits,
     StartStream,
 )
 from ostiary.protocol.admission import Admission
@@ -157,6 +158,10 @@ class Driver:
         self._contexts: dict[str, _Context] = {}
         self._timer: trio.CancelScope | None = None
 
+    def settle_limits(self, action: SettleLimits) -> None:
+        """Settle a hold of the shared limit store (none is configured here)."""
+        log.error("a shared-store hold to settle, but no shared store", extra={"fields": {}})
+
     def next_request_id(self) -> str:
         """A new request id: unique within the process, unpredictable across runs."""
         return f"{self._prefix}{next(self._counter):08x}"
@@ -166,7 +171,7 @@ class Driver:
     def admits(
         self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...], peer: str
     ) -> Admission:
-        return self.gateway.admits(method, target, headers, peer)
+        return self.gateway.admits(method, target, headers, peer, time.time())
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
         rid = self.next_request_id()
@@ -244,6 +249,8 @@ class Driver:
                 self.metrics.observe(action)
             elif isinstance(action, Log):
                 self._log(action)
+            elif isinstance(action, SettleLimits):
+                self.settle_limits(action)
             elif isinstance(action, CancelBackend):
                 ctx = self._contexts.get(action.request_id)
                 if ctx is not None:

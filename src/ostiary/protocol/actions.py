@@ -15,6 +15,7 @@ import attrs
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = [
+    "AcceptWebSocket",
     "Action",
     "BackendCall",
     "CancelBackend",
@@ -101,6 +102,21 @@ class RenderMetrics:
 
 
 @attrs.frozen
+class AcceptWebSocket:
+    """Complete the WebSocket opening handshake (``101`` with ``headers``), then push
+    ``Gateway.queue_snapshot`` to the client as a text message at most once per
+    ``interval`` seconds, answer its pings and close it when it asks, when one of
+    its messages passes ``max_message_bytes`` (1009), or on :class:`EndStream`
+    (1001, going away). Then report ``ResponseSent`` (closed by either side with a
+    close frame) or ``ClientGone`` (it vanished, or stopped reading)."""
+
+    request_id: str
+    headers: tuple[Header, ...]
+    interval: float
+    max_message_bytes: int
+
+
+@attrs.frozen
 class Log:
     """A structured log record; ``fields`` never hold secrets."""
 
@@ -129,6 +145,7 @@ Action = (
     | CancelBackend
     | CheckReadiness
     | RenderMetrics
+    | AcceptWebSocket
     | Log
     | Count
 )

@@ -7,7 +7,7 @@ gateway's transition table (:data:`ostiary.protocol.gateway.TRANSITIONS`):
 (response head sent, output flowing) → ``SENDING`` (the last bytes were handed to
 the runtime) → done (forgotten, after exactly one access-log record). ``CHECKING`` is
 ``/readyz`` waiting for the runtime's backend checks, or ``/metrics`` for its
-rendering. Any state may end early: a
+rendering. ``LIVE`` is an open ``/v1/queue/live`` WebSocket. Any state may end early: a
 client that leaves, a failure, a timeout.
 """
 
@@ -46,6 +46,8 @@ class ExchangeState(enum.Enum):
     STREAMING = "streaming"
     CHECKING = "checking"
     SENDING = "sending"
+    #: A live queue feed (``/v1/queue/live``) after its upgrade, until it closes.
+    LIVE = "live"
 
 
 @attrs.frozen(kw_only=True)

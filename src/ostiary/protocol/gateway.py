@@ -56,6 +56,7 @@ from .admission import (
 from .auth import ApiKey, KeyTable
 from .capabilities import Capabilities, fit
 from .cors import CorsPolicy
+from .dashboard import Assets
 from .errors import NotFoundError, OpenAIError, PermissionDeniedError, ServiceUnavailableError
 from .events import (
     BackendChunk,
@@ -76,6 +77,7 @@ from .events import (
 from .exchange import BackendPolicy, Exchange, ExchangeState
 from .fair_queue import scheduler_for
 from .generation import Delta, Usage
+from .live import LiveSettings, Viewers, live_credentials
 from .output import CompletionOutput
 from .request_limits import RequestLimits
 from .requests import EmbeddingRequest
@@ -117,6 +119,9 @@ CLIENT_GONE = 499
 PROMETHEUS_CONTENT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
 
+Header = tuple[bytes, bytes]
+
+
 class GatewayUsageError(Exception):
     """The runtime fed an event that is wrong for the exchange's state (or names no
     exchange): a bug in the runtime, never a client's doing."""
@@ -144,7 +149,8 @@ class Gateway:
     models; ``scheduler`` builds the queue in front of each backend (default: the
     one each policy's ``scheduler`` names, :class:`FairQueue` unless "fifo");
     ``metrics_allow`` lists the networks whose peers may read ``/metrics`` without a
-    key.
+    key; ``live`` bounds the ``/v1/queue/live`` feeds (:mod:`.live`); ``assets`` are
+    the dashboard's files (:mod:`.dashboard`).
     """
 
     def __init__(
@@ -159,6 +165,8 @@ class Gateway:
         tokens: TokenCodec | None = None,
         cors: CorsPolicy | None = None,
         metrics_allow: tuple[Network, ...] = (),
+        live: LiveSettings | None = None,
+        assets: Assets | None = None,
     ) -> None:
         self._routes = {r.model: r for r in routes}
         self._tokens = tokens
@@ -178,6 +186,8 @@ class Gateway:
         make = scheduler if scheduler is not None else scheduler_for
         self._backends = Backends(policies, make, self._exchanges)
         self._metrics_allow = metrics_allow
+        self._viewers = Viewers(live if live is not None else LiveSettings())
+        self._assets = assets if assets is not None else Assets()
         self._shutting_down = False
         #: By (endpoint, model, status), bounded by the config: the request's count
         #: (frozen, so one object serves them all) and its duration's labels.
@@ -206,6 +216,11 @@ class Gateway:
         """The backends' names, each with its own scheduler."""
         return tuple(self._backends.schedulers)
 
+    def queue_snapshot(self, now: float) -> bytes:
+        """The JSON of ``GET /v1/queue`` (also each message of ``/v1/queue/live``)."""
+        b = self._backends
+        return queue_body(b.policies, b.schedulers, b.waits, now)
+
     def next_deadline(self) -> float:
         """When the gateway next needs a :class:`Tick` (``inf``: no timer pending)."""
         return self._backends.next_deadline(math.inf)
@@ -224,7 +239,7 @@ class Gateway:
         ):
             return Admission(endpoint, 0, peer)
         try:
-            key = self._keys.authenticate(authorization_header(headers))
+            key = self._keys.authenticate(_credentials(endpoint, headers))
         except OpenAIError as error:
             return Admission(endpoint, 0, peer, error=error)
         if endpoint not in WITH_BODY:
@@ -285,6 +300,8 @@ class Gateway:
                 return [exchange.preflight(self._cors, event.target, event.headers)]
             if endpoint is Endpoint.HEALTH:
                 return [exchange.respond(200, b'{"status":"ok"}')]
+            if endpoint is Endpoint.DASHBOARD:
+                return [self._assets.respond(exchange)]
             if endpoint is Endpoint.READY:
                 exchange.state = ExchangeState.CHECKING
                 return [CheckReadiness(event.request_id)]
@@ -292,7 +309,7 @@ class Gateway:
                 return self._render_metrics(exchange)
             exchange.principal = self._principal(admission, event.headers)
             if endpoint in ADMIN:
-                return self._on_admin(exchange, endpoint, event.now)
+                return self._on_admin(exchange, endpoint, event.now, event.headers)
             if endpoint is Endpoint.MODELS:
                 models = (self._model_dict(r) for r in self._routes.values())
                 return [exchange.respond(200, encode_models(models))]
@@ -312,7 +329,9 @@ class Gateway:
         exchange.cost = estimate_cost(call, len(event.body))
         return self._schedule(exchange, target.backend, event.now)
 
-    def _on_admin(self, exchange: Exchange, endpoint: Endpoint, now: float) -> list[Action]:
+    def _on_admin(
+        self, exchange: Exchange, endpoint: Endpoint, now: float, headers: tuple[Header, ...]
+    ) -> list[Action]:
         key = exchange.principal
         if key is None or key.role != "admin":
             raise PermissionDeniedError(
@@ -320,9 +339,9 @@ class Gateway:
                 code="permission_denied",
             )
         if endpoint is Endpoint.QUEUE:
-            b = self._backends
-            body = queue_body(b.policies, b.schedulers, b.waits, now)
-            return [exchange.respond(200, body)]
+            return [exchange.respond(200, self.queue_snapshot(now))]
+        if endpoint is Endpoint.QUEUE_LIVE:
+            return [self._viewers.accept(exchange, headers, self._shutting_down)]
         return self._render_metrics(exchange)
 
     def _render_metrics(self, exchange: Exchange) -> list[Action]:
@@ -337,7 +356,7 @@ class Gateway:
         key = admission.principal
         if key is None or admission.keys_version != self._keys_version:
             # Judged by an older key table (or not at all): judge again.
-            key = self._keys.authenticate(authorization_header(headers))
+            key = self._keys.authenticate(_credentials(admission.endpoint, headers))
         return key
 
     def _on_refused(self, event: RequestRefused) -> list[Action]:
@@ -402,7 +421,11 @@ class Gateway:
 
     def _on_shutdown(self, event: ShutdownStarted) -> list[Action]:
         self._shutting_down = True
-        return [exchange.fail(_shutting_down()) for exchange in self._backends.drain()]
+        actions: list[Action] = [
+            exchange.fail(_shutting_down()) for exchange in self._backends.drain()
+        ]
+        actions.extend(self._viewers.close_all())
+        return actions
 
     # -- backend output --------------------------------------------------------------
 
@@ -533,6 +556,12 @@ class Gateway:
         actions.extend(self._end(exchange, event.now))
         return actions
 
+    def _on_viewer_left(self, exchange: Exchange, event: ResponseSent | ClientGone) -> list[Action]:
+        self._viewers.leave(exchange.request_id)
+        if isinstance(event, ClientGone):
+            exchange.status = CLIENT_GONE
+        return self._end(exchange, event.now)
+
     def _on_sent(self, exchange: Exchange, event: ResponseSent) -> list[Action]:
         return self._end(exchange, event.now)
 
@@ -559,6 +588,13 @@ class Gateway:
         if call is not None or status == 401:
             actions.extend(ending_counts(model, exchange.usage, status, exchange.error))
         return actions
+
+
+def _credentials(endpoint: Endpoint | None, headers: tuple[Header, ...]) -> bytes | None:
+    """The ``Authorization`` value, or for the live feed its subprotocol's key."""
+    if endpoint is Endpoint.QUEUE_LIVE:
+        return live_credentials(headers)
+    return authorization_header(headers)
 
 
 def _shutting_down() -> ServiceUnavailableError:
@@ -593,6 +629,8 @@ TRANSITIONS: dict[tuple[ExchangeState, type], Callable[[Gateway, Exchange, Any],
     (_S.CHECKING, BackendFailed): Gateway._on_failed,
     (_S.CHECKING, ClientGone): Gateway._on_client_gone,
     (_S.SENDING, ResponseSent): Gateway._on_sent,
+    (_S.LIVE, ResponseSent): Gateway._on_viewer_left,
+    (_S.LIVE, ClientGone): Gateway._on_viewer_left,
     (_S.SENDING, ClientGone): Gateway._on_client_gone,
     (_S.SENDING, BackendChunk): Gateway._on_late_output,
     (_S.SENDING, BackendFinished): Gateway._on_late_output,

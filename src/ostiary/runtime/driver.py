@@ -31,6 +31,7 @@ import trio
 
 from ostiary.backends import Backend, Generation
 from ostiary.protocol.actions import (
+    AcceptWebSocket,
     Action,
     CancelBackend,
     CheckReadiness,
@@ -72,6 +73,7 @@ from ostiary.protocol.responses import error_body, error_headers
 from .access_log import AccessLog
 from .exposition import Exposition
 from .http import ClientDisconnected, HttpRequest, Responder
+from .live import serve_viewer
 from .metrics import Metrics
 
 __all__ = ["Driver"]
@@ -330,6 +332,9 @@ class Driver:
                 elif isinstance(action, RenderMetrics):
                     rendered = MetricsRendered(rid, self._exposition.render(), trio.current_time())
                     await self._run(ctx, self._feed(rendered))
+                elif isinstance(action, AcceptWebSocket):
+                    await serve_viewer(responder, action, self.gateway.queue_snapshot, ctx.take)
+                    self._feed(ResponseSent(rid, trio.current_time()))
             except ClientDisconnected:
                 if self.gateway.state_of(rid) is not None:
                     self._feed(ClientGone(rid, trio.current_time()))

@@ -26,6 +26,7 @@ from ostiary.protocol.visibility import parse_networks
 
 from .access_log import AccessLog
 from .config import Config
+from .dashboard import load_dashboard
 from .driver import Driver
 from .http import HttpServer
 from .keystore import KeyStore, write_bootstrap_key
@@ -116,6 +117,8 @@ async def run_server(
         limits=config.limits,
         created=int(time.time()),
         metrics_allow=parse_networks(config.server.metrics_allow),
+        live=config.server.live(),
+        assets=load_dashboard(),
     )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}

@@ -4,6 +4,7 @@ bound, pings, closes and the drain."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -214,7 +215,7 @@ async def test_at_most_four_messages_a_second(autojump_clock: trio.testing.MockC
                 times.append(trio.current_time() - start)
         assert len(times) <= 4 * seconds + 1
         assert len(times) >= seconds  # it does push, not just once
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert min(gaps) >= 0.25
 
 

@@ -128,7 +128,7 @@
       table.appendChild(row);
     }
     card.appendChild(table);
-    card.appendChild(el("div", "of", b.wait.samples + " waits in the last " + b.wait.window_seconds + " s"));
+    card.appendChild(el("div", "of", "waits measured in the last " + b.wait.window_seconds + " s: " + b.wait.samples));
     return { card, canvas };
   }
 

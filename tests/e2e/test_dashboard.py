@@ -141,9 +141,7 @@ def test_dashboard_shows_the_queue_move(dashboard_server: ServerProcess, browser
 
     def text(field: str) -> str | None:
         # Read in one script call: the page redraws its cards with every snapshot.
-        script = (
-            "const e = document.querySelector(arguments[0]); return e && e.textContent;"
-        )
+        script = "const e = document.querySelector(arguments[0]); return e && e.textContent;"
         value: str | None = browser.execute_script(
             script, f'[data-backend="slow"] [data-field="{field}"]'
         )
@@ -176,6 +174,6 @@ def test_dashboard_shows_the_queue_move(dashboard_server: ServerProcess, browser
         load.join(timeout=4 * HTTP_TIMEOUT)
     assert done.is_set() and not failures, failures
     wait.until(lambda d: (number("queued"), number("running")) == (0, 0))
-    assert text("wait_p50") not in (None, "–")
+    assert text("wait_p50") not in (None, "\u2013")
     messages = [entry["message"] for entry in browser.get_log("browser")]
     assert not [m for m in messages if "Content Security Policy" in m], messages

@@ -169,7 +169,12 @@ def test_dashboard_shows_the_queue_move(dashboard_server: ServerProcess, browser
         assert browser.save_screenshot(str(shot))
         print(f"dashboard screenshot: {shot}")
         seen = {number("queued")}
-        wait.until(lambda d: seen.add(number("queued")) or len(seen) >= 2)
+
+        def moved(_: Any) -> bool:
+            seen.add(number("queued"))
+            return len(seen) >= 2
+
+        wait.until(moved)
     finally:
         load.join(timeout=4 * HTTP_TIMEOUT)
     assert done.is_set() and not failures, failures

@@ -8,6 +8,8 @@ its own task (the common path pays nothing for routing); actions for another req
 ``CancelBackend`` cancels that request's backend scope at once. ``Log`` and
 ``Count`` are carried out on the spot. ``RenderMetrics`` renders the tally of those
 counts (:mod:`.exposition`) and hands the bytes back to the gateway, which answers.
+``AcceptWebSocket`` turns the connection into a live queue feed (:mod:`.live`) until
+it closes.
 
 ``Dispatch`` is fire and report: the backend call runs in the request's task, its
 output is fed back as events (streamed output through a bounded channel, so a slow

@@ -13,6 +13,7 @@ import orjson
 import trio
 import trio.testing
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as FrameConnection
 from wsproto.events import (
     AcceptConnection,
     CloseConnection,
@@ -372,3 +373,40 @@ async def test_drain_closes_feeds_going_away(autojump_clock: trio.testing.MockCl
         late = Viewer(served.connect())
         answer = await late.open([SUBPROTOCOL, f"bearer.{ADMIN_SECRET}"])
         assert isinstance(answer, RejectConnection) and answer.status_code == 503
+
+
+async def test_a_frame_that_breaks_the_protocol_closes_1002(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as served:
+        stream = served.connect()
+        viewer = Viewer(stream)
+        await viewer.open([SUBPROTOCOL, f"bearer.{ADMIN_SECRET}"])
+        await stream.send_all(b"\x81\x05hello")  # unmasked: clients must mask
+        while not isinstance(event := await viewer.next(), CloseConnection):
+            pass
+        assert event.code == 1002
+        await trio.testing.wait_all_tasks_blocked()
+        assert served.viewers == 0
+
+
+async def test_bytes_sent_with_the_handshake_are_not_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A ping written in the same packet as the handshake (h11 holds it past the
+    request) is answered once the connection is handed over."""
+    async with serving() as served:
+        stream = served.connect()
+        viewer = Viewer(stream)
+        request = Request(
+            host="t", target=PATH, subprotocols=[SUBPROTOCOL, f"bearer.{ADMIN_SECRET}"]
+        )
+        handshake = viewer.ws.send(request)
+        # The ping's frame as the client will send it once open (a client frame
+        # layer in the open state builds it: same masking rules).
+        ping = FrameConnection(ConnectionType.CLIENT).send(Ping(b"early"))
+        await stream.send_all(handshake + ping)
+        assert isinstance(await viewer.next(), AcceptConnection)
+        while not isinstance(event := await viewer.next(), Pong):
+            assert isinstance(event, TextMessage)
+        assert event.payload == b"early"

@@ -90,7 +90,8 @@ class _Viewer:
                         await self.close(event.code)
                     return True
                 elif isinstance(event, Message):
-                    size += len(event.data)
+                    data = event.data
+                    size += len(data.encode()) if isinstance(data, str) else len(data)
                     if size > max_message_bytes:
                         await self.close(CloseReason.MESSAGE_TOO_BIG)
                         return True

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+import pytest
 import trio
 import trio.testing
 from wsproto import ConnectionType, WSConnection
@@ -30,6 +31,7 @@ from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.protocol.live import SUBPROTOCOL, LiveSettings
+from ostiary.runtime.config import ConfigError, parse_config
 from ostiary.runtime.driver import Driver
 from ostiary.runtime.http import HttpServer, HttpSettings
 from tests.conftest import ADMIN_SECRET, USER_SECRET, auth_headers, chat_body, key_table
@@ -410,3 +412,18 @@ async def test_bytes_sent_with_the_handshake_are_not_lost(
         while not isinstance(event := await viewer.next(), Pong):
             assert isinstance(event, TextMessage)
         assert event.payload == b"early"
+
+
+def test_live_feed_limits_are_server_keys() -> None:
+    backends = '[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["s"]\n'
+    default = parse_config(backends, "t").server.live()
+    assert default == LiveSettings()
+    text = (
+        "[server]\nmax_queue_viewers = 2\nqueue_live_interval = 0.5\n"
+        "queue_live_max_message = 1000\n" + backends
+    )
+    assert parse_config(text, "t").server.live() == LiveSettings(
+        max_viewers=2, interval=0.5, max_message_bytes=1000
+    )
+    with pytest.raises(ConfigError, match="queue_live_interval"):
+        parse_config("[server]\nqueue_live_interval = 0.1\n" + backends, "t")

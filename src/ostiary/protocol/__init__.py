@@ -5,6 +5,7 @@ runtime carries out its actions and reports back.
 """
 
 from .actions import (
+    AcceptWebSocket,
     Action,
     CancelBackend,
     CheckReadiness,
@@ -60,6 +61,7 @@ from .sse import SseDecoder, SseEncoder
 from .tokens import TokenCodec, embedding_as_text
 
 __all__ = [
+    "AcceptWebSocket",
     "Action",
     "Admission",
     "ApiKey",

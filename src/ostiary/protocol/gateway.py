@@ -49,7 +49,6 @@ from .admission import (
     WITH_BODY,
     Admission,
     Endpoint,
-    authorization_header,
     refusal_error,
     route,
 )
@@ -77,7 +76,7 @@ from .events import (
 from .exchange import BackendPolicy, Exchange, ExchangeState
 from .fair_queue import scheduler_for
 from .generation import Delta, Usage
-from .live import LiveSettings, Viewers, live_credentials
+from .live import LiveSettings, Viewers, credentials
 from .output import CompletionOutput
 from .request_limits import RequestLimits
 from .requests import EmbeddingRequest
@@ -239,7 +238,7 @@ class Gateway:
         ):
             return Admission(endpoint, 0, peer)
         try:
-            key = self._keys.authenticate(_credentials(endpoint, headers))
+            key = self._keys.authenticate(credentials(endpoint, headers))
         except OpenAIError as error:
             return Admission(endpoint, 0, peer, error=error)
         if endpoint not in WITH_BODY:
@@ -356,7 +355,7 @@ class Gateway:
         key = admission.principal
         if key is None or admission.keys_version != self._keys_version:
             # Judged by an older key table (or not at all): judge again.
-            key = self._keys.authenticate(_credentials(admission.endpoint, headers))
+            key = self._keys.authenticate(credentials(admission.endpoint, headers))
         return key
 
     def _on_refused(self, event: RequestRefused) -> list[Action]:
@@ -588,13 +587,6 @@ class Gateway:
         if call is not None or status == 401:
             actions.extend(ending_counts(model, exchange.usage, status, exchange.error))
         return actions
-
-
-def _credentials(endpoint: Endpoint | None, headers: tuple[Header, ...]) -> bytes | None:
-    """The ``Authorization`` value, or for the live feed its subprotocol's key."""
-    if endpoint is Endpoint.QUEUE_LIVE:
-        return live_credentials(headers)
-    return authorization_header(headers)
 
 
 def _shutting_down() -> ServiceUnavailableError:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import attrs
 
 from .actions import AcceptWebSocket, EndStream
-from .admission import authorization_header
+from .admission import Endpoint, authorization_header
 from .errors import AuthenticationError, InvalidRequestError, ServiceUnavailableError
 from .exchange import Exchange, ExchangeState
 
@@ -37,6 +37,7 @@ __all__ = [
     "LiveSettings",
     "Viewers",
     "accept_token",
+    "credentials",
     "handshake_headers",
     "live_credentials",
     "offered_protocols",
@@ -89,6 +90,14 @@ def live_credentials(headers: Iterable[Header]) -> bytes | None:
         )
     if keys:
         return b"Bearer " + keys[0].encode("latin-1")
+    return authorization_header(headers)
+
+
+def credentials(endpoint: Endpoint | None, headers: tuple[Header, ...]) -> bytes | None:
+    """What a request's key is read from: for the live feed
+    :func:`live_credentials`, for every other route the ``Authorization`` header."""
+    if endpoint is Endpoint.QUEUE_LIVE:
+        return live_credentials(headers)
     return authorization_header(headers)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ostiary.protocol.actions import AcceptWebSocket, EndStream, Log, Respond
+from ostiary.protocol.actions import AcceptWebSocket, CloseWebSocket, Log, Respond
 from ostiary.protocol.admission import Endpoint
 from ostiary.protocol.dashboard import CSP, Asset, Assets
 from ostiary.protocol.events import ClientGone, RequestReceived, ResponseSent, ShutdownStarted
@@ -210,7 +210,8 @@ def test_drain_closes_every_feed_and_takes_no_more() -> None:
     open_feed(gw, "v1", keyed())
     open_feed(gw, "v2", keyed())
     actions = gw.handle(ShutdownStarted(5.0))
-    assert [a for a in actions if isinstance(a, EndStream)] == [EndStream("v1"), EndStream("v2")]
+    closing = [a for a in actions if isinstance(a, CloseWebSocket)]
+    assert closing == [CloseWebSocket("v1", 1001), CloseWebSocket("v2", 1001)]
     assert error_of(open_feed(gw, "v3", keyed())) == (503, "shutting_down")
     gw.handle(ResponseSent("v1", 6.0))
     gw.handle(ResponseSent("v2", 6.0))
@@ -268,3 +269,35 @@ def test_a_dashboard_file_not_installed_is_404() -> None:
     admission = gw.admits("GET", "/dashboard.css", (), "")
     actions = gw.handle(RequestReceived("d", admission, "GET", "/dashboard.css", (), b"", 1.0, 1.0))
     assert error_of(actions) == (404, "unknown_url")
+
+
+def test_a_revoked_key_closes_its_feeds_only() -> None:
+    from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret
+    from ostiary.protocol.auth import format_secret as secret_of
+    from ostiary.protocol.events import KeysReplaced
+
+    other = secret_of("c" * 12, "C" * 43)
+    keys = KeyTable.of(
+        [*key_table().keys.values(), ApiKey("c" * 12, "ops", "admin", digest_secret(other))]
+    )
+    gw = Gateway(routes=[ModelRoute("m", "b1")], keys=keys)
+    open_feed(gw, "v1", keyed())
+    open_feed(gw, "v2", keyed(other))
+    demoted = KeyTable.of(
+        [
+            k if k.id != "a" * 12 else ApiKey(k.id, k.name, "user", k.digest)
+            for k in keys.keys.values()
+        ]
+    )
+    actions = gw.handle(KeysReplaced(demoted, 2.0))
+    assert [a for a in actions if isinstance(a, CloseWebSocket)] == [CloseWebSocket("v1", 1008)]
+    # v1 is told once; v2's key goes now.
+    removed = KeyTable.of([k for k in demoted.keys.values() if k.id != "c" * 12])
+    actions = gw.handle(KeysReplaced(removed, 3.0))
+    assert [a for a in actions if isinstance(a, CloseWebSocket)] == [CloseWebSocket("v2", 1008)]
+    # Draining tells only those not told yet; a feed that left is forgotten.
+    gw.handle(ResponseSent("v1", 4.0))
+    gw.handle(KeysReplaced(keys, 4.0))
+    assert isinstance(open_feed(gw, "v3", keyed())[0], AcceptWebSocket)
+    closing = [a for a in gw.handle(ShutdownStarted(5.0)) if isinstance(a, CloseWebSocket)]
+    assert closing == [CloseWebSocket("v3", 1001)]

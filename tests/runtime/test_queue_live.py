@@ -427,3 +427,21 @@ def test_live_feed_limits_are_server_keys() -> None:
     )
     with pytest.raises(ConfigError, match="queue_live_interval"):
         parse_config("[server]\nqueue_live_interval = 0.1\n" + backends, "t")
+
+
+async def test_a_revoked_key_closes_its_feed_1008(autojump_clock: trio.testing.MockClock) -> None:
+    from ostiary.protocol.auth import KeyTable
+
+    async with serving() as served:
+        viewer = Viewer(served.connect())
+        await viewer.open([SUBPROTOCOL, f"bearer.{ADMIN_SECRET}"])
+        await viewer.message()
+        others = [k for k in key_table().keys.values() if k.role != "admin"]
+        served.driver.replace_keys(KeyTable.of(others))
+        while not isinstance(event := await viewer.next(), CloseConnection):
+            assert isinstance(event, TextMessage)
+        assert event.code == 1008
+        await viewer.send(event.response())
+        await trio.testing.wait_all_tasks_blocked()
+        assert served.viewers == 0
+        assert served.logs[-1]["status"] == 101

@@ -20,6 +20,7 @@ __all__ = [
     "BackendCall",
     "CancelBackend",
     "CheckReadiness",
+    "CloseWebSocket",
     "Count",
     "Dispatch",
     "EndStream",
@@ -106,14 +107,23 @@ class AcceptWebSocket:
     """Complete the WebSocket opening handshake (``101`` with ``headers``), then push
     ``Gateway.queue_snapshot`` to the client as a text message at most once per
     ``interval`` seconds, answer its pings and close it when it asks, when one of
-    its messages passes ``max_message_bytes`` (1009), or on :class:`EndStream`
-    (1001, going away). Then report ``ResponseSent`` (closed by either side with a
-    close frame) or ``ClientGone`` (it vanished, or stopped reading)."""
+    its messages passes ``max_message_bytes`` (1009), or on :class:`CloseWebSocket`.
+    Then report ``ResponseSent`` (closed by either side with a close frame) or
+    ``ClientGone`` (it vanished, or stopped reading)."""
 
     request_id: str
     headers: tuple[Header, ...]
     interval: float
     max_message_bytes: int
+
+
+@attrs.frozen
+class CloseWebSocket:
+    """Close the request's live feed with ``code`` (1001: the server drains; 1008:
+    its key was revoked or lost the admin role), then report as for its end."""
+
+    request_id: str
+    code: int
 
 
 @attrs.frozen
@@ -146,6 +156,7 @@ Action = (
     | CheckReadiness
     | RenderMetrics
     | AcceptWebSocket
+    | CloseWebSocket
     | Log
     | Count
 )

@@ -416,7 +416,8 @@ class Gateway:
     def _on_keys(self, event: KeysReplaced) -> list[Action]:
         self._keys = event.keys
         self._keys_version += 1
-        return [Log("info", "reloaded API keys", {"active_keys": len(event.keys.keys)})]
+        log = Log("info", "reloaded API keys", {"active_keys": len(event.keys.keys)})
+        return [log, *self._viewers.revoked(event.keys)]
 
     def _on_shutdown(self, event: ShutdownStarted) -> list[Action]:
         self._shutting_down = True

@@ -26,8 +26,9 @@ from collections.abc import Iterable
 
 import attrs
 
-from .actions import AcceptWebSocket, EndStream
+from .actions import AcceptWebSocket, CloseWebSocket
 from .admission import Endpoint, authorization_header
+from .auth import KeyTable
 from .errors import AuthenticationError, InvalidRequestError, ServiceUnavailableError
 from .exchange import Exchange, ExchangeState
 
@@ -165,13 +166,15 @@ def handshake_headers(method: str, headers: tuple[Header, ...]) -> tuple[Header,
 
 
 class Viewers:
-    """The live feeds open now (by request id), at most ``settings.max_viewers``."""
+    """The live feeds open now (request id → key id), at most ``settings.max_viewers``."""
 
-    __slots__ = ("_open", "settings")
+    __slots__ = ("_closing", "_open", "settings")
 
     def __init__(self, settings: LiveSettings) -> None:
         self.settings = settings
-        self._open: set[str] = set()
+        self._open: dict[str, str] = {}
+        #: Feeds told to close (each is told once).
+        self._closing: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -193,7 +196,8 @@ class Viewers:
                 code="too_many_viewers",
                 retry_after=5.0,
             )
-        self._open.add(exchange.request_id)
+        assert exchange.principal is not None
+        self._open[exchange.request_id] = exchange.principal.id
         exchange.state = ExchangeState.LIVE
         exchange.status = 101
         return AcceptWebSocket(
@@ -201,8 +205,25 @@ class Viewers:
         )
 
     def leave(self, request_id: str) -> None:
-        self._open.discard(request_id)
+        self._open.pop(request_id, None)
+        self._closing.discard(request_id)
 
-    def close_all(self) -> list[EndStream]:
+    def _close(self, request_id: str, code: int) -> list[CloseWebSocket]:
+        if request_id in self._closing:
+            return []
+        self._closing.add(request_id)
+        return [CloseWebSocket(request_id, code)]
+
+    def close_all(self) -> list[CloseWebSocket]:
         """The server drains: every feed is to close (1001, going away)."""
-        return [EndStream(request_id) for request_id in sorted(self._open)]
+        return [c for request_id in sorted(self._open) for c in self._close(request_id, 1001)]
+
+    def revoked(self, keys: KeyTable) -> list[CloseWebSocket]:
+        """The key table changed: feeds whose key is gone or no longer admin are to
+        close (1008, policy violation); a key's rights hold only while it has them."""
+        closing = []
+        for request_id, key_id in sorted(self._open.items()):
+            key = keys.keys.get(key_id)
+            if key is None or key.role != "admin":
+                closing.extend(self._close(request_id, 1008))
+        return closing

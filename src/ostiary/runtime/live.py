@@ -13,8 +13,8 @@ The core has judged the handshake and the key and said how often to push
 - the reader answers pings, closes the feed when the client asks (or sends a
   message larger than ``max_message_bytes``: the client has nothing to say), and
   notices a client that vanished;
-- the mailbox watcher closes the feed (1001, going away) when the core says the
-  server drains.
+- the mailbox watcher closes the feed when the core says so: 1001 (going away)
+  when the server drains, 1008 when the viewer's key was revoked.
 
 Writes go through one lock (a trio stream takes one writer at a time).
 """
@@ -29,7 +29,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Event, Message, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
-from ostiary.protocol.actions import AcceptWebSocket, Action, EndStream
+from ostiary.protocol.actions import AcceptWebSocket, Action, CloseWebSocket
 
 from .responder import ClientDisconnected, Responder, Tunnel
 
@@ -99,10 +99,13 @@ class _Viewer:
                         size = 0
 
     async def watch(self, take: Callable[[], Awaitable[Sequence[Action]]]) -> None:
-        """Until the core says to close (the server drains), then close (1001)."""
-        while not any(isinstance(a, EndStream) for a in await take()):
-            pass
-        await self.close(CloseReason.GOING_AWAY)
+        """Until the core says to close (the server drains, the key was revoked),
+        then close with the code it gives."""
+        while True:
+            for action in await take():
+                if isinstance(action, CloseWebSocket):
+                    await self.close(action.code)
+                    return
 
 
 async def serve_viewer(

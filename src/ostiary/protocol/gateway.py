@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -88,6 +89,7 @@ from .scheduler import Scheduler, Submitted
 from .slots import Backends
 from .sse import sse_error
 from .tokens import TokenCodec
+from .tool_validation import SchemaChecker
 from .visibility import (
     Network,
     ending_counts,
@@ -144,7 +146,8 @@ class Gateway:
     models; ``scheduler`` builds the queue in front of each backend (default: the
     one each policy's ``scheduler`` names, :class:`FairQueue` unless "fifo");
     ``metrics_allow`` lists the networks whose peers may read ``/metrics`` without a
-    key.
+    key; ``schema_checker`` (the runtime's JSON Schema library) checks the schemas
+    of requests and, in strict mode, the output.
     """
 
     def __init__(
@@ -159,7 +162,11 @@ class Gateway:
         tokens: TokenCodec | None = None,
         cors: CorsPolicy | None = None,
         metrics_allow: tuple[Network, ...] = (),
+        schema_checker: SchemaChecker | None = None,
     ) -> None:
+        self._schema_checker = schema_checker
+        self._decoders = dict(_DECODERS)
+        self._decoders[Endpoint.CHAT] = partial(decoding.decode_chat, schema_checker=schema_checker)
         self._routes = {r.model: r for r in routes}
         self._tokens = tokens
         #: Extension names some model takes beyond the known ones: decoding keeps them.
@@ -301,7 +308,7 @@ class Gateway:
                 found = self._find_model(admission.model_id)
                 return [exchange.respond(200, orjson.dumps(self._model_dict(found)))]
             assert endpoint is not None
-            call = _DECODERS[endpoint](event.body, self.limits, self._passed_on)
+            call = self._decoders[endpoint](event.body, self.limits, self._passed_on)
             target = self._find_model(call.model)
             call = fit(call, target.capabilities, self._tokens)
             if self._shutting_down:
@@ -365,7 +372,7 @@ class Gateway:
         assert call is not None
         if not isinstance(call, EmbeddingRequest):
             exchange.output = CompletionOutput(
-                call, exchange.request_id, exchange.created, self.limits
+                call, exchange.request_id, exchange.created, self.limits, self._schema_checker
             )
         outcome = self._backends.submit(exchange, backend, now)
         if outcome is Submitted.RUNNING:

@@ -29,6 +29,7 @@ from .config import Config
 from .driver import Driver
 from .http import HttpServer
 from .keystore import KeyStore, write_bootstrap_key
+from .schemas import JsonSchemaChecker
 from .tokenizer import load_cl100k
 
 __all__ = ["StartupError", "bootstrap_keys", "run_server", "watch_keys"]
@@ -116,6 +117,7 @@ async def run_server(
         limits=config.limits,
         created=int(time.time()),
         metrics_allow=parse_networks(config.server.metrics_allow),
+        schema_checker=JsonSchemaChecker(config.limits),
     )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}

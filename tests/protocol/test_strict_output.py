@@ -31,7 +31,7 @@ PARAMS = {
     "required": ["city"],
     "additionalProperties": False,
 }
-STRICT_TOOL = {
+STRICT_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {"name": "weather", "strict": True, "parameters": PARAMS},
 }
@@ -203,11 +203,8 @@ def decode(body: dict[str, Any]) -> InvalidRequestError:
 
 
 def strict_tool(parameters: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "tools": [
-            {"type": "function", "function": {**STRICT_TOOL["function"], "parameters": parameters}}
-        ]
-    }  # type: ignore[dict-item]
+    function = {"name": "weather", "strict": True, "parameters": parameters}
+    return {"tools": [{"type": "function", "function": function}]}
 
 
 @pytest.mark.parametrize(

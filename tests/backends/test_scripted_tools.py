@@ -21,7 +21,7 @@ from ostiary.protocol.toolcalls import ToolCallNormalizer
 from tests.backends.test_scripted import run, text
 
 SCRIPT = ScriptedSettings(chunks=4)
-WEATHER = {
+WEATHER: dict[str, Any] = {
     "type": "object",
     "properties": {
         "city": {"type": "string", "minLength": 2},
@@ -31,7 +31,7 @@ WEATHER = {
     "required": ["city", "days", "unit"],
     "additionalProperties": False,
 }
-TIME = {"type": "object", "properties": {"zone": {"type": "string", "format": "uuid"}}}
+TIME: dict[str, Any] = {"type": "object", "properties": {"zone": {"type": "string", "format": "uuid"}}}
 
 
 def chat(**fields: Any) -> ChatCompletionRequest:

@@ -31,7 +31,10 @@ WEATHER: dict[str, Any] = {
     "required": ["city", "days", "unit"],
     "additionalProperties": False,
 }
-TIME: dict[str, Any] = {"type": "object", "properties": {"zone": {"type": "string", "format": "uuid"}}}
+TIME: dict[str, Any] = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "format": "uuid"}},
+}
 
 
 def chat(**fields: Any) -> ChatCompletionRequest:

@@ -172,9 +172,7 @@ class ScriptedBackend(ConfiguredBackend):
         finish = "length" if len(pieces) < len(all_pieces) else "stop"
         if not stop or not pieces:
             return pieces, finish
-        ends = (
-            self._ends if reply is None else tuple(itertools.accumulate(len(p) for p in pieces))
-        )
+        ends = self._ends if reply is None else tuple(itertools.accumulate(len(p) for p in pieces))
         text = full[: ends[len(pieces) - 1]]
         found = [(i, i + len(s)) for s in stop if (i := text.find(s)) >= 0]
         if not found:

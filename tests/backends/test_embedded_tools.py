@@ -109,7 +109,7 @@ def test_auto_right_after_a_tool_result_answers_in_text() -> None:
     out = template_messages(chat(messages).messages)
     assert out == [
         USER[0],
-        {"role": "assistant", "content": '{"name":"weather","arguments":{"city":"Oslo"}}'},
+        {"role": "assistant", "content": 'I called weather with {"city":"Oslo"}.'},
         {"role": "user", "content": "Result of weather: sunny"},
     ]
 
@@ -123,6 +123,10 @@ def test_the_tools_join_the_system_message() -> None:
     assert system["content"].startswith("Be brief.\n\nYou can call these functions:")
     assert '"city"' in system["content"] and "Weather." in system["content"]
     assert user == USER[0]
+    two = {"tool_calls": [{"name": "now", "arguments": {}}] * 3}
+    parallel = plan_tools(chat(tools=TOOLS, parallel_tool_calls=True))
+    assert parallel is not None
+    assert not jsonschema_rs.is_valid(parallel.schema(), two), "at most one call per function"
 
 
 def test_output_cut_short_is_passed_on_as_text() -> None:

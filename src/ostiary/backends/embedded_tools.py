@@ -23,8 +23,9 @@ Output cut by ``max_tokens`` is passed on as the raw text it is, with
 ``finish_reason: "length"``; output that does not parse otherwise is a 502.
 
 The conversation is rewritten for the template: an assistant message's tool calls
-become the same JSON document as its content, and a ``tool`` message becomes a
-user message carrying the function's result.
+become its content (the same JSON document when the output is held to the plan,
+a sentence otherwise), and a ``tool`` message becomes a user message carrying the
+function's result. A parallel plan allows as many calls as there are functions.
 """
 
 from __future__ import annotations
@@ -85,7 +86,14 @@ class ToolPlan:
         if self.parallel:
             call = {
                 "type": "object",
-                "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1}},
+                "properties": {
+                    "tool_calls": {
+                        "type": "array",
+                        "items": call,
+                        "minItems": 1,
+                        "maxItems": len(self.functions),
+                    }
+                },
                 "required": ["tool_calls"],
                 "additionalProperties": False,
             }
@@ -116,7 +124,9 @@ class ToolPlan:
 
     def messages(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         """The conversation as the template takes it, the tools explained first."""
-        return template_messages(messages, self.instructions(), parallel=self.parallel)
+        return template_messages(
+            messages, self.instructions(), parallel=self.parallel, as_json=True
+        )
 
     def read(self, text: str, reason: str | None) -> list[Delta]:
         """The deltas for the model's whole output ``text`` (see the module
@@ -144,10 +154,16 @@ class ToolPlan:
 
 
 def template_messages(
-    messages: Sequence[ChatMessage], instructions: str | None = None, *, parallel: bool = False
+    messages: Sequence[ChatMessage],
+    instructions: str | None = None,
+    *,
+    parallel: bool = False,
+    as_json: bool = False,
 ) -> list[dict[str, Any]]:
     """``messages`` as a template without tools takes them (see the module
-    docstring), ``instructions`` added to the system message (one is made)."""
+    docstring), ``instructions`` added to the system message (one is made). Past
+    calls are the JSON document the plan asks for when ``as_json``; otherwise
+    prose, so that a model answering in words does not imitate JSON."""
     out: list[dict[str, Any]] = []
     names: dict[str, str] = {}
     system = instructions
@@ -166,7 +182,15 @@ def template_messages(
                     arguments = call.function.arguments
                 calls.append({"name": call.function.name, "arguments": arguments})
             document: Any = {"tool_calls": calls} if parallel or len(calls) > 1 else calls[0]
-            out.append({"role": "assistant", "content": orjson.dumps(document).decode()})
+            content = (
+                orjson.dumps(document).decode()
+                if as_json
+                else " ".join(
+                    f"I called {c['name']} with {orjson.dumps(c['arguments']).decode()}."
+                    for c in calls
+                )
+            )
+            out.append({"role": "assistant", "content": content})
         elif role == "tool":
             name = names.get(message.tool_call_id or "", "the function")
             out.append({"role": "user", "content": f"Result of {name}: {message.text()}"})

@@ -41,11 +41,7 @@ from ostiary.protocol.requests import (
     CompletionRequest,
     ContentPart,
     EmbeddingRequest,
-    FunctionCall,
-    FunctionDefinition,
     ResponseFormat,
-    Tool,
-    ToolCall,
 )
 
 pytest.importorskip("xllamacpp")
@@ -323,7 +319,6 @@ UNDECLARED_CHAT: list[tuple[dict[str, Any], str]] = [
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
     ({"top_logprobs": 3}, "logprobs"),
-    ({"tools": (Tool(FunctionDefinition(name="f")),)}, "tools"),
     ({"extensions": {"dry_multiplier": 0.8}}, "dry_multiplier"),
 ]
 
@@ -409,13 +404,6 @@ async def test_unsupported_chat_parameters_are_a_400_naming_them(
         (
             ChatMessage(role="user", content=(ContentPart("image_url", data={"url": "x"}),)),
             "messages[0].content[0]",
-        ),
-        (ChatMessage(role="tool", content="42", tool_call_id="call_1"), "messages[0]"),
-        (
-            ChatMessage(
-                role="assistant", tool_calls=(ToolCall("call_1", FunctionCall("f", "{}")),)
-            ),
-            "messages[0]",
         ),
         (ChatMessage(role="function", content="x"), "messages[0]"),
     ],

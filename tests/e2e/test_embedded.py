@@ -11,8 +11,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import jsonschema_rs
 import openai
+import orjson
 import pytest
 
 from tests.e2e import spec
@@ -159,3 +162,121 @@ def test_token_id_input_is_embedded_as_its_text(api: Api) -> None:
     with pytest.raises(openai.BadRequestError):
         api.client.embeddings.create(model=EMBED_MODEL, input=[[100256]], encoding_format="float")
     assert api.error(400)["param"] == "input[0][0]"
+
+
+# -- function calling and structured output -------------------------------------------
+
+WEATHER_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The current time in a time zone.",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET", "EST"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in WEATHER_TOOLS}
+
+
+def test_tool_round_trip(api: Api) -> None:
+    """As a user would: the model calls a declared function (streamed, through the
+    SDK's helper), the client answers each call, the model replies in words."""
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # One function: the parallel form allows as many calls as there are functions,
+    # and every call costs a small model's tokens.
+    tools = WEATHER_TOOLS[:1]
+    with api.client.chat.completions.stream(
+        model=CHAT_MODEL,
+        messages=messages,
+        tools=tools,
+        tool_choice="required",
+        parallel_tool_calls=True,
+        max_tokens=64,
+        temperature=0,
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    api.sse("CreateChatCompletionStreamResponse")
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert calls
+    assert len({c.id for c in calls}) == len(calls)
+    for call in calls:
+        assert call.type == "function"
+        arguments = orjson.loads(call.function.arguments)
+        assert jsonschema_rs.is_valid(SCHEMAS[call.function.name], arguments)
+        # Strict tools: the SDK parsed what the gateway had checked.
+        assert call.function.parsed_arguments == arguments
+    messages.append(
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in calls
+            ],
+        }
+    )
+    for call in calls:
+        result = "Sunny, 21 C" if call.function.name == "get_weather" else "14:05"
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    reply = api.client.chat.completions.create(
+        model=CHAT_MODEL, messages=messages, tools=tools, max_tokens=10, temperature=0
+    )
+    api.json("CreateChatCompletionResponse")
+    assert reply.choices[0].message.tool_calls is None
+    text = (reply.choices[0].message.content or "").strip()
+    assert text and not text.startswith("{"), text
+
+
+def test_strict_json_schema_output_parses_and_validates(api: Api) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 16},
+            "sunny": {"type": "boolean"},
+        },
+        "required": ["city", "sunny"],
+        "additionalProperties": False,
+    }
+    result = api.client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "Is it sunny in Rome? Answer in JSON."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "weather", "schema": schema, "strict": True},
+        },
+        max_tokens=40,
+        temperature=0,
+    )
+    api.json("CreateChatCompletionResponse")
+    assert result.choices[0].finish_reason == "stop"
+    content = result.choices[0].message.content
+    assert content is not None
+    assert jsonschema_rs.is_valid(schema, orjson.loads(content))

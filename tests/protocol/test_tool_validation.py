@@ -219,9 +219,12 @@ class Refuses:
     def __init__(self) -> None:
         self.seen: list[Mapping[str, Any]] = []
 
-    def check(self, schema: Mapping[str, Any]) -> str | None:
+    def check(self, schema: Mapping[str, Any], strict: bool = False) -> str | None:
         self.seen.append(schema)
         return "not a schema, says the metaschema" if "bad" in schema else None
+
+    def validate(self, instance: object, schema: Mapping[str, Any]) -> str | None:
+        raise AssertionError("decoding never validates output")
 
 
 def test_the_runtime_schema_checker_has_the_last_word() -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from contextlib import aclosing
 from functools import partial
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ import attrs
 import trio
 
 from ostiary.backends.base import ConfiguredBackend, Generation
+from ostiary.backends.embedded_tools import ToolPlan, plan_tools, template_messages
 from ostiary.backends.handoff import Handoff
 from ostiary.backends.llama_engine import (
     E5_DIMENSIONS,
@@ -207,9 +209,9 @@ def _extensions(given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return fields, sorted(samplers, key=order.index)
 
 
-def _chat_message(i: int, message: ChatMessage) -> dict[str, Any]:
-    if message.role in ("tool", "function") or message.tool_calls:
-        raise _refuse(f"messages[{i}]", "The embedded model does not support tool calls.")
+def _check_message(i: int, message: ChatMessage) -> None:
+    if message.role == "function":
+        raise _refuse(f"messages[{i}]", "Use 'tool' messages, not the deprecated 'function'.")
     if isinstance(message.content, tuple):
         for j, part in enumerate(message.content):
             if part.type not in ("text", "refusal"):
@@ -217,13 +219,25 @@ def _chat_message(i: int, message: ChatMessage) -> dict[str, Any]:
                     f"messages[{i}].content[{j}]",
                     f"The embedded model reads text only, not '{part.type}' content.",
                 )
-    out: dict[str, Any] = {
-        "role": "system" if message.role == "developer" else message.role,
-        "content": message.text(),
-    }
-    if message.name is not None:
-        out["name"] = message.name
-    return out
+
+
+async def _read_whole(generation: Generation, plan: ToolPlan) -> Generation:
+    """A generation held to a tool plan's schema, read whole (see
+    :mod:`.embedded_tools`)."""
+    parts: list[str] = []
+    reason = None
+    usage: Usage | None = None
+    async with aclosing(generation) as pieces:
+        async for piece in pieces:
+            if isinstance(piece, Usage):
+                usage = piece
+            else:
+                parts.append(piece.text)
+                reason = piece.finish_reason or reason
+    for delta in plan.read("".join(parts), reason):
+        yield delta
+    if usage is not None:
+        yield usage
 
 
 class EmbeddedBackend(ConfiguredBackend):
@@ -283,7 +297,17 @@ class EmbeddedBackend(ConfiguredBackend):
         refused what the model does not declare (its capabilities)."""
         engine = self._require_engine()
         body = self._sampling(request, engine)
-        body["messages"] = [_chat_message(i, m) for i, m in enumerate(request.messages)]
+        for i, message in enumerate(request.messages):
+            _check_message(i, message)
+        plan = plan_tools(request)
+        if plan is not None:
+            body["messages"] = plan.messages(request.messages)
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"schema": plan.schema()},
+            }
+            return _read_whole(self._generate("chat", [body], "tools"), plan)
+        body["messages"] = template_messages(request.messages)
         fmt = request.response_format
         if fmt is not None and fmt.type != "text":
             schema = (fmt.json_schema or {}).get("schema") if fmt.type == "json_schema" else None

@@ -86,10 +86,13 @@ class EmbeddedSettings(BackendSettings):
         if model == self.embedding_model:
             # ``dimensions`` is accepted when it asks for the model's own width.
             return Capabilities(kind=ModelKind.EMBEDDING, dimensions=True)
-        # Grammar-constrained output gives JSON; one choice per request; llama.cpp's
-        # own sampling parameters; prompts as the model's token ids.
+        # Grammar-constrained output gives JSON and tool calls; one choice per
+        # request; llama.cpp's own sampling parameters; prompts as token ids.
         return Capabilities(
-            response_formats=RESPONSE_FORMATS, token_prompts=True, extensions=LLAMA_CPP
+            tools=True,
+            response_formats=RESPONSE_FORMATS,
+            token_prompts=True,
+            extensions=LLAMA_CPP,
         )
 
     def __attrs_post_init__(self) -> None:

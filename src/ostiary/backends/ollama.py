@@ -306,9 +306,9 @@ def _chat_body(request: ChatCompletionRequest, upstream: str, keep_alive: str | 
 
 
 def _tool(tool: Tool, index: int) -> JsonObject:
+    # Ollama has no ``strict``: a strict tool is sent as any other, and the gateway
+    # checks the calls' arguments against its schema (strict mode, 502 if they fail).
     fn = tool.function
-    if fn.strict:
-        raise _refuse(f"tools[{index}].function.strict", "it cannot guarantee a schema")
     function: JsonObject = {"name": fn.name}
     if fn.description is not None:
         function["description"] = fn.description

@@ -261,7 +261,7 @@ def _whole_body(
             if chat:
                 message = choice.get("message") or {}
                 text = message.get("content") or ""
-                calls = _tool_calls(message.get("tool_calls"))
+                calls = _tool_calls(message.get("tool_calls"), whole=True)
             else:
                 text = choice.get("text") or ""
                 calls = ()
@@ -286,20 +286,25 @@ def _index(choice: JsonObject) -> int:
     return index
 
 
-def _tool_calls(calls: Sequence[JsonObject] | None) -> tuple[ToolCallDelta, ...]:
-    """Tool-call pieces from a stream delta or a whole message (whose calls carry
-    no ``index``: their position is their index)."""
+def _tool_calls(
+    calls: Sequence[JsonObject] | None, *, whole: bool = False
+) -> tuple[ToolCallDelta, ...]:
+    """Tool-call pieces from a stream delta or (``whole``) a message, whose calls
+    carry no ``index``: there each entry is one call, its position its index. A
+    streamed piece without an index gets none (positions within one delta say
+    nothing about which call a piece continues): the normalizer goes by ids,
+    names and complete arguments instead."""
     if not calls:
         return ()
     out = []
     for position, call in enumerate(calls):
         function = call.get("function") or {}
-        index = call.get("index", position)
+        index = call.get("index", position if whole else None)
         call_id = call.get("id")
         name = function.get("name")
         arguments = function.get("arguments") or ""
         if (
-            type(index) is not int
+            not (type(index) is int or index is None)
             or not isinstance(arguments, str)
             or not isinstance(call_id, str | None)
             or not isinstance(name, str | None)

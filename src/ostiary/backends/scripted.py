@@ -13,6 +13,16 @@ ends it with "length". Usage counts the tokens produced, the stopping one includ
 The reply is known in advance, so the cut is found once per request with
 ``str.find`` (no text is held back while streaming and no chunk is re-scanned), and
 stream and non-stream give the same text.
+
+Function calling and structured output are computed too. A chat request with
+``tools`` (and a ``tool_choice`` other than ``none``) gets tool calls instead of
+text: the named function, or with ``auto`` / ``required`` the first one, or every
+declared function in order when ``parallel_tool_calls`` is true; each call's
+arguments are a small instance of its ``parameters`` (:mod:`.instances`), streamed
+in three fragments after a first piece with the id and name; the finish reason is
+``tool_calls``. With ``response_format`` ``json_object`` the reply is the JSON object
+``{"reply": <the reply>}``; with ``json_schema``, a small instance of the schema;
+either is cut into ``chunks`` pieces as the text would be.
 """
 
 from __future__ import annotations
@@ -25,14 +35,21 @@ import struct
 from collections.abc import Sequence
 
 import attrs
+import orjson
 import trio
 
-from ostiary.protocol.capabilities import Capabilities
+from ostiary.protocol.capabilities import RESPONSE_FORMATS, Capabilities
 from ostiary.protocol.errors import InvalidRequestError
-from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
-from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ostiary.protocol.generation import Delta, EmbeddingResult, ToolCallDelta, Usage
+from ostiary.protocol.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    FunctionDefinition,
+)
 
 from .base import BackendSettings, ConfiguredBackend, Generation
+from .instances import Unsatisfiable, instance_of
 
 __all__ = ["ScriptedBackend", "ScriptedSettings"]
 
@@ -52,11 +69,13 @@ class ScriptedSettings(BackendSettings):
     embedding_dimensions: int = attrs.field(default=384, validator=attrs.validators.ge(1))
 
     def capabilities(self, model: str) -> Capabilities:
-        # Choices, token-id prompts and inputs, and dimensions are computed for
-        # real; logprobs, tools and JSON output it cannot give.
+        # Choices, token-id prompts and inputs, dimensions, tool calls and JSON
+        # output are computed for real; logprobs it cannot give.
         return Capabilities(
             kind=self.kind_of(model),
             max_n=128,
+            tools=True,
+            response_formats=RESPONSE_FORMATS,
             token_prompts=True,
             token_inputs=True,
             dimensions=True,
@@ -101,7 +120,38 @@ class ScriptedBackend(ConfiguredBackend):
 
     def chat(self, request: ChatCompletionRequest) -> Generation:
         prompt = sum(_words(m.text()) for m in request.messages)
+        calls = _called(request)
+        if calls:
+            return self._call_tools(prompt, request.n or 1, calls)
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text":
+            text = _json_reply(self._settings.reply, fmt.json_schema)
+            pieces = _cut(text, self._settings.chunks)
+            return self._generate(
+                prompt, request.n or 1, request.output_limit, request.stop, (text, pieces)
+            )
         return self._generate(prompt, request.n or 1, request.output_limit, request.stop)
+
+    async def _call_tools(
+        self, prompt_tokens: int, choices: int, calls: tuple[FunctionDefinition, ...]
+    ) -> Generation:
+        arguments = [_arguments(fn) for fn in calls]
+        delay = self._settings.chunk_delay
+        pieces = 0
+        for index, (fn, args) in enumerate(zip(calls, arguments, strict=True)):
+            fragments = [p for p in _cut(args, 3) if p]
+            steps = [ToolCallDelta(index, id=f"call_{index}", name=fn.name)]
+            steps += [ToolCallDelta(index, arguments=p) for p in fragments]
+            for step in steps:
+                if delay:
+                    await trio.sleep(delay)
+                pieces += 1
+                for choice in range(choices):
+                    yield Delta(choice=choice, tool_calls=(step,))
+        await trio.lowlevel.checkpoint()
+        for choice in range(choices):
+            yield Delta(choice=choice, finish_reason="tool_calls")
+        yield Usage(prompt_tokens=prompt_tokens, completion_tokens=pieces * choices)
 
     def complete(self, request: CompletionRequest) -> Generation:
         prompts = request.prompts()
@@ -109,14 +159,21 @@ class ScriptedBackend(ConfiguredBackend):
         choices = (request.n or 1) * len(prompts)
         return self._generate(words, choices, request.output_limit, request.stop)
 
-    def _output(self, limit: int | None, stop: Sequence[str] | None) -> tuple[Sequence[str], str]:
-        """The pieces this request produces (one per token) and its finish reason."""
-        pieces: Sequence[str] = self._pieces if limit is None else self._pieces[:limit]
-        finish = "length" if len(pieces) < len(self._pieces) else "stop"
+    def _output(
+        self,
+        limit: int | None,
+        stop: Sequence[str] | None,
+        reply: tuple[str, tuple[str, ...]] | None = None,
+    ) -> tuple[Sequence[str], str]:
+        """The pieces this request produces (one per token) and its finish reason;
+        ``reply``: another text than the configured one, and its pieces."""
+        full, all_pieces = reply if reply is not None else (self._settings.reply, self._pieces)
+        pieces: Sequence[str] = all_pieces if limit is None else all_pieces[:limit]
+        finish = "length" if len(pieces) < len(all_pieces) else "stop"
         if not stop or not pieces:
             return pieces, finish
-        ends = self._ends
-        text = self._settings.reply[: ends[len(pieces) - 1]]
+        ends = self._ends if reply is None else tuple(itertools.accumulate(len(p) for p in pieces))
+        text = full[: ends[len(pieces) - 1]]
         found = [(i, i + len(s)) for s in stop if (i := text.find(s)) >= 0]
         if not found:
             return pieces, finish
@@ -133,9 +190,14 @@ class ScriptedBackend(ConfiguredBackend):
         return out, "stop"
 
     async def _generate(
-        self, prompt_tokens: int, choices: int, limit: int | None, stop: Sequence[str] | None
+        self,
+        prompt_tokens: int,
+        choices: int,
+        limit: int | None,
+        stop: Sequence[str] | None,
+        reply: tuple[str, tuple[str, ...]] | None = None,
     ) -> Generation:
-        pieces, finish = self._output(limit, stop)
+        pieces, finish = self._output(limit, stop, reply)
         delay = self._settings.chunk_delay
         last = len(pieces) - 1
         for i, piece in enumerate(pieces):
@@ -163,6 +225,37 @@ class ScriptedBackend(ConfiguredBackend):
             tokens += _words(text) if isinstance(item, str) else len(item)
             vectors.append(_unit_vector(text, wanted))
         return EmbeddingResult(vectors=tuple(vectors), usage=Usage(prompt_tokens=tokens))
+
+
+def _called(request: ChatCompletionRequest) -> tuple[FunctionDefinition, ...]:
+    """The functions a request with tools gets calls to (none: answer in text)."""
+    tools = request.tools
+    choice = request.tool_choice
+    if not tools or (choice is not None and choice.mode == "none"):
+        return ()
+    functions = tuple(t.function for t in tools)
+    if choice is not None and choice.mode == "function":
+        return tuple(fn for fn in functions if fn.name == choice.function)
+    return functions if request.parallel_tool_calls is True else functions[:1]
+
+
+def _arguments(fn: FunctionDefinition) -> str:
+    schema = fn.parameters if fn.parameters is not None else {"type": "object"}
+    try:
+        value = instance_of(schema)
+    except Unsatisfiable:
+        value = {}
+    return orjson.dumps(value if isinstance(value, dict) else {}).decode()
+
+
+def _json_reply(reply: str, spec: dict[str, object] | None) -> str:
+    if spec is None:
+        return orjson.dumps({"reply": reply}).decode()
+    try:
+        value = instance_of(spec.get("schema", {}))
+    except Unsatisfiable:
+        value = {}
+    return orjson.dumps(value).decode()
 
 
 def _unit_vector(text: str, dims: int) -> tuple[float, ...]:

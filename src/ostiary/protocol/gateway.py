@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -96,6 +97,7 @@ from .scheduler import Scheduler, Submitted
 from .slots import Backends
 from .sse import sse_error
 from .tokens import TokenCodec
+from .tool_validation import SchemaChecker
 from .visibility import (
     Network,
     ending_counts,
@@ -160,7 +162,9 @@ class Gateway:
     who the client is; ``shared_limits`` judges limits in the runtime's shared store
     (:class:`CheckLimits`), which on failure "refuse"s (503) or counts "local"ly
     (``on_limits_failure``); ``live`` bounds the ``/v1/queue/live`` feeds
-    (:mod:`.live`); ``assets`` are the dashboard's files (:mod:`.dashboard`).
+    (:mod:`.live`); ``assets`` are the dashboard's files (:mod:`.dashboard`);
+    ``schema_checker`` (the runtime's JSON Schema library) checks the schemas of
+    requests and, in strict mode, the output.
     """
 
     def __init__(
@@ -182,7 +186,11 @@ class Gateway:
         on_limits_failure: str = "refuse",
         live: LiveSettings | None = None,
         assets: Assets | None = None,
+        schema_checker: SchemaChecker | None = None,
     ) -> None:
+        self._schema_checker = schema_checker
+        self._decoders = dict(_DECODERS)
+        self._decoders[Endpoint.CHAT] = partial(decoding.decode_chat, schema_checker=schema_checker)
         self._routes = {r.model: r for r in routes}
         self._tokens = tokens
         #: Extension names some model takes beyond the known ones: decoding keeps them.
@@ -366,7 +374,7 @@ class Gateway:
                 found = self._find_model(admission.model_id, principal)
                 return [exchange.respond(200, orjson.dumps(self._model_dict(found)))]
             assert endpoint is not None
-            call = _DECODERS[endpoint](event.body, self.limits, self._passed_on)
+            call = self._decoders[endpoint](event.body, self.limits, self._passed_on)
             target = self._find_model(call.model, principal)
             call = fit(call, target.capabilities, self._tokens)
             call = self._guard.cap_output(call, principal.role)
@@ -489,7 +497,7 @@ class Gateway:
         assert call is not None
         if not isinstance(call, EmbeddingRequest):
             exchange.output = CompletionOutput(
-                call, exchange.request_id, exchange.created, self.limits
+                call, exchange.request_id, exchange.created, self.limits, self._schema_checker
             )
         outcome = self._backends.submit(exchange, backend, now)
         if outcome is Submitted.RUNNING:

@@ -3,8 +3,10 @@
 A :class:`CompletionOutput` holds what turns normalized backend pieces into bytes:
 an SSE encoder for a streamed request, a choice accumulator otherwise, and, when the
 request has tools, the one tool-call normalizer that both paths go through (so the
-streamed and the whole answer agree). Broken tool-call output raises
-:class:`~ostiary.protocol.errors.BackendError` from :meth:`feed` or :meth:`finish`.
+streamed and the whole answer agree), then, when the request asks for strict
+output, the :class:`~.strict_output.StrictOutput` check. Broken tool-call output
+raises :class:`~ostiary.protocol.errors.BackendError` from :meth:`feed` or
+:meth:`finish`; output strict mode refuses, its ``InvalidModelOutput``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,23 @@ from .request_limits import RequestLimits
 from .requests import ChatCompletionRequest, CompletionRequest
 from .responses import ChoiceAccumulator, completion_body
 from .sse import SseEncoder
+from .strict_output import StrictOutput
+from .tool_validation import SchemaChecker
 from .toolcalls import ToolCallNormalizer
 
 __all__ = ["CompletionOutput"]
 
 
 class CompletionOutput:
-    __slots__ = ("_call", "_collected", "_created", "_encoder", "_response_id", "_tool_calls")
+    __slots__ = (
+        "_call",
+        "_collected",
+        "_created",
+        "_encoder",
+        "_response_id",
+        "_strict",
+        "_tool_calls",
+    )
 
     def __init__(
         self,
@@ -30,6 +42,7 @@ class CompletionOutput:
         request_id: str,
         created: int,
         limits: RequestLimits,
+        checker: SchemaChecker | None = None,
     ) -> None:
         chat = isinstance(call, ChatCompletionRequest)
         self._call = call
@@ -54,6 +67,9 @@ class CompletionOutput:
                 max_calls=limits.max_output_tool_calls,
                 max_argument_bytes=limits.max_output_argument_bytes,
             )
+        self._strict: StrictOutput | None = None
+        if isinstance(call, ChatCompletionRequest):
+            self._strict = StrictOutput.of(call, checker, limits)
 
     @property
     def streaming(self) -> bool:
@@ -64,6 +80,8 @@ class CompletionOutput:
         and always for a request that is not streamed)."""
         if self._tool_calls is not None:
             deltas = self._tool_calls.feed(deltas)
+        if self._strict is not None:
+            deltas = self._strict.feed(deltas)
         return self._out(deltas)
 
     def _out(self, deltas: Iterable[Delta]) -> bytes:
@@ -80,7 +98,13 @@ class CompletionOutput:
     def finish(self, usage: Usage) -> bytes:
         """The end: a stream's last events (``[DONE]`` included), or the whole
         response body of a request that is not streamed."""
-        tail = self._tool_calls.finish() if self._tool_calls is not None else []
+        calls = self._tool_calls
+        tail = calls.finish() if calls is not None else []
+        strict = self._strict
+        if strict is not None:
+            tail = strict.feed(tail)
+            made = {} if calls is None else {c: calls.calls(c) for c in calls.choices()}
+            tail += strict.finish(made)
         encoder = self._encoder
         if encoder is not None:
             return encoder.encode(tail) + encoder.usage(usage) + encoder.done()

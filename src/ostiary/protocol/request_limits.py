@@ -52,6 +52,12 @@ class RequestLimits:
     max_output_argument_bytes: int = attrs.field(
         default=1024 * 1024, validator=attrs.validators.ge(1)
     )
+    #: Bytes of one choice's content or one tool call's arguments that strict mode
+    #: (a ``strict`` tool or ``json_schema`` response format) validates; longer
+    #: output fails validation (502 ``invalid_model_output``).
+    max_strict_output_bytes: int = attrs.field(default=256 * 1024, validator=attrs.validators.ge(1))
+    #: Characters of one ``pattern`` in a strict schema (run by a linear-time regex engine).
+    max_schema_pattern_chars: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     #: Inputs in one embeddings request or prompts in one completions request.
     max_batch_inputs: int = attrs.field(default=2048, validator=attrs.validators.ge(1))
     #: Token ids in one request's ``input`` or ``prompt``, all items together

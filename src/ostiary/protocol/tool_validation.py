@@ -59,11 +59,19 @@ _STRINGS = frozenset({"pattern", "format", "$ref", "$id", "$schema", "title", "d
 
 
 class SchemaChecker(Protocol):
-    """A JSON Schema metaschema check, supplied by the runtime."""
+    """A JSON Schema library's verdicts, supplied by the runtime: the metaschema
+    check of what clients send, and (strict mode) the check of what models produce.
+    Both must be bounded in time: the core calls them on its own thread."""
 
-    def check(self, schema: Mapping[str, Any]) -> str | None:
+    def check(self, schema: Mapping[str, Any], strict: bool = False) -> str | None:
         """Why ``schema`` is not a valid JSON Schema (a message safe to show the
-        client), or None when it is."""
+        client), or None when it is. ``strict``: the schema will be run on model
+        output (a strict tool or ``response_format``), so it must also be one the
+        checker can run in bounded time."""
+
+    def validate(self, instance: object, schema: Mapping[str, Any]) -> str | None:
+        """Why ``instance`` does not satisfy ``schema`` (already :meth:`check`-ed
+        with ``strict``), or None when it does."""
 
 
 def _invalid(param: str, message: str, code: str = "invalid_value") -> InvalidRequestError:
@@ -116,7 +124,14 @@ def _check_tools(
         parameters = tool.function.parameters
         if parameters is not None:
             param = f"{where}.function.parameters"
-            check_schema(param, parameters, limits, checker, "invalid_function_parameters")
+            check_schema(
+                param,
+                parameters,
+                limits,
+                checker,
+                "invalid_function_parameters",
+                strict=tool.function.strict is True,
+            )
             kind = parameters.get("type")
             if kind is not None and kind != "object":
                 raise _invalid(
@@ -206,7 +221,7 @@ def _check_response_format(
     if schema is not None:
         if type(schema) is not dict:
             raise _invalid(f"{where}.schema", "expected an object.", "invalid_type")
-        check_schema(f"{where}.schema", schema, limits, checker)
+        check_schema(f"{where}.schema", schema, limits, checker, strict=strict is True)
 
 
 def check_schema(
@@ -215,9 +230,12 @@ def check_schema(
     limits: RequestLimits,
     checker: SchemaChecker | None = None,
     code: str = "invalid_value",
+    *,
+    strict: bool = False,
 ) -> None:
     """Check the JSON Schema ``schema`` found at ``param``: its size, its nesting,
-    the kind of value of every keyword known here, then ``checker``'s verdict."""
+    the kind of value of every keyword known here, then ``checker``'s verdict
+    (``strict``: see :meth:`SchemaChecker.check`)."""
     size = len(orjson.dumps(schema))
     if size > limits.max_schema_bytes:
         raise _invalid(
@@ -245,7 +263,7 @@ def check_schema(
         for key, value in node.items():
             _check_keyword(f"{where}.{key}", key, value, depth, stack=stack, code=code)
     if checker is not None:
-        verdict = checker.check(schema)
+        verdict = checker.check(schema, strict)
         if verdict is not None:
             raise _invalid(param, verdict, code)
 

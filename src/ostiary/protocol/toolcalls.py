@@ -199,6 +199,10 @@ class ToolCallNormalizer:
                 out.append(Delta("", choice, tuple(pieces), reason))
         return out
 
+    def choices(self) -> tuple[int, ...]:
+        """The choices that sent tool-call pieces or a finish reason, in order."""
+        return tuple(sorted(self._choices))
+
     def calls(self, choice: int = 0) -> tuple[ToolCall, ...]:
         """The calls of ``choice`` so far that have started, in index order."""
         state = self._choices.get(choice)

@@ -30,6 +30,7 @@ from .dashboard import load_dashboard
 from .driver import Driver
 from .http import HttpServer
 from .keystore import KeyStore, write_bootstrap_key
+from .schemas import JsonSchemaChecker
 from .tokenizer import load_cl100k
 
 __all__ = ["StartupError", "bootstrap_keys", "run_server", "watch_keys"]
@@ -152,6 +153,7 @@ async def run_server(
         trusted_proxies=parse_networks(config.auth.trusted_proxies),
         live=config.server.live(),
         assets=load_dashboard(),
+        schema_checker=JsonSchemaChecker(config.limits),
     )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}

@@ -229,7 +229,7 @@ class Gateway:
         ):
             return Admission(endpoint, 0, peer)
         try:
-            key = self._keys.authenticate(authorization_header(headers))
+            key = self._keys.authenticate(authorization_header(headers), wall)
         except OpenAIError as error:
             return Admission(endpoint, 0, peer, error=error)
         if endpoint not in WITH_BODY:
@@ -295,7 +295,7 @@ class Gateway:
                 return [CheckReadiness(event.request_id)]
             if endpoint is Endpoint.METRICS and peer_allowed(admission.peer, self._metrics_allow):
                 return self._render_metrics(exchange)
-            exchange.principal = self._principal(admission, event.headers)
+            exchange.principal = self._principal(admission, event.headers, event.wall)
             if endpoint in ADMIN:
                 return self._on_admin(exchange, endpoint, event.now)
             if endpoint is Endpoint.MODELS:
@@ -338,11 +338,13 @@ class Gateway:
     def _on_metrics(self, exchange: Exchange, event: MetricsRendered) -> list[Action]:
         return [exchange.respond(200, event.body, PROMETHEUS_CONTENT)]
 
-    def _principal(self, admission: Admission, headers: tuple[tuple[bytes, bytes], ...]) -> ApiKey:
+    def _principal(
+        self, admission: Admission, headers: tuple[tuple[bytes, bytes], ...], wall: float
+    ) -> ApiKey:
         key = admission.principal
         if key is None or admission.keys_version != self._keys_version:
             # Judged by an older key table (or not at all): judge again.
-            key = self._keys.authenticate(authorization_header(headers))
+            key = self._keys.authenticate(authorization_header(headers), wall)
         return key
 
     def _on_refused(self, event: RequestRefused) -> list[Action]:

@@ -157,7 +157,6 @@ def _keys(args: argparse.Namespace) -> int:
         print(secret)
     elif args.keys_command == "list":
         now = time.time()
-        print("ID\tNAME\tROLE\tSTATE\tEXPIRES\tOVERRIDES")
         for key in store.list():
             print(_listing(key, now))
     else:
@@ -166,14 +165,17 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _listing(key: KeyInfo, now: float) -> str:
-    """One tab-separated line of ``keys list``: no secret, no digest."""
-    expires = "never" if key.expires_at is None else format_utc(key.expires_at)
-    limits = ",".join(
-        f"{name}={value}"
-        for name in OVERRIDES
-        if (value := getattr(key.overrides, name)) is not None
-    )
-    return "\t".join((key.id, key.name, key.role, key.state(now), expires, limits or "-"))
+    """One tab-separated line of ``keys list``: id, name, role and state (``active``,
+    ``expired`` or ``revoked``), then ``expires=<UTC time>`` and ``<limit>=<value>``
+    fields for whichever the key has. Never the secret or its digest."""
+    fields = [key.id, key.name, key.role, key.state(now)]
+    if key.expires_at is not None:
+        fields.append(f"expires={format_utc(key.expires_at)}")
+    for name in OVERRIDES:
+        value = getattr(key.overrides, name)
+        if value is not None:
+            fields.append(f"{name}={value}")
+    return "\t".join(fields)
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from ostiary.protocol.access import AccessPolicy, LimitSet, Role
 from ostiary.protocol.actions import Dispatch, Respond
-from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_utc
+from ostiary.protocol.auth import (
+    ApiKey,
+    KeyTable,
+    digest_secret,
+    format_secret,
+    format_utc,
+    parse_key_id,
+)
 from ostiary.protocol.errors import AuthenticationError
 from ostiary.protocol.events import KeysReplaced, RequestReceived
 from ostiary.protocol.gateway import Gateway, ModelRoute
@@ -188,3 +195,21 @@ def test_a_request_judged_again_after_a_key_change_is_judged_at_its_wall() -> No
     gw.handle(KeysReplaced(expiring_table(), 10.0))
     status, body, _ = answer(gw.handle(event))
     assert (status, body["error"]["code"]) == (401, "expired_api_key")
+
+
+@pytest.mark.parametrize(
+    ("key_id", "token", "words"),
+    [("ABCDEF012345", "x" * 43, "12 lower-case hex"), ("abc", "x" * 43, "12 lower-case hex"),
+     ("0123456789ab", "x" * 42, "32 random bytes")],
+)  # fmt: skip
+def test_format_secret_refuses_weak_parts(key_id: str, token: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        format_secret(key_id, token)
+
+
+@pytest.mark.parametrize(
+    "secret", ["ost_0123456789abX" + "x" * 43, "ost_0123456789AB_" + "x" * 43, "ost_short"]
+)
+def test_malformed_secrets_name_no_key(secret: str) -> None:
+    assert parse_key_id(secret) is None
+    assert parse_key_id(format_secret("0123456789ab", "x" * 43)) == "0123456789ab"

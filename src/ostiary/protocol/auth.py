@@ -66,17 +66,13 @@ def _expiry(_: object, attribute: attrs.Attribute[float | None], value: float | 
         raise ValueError(f"{attribute.name} must be Unix seconds up to year 9999, not {value!r}")
 
 
-def _limit(_: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
-    if value is not None and (type(value) is not int or value < 1):
-        raise ValueError(f"{attribute.name} must be a whole number >= 1, not {value!r}")
-
-
 @attrs.frozen
 class ApiKey:
     """A key record as the gateway sees it (never the secret itself).
 
     ``expires_at`` (Unix seconds; None: never) and the per-key limits (None: the
-    role's) are keyword-only, so records built before they existed still build.
+    role's) are keyword-only, so records built before they existed still build. The
+    limits are validated by the :class:`LimitSet` they are gathered into.
     """
 
     id: str
@@ -84,11 +80,11 @@ class ApiKey:
     role: str
     digest: bytes = attrs.field(repr=False)
     expires_at: float | None = attrs.field(default=None, kw_only=True, validator=_expiry)
-    requests_per_minute: int | None = attrs.field(default=None, kw_only=True, validator=_limit)
-    tokens_per_minute: int | None = attrs.field(default=None, kw_only=True, validator=_limit)
-    requests_per_day: int | None = attrs.field(default=None, kw_only=True, validator=_limit)
-    tokens_per_day: int | None = attrs.field(default=None, kw_only=True, validator=_limit)
-    max_concurrent: int | None = attrs.field(default=None, kw_only=True, validator=_limit)
+    requests_per_minute: int | None = attrs.field(default=None, kw_only=True)
+    tokens_per_minute: int | None = attrs.field(default=None, kw_only=True)
+    requests_per_day: int | None = attrs.field(default=None, kw_only=True)
+    tokens_per_day: int | None = attrs.field(default=None, kw_only=True)
+    max_concurrent: int | None = attrs.field(default=None, kw_only=True)
     _overrides: LimitSet = attrs.field(init=False, eq=False, repr=False)
 
     @_overrides.default

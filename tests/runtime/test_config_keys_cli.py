@@ -25,7 +25,7 @@ from ostiary.runtime.config import (
     load_config,
     parse_config,
 )
-from ostiary.runtime.keystore import KeyStore, KeyStoreError
+from ostiary.runtime.keystore import KeyStoreError, SqliteKeyStore
 from ostiary.runtime.logs import redact, setup_logging
 from ostiary.runtime.server import bootstrap_keys, watch_keys
 
@@ -154,7 +154,7 @@ def test_default_config_is_the_embedded_model() -> None:
 
 
 def test_key_store_lifecycle(tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / "state" / "keys.sqlite3")
+    store = SqliteKeyStore(tmp_path / "state" / "keys.sqlite3")
     assert store.load()[2] == 0
     info, secret = store.create("ci", "user")
     assert parse_key_id(secret) == info.id
@@ -180,11 +180,11 @@ def test_unusable_key_store(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(KeyStoreError):
-        KeyStore(blocker / "keys.sqlite3").list()
+        SqliteKeyStore(blocker / "keys.sqlite3").list()
     garbage = tmp_path / "garbage.sqlite3"
     garbage.write_bytes(b"not a database" * 100)
     with pytest.raises(KeyStoreError):
-        KeyStore(garbage).list()
+        SqliteKeyStore(garbage).list()
 
 
 def write_config(tmp_path: Path) -> Path:
@@ -204,7 +204,7 @@ def test_bootstrap_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     assert secret not in caplog.text
     bootstrap_keys(config)  # not empty any more: nothing new
     assert key_file.read_text().strip() == secret
-    assert len(KeyStore(config.keys_db).list()) == 1
+    assert len(SqliteKeyStore(config.keys_db).list()) == 1
 
 
 def test_cli_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -261,7 +261,7 @@ async def test_running_server_picks_up_key_changes_at_the_next_poll(
     is measured. ``offset`` is when, after a poll, the change is made."""
     every = AuthSettings().key_reload_interval
     assert every <= 2.0
-    store = KeyStore(tmp_path / "k.sqlite3")
+    store = SqliteKeyStore(tmp_path / "k.sqlite3")
     generation, table, _ = store.load()
     gateway = Tables(table)
 
@@ -305,7 +305,7 @@ async def test_key_watcher_survives_a_broken_store(
 ) -> None:
     from tests.conftest import key_table
 
-    class Broken(KeyStore):
+    class Broken(SqliteKeyStore):
         def generation(self) -> int:
             raise PermissionError("store went away")
 

@@ -154,7 +154,7 @@ class Guard:
                         code="permission_denied",
                     )
                 return self.access.principal(f"jwt:{claims.subject}", role, label=claims.subject)
-        key = keys.authenticate(header)
+        key = keys.authenticate(header, wall)
         cached = self._principals.get(key.id)
         if cached is not None and cached[0] is key:
             return cached[1]
@@ -164,8 +164,7 @@ class Guard:
                 f"The key's role '{key.role}' is not configured on this server.",
                 code="permission_denied",
             )
-        overrides = getattr(key, "overrides", None)
-        principal = self.access.principal(f"key:{key.id}", role, overrides, label=key.id)
+        principal = self.access.principal(f"key:{key.id}", role, key.overrides, label=key.id)
         if len(self._principals) >= 65_536:
             self._principals.clear()
         self._principals[key.id] = (key, principal)

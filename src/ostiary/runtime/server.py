@@ -29,7 +29,7 @@ from .config import Config, ConfigError, load_config
 from .dashboard import load_dashboard
 from .driver import Driver
 from .http import HttpServer
-from .keystore import KeyStore, write_bootstrap_key
+from .keystore import KeyStore, open_key_store, write_bootstrap_key
 from .schemas import JsonSchemaChecker
 from .tokenizer import load_cl100k
 
@@ -46,7 +46,7 @@ class StartupError(Exception):
 def bootstrap_keys(config: Config) -> KeyStore:
     """Open the key store; on an empty one, create the bootstrap admin key and write
     it to ``<state_dir>/admin.key`` (mode 0600). Logs the path, never the key."""
-    store = KeyStore(config.keys_db)
+    store = open_key_store(config.keys_db)
     _, _, total = store.load()
     if total == 0:
         _, secret = store.create("bootstrap-admin", "admin")

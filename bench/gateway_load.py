@@ -8,6 +8,10 @@ Scenarios (pick with ``--only``):
   the access log on, as ``ostiary serve`` runs by default (JSON lines to stderr, here
   a file), and off; each as a share of the bare h11 ceiling measured in the same run.
   ``--pythonpath DIR`` serves another checkout's ``src`` (before/after comparisons).
+* ``limits``: non-stream chat through the scripted backend at 64 connections, access
+  log on, with no limits configured and then with a realistic set in the memory store
+  (the principal's requests and tokens per minute and per day, an IP layer and a
+  model layer; none refuses) — and with ``--redis-url``, the same limits in Redis.
 * ``upstream``: the ``openai`` backend in front of ``bench/mock_upstream.py``:
   non-stream chat at 1, 16, 64 and 200 connections, and streams/s with 200 concurrent
   streams of 20 chunks.
@@ -154,6 +158,48 @@ def access_log(seconds: int, pythonpath: str | None) -> list[tuple[str, float, s
     return rows
 
 
+#: Limits high enough never to refuse, so every request pays the full admission.
+LIMITS = """
+[[roles]]
+name = "admin"
+endpoints = ["chat.completions", "completions", "embeddings", "models", "queue", "metrics"]
+requests_per_minute = 100000000
+tokens_per_minute = 10000000000
+requests_per_day = 1000000000
+max_concurrent = 100000
+
+[[rate_limits]]
+scope = "ip"
+requests_per_minute = 100000000
+
+[[rate_limits]]
+scope = "model"
+requests_per_minute = 100000000
+tokens_per_minute = 10000000000
+"""
+
+
+def limits(seconds: int, redis_url: str | None) -> list[tuple[str, float, str]]:
+    rows = ceiling(seconds)
+    top = rows[0][1]
+    backend = '[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["s"]\nchunks = 1\n'
+    runs = [("no limits", ""), ("limits in memory", LIMITS)]
+    if redis_url:
+        runs.append(("limits in Redis", LIMITS + f'\n[redis]\nurl = "{redis_url}"\n'))
+    base = None
+    for label, extra in runs:
+        with ostiary(extra + backend, access_log=True) as (port, key):
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            wrk(url, key, CHAT % ("s", ""), 16, 2)  # warm-up
+            r = wrk(url, key, CHAT % ("s", ""), 64, seconds)
+        base = base or r["rps"]
+        share = f"{r['rps'] / base:.0%} of no limits, {r['rps'] / top:.0%} of ceiling"
+        rows.append(
+            (f"scripted non-stream chat, {label}, 64 conn", r["rps"], detail(f"req/s, {share}", r))
+        )
+    return rows
+
+
 def upstream(seconds: int) -> list[tuple[str, float, str]]:
     mock = [PY, str(ROOT / "bench" / "mock_upstream.py"), "--port", "0", "--chunks", "20"]
     with running(mock, cwd=ROOT) as (_, mock_port):
@@ -182,7 +228,8 @@ def _upstream_rows(backend: str, seconds: int) -> list[tuple[str, float, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=["scripted", "access-log", "upstream"])
+    parser.add_argument("--only", choices=["scripted", "access-log", "limits", "upstream"])
+    parser.add_argument("--redis-url", help="also measure the limits in this Redis")
     parser.add_argument("--pythonpath", help="serve the ostiary package found here")
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--json", action="store_true")
@@ -192,6 +239,8 @@ def main() -> None:
         rows += scripted(args.seconds)
     if args.only in (None, "access-log"):
         rows += access_log(args.seconds, args.pythonpath)
+    if args.only in (None, "limits"):
+        rows += limits(args.seconds, args.redis_url)
     if args.only in (None, "upstream"):
         rows += upstream(args.seconds)
     if args.json:

@@ -1,0 +1,54 @@
+"""SIGHUP's reload of roles, limits and trusted proxies (``reload_access``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.runtime.config import load_config
+from ostiary.runtime.driver import Driver
+from ostiary.runtime.server import reload_access
+from tests.conftest import USER_SECRET, auth_headers, key_table
+
+BACKEND = '[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["m"]\n'
+
+
+def driver_for(path: Path) -> Driver:
+    config = load_config(path)
+    gateway = Gateway(
+        routes=[ModelRoute("m", "s")], keys=key_table(), access=config.access_policy()
+    )
+    return Driver(gateway, {}, access_log=False)
+
+
+async def test_reload_applies_new_roles_and_refuses_a_bad_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ostiary.toml"
+    path.write_text(BACKEND)
+    config = load_config(path)
+    driver = driver_for(path)
+    headers = auth_headers(USER_SECRET)
+
+    def admitted() -> int:
+        admission = driver.gateway.admits("POST", "/v1/chat/completions", headers, "10.0.0.1", 0.0)
+        return 0 if admission.error is None else admission.error.status
+
+    assert admitted() == 0
+    path.write_text('[[roles]]\nname = "user"\nendpoints = ["models"]\n' + BACKEND)
+    assert await reload_access(config, driver) is not None
+    assert admitted() == 403
+    path.write_text('[[roles]]\nname = "user"\nendpoints = ["nope"]\n' + BACKEND)
+    assert await reload_access(config, driver) is None
+    assert admitted() == 403  # the old (reloaded) config stays
+    assert "config reload refused" in caplog.text
+
+
+async def test_reload_without_a_file_changes_nothing(tmp_path: Path) -> None:
+    from ostiary.runtime.config import default_config
+
+    path = tmp_path / "ostiary.toml"
+    path.write_text(BACKEND)
+    assert await reload_access(default_config(), driver_for(path)) is None

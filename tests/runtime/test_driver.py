@@ -498,3 +498,30 @@ async def test_a_cors_preflight_is_answered_over_http(
         # The connection stays usable for the request the preflight was for.
         status, _, _ = await post(client, "/v1/chat/completions", chat_body(model="s"))
         assert status == 200
+
+
+async def test_a_stream_nobody_reads_gives_its_slot_back_after_the_send_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The slow-reader policy (README, "Slots, the queue and timeouts"): a stream's
+    slot is held while backpressure pauses it, until one write has waited
+    ``send_timeout``; then the client counts as gone and the next request runs."""
+    async with running(max_concurrency=1) as (connect, driver, _):
+        server = HttpServer(driver, HttpSettings(send_timeout=5.0))
+        client_stream, server_stream = trio.testing.lockstep_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_connection, server_stream)
+            client = Client(client_stream)
+            await client.request(
+                target="/v1/completions",
+                body=orjson.dumps({"model": "s", "prompt": "x", "n": 8, "stream": True}),
+                authorization=auth_headers()[0][1].decode(),
+            )
+            await trio.sleep(1)
+            assert driver.gateway.scheduler("scripted").running == 1  # held while paused
+            start = trio.current_time()
+            status, _, _ = await post(await connect(), "/v1/chat/completions", chat_body(model="s"))
+            assert status == 200
+            assert 3.5 <= trio.current_time() - start <= 5.5  # queued until the cut
+            nursery.cancel_scope.cancel()
+        assert driver.gateway.in_flight == 0

@@ -61,7 +61,8 @@ class FairQueueInternals(SchedulerContract):
                 # The counter bound of the docstring, with corrections.
                 weight = self.weights[name]
                 bound = (1 + self.max_concurrency) * self.max_cost / weight
-                assert cls.vtime - EPS <= flow.vtime <= cls.vtime + bound + EPS
+                slack = self.max_concurrency * self.max_cost / weight
+                assert cls.vtime - slack - EPS <= flow.vtime <= cls.vtime + bound + EPS
         assert len(q._by_age) == len({self.tickets[rid].priority for rid in queued})
         finite = [rid for rid in queued if self.tickets[rid].deadline < math.inf]
         assert len(q._deadlines) == len(finite)

@@ -61,3 +61,42 @@ async def test_a_light_key_is_not_stuck_behind_a_heavy_keys_queue(
     else:
         # Behind the whole burst: HEAVY requests over 2 slots, then its own.
         assert latencies[0] >= (HEAVY / 2) * SERVICE - SERVICE
+
+
+async def test_roles_weights_share_a_backlogged_backend_one_to_three(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two backlogged keys whose roles weigh 1 and 3: while both have requests
+    queued, the heavier is served about three times as often."""
+    from ostiary.protocol.access import AccessPolicy, Role
+
+    backend = ScriptedBackend(ScriptedSettings(models=("s",), chunks=2, chunk_delay=SERVICE / 2))
+    policy = BackendPolicy(name="scripted", max_concurrency=2, max_queue=256)
+    access = AccessPolicy([Role(name="admin", weight=1.0), Role(name="user", weight=3.0)])
+    gateway = Gateway(
+        routes=[ModelRoute("s", "scripted")], keys=key_table(), backends=[policy], access=access
+    )
+    driver = Driver(gateway, {"scripted": backend}, access_log=False)
+    finished: list[str] = []
+
+    async with in_memory(driver) as connect:
+
+        async def send(secret: str, name: str) -> None:
+            client = await connect()
+            await client.request(
+                target="/v1/chat/completions",
+                body=chat_body(model="s"),
+                authorization=f"Bearer {secret}",
+            )
+            assert (await client.response())[0] == 200
+            finished.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(80):
+                nursery.start_soon(send, ADMIN_SECRET, "light")
+                nursery.start_soon(send, USER_SECRET, "heavy")
+    # While both were backlogged (the first 80 served), about 1:3.
+    window = finished[:80]
+    heavy, light = window.count("heavy"), window.count("light")
+    print(f"served heavy:light = {heavy}:{light}")
+    assert 2.5 <= heavy / light <= 3.5

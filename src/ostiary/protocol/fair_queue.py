@@ -17,13 +17,16 @@ virtual time ``V``: the counter of the flow last served, before its charge.
   queued or running is forgotten, and comes back at ``v = V``. Idle time earns no
   credit, so forgetting a flow never lets it jump the line.
 - :meth:`FairQueue.charge` replaces a request's cost by its real usage as it arrives:
-  ``v += (actual - charged) / weight``, floored at ``V`` (a refund never banks
-  credit below the system's virtual time).
+  ``v += (actual - charged) / weight``. For a flow with nothing queued the result is
+  floored at ``V`` (a refund never banks credit for later); a backlogged flow keeps
+  it, since it waited while over-charged: without that, a generous estimate refunded
+  at the end would erase the weights (each refund floored at the same ``V``).
 
 **Bounds.** Let ``C`` be the largest cost charged to one request and ``R`` =
 ``max_concurrency``. In every class, at every moment, every backlogged flow ``i``
-has ``V <= v_i <= V + (1 + R) * C / w_i``, and ``V <= v_i <= V + C / w_i`` when
-costs are not corrected after dispatch. (Proof sketch: serving the least ``v`` keeps
+has ``V - R * C / w_i <= v_i <= V + (1 + R) * C / w_i`` (the lower slack: refunds of
+at most ``R`` running requests), and ``V <= v_i <= V + C / w_i`` when costs are not
+corrected after dispatch. (Proof sketch: serving the least ``v`` keeps
 ``V`` below every backlogged counter and moves ``V`` only up; each flow is charged at
 most ``C / w`` past the ``V`` of its last pick, plus the later corrections of at most
 ``R`` requests it has running.) Hence, without corrections:
@@ -197,9 +200,10 @@ class FairQueue(SchedulerBase):
         if running is not None:
             flow = self._flows[running.flow]
             cls = self._classes[flow.key[0]]
-            flow.vtime = max(
-                cls.vtime, flow.vtime + (actual_cost - running.charged) / running.weight
-            )
+            vtime = flow.vtime + (actual_cost - running.charged) / running.weight
+            # A backlogged flow keeps a refund (it was owed that service while it
+            # waited); an idle one comes back at V anyway.
+            flow.vtime = vtime if flow.queue else max(cls.vtime, vtime)
             running.charged = actual_cost
             if flow.queue:
                 cls.backlogged.push(flow.key[1], (flow.vtime, 0.0))

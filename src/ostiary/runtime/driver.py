@@ -177,11 +177,14 @@ class Driver:
     ) -> Admission:
         admission = self.gateway.admits(method, target, headers, peer, time.time())
         verifier = self.verifier
-        if admission.refresh_keys and verifier is not None:
-            # A JWT naming a key we lack: the key set may have rotated. Refresh it
-            # (rate-limited, one fetch shared by all who ask) and judge once more.
-            if await verifier.refresh_for_unknown_kid():
-                admission = self.gateway.admits(method, target, headers, peer, time.time())
+        # A JWT naming a key we lack: the key set may have rotated. Refresh it
+        # (rate-limited, one fetch shared by all who ask) and judge once more.
+        if (
+            admission.refresh_keys
+            and verifier is not None
+            and await verifier.refresh_for_unknown_kid()
+        ):
+            admission = self.gateway.admits(method, target, headers, peer, time.time())
         return admission
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:

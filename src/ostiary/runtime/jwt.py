@@ -213,7 +213,8 @@ class JwtVerifier:
     """Verifies bearer JWTs against a JWKS held in memory (module docstring).
 
     ``fetches`` counts the reads of the JWKS (file or URL) so far, for tests and
-    logs; ``ready`` is false until a key set has been loaded.
+    logs; ``ready`` is false until a key set has been loaded; ``installed`` is set
+    (and replaced by a fresh event) each time a new key set is swapped in.
     """
 
     def __init__(self, settings: JwtSettings, *, file_poll: float = _FILE_POLL) -> None:
@@ -228,6 +229,7 @@ class JwtVerifier:
         self._last_ok = False
         self._last_on_demand = -math.inf
         self.fetches = 0
+        self.installed = trio.Event()
 
     @property
     def ready(self) -> bool:
@@ -381,7 +383,10 @@ class JwtVerifier:
         task_status.started()
         interval = self.settings.jwks_refresh_interval
         backoff = _FIRST_BACKOFF
-        next_refresh = trio.current_time() + (interval if self._last_ok else backoff)
+        next_refresh = trio.current_time() + interval
+        if not self._last_ok:
+            next_refresh = trio.current_time() + backoff
+            backoff = min(backoff * 2, interval)
         while True:
             if self.settings.jwks_file is not None:
                 await trio.sleep(min(self._file_poll, max(0.0, next_refresh - trio.current_time())))
@@ -397,7 +402,7 @@ class JwtVerifier:
                 backoff = _FIRST_BACKOFF
                 next_refresh = trio.current_time() + interval
             else:
-                next_refresh = trio.current_time() + min(backoff, interval)
+                next_refresh = trio.current_time() + backoff
                 backoff = min(backoff * 2, interval)
 
     async def _reload(self) -> bool:
@@ -417,6 +422,8 @@ class JwtVerifier:
 
     def _install(self, snapshot: _KeySnapshot) -> None:
         self._keys = snapshot
+        installed, self.installed = self.installed, trio.Event()
+        installed.set()
         log.info(
             "JWKS loaded",
             extra={"fields": {"source": self.source, "kids": sorted(snapshot.by_kid)}},

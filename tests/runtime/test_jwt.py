@@ -524,3 +524,29 @@ async def test_url_that_refuses_connections_is_logged_not_fatal() -> None:
     verifier = JwtVerifier(settings(jwks_file=None, jwks_url=f"http://127.0.0.1:{port}/k"))
     await verifier.load()
     assert not verifier.ready and verifier.fetches == 1
+
+
+async def test_a_remembered_token_is_still_judged_and_forgotten_with_its_key(
+    tmp_path: Path,
+) -> None:
+    verifier = await loaded(tmp_path, RSA, EC)
+    token = mint(RSA, "RS256")
+    assert verifier.verify(token, NOW).subject == "alice"
+    assert verifier.verify(token, NOW).subject == "alice"  # from memory
+    assert "expired" in refused(verifier, token, NOW + 3600)
+    (tmp_path / "jwks.json").write_bytes(jwks(EC))  # the RSA key is withdrawn
+    assert await verifier.refresh()
+    with pytest.raises(UnknownSigningKey):
+        verifier.verify(token, NOW)
+
+
+async def test_remembered_tokens_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ostiary.runtime.jwt._VERIFIED_CACHE", 2)
+    verifier = await loaded(tmp_path, ED)
+    tokens = [mint(ED, "Ed25519", claims(sub=f"user-{i}")) for i in range(5)]
+    for token in tokens:
+        verifier.verify(token, NOW)
+        assert len(verifier._verified) <= 2
+    assert [verifier.verify(t, NOW).subject for t in tokens] == [f"user-{i}" for i in range(5)]

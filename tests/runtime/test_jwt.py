@@ -12,6 +12,9 @@ import orjson
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from joserfc.jwk import Key, RSAKey
 
 from ostiary.protocol.credentials import (
@@ -185,6 +188,7 @@ async def test_each_failure_has_its_own_clear_message(tmp_path: Path) -> None:
         "payload is not base64url JSON": sign(RSA, "RS256", payload=b"\xff{"),
         "signature is not base64url": f"{head}.{body}.a",
         "too long": f"{head}.{'A' * MAX_TOKEN_LENGTH}.{sig}",
+        "payload is not base64url": f"{head}.{body}\u00e9.{sig}",
         "neither a string nor a list": mint(RSA, "RS256", claims(roles=[1, 2])),
         "audience (aud)": mint(RSA, "RS256", claims(aud=None)),
     }
@@ -550,3 +554,40 @@ async def test_remembered_tokens_are_bounded(
         verifier.verify(token, NOW)
         assert len(verifier._verified) <= 2
     assert [verifier.verify(t, NOW).subject for t in tokens] == [f"user-{i}" for i in range(5)]
+
+
+_FUZZED = JwtVerifier(settings())
+_FUZZED._keys = parse_jwks(jwks(RSA, EC, ED))
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "alg": st.sampled_from(["RS256", "ES256", "EdDSA", "Ed25519", "none", "HS256"]) | _JSON,
+        "kid": st.sampled_from(["rsa-1", "ec-1", "ed-1", ""]) | _JSON,
+        "crit": _JSON,
+    },
+)
+
+
+@settings_(max_examples=150, deadline=None)
+@given(
+    st.text(max_size=200)
+    | st.builds(
+        forge, _HEADERS, st.dictionaries(st.text(max_size=5), _JSON), st.binary(max_size=80)
+    )
+)
+def test_any_credential_is_either_verified_or_refused_with_a_401(token: str) -> None:
+    try:
+        _FUZZED.verify(token, NOW)
+    except AuthenticationError as error:
+        assert error.status == 401 and error.message

@@ -295,6 +295,8 @@ class JwtVerifier:
             signature = _b64decode(parts[2])
         except (ValueError, binascii.Error):
             raise _invalid("The token is malformed: its signature is not base64url.") from None
+        if not _SEGMENT.fullmatch(parts[1]):
+            raise _invalid("The token is malformed: its payload is not base64url JSON.")
         signed = f"{parts[0]}.{parts[1]}".encode("ascii")
         if not any(self._checks(model, signed, signature, key) for key in suitable):
             raise _invalid("The token's signature is not valid.")

@@ -28,10 +28,11 @@ from .access_log import AccessLog
 from .config import Config
 from .driver import Driver
 from .http import HttpServer
+from .jwt import JwksError, JwtVerifier
 from .keystore import KeyStore, write_bootstrap_key
 from .tokenizer import load_cl100k
 
-__all__ = ["StartupError", "bootstrap_keys", "run_server", "watch_keys"]
+__all__ = ["StartupError", "bootstrap_keys", "load_verifier", "run_server", "watch_keys"]
 
 log = logging.getLogger("ostiary.server")
 T = TypeVar("T")
@@ -81,6 +82,20 @@ async def watch_keys(
             log.error("cannot reload API keys", extra={"fields": {"error": repr(exc)}})
 
 
+async def load_verifier(config: Config) -> JwtVerifier | None:
+    """The JWT verifier ``[auth.jwt]`` asks for, its key set loaded (None without
+    the table). A JWKS file that cannot be used stops start-up; a URL that cannot
+    be fetched yet is retried by the verifier's ``run``."""
+    if config.auth.jwt is None:
+        return None
+    verifier = JwtVerifier(config.auth.jwt)
+    try:
+        await verifier.load()
+    except JwksError as exc:
+        raise StartupError(f"[auth.jwt] JWKS: {exc}") from exc
+    return verifier
+
+
 async def run_server(
     config: Config,
     *,
@@ -107,6 +122,7 @@ async def run_server(
         # Token-id embedding input decodes as cl100k for models that take text;
         # loading it takes about a second, once.
         tokens = await trio.to_thread.run_sync(load_cl100k)
+    verifier = await load_verifier(config)
     gateway = Gateway(
         tokens=tokens,
         cors=CorsPolicy(frozenset(config.server.cors_origins)),
@@ -137,7 +153,10 @@ async def run_server(
             )
         writer = access_log if config.server.access_log else None
         driver = Driver(
-            gateway, backends, access_log=writer if writer is not None else config.server.access_log
+            gateway,
+            backends,
+            access_log=writer if writer is not None else config.server.access_log,
+            verifier=verifier,
         )
         if writer is not None:
             stack.callback(writer.flush)  # what was logged while the nursery unwound
@@ -147,6 +166,8 @@ async def run_server(
             if writer is not None:
                 await nursery.start(writer.run)
             await nursery.start(driver.run_timers)
+            if verifier is not None:
+                await nursery.start(verifier.run)
             nursery.start_soon(
                 watch_keys, store, driver.replace_keys, generation, config.auth.key_reload_interval
             )

@@ -132,6 +132,8 @@ async def run_server(
         limits=config.limits,
         created=int(time.time()),
         metrics_allow=parse_networks(config.server.metrics_allow),
+        access=config.access_policy(),
+        verifier=verifier,
     )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}

@@ -261,6 +261,11 @@ class AccessPolicy:
         ] = {}
         #: Whether any request can be limited at all (else admission skips the store).
         self.limited = bool(self.layers) or any(not r.empty for r in table.values())
+        #: Whether some limit counts tokens (so prompts must be counted).
+        self.counts_tokens = any(
+            s.tokens_per_minute is not None or s.tokens_per_day is not None
+            for s in (*table.values(), *self.layers)
+        )
 
     def role(self, name: str) -> Role | None:
         return self.roles.get(name)

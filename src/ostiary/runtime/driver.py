@@ -30,6 +30,7 @@ from contextlib import aclosing
 import trio
 
 from ostiary.backends import Backend, Generation
+from ostiary.protocol.access import AccessPolicy
 from ostiary.protocol.actions import (
     Action,
     CancelBackend,
@@ -46,8 +47,10 @@ from ostiary.protocol.actions import (
 )
 from ostiary.protocol.admission import Admission
 from ostiary.protocol.auth import KeyTable
+from ostiary.protocol.credentials import TokenVerifier
 from ostiary.protocol.errors import InternalServerError, OpenAIError
 from ostiary.protocol.events import (
+    AccessReplaced,
     BackendChunk,
     BackendFailed,
     BackendFinished,
@@ -69,6 +72,7 @@ from ostiary.protocol.gateway import Gateway
 from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, EmbeddingRequest
 from ostiary.protocol.responses import error_body, error_headers
+from ostiary.protocol.visibility import Network
 
 from .access_log import AccessLog
 from .exposition import Exposition
@@ -316,6 +320,15 @@ class Driver:
             now = trio.current_time()
             if now >= self.gateway.next_deadline():
                 self._feed(Tick(now))
+
+    def replace_access(
+        self,
+        access: AccessPolicy,
+        verifier: TokenVerifier | None,
+        trusted_proxies: tuple[Network, ...],
+    ) -> None:
+        """The config was reloaded: new roles, limits, JWT settings, trusted proxies."""
+        self._feed(AccessReplaced(access, verifier, trusted_proxies, trio.current_time()))
 
     def replace_keys(self, keys: KeyTable) -> None:
         """The key store changed: the gateway authenticates against ``keys`` now."""

@@ -591,3 +591,16 @@ def test_any_credential_is_either_verified_or_refused_with_a_401(token: str) -> 
         _FUZZED.verify(token, NOW)
     except AuthenticationError as error:
         assert error.status == 401 and error.message
+
+
+async def test_reconfigure_to_an_unreachable_url_changes_nothing(tmp_path: Path) -> None:
+    verifier = await loaded(tmp_path, RSA)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()
+    with pytest.raises(JwksError, match="cannot be fetched"):
+        await verifier.reconfigure(
+            settings(jwks_file=None, jwks_url=f"http://127.0.0.1:{port}/k", issuer="x")
+        )
+    assert verifier.settings.issuer == ISSUER
+    assert verifier.verify(mint(RSA, "RS256"), NOW).subject == "alice"

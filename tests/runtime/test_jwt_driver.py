@@ -6,20 +6,24 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import trio
 import trio.testing
 
 from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.access import AccessPolicy, Role
 from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.runtime.config import load_config
 from ostiary.runtime.driver import Driver
 from ostiary.runtime.jwt import JwtVerifier
+from ostiary.runtime.server import load_verifier, reload_access
 from tests.conftest import chat_body, key_table
 from tests.runtime.inprocess import Connect, in_memory
-from tests.runtime.jwks import claims, ec_key, jwks, mint, rsa_key
+from tests.runtime.jwks import AUDIENCE, ISSUER, claims, ec_key, jwks, mint, rsa_key
 from tests.runtime.test_jwt import CountingVerifier
 
 RSA = rsa_key("drv-rsa")
@@ -126,3 +130,69 @@ async def test_without_a_refresher_an_unknown_kid_is_simply_refused(
         status, body = await ask(connect, tok(ROTATED))
         assert status == 401 and "unknown kid" in body["error"]["message"]
         assert verifier.fetches == 1
+
+
+def config_text(jwt: str) -> str:
+    return (
+        jwt
+        + '[[roles]]\nname = "tenant"\n'
+        + '[[backends]]\nname = "scripted"\nkind = "scripted"\nmodels = ["s"]\n'
+    )
+
+
+def jwt_table(jwks_file: Path, issuer: str) -> str:
+    return (
+        f'[auth.jwt]\njwks_file = "{jwks_file}"\nissuer = "{issuer}"\naudience = "{AUDIENCE}"\n'
+        'algorithms = ["RS256", "ES256"]\n'
+    )
+
+
+async def test_sighup_reloads_the_jwt_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_bytes(jwks(RSA))
+    second.write_bytes(jwks(ROTATED))
+    path = tmp_path / "cfg.toml"
+    path.write_text(config_text(jwt_table(first, ISSUER)), encoding="utf-8")
+    config = load_config(path)
+    verifier = await load_verifier(config)
+    assert verifier is not None
+    async with serving(verifier) as (connect, driver):
+        old = tok(RSA)
+        assert (await ask(connect, old))[0] == 200
+        # A new issuer and key set: loaded first, then swapped in with the settings.
+        other = "https://other.test"
+        path.write_text(config_text(jwt_table(second, other)), encoding="utf-8")
+        reloaded = await reload_access(config, driver)
+        assert reloaded is not None and reloaded.auth.jwt is not None
+        assert (await ask(connect, tok(ROTATED, iss=other)))[0] == 200
+        status, body = await ask(connect, old)
+        assert status == 401 and "unknown kid" in body["error"]["message"]
+        # A key set that cannot be loaded: the whole reload is refused.
+        path.write_text(config_text(jwt_table(tmp_path / "gone.json", ISSUER)), encoding="utf-8")
+        assert await reload_access(reloaded, driver) is None
+        refusals = [getattr(r, "fields", {}).get("error", "") for r in caplog.records]
+        assert any("[auth.jwt] JWKS" in e and "gone.json: cannot read" in e for e in refusals)
+        assert (await ask(connect, tok(ROTATED, iss=other)))[0] == 200
+        # [auth.jwt] removed: JWTs are no longer accepted, the refresh task ends.
+        path.write_text(config_text(""), encoding="utf-8")
+        assert await reload_access(reloaded, driver) is not None
+        assert (await ask(connect, tok(ROTATED, iss=other)))[0] == 401
+        assert driver.verifier is None
+        with trio.fail_after(5):
+            await verifier.run()  # returns at once: retired
+
+
+async def test_adding_jwt_on_reload_needs_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "k.json").write_bytes(jwks(RSA))
+    path = tmp_path / "cfg.toml"
+    path.write_text(config_text(""), encoding="utf-8")
+    config = load_config(path)
+    async with serving(None) as (connect, driver):
+        path.write_text(config_text(jwt_table(tmp_path / "k.json", ISSUER)), encoding="utf-8")
+        assert await reload_access(config, driver) is not None
+        assert "adding [auth.jwt] needs a restart" in caplog.text
+        assert (await ask(connect, tok(RSA)))[0] == 401

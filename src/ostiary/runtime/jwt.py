@@ -221,11 +221,9 @@ class JwtVerifier:
     """
 
     def __init__(self, settings: JwtSettings, *, file_poll: float = _FILE_POLL) -> None:
-        self.settings = settings
-        self._allowed = frozenset(_canonical(a) for a in settings.algorithms)
-        self._allowed_text = ", ".join(settings.algorithms)
-        self._models = {a: JWSRegistry.algorithms[a] for a in self._allowed}
+        self._configure(settings)
         self._keys = _EMPTY
+        self._retired = False
         self._file_poll = file_poll
         self._file_stamp: tuple[int, int, int] | None = None
         self._fetching: trio.Event | None = None
@@ -237,6 +235,31 @@ class JwtVerifier:
         self._verified: dict[bytes, dict[str, Any]] = {}
         self.fetches = 0
         self.installed = trio.Event()
+
+    def _configure(self, settings: JwtSettings) -> None:
+        self.settings = settings
+        self._allowed = frozenset(_canonical(a) for a in settings.algorithms)
+        self._allowed_text = ", ".join(settings.algorithms)
+        self._models = {a: JWSRegistry.algorithms[a] for a in self._allowed}
+
+    async def reconfigure(self, settings: JwtSettings) -> None:
+        """Take new ``[auth.jwt]`` settings (a config reload): their key set is
+        loaded first, and only if that works are settings and keys swapped in
+        together; otherwise :class:`JwksError`, and nothing changes."""
+        fresh = JwtVerifier(settings, file_poll=self._file_poll)
+        await fresh.load()
+        if not fresh.ready:
+            raise JwksError(f"{fresh.source}: cannot be fetched")
+        self._configure(settings)
+        self._file_stamp = fresh._file_stamp
+        self._last_on_demand = -math.inf
+        self._last_ok = True
+        self.fetches += fresh.fetches
+        self._install(fresh._keys)
+
+    def retire(self) -> None:
+        """JWTs are no longer accepted (``[auth.jwt]`` removed): :meth:`run` ends."""
+        self._retired = True
 
     @property
     def ready(self) -> bool:
@@ -406,7 +429,8 @@ class JwtVerifier:
         if not self._last_ok:
             next_refresh = trio.current_time() + backoff
             backoff = min(backoff * 2, interval)
-        while True:
+        while not self._retired:
+            interval = self.settings.jwks_refresh_interval  # a reload may change it
             if self.settings.jwks_file is not None:
                 await trio.sleep(min(self._file_poll, max(0.0, next_refresh - trio.current_time())))
                 due = trio.current_time() >= next_refresh

@@ -122,8 +122,35 @@ async def reload_access(config: Config, driver: Driver) -> Config | None:
     access = new.access_policy()
     if access.counts_tokens and guard.tokens is None:
         log.warning("config reload: token limits need a restart to load the token counter")
-    driver.replace_access(access, guard.verifier, parse_networks(new.auth.trusted_proxies))
+    verifier = guard.verifier
+    if new.auth.jwt != config.auth.jwt:
+        try:
+            verifier = await _reload_verifier(driver, new)
+        except JwksError as exc:
+            log.error(
+                "config reload refused; the old config stays",
+                extra={"fields": {"error": f"[auth.jwt] JWKS: {exc}"}},
+            )
+            return None
+    driver.replace_access(access, verifier, parse_networks(new.auth.trusted_proxies))
     return new
+
+
+async def _reload_verifier(driver: Driver, new: Config) -> JwtVerifier | None:
+    """The verifier for ``new``'s ``[auth.jwt]``: the running one reconfigured
+    (its new key set loaded first), or retired when the table is gone. Adding the
+    table to a server started without it needs a restart (logged)."""
+    current = driver.verifier if isinstance(driver.verifier, JwtVerifier) else None
+    if new.auth.jwt is None:
+        if current is not None:
+            current.retire()
+        driver.verifier = None
+        return None
+    if current is None:
+        log.warning("config reload: adding [auth.jwt] needs a restart; not applied")
+        return None
+    await current.reconfigure(new.auth.jwt)
+    return current
 
 
 async def run_server(
@@ -212,10 +239,11 @@ async def run_server(
             task_status.started(listeners)
             if not handle_signals:
                 await trio.sleep_forever()
+            current = config  # the config last loaded (SIGHUP)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        await reload_access(config, driver)
+                        current = await reload_access(current, driver) or current
                         continue
                     log.info(
                         "draining",

@@ -8,6 +8,8 @@ its own task (the common path pays nothing for routing); actions for another req
 ``CancelBackend`` cancels that request's backend scope at once. ``Log`` and
 ``Count`` are carried out on the spot. ``RenderMetrics`` renders the tally of those
 counts (:mod:`.exposition`) and hands the bytes back to the gateway, which answers.
+``AcceptWebSocket`` turns the connection into a live queue feed (:mod:`.live`) until
+it closes.
 
 ``Dispatch`` is fire and report: the backend call runs in the request's task, its
 output is fed back as events (streamed output through a bounded channel, so a slow
@@ -32,6 +34,7 @@ import trio
 from ostiary.backends import Backend, Generation
 from ostiary.protocol.access import AccessPolicy
 from ostiary.protocol.actions import (
+    AcceptWebSocket,
     Action,
     CancelBackend,
     CheckReadiness,
@@ -78,6 +81,7 @@ from .access_log import AccessLog
 from .exposition import Exposition
 from .http import ClientDisconnected, HttpRequest, Responder
 from .jwt import KeyRefresher
+from .live import serve_viewer
 from .metrics import Metrics
 
 __all__ = ["Driver"]
@@ -364,6 +368,9 @@ class Driver:
                 elif isinstance(action, RenderMetrics):
                     rendered = MetricsRendered(rid, self._exposition.render(), trio.current_time())
                     await self._run(ctx, self._feed(rendered))
+                elif isinstance(action, AcceptWebSocket):
+                    await serve_viewer(responder, action, self.gateway.queue_snapshot, ctx.take)
+                    self._feed(ResponseSent(rid, trio.current_time()))
             except ClientDisconnected:
                 if self.gateway.state_of(rid) is not None:
                     self._feed(ClientGone(rid, trio.current_time()))

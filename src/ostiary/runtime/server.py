@@ -26,6 +26,7 @@ from ostiary.protocol.visibility import parse_networks
 
 from .access_log import AccessLog
 from .config import Config, ConfigError, load_config
+from .dashboard import load_dashboard
 from .driver import Driver
 from .http import HttpServer
 from .jwt import JwksError, JwtVerifier
@@ -193,6 +194,8 @@ async def run_server(
         access=access,
         verifier=verifier,
         trusted_proxies=parse_networks(config.auth.trusted_proxies),
+        live=config.server.live(),
+        assets=load_dashboard(),
     )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}

@@ -23,7 +23,6 @@ from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, ChatMessage, EmbeddingRequest
 from ostiary.protocol.scheduler import FifoScheduler
 from ostiary.protocol.visibility import (
-    DEFAULT_OUTPUT_GUESS,
     MAX_COST,
     WaitWindow,
     estimate_cost,
@@ -126,12 +125,10 @@ def test_real_usage_is_charged_before_the_slot_is_released() -> None:
     assert calls == [("charge", "r", 12.0), ("release", "r", 2.0)]
 
 
-def test_the_cost_estimate_is_prompt_bytes_over_four_plus_the_output_asked_for() -> None:
+def test_the_cost_estimate_is_the_prompt_bytes_over_four() -> None:
     messages = (ChatMessage(role="user", content="hi"),)
     asked = ChatCompletionRequest(model="m", messages=messages, max_tokens=100, n=3)
-    assert estimate_cost(asked, 400) == 100 + 300
-    unasked = ChatCompletionRequest(model="m", messages=messages)
-    assert estimate_cost(unasked, 40) == 10 + DEFAULT_OUTPUT_GUESS
+    assert estimate_cost(asked, 400) == 100  # output is charged as it is used
     assert estimate_cost(EmbeddingRequest(model="e", input="x"), 4000) == 1000
     assert estimate_cost(asked, 1 << 30) == MAX_COST
 

@@ -366,7 +366,7 @@ async def test_failed_final_write_is_logged_as_client_gone(
     caplog.set_level("INFO")
     async with running() as (_, driver, _):
         head = ((b"authorization", auth_headers()[0][1]),)
-        admission = driver.admits("POST", "/v1/chat/completions", head, "")
+        admission = await driver.admits("POST", "/v1/chat/completions", head, "")
         request = HttpRequest(
             "POST", "/v1/chat/completions", head, chat_body(model="s"), "", admission
         )

@@ -53,7 +53,9 @@ class Recorder:
         self.cancelled = 0
         self.entered = trio.Event()
 
-    def admits(self, method: str, target: str, headers: tuple[Header, ...], peer: str) -> Admission:
+    async def admits(
+        self, method: str, target: str, headers: tuple[Header, ...], peer: str
+    ) -> Admission:
         self.heads += 1
         if target == "/refused":
             return Admission(None, 0, peer, error=AuthenticationError("no"))

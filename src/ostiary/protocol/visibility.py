@@ -25,11 +25,9 @@ from .actions import BackendCall, Count
 from .errors import OpenAIError
 from .exchange import BackendPolicy
 from .generation import Usage
-from .requests import EmbeddingRequest
 from .scheduler import Scheduler
 
 __all__ = [
-    "DEFAULT_OUTPUT_GUESS",
     "MAX_COST",
     "Network",
     "WaitWindow",
@@ -42,27 +40,20 @@ __all__ = [
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: Output tokens assumed for a request that sets no ``max_tokens``: a typical answer,
-#: not the worst case (which would make every such request look huge until its real
-#: usage is charged).
-DEFAULT_OUTPUT_GUESS = 512
 #: The most one request is charged at submission: bounds ``C``, the largest cost in
 #: the fair queue's fairness and latency bounds.
 MAX_COST = 1 << 20
 
 
 def estimate_cost(call: BackendCall, body_bytes: int) -> float:
-    """Tokens a request will cost: its body's bytes / 4 for the prompt (about four
-    bytes a token in English; JSON's own syntax makes it a slight overestimate),
-    plus, for generation, the output it asks for (``max_tokens`` times ``n``, or
-    :data:`DEFAULT_OUTPUT_GUESS` per choice), at most :data:`MAX_COST`."""
-    prompt = body_bytes // 4
-    if isinstance(call, EmbeddingRequest):
-        return float(min(prompt, MAX_COST))
-    asked = call.output_limit
-    output = asked if asked is not None else DEFAULT_OUTPUT_GUESS
-    choices = call.n if call.n is not None and call.n > 0 else 1
-    return float(min(prompt + output * choices, MAX_COST))
+    """Tokens a request is charged when it is queued: its prompt, its body's bytes / 4
+    (about four bytes a token in English; JSON's own syntax makes it a slight
+    overestimate), at most :data:`MAX_COST`. Its output is charged as real usage when
+    it ends, as the virtual token counter charges output as it is generated: charging
+    a guess of the output up front, then refunding it, would make every running flow
+    look dearer than it is and erase the weights between backlogged flows."""
+    del call
+    return float(min(body_bytes // 4, MAX_COST))
 
 
 class WaitWindow:

@@ -156,6 +156,8 @@ class JwtSettings:
     jwks_min_refetch_interval: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
     #: Seconds one fetch of ``jwks_url`` may take.
     jwks_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    #: Bytes of a JWKS document (file or response); a larger one is refused.
+    jwks_max_bytes: int = attrs.field(default=1024 * 1024, validator=attrs.validators.gt(0))
 
     def __attrs_post_init__(self) -> None:
         if (self.jwks_file is None) == (self.jwks_url is None):

@@ -80,6 +80,7 @@ from ostiary.protocol.visibility import Network
 from .access_log import AccessLog
 from .exposition import Exposition
 from .http import ClientDisconnected, HttpRequest, Responder
+from .jwt import KeyRefresher
 from .live import serve_viewer
 from .metrics import Metrics
 
@@ -148,8 +149,11 @@ class Driver:
         ready_timeout: float = 5.0,
         ready_cache: float = 1.0,
         metrics: Metrics | None = None,
+        verifier: KeyRefresher | None = None,
     ) -> None:
         self.gateway = gateway
+        #: Refreshes the JWT verifier's key set when a token names an unknown kid.
+        self.verifier = verifier
         self._backends = backends
         self._access_log = access_log is not False
         self._access_writer = access_log if isinstance(access_log, AccessLog) else None
@@ -176,10 +180,20 @@ class Driver:
 
     # -- the HTTP server's handler interface -------------------------------------------
 
-    def admits(
+    async def admits(
         self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...], peer: str
     ) -> Admission:
-        return self.gateway.admits(method, target, headers, peer, time.time())
+        admission = self.gateway.admits(method, target, headers, peer, time.time())
+        verifier = self.verifier
+        # A JWT naming a key we lack: the key set may have rotated. Refresh it
+        # (rate-limited, one fetch shared by all who ask) and judge once more.
+        if (
+            admission.refresh_keys
+            and verifier is not None
+            and await verifier.refresh_for_unknown_kid()
+        ):
+            admission = self.gateway.admits(method, target, headers, peer, time.time())
+        return admission
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
         rid = self.next_request_id()

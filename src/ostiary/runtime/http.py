@@ -97,7 +97,7 @@ class Handler(Protocol):
     """What the server serves: it judges each head before any body is read, answers
     whole requests, and words the answer to requests the server could not read."""
 
-    def admits(
+    async def admits(
         self, method: str, target: str, headers: tuple[Header, ...], peer: str
     ) -> Admission: ...
 
@@ -357,7 +357,7 @@ class HttpServer:
         headers = tuple(event.headers)
         length = self._check_head(event, headers)
         has_body = bool(length) or length is None
-        admission = self._handler.admits(method, target, headers, client)
+        admission = await self._handler.admits(method, target, headers, client)
         if has_body and not admission.read_body:
             return HttpRequest(method, target, headers, b"", client, admission, body_skipped=True)
         if not has_body:

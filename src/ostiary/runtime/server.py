@@ -29,11 +29,12 @@ from .config import Config, ConfigError, load_config
 from .dashboard import load_dashboard
 from .driver import Driver
 from .http import HttpServer
+from .jwt import JwksError, JwtVerifier
 from .keystore import KeyStore, open_key_store, write_bootstrap_key
 from .schemas import JsonSchemaChecker
 from .tokenizer import load_cl100k
 
-__all__ = ["StartupError", "bootstrap_keys", "run_server", "watch_keys"]
+__all__ = ["StartupError", "bootstrap_keys", "load_verifier", "run_server", "watch_keys"]
 
 log = logging.getLogger("ostiary.server")
 T = TypeVar("T")
@@ -83,6 +84,20 @@ async def watch_keys(
             log.error("cannot reload API keys", extra={"fields": {"error": repr(exc)}})
 
 
+async def load_verifier(config: Config) -> JwtVerifier | None:
+    """The JWT verifier ``[auth.jwt]`` asks for, its key set loaded (None without
+    the table). A JWKS file that cannot be used stops start-up; a URL that cannot
+    be fetched yet is retried by the verifier's ``run``."""
+    if config.auth.jwt is None:
+        return None
+    verifier = JwtVerifier(config.auth.jwt)
+    try:
+        await verifier.load()
+    except JwksError as exc:
+        raise StartupError(f"[auth.jwt] JWKS: {exc}") from exc
+    return verifier
+
+
 async def reload_access(config: Config, driver: Driver) -> Config | None:
     """Reload roles, limits and trusted proxies from ``config``'s file (SIGHUP).
 
@@ -109,8 +124,35 @@ async def reload_access(config: Config, driver: Driver) -> Config | None:
     access = new.access_policy()
     if access.counts_tokens and guard.tokens is None:
         log.warning("config reload: token limits need a restart to load the token counter")
-    driver.replace_access(access, guard.verifier, parse_networks(new.auth.trusted_proxies))
+    verifier = guard.verifier
+    if new.auth.jwt != config.auth.jwt:
+        try:
+            verifier = await _reload_verifier(driver, new)
+        except JwksError as exc:
+            log.error(
+                "config reload refused; the old config stays",
+                extra={"fields": {"error": f"[auth.jwt] JWKS: {exc}"}},
+            )
+            return None
+    driver.replace_access(access, verifier, parse_networks(new.auth.trusted_proxies))
     return new
+
+
+async def _reload_verifier(driver: Driver, new: Config) -> JwtVerifier | None:
+    """The verifier for ``new``'s ``[auth.jwt]``: the running one reconfigured
+    (its new key set loaded first), or retired when the table is gone. Adding the
+    table to a server started without it needs a restart (logged)."""
+    current = driver.verifier if isinstance(driver.verifier, JwtVerifier) else None
+    if new.auth.jwt is None:
+        if current is not None:
+            current.retire()
+        driver.verifier = None
+        return None
+    if current is None:
+        log.warning("config reload: adding [auth.jwt] needs a restart; not applied")
+        return None
+    await current.reconfigure(new.auth.jwt)
+    return current
 
 
 async def run_server(
@@ -140,6 +182,7 @@ async def run_server(
         # Token limits count prompts, and token-id embedding input decodes, as
         # cl100k; loading it takes about a second, once.
         tokens = await trio.to_thread.run_sync(load_cl100k)
+    verifier = await load_verifier(config)
     gateway = Gateway(
         tokens=tokens,
         cors=CorsPolicy(frozenset(config.server.cors_origins)),
@@ -150,6 +193,7 @@ async def run_server(
         created=int(time.time()),
         metrics_allow=parse_networks(config.server.metrics_allow),
         access=access,
+        verifier=verifier,
         trusted_proxies=parse_networks(config.auth.trusted_proxies),
         live=config.server.live(),
         assets=load_dashboard(),
@@ -175,7 +219,10 @@ async def run_server(
             )
         writer = access_log if config.server.access_log else None
         driver = Driver(
-            gateway, backends, access_log=writer if writer is not None else config.server.access_log
+            gateway,
+            backends,
+            access_log=writer if writer is not None else config.server.access_log,
+            verifier=verifier,
         )
         if writer is not None:
             stack.callback(writer.flush)  # what was logged while the nursery unwound
@@ -185,6 +232,8 @@ async def run_server(
             if writer is not None:
                 await nursery.start(writer.run)
             await nursery.start(driver.run_timers)
+            if verifier is not None:
+                await nursery.start(verifier.run)
             nursery.start_soon(
                 watch_keys, store, driver.replace_keys, generation, config.auth.key_reload_interval
             )
@@ -195,10 +244,11 @@ async def run_server(
             task_status.started(listeners)
             if not handle_signals:
                 await trio.sleep_forever()
+            current = config  # the config last loaded (SIGHUP)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        await reload_access(config, driver)
+                        current = await reload_access(current, driver) or current
                         continue
                     log.info(
                         "draining",

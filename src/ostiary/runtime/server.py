@@ -29,6 +29,7 @@ from .config import Config
 from .driver import Driver
 from .http import HttpServer
 from .keystore import KeyStore, write_bootstrap_key
+from .shared_limits import SharedLimits
 from .tokenizer import load_cl100k
 
 __all__ = ["StartupError", "bootstrap_keys", "run_server", "watch_keys"]
@@ -79,6 +80,21 @@ async def watch_keys(
         except Exception as exc:
             # Keep serving with the keys we have; say why the reload failed.
             log.error("cannot reload API keys", extra={"fields": {"error": repr(exc)}})
+
+
+def _shared_limits(config: Config) -> SharedLimits | None:
+    """The Redis limit store of ``[redis]``, if configured (it connects lazily)."""
+    redis = config.redis
+    if redis is None:
+        return None
+    return SharedLimits.from_settings(
+        redis.url,
+        timeout=redis.timeout,
+        prefix=redis.prefix,
+        lease=redis.lease,
+        pool_size=redis.pool_size,
+        max_pending=redis.max_pending_settlements,
+    )
 
 
 async def run_server(
@@ -136,8 +152,12 @@ async def run_server(
                 },
             )
         writer = access_log if config.server.access_log else None
+        shared = _shared_limits(config)
         driver = Driver(
-            gateway, backends, access_log=writer if writer is not None else config.server.access_log
+            gateway,
+            backends,
+            access_log=writer if writer is not None else config.server.access_log,
+            shared_limits=shared,
         )
         if writer is not None:
             stack.callback(writer.flush)  # what was logged while the nursery unwound
@@ -147,6 +167,8 @@ async def run_server(
             if writer is not None:
                 await nursery.start(writer.run)
             await nursery.start(driver.run_timers)
+            if shared is not None:
+                await nursery.start(shared.run)
             nursery.start_soon(
                 watch_keys, store, driver.replace_keys, generation, config.auth.key_reload_interval
             )

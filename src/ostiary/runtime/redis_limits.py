@@ -247,9 +247,13 @@ class RedisLimitStore:
         release the holds Redis has that this store does not know (reconciliation)."""
         await self._call(("PEXPIRE", self.holds_key, int(self.lease * 1000)))
         while self._pending:
-            hold, actual = self._pending[0]
-            await self._settle(hold, actual, None)
-            self._pending.popleft()
+            # Taken before the round trip: concurrent heartbeats never retry the same.
+            hold, actual = self._pending.popleft()
+            try:
+                await self._settle(hold, actual, None)
+            except BaseException:
+                self._pending.appendleft((hold, actual))
+                raise
             self._live.discard(hold.id)
         held = await self._call(("HKEYS", self.holds_key))
         stale = [raw for raw in held if int(raw) not in self._live]

@@ -62,6 +62,9 @@ class SharedLimits:
     #: Admissions answered None (Redis down, slow or failing).
     unavailable: int = attrs.field(default=0, init=False)
     _up: bool = attrs.field(default=True, init=False)
+    #: Settlements handed to the settlers and not yet tried.
+    _queued: int = attrs.field(default=0, init=False)
+    _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
     _send: trio.MemorySendChannel[tuple[Hold, int]] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[tuple[Hold, int]] = attrs.field(init=False)
 
@@ -101,6 +104,16 @@ class SharedLimits:
             self._send.send_nowait((hold, actual_tokens))
         except trio.WouldBlock:
             self.store.settle_later(hold, actual_tokens)
+        else:
+            if not self._queued:
+                self._idle = trio.Event()
+            self._queued += 1
+
+    async def wait_settled(self) -> None:
+        """Until every settlement queued so far has been tried once (done, or left
+        to the heartbeat)."""
+        if self._queued:
+            await self._idle.wait()
 
     async def failures(self) -> tuple[tuple[str, str], ...]:
         """What ``/readyz`` reports about Redis: nothing, or that it is unreachable."""
@@ -124,9 +137,17 @@ class SharedLimits:
 
     async def _settler(self) -> None:
         async for hold, actual in self._receive:
-            # A failed one is kept by the store for the heartbeat.
-            with contextlib.suppress(LimiterUnavailableError):
-                await self.store.settle(hold, actual)
+            try:
+                # A failed one is kept by the store for the heartbeat.
+                with contextlib.suppress(LimiterUnavailableError):
+                    await self.store.settle(hold, actual)
+            finally:
+                self._done_one()
+
+    def _done_one(self) -> None:
+        self._queued -= 1
+        if not self._queued:
+            self._idle.set()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -159,6 +180,7 @@ class SharedLimits:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
             self.store.settle_later(hold, actual)
+            self._done_one()
         try:
             await self.store.heartbeat()
         except LimiterUnavailableError:

@@ -190,32 +190,42 @@ class RedisClient:
         return reply
 
     async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
-        async with self._slots:
+        slots = self._slots
+        try:  # no scheduling round for a free connection: send_all checkpoints anyway
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            await slots.acquire()
+        try:
+            return await self._roundtrip_held(payload, count)
+        finally:
+            slots.release()
+
+    async def _roundtrip_held(self, payload: bytes, count: int) -> list[Any]:
+        conn = await self._checkout()
+        try:
+            replies = await conn.roundtrip(payload, count)
+        except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
+            await conn.close()
+            if not conn.used:
+                raise RedisUnavailableError(f"Redis connection lost: {exc}") from exc
+            # A pooled connection that died while idle (Redis restarted): the
+            # command never reached a live server, so try a fresh connection once.
+            await self.aclose()
             conn = await self._checkout()
             try:
                 replies = await conn.roundtrip(payload, count)
-            except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
+            except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as again:
                 await conn.close()
-                if not conn.used:
-                    raise RedisUnavailableError(f"Redis connection lost: {exc}") from exc
-                # A pooled connection that died while idle (Redis restarted): the
-                # command never reached a live server, so try a fresh connection once.
-                await self.aclose()
-                conn = await self._checkout()
-                try:
-                    replies = await conn.roundtrip(payload, count)
-                except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as again:
-                    await conn.close()
-                    raise RedisUnavailableError(f"Redis connection lost: {again}") from again
-                except BaseException:
-                    await conn.close()
-                    raise
+                raise RedisUnavailableError(f"Redis connection lost: {again}") from again
             except BaseException:
                 await conn.close()
                 raise
-            conn.used = True
-            self._idle.append(conn)
-            return replies
+        except BaseException:
+            await conn.close()
+            raise
+        conn.used = True
+        self._idle.append(conn)
+        return replies
 
     async def _checkout(self) -> _Connection:
         if self._idle:
@@ -225,8 +235,10 @@ class RedisClient:
         try:
             conn = await self._connect()
         except (OSError, trio.BrokenResourceError, RedisReplyError) as exc:
-            self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
-            self._down_until = trio.current_time() + self._backoff
+            now = trio.current_time()
+            if now >= self._down_until:  # callers failing together back off once
+                self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
+                self._down_until = now + self._backoff
             raise RedisUnavailableError(f"cannot connect to Redis: {exc}") from exc
         self._backoff = 0.0
         return conn

@@ -7,13 +7,20 @@ import itertools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
+import orjson
 import pytest
 import trio
 
+from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
+from ostiary.protocol.exchange import BackendPolicy
+from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.protocol.limits import BucketSpec, ConcurrencyLimit, Limit, Unit
+from ostiary.runtime.driver import Driver
 from ostiary.runtime.redis_client import RedisClient
 from ostiary.runtime.redis_limits import RedisLimitStore
 from ostiary.runtime.shared_limits import SharedLimits
+from tests.conftest import key_table
+from tests.runtime.inprocess import in_memory
 
 from . import redis_server as redis_server_module
 from .redis_server import RedisServer, free_port, redis_server
@@ -197,3 +204,27 @@ def test_a_fixed_port_that_stays_taken_is_an_error() -> None:
         server = RedisServer(first.port)
         with pytest.raises(RuntimeError, match="no free port"):
             server.start()
+
+
+async def test_readyz_names_redis_while_it_is_unreachable(redis: RedisServer) -> None:
+    backend = ScriptedBackend(ScriptedSettings(models=("s",)))
+    gateway = Gateway(
+        routes=[ModelRoute("s", "scripted", capabilities=backend._settings.capabilities("s"))],
+        keys=key_table(),
+        backends=[BackendPolicy(name="scripted")],
+    )
+    shared = shared_for(redis, timeout=0.2)
+    driver = Driver(gateway, {"scripted": backend}, ready_cache=0.0, shared_limits=shared)
+    async with in_memory(driver) as connect, running(shared):
+        client = await connect()
+        await client.request(method="GET", target="/readyz")
+        assert (await client.response())[0] == 200
+        redis.kill()
+        with trio.fail_after(GUARD):
+            await client.request(method="GET", target="/readyz")
+            status, _, body = await client.response()
+        assert status == 503
+        assert orjson.loads(body)["backends"] == {"redis": "unavailable"}
+        redis.restart()
+        await client.request(method="GET", target="/readyz")
+        assert (await client.response())[0] == 200

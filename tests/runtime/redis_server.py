@@ -75,10 +75,11 @@ class _Log:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1; may be killed and started again."""
 
-    def __init__(self, port: int | None = None, *, executable: str = "redis-server") -> None:
+    def __init__(self, port: int | None = None, *, executable: str | None = None) -> None:
         self._fixed = port is not None
         self.port = port or free_port()
-        self.executable = executable
+        #: ``$OSTIARY_REDIS_SERVER`` runs the tests against another server (Valkey).
+        self.executable = executable or os.environ.get("OSTIARY_REDIS_SERVER", "redis-server")
         self.process: subprocess.Popen[str] | None = None
         self._log: _Log | None = None
 

@@ -33,7 +33,7 @@ from ostiary.protocol.visibility import (
 from tests.conftest import USER_SECRET, auth_headers, chat_body, key_table
 from tests.protocol.test_gateway import chunk, json_of, only, request, sent
 
-ADMIN_ID, USER_ID = "a" * 12, "b" * 12
+ADMIN_ID, USER_ID = "key:" + "a" * 12, "key:" + "b" * 12  # principals are key:<id>
 USER = auth_headers(USER_SECRET)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from .auth import ApiKey
+from .access import Principal
 from .errors import (
     AuthenticationError,
     HeadersTooLargeError,
@@ -101,7 +101,9 @@ class Admission:
     ``error`` set: the request is refused (the runtime reads no body and closes the
     connection after the answer). ``max_body_bytes`` is the most body the runtime may
     read for this route: 0 for routes without a body, whose bodies are never read.
-    ``principal`` is the authenticated key (None on public routes and refusals);
+    ``principal`` is whom the credentials name (None on public routes and
+    refusals); ``client`` the client's address (the socket peer, or what a trusted
+    proxy says);
     ``keys_version`` says which key table judged it, so a table replaced between the
     head and the body is noticed. ``peer`` is the socket's address.
     """
@@ -109,13 +111,14 @@ class Admission:
     endpoint: Endpoint | None
     max_body_bytes: int
     peer: str = ""
-    principal: ApiKey | None = None
+    principal: Principal | None = None
     model_id: str | None = None
     error: OpenAIError | None = attrs.field(default=None, eq=False)
     keys_version: int = 0
     #: The credential is a JWT naming a signing key the verifier does not hold: the
     #: runtime may refresh the key set (rate-limited) and ask :meth:`admits` again.
     refresh_keys: bool = False
+    client: str = ""
 
     @property
     def read_body(self) -> bool:

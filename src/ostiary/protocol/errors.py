@@ -50,6 +50,8 @@ class OpenAIError(Exception):
         self.code = code
         #: Seconds a client should wait before retrying (429 and 503 only).
         self.retry_after = retry_after
+        #: Further response headers the error's cause calls for (``x-ratelimit-*``).
+        self.headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {

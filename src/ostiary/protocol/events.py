@@ -9,15 +9,20 @@ a client's ``x-request-id`` is never used as a key).
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
+from .access import AccessPolicy
 from .admission import Admission, Refusal
 from .auth import KeyTable
+from .credentials import TokenVerifier
 from .errors import OpenAIError
 from .generation import Delta, EmbeddingResult, Usage
 from .limits import Decision
 
 __all__ = [
+    "AccessReplaced",
     "BackendChunk",
     "BackendFailed",
     "BackendFinished",
@@ -162,6 +167,17 @@ class KeysReplaced:
 
 
 @attrs.frozen
+class AccessReplaced:
+    """The configuration was reloaded: roles, limits, JWT settings and trusted
+    proxies from now on (buckets and holds carry over)."""
+
+    access: AccessPolicy
+    verifier: TokenVerifier | None
+    trusted_proxies: tuple[Any, ...]
+    now: float
+
+
+@attrs.frozen
 class ShutdownStarted:
     """The server is draining: queued requests are refused, running ones finish."""
 
@@ -182,5 +198,6 @@ Event = (
     | LimitsDecided
     | Tick
     | KeysReplaced
+    | AccessReplaced
     | ShutdownStarted
 )

@@ -3,8 +3,9 @@
 An exchange moves through :class:`ExchangeState`; the legal moves are the
 gateway's transition table (:data:`ostiary.protocol.gateway.TRANSITIONS`):
 
-``RECEIVED`` → ``QUEUED`` (no free slot) → ``RUNNING`` (dispatched) → ``STREAMING``
-(response head sent, output flowing) → ``SENDING`` (the last bytes were handed to
+``RECEIVED`` → (``LIMITING``: the shared limit store judging) → ``QUEUED`` (no
+free slot) → ``RUNNING`` (dispatched) → ``STREAMING`` (response head sent, output
+flowing) → ``SENDING`` (the last bytes were handed to
 the runtime) → done (forgotten, after exactly one access-log record). ``CHECKING`` is
 ``/readyz`` waiting for the runtime's backend checks, or ``/metrics`` for its
 rendering. Any state may end early: a
@@ -19,16 +20,17 @@ from typing import Any
 
 import attrs
 
+from .access import Principal
 from .actions import BackendCall, Respond
 from .admission import Endpoint, methods_of
-from .auth import ApiKey
 from .cors import CorsPolicy
 from .errors import BackendTimeoutError, OpenAIError
 from .generation import Usage
+from .limits import ConcurrencyLimit, Hold
 from .output import CompletionOutput
 from .responses import JSON_CONTENT, error_body, error_headers
 
-__all__ = ["BackendPolicy", "Exchange", "ExchangeState"]
+__all__ = ["BackendPolicy", "Exchange", "ExchangeState", "Reservation"]
 
 _SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -36,11 +38,22 @@ _SSE_HEADERS = (
 )
 
 
+@attrs.frozen
+class Reservation:
+    """What an admitted request holds in a limit store until it ends: its hold, in
+    which store (``shared``: the runtime's), and its prompt estimate in tokens."""
+
+    hold: Hold
+    shared: bool
+    prompt_tokens: int
+
+
 class ExchangeState(enum.Enum):
     # Members are singletons: hash by identity, not (as Enum does) in Python by name.
     __hash__ = object.__hash__
 
     RECEIVED = "received"
+    LIMITING = "limiting"
     QUEUED = "queued"
     RUNNING = "running"
     STREAMING = "streaming"
@@ -91,7 +104,9 @@ class Exchange:
     started: float
     created: int
     state: ExchangeState = ExchangeState.RECEIVED
-    principal: ApiKey | None = None
+    principal: Principal | None = None
+    #: The client's address (what limits and the access log count it against).
+    client: str = ""
     call: BackendCall | None = None
     policy: BackendPolicy | None = None
     #: How a chat or text completion's output becomes its response.
@@ -109,6 +124,15 @@ class Exchange:
     cors: tuple[tuple[bytes, bytes], ...] = ()
     #: Tokens the request is charged in its backend's queue until real usage is known.
     cost: float = 1.0
+    #: What the request holds in the limit store (None: no limit applies), the
+    #: ``x-ratelimit-*`` headers its responses carry, and the pieces of output it
+    #: produced (to settle a call cut short). While LIMITING: its backend and slots.
+    reservation: Reservation | None = None
+    rate: tuple[tuple[bytes, bytes], ...] = ()
+    produced: int = 0
+    backend: str = ""
+    limit_slots: tuple[ConcurrencyLimit, ...] = ()
+    prompt_estimate: int = 0
 
     def respond(
         self, status: int, body: bytes, content_type: tuple[bytes, bytes] = JSON_CONTENT
@@ -116,7 +140,12 @@ class Exchange:
         """The exchange's final, whole response (JSON unless told otherwise)."""
         self.state = ExchangeState.SENDING
         self.status = status
-        headers = (content_type, (b"x-request-id", self.request_id.encode()), *self.cors)
+        headers = (
+            content_type,
+            (b"x-request-id", self.request_id.encode()),
+            *self.rate,
+            *self.cors,
+        )
         return Respond(self.request_id, status, headers, body)
 
     def fail(self, error: OpenAIError) -> Respond:
@@ -124,11 +153,16 @@ class Exchange:
         self.state = ExchangeState.SENDING
         self.status = error.status
         self.error = error
-        headers = (*error_headers(error, self.request_id), *self.cors)
+        headers = (*error_headers(error, self.request_id), *self.rate, *self.cors)
         return Respond(self.request_id, error.status, headers, error_body(error))
 
     def stream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        return (*_SSE_HEADERS, (b"x-request-id", self.request_id.encode()), *self.cors)
+        return (
+            *_SSE_HEADERS,
+            (b"x-request-id", self.request_id.encode()),
+            *self.rate,
+            *self.cors,
+        )
 
     def preflight(
         self, cors: CorsPolicy, target: str, headers: tuple[tuple[bytes, bytes], ...]
@@ -154,10 +188,14 @@ class Exchange:
             "status": self.status,
             "duration_ms": round((now - self.started) * 1000, 3),
         }
-        key = self.principal
-        if key is not None:
-            fields["key_id"] = key.id
-            fields["role"] = key.role
+        principal = self.principal
+        if principal is not None:
+            fields["principal"] = principal.id
+            if principal.id.startswith("key:"):
+                fields["key_id"] = principal.label
+            fields["role"] = principal.role.name
+        if self.client:
+            fields["client"] = self.client
         call = self.call
         if call is not None:
             fields["model"] = call.model

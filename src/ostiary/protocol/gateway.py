@@ -31,10 +31,12 @@ import attrs
 import orjson
 
 from . import decoding
+from .access import AccessPolicy, Principal
 from .actions import (
     Action,
     BackendCall,
     CancelBackend,
+    CheckLimits,
     CheckReadiness,
     Count,
     EndStream,
@@ -49,15 +51,16 @@ from .admission import (
     WITH_BODY,
     Admission,
     Endpoint,
-    authorization_header,
     refusal_error,
     route,
 )
-from .auth import ApiKey, KeyTable
+from .auth import KeyTable
 from .capabilities import Capabilities, fit
 from .cors import CorsPolicy
-from .errors import NotFoundError, OpenAIError, PermissionDeniedError, ServiceUnavailableError
+from .credentials import TokenVerifier, UnknownSigningKey
+from .errors import NotFoundError, OpenAIError, ServiceUnavailableError
 from .events import (
+    AccessReplaced,
     BackendChunk,
     BackendFailed,
     BackendFinished,
@@ -65,6 +68,7 @@ from .events import (
     EmbeddingsComputed,
     Event,
     KeysReplaced,
+    LimitsDecided,
     MetricsRendered,
     ReadinessChecked,
     RequestReceived,
@@ -73,9 +77,11 @@ from .events import (
     ShutdownStarted,
     Tick,
 )
-from .exchange import BackendPolicy, Exchange, ExchangeState
+from .exchange import BackendPolicy, Exchange, ExchangeState, Reservation
 from .fair_queue import scheduler_for
 from .generation import Delta, Usage
+from .guard import Guard
+from .limits import Decision
 from .output import CompletionOutput
 from .request_limits import RequestLimits
 from .requests import EmbeddingRequest
@@ -144,7 +150,11 @@ class Gateway:
     models; ``scheduler`` builds the queue in front of each backend (default: the
     one each policy's ``scheduler`` names, :class:`FairQueue` unless "fifo");
     ``metrics_allow`` lists the networks whose peers may read ``/metrics`` without a
-    key.
+    key. Access control (:mod:`.guard`): ``access`` holds the roles and rate-limit
+    layers, ``verifier`` checks JWTs (None: keys only), ``trusted_proxies`` may say
+    who the client is; ``shared_limits`` judges limits in the runtime's shared store
+    (:class:`CheckLimits`), which on failure "refuse"s (503) or counts "local"ly
+    (``on_limits_failure``).
     """
 
     def __init__(
@@ -159,6 +169,11 @@ class Gateway:
         tokens: TokenCodec | None = None,
         cors: CorsPolicy | None = None,
         metrics_allow: tuple[Network, ...] = (),
+        access: AccessPolicy | None = None,
+        verifier: TokenVerifier | None = None,
+        trusted_proxies: tuple[Network, ...] = (),
+        shared_limits: bool = False,
+        on_limits_failure: str = "refuse",
     ) -> None:
         self._routes = {r.model: r for r in routes}
         self._tokens = tokens
@@ -178,6 +193,15 @@ class Gateway:
         make = scheduler if scheduler is not None else scheduler_for
         self._backends = Backends(policies, make, self._exchanges)
         self._metrics_allow = metrics_allow
+        self._guard = Guard(
+            access,
+            verifier=verifier,
+            trusted_proxies=trusted_proxies,
+            max_output_tokens=self.limits.max_output_tokens,
+            tokens=tokens,
+            shared=shared_limits,
+            on_failure=on_limits_failure,
+        )
         self._shutting_down = False
         #: By (endpoint, model, status), bounded by the config: the request's count
         #: (frozen, so one object serves them all) and its duration's labels.
@@ -193,6 +217,11 @@ class Gateway:
     @property
     def keys(self) -> KeyTable:
         return self._keys
+
+    @property
+    def guard(self) -> Guard:
+        """Access control: roles, limits and their stores."""
+        return self._guard
 
     def state_of(self, request_id: str) -> ExchangeState | None:
         exchange = self._exchanges.get(request_id)
@@ -228,19 +257,27 @@ class Gateway:
             endpoint is Endpoint.METRICS and peer_allowed(peer, self._metrics_allow)
         ):
             return Admission(endpoint, 0, peer)
+        guard = self._guard
+        client = guard.client(peer, headers)
+        version = self._keys_version
         try:
-            key = self._keys.authenticate(authorization_header(headers))
+            principal = guard.authenticate(self._keys, headers, client, wall)
+            guard.check_endpoint(principal, endpoint)
+        except UnknownSigningKey as error:
+            return Admission(endpoint, 0, peer, error=error, refresh_keys=True, client=client)
         except OpenAIError as error:
-            return Admission(endpoint, 0, peer, error=error)
+            return Admission(endpoint, 0, peer, error=error, client=client)
         if endpoint not in WITH_BODY:
-            return Admission(endpoint, 0, peer, key, model_id, None, self._keys_version)
+            return Admission(endpoint, 0, peer, principal, model_id, None, version, client=client)
         try:
             # Judged before the body is read: a body we would refuse is never read.
             decoding.check_content_type(headers)
         except OpenAIError as error:
-            return Admission(endpoint, 0, peer, key, error=error)
+            return Admission(endpoint, 0, peer, principal, error=error, client=client)
         max_body = self.limits.max_body_bytes
-        return Admission(endpoint, max_body, peer, key, model_id, None, self._keys_version)
+        return Admission(
+            endpoint, max_body, peer, principal, model_id, None, version, client=client
+        )
 
     def handle(self, event: Event) -> list[Action]:
         """Feed one event; get the actions it calls for, in order. An event that is
@@ -280,6 +317,7 @@ class Gateway:
         )
         exchange.created = int(event.wall)
         exchange.principal = admission.principal
+        exchange.client = admission.client
         if self._cors.enabled:
             exchange.cors = self._cors.response_headers(event.headers)
         try:
@@ -295,35 +333,89 @@ class Gateway:
                 return [CheckReadiness(event.request_id)]
             if endpoint is Endpoint.METRICS and peer_allowed(admission.peer, self._metrics_allow):
                 return self._render_metrics(exchange)
-            exchange.principal = self._principal(admission, event.headers)
+            principal = exchange.principal = self._principal(admission, event)
             if endpoint in ADMIN:
                 return self._on_admin(exchange, endpoint, event.now)
             if endpoint is Endpoint.MODELS:
-                models = (self._model_dict(r) for r in self._routes.values())
+                role = principal.role
+                models = (
+                    self._model_dict(r)
+                    for r in self._routes.values()
+                    if role.may_use_model(r.model)
+                )
                 return [exchange.respond(200, encode_models(models))]
             if endpoint is Endpoint.MODEL:
                 assert admission.model_id is not None
-                found = self._find_model(admission.model_id)
+                found = self._find_model(admission.model_id, principal)
                 return [exchange.respond(200, orjson.dumps(self._model_dict(found)))]
             assert endpoint is not None
             call = _DECODERS[endpoint](event.body, self.limits, self._passed_on)
-            target = self._find_model(call.model)
+            target = self._find_model(call.model, principal)
             call = fit(call, target.capabilities, self._tokens)
+            call = self._guard.cap_output(call, principal.role)
             if self._shutting_down:
                 raise _shutting_down()
         except OpenAIError as error:
+            if error.status == 401:
+                self._guard.failed(exchange.client, event.wall)
             return [exchange.fail(error)]
         exchange.call = call
         exchange.cost = estimate_cost(call, len(event.body))
+        guard = self._guard
+        if guard.access.limited:
+            charges, slots, prompt = guard.charges(principal, exchange.client, call, endpoint)
+            if charges or slots:
+                exchange.prompt_estimate = prompt
+                exchange.limit_slots = slots
+                if guard.shared:
+                    exchange.state = ExchangeState.LIMITING
+                    exchange.backend = target.backend
+                    return [CheckLimits(exchange.request_id, charges, slots)]
+                decision = guard.judge(charges, slots, event.now)
+                return self._admit(exchange, decision, target.backend, event.now, shared=False)
         return self._schedule(exchange, target.backend, event.now)
 
-    def _on_admin(self, exchange: Exchange, endpoint: Endpoint, now: float) -> list[Action]:
-        key = exchange.principal
-        if key is None or key.role != "admin":
-            raise PermissionDeniedError(
-                f"The {endpoint.value} endpoint needs a key with the admin role.",
-                code="permission_denied",
+    def _on_limits(self, exchange: Exchange, event: LimitsDecided) -> list[Action]:
+        decision = event.decision
+        shared = True
+        if decision is None:
+            guard = self._guard
+            if guard.on_failure != "local":
+                error = ServiceUnavailableError(
+                    "The rate limiter is unavailable; retry shortly.",
+                    code="rate_limiter_unavailable",
+                    retry_after=1.0,
+                )
+                return [exchange.fail(error)]
+            call = exchange.call
+            assert call is not None and exchange.principal is not None and exchange.endpoint
+            charges, slots, _ = guard.charges(
+                exchange.principal, exchange.client, call, exchange.endpoint
             )
+            decision = guard.judge(charges, slots, event.now)
+            shared = False
+        return self._admit(exchange, decision, exchange.backend, event.now, shared=shared)
+
+    def _admit(
+        self, exchange: Exchange, decision: Decision, backend: str, now: float, *, shared: bool
+    ) -> list[Action]:
+        """Go on with a request the limits judged: refused (429), or on to the queue."""
+        guard = self._guard
+        principal = exchange.principal
+        assert principal is not None
+        hold = decision.hold
+        if hold is None:
+            slots = exchange.limit_slots
+            scope = guard.scope_of(decision, slots)
+            return [
+                Count("ostiary_rate_limited_total", (("scope", scope),)),
+                exchange.fail(guard.refusal(decision, slots, principal)),
+            ]
+        exchange.reservation = Reservation(hold, shared, exchange.prompt_estimate)
+        exchange.rate = guard.headers(decision)
+        return self._schedule(exchange, backend, now)
+
+    def _on_admin(self, exchange: Exchange, endpoint: Endpoint, now: float) -> list[Action]:
         if endpoint is Endpoint.QUEUE:
             b = self._backends
             body = queue_body(b.policies, b.schedulers, b.waits, now)
@@ -338,21 +430,24 @@ class Gateway:
     def _on_metrics(self, exchange: Exchange, event: MetricsRendered) -> list[Action]:
         return [exchange.respond(200, event.body, PROMETHEUS_CONTENT)]
 
-    def _principal(self, admission: Admission, headers: tuple[tuple[bytes, bytes], ...]) -> ApiKey:
-        key = admission.principal
-        if key is None or admission.keys_version != self._keys_version:
+    def _principal(self, admission: Admission, event: RequestReceived) -> Principal:
+        principal = admission.principal
+        if principal is None or admission.keys_version != self._keys_version:
             # Judged by an older key table (or not at all): judge again.
-            key = self._keys.authenticate(authorization_header(headers))
-        return key
+            guard = self._guard
+            principal = guard.authenticate(self._keys, event.headers, admission.client, event.wall)
+            assert admission.endpoint is not None
+            guard.check_endpoint(principal, admission.endpoint)
+        return principal
 
     def _on_refused(self, event: RequestRefused) -> list[Action]:
         exchange = self._new_exchange(event.request_id, None, event.method, event.target, event.now)
         exchange.created = int(event.wall)
         return [exchange.fail(refusal_error(event.refusal, event.limit))]
 
-    def _find_model(self, model_id: str) -> ModelRoute:
+    def _find_model(self, model_id: str, principal: Principal | None) -> ModelRoute:
         found = self._routes.get(model_id)
-        if found is None:
+        if found is None or (principal is not None and not principal.role.may_use_model(model_id)):
             raise NotFoundError(
                 f"The model `{model_id}` does not exist or you do not have access to it.",
                 param="model",
@@ -405,6 +500,11 @@ class Gateway:
         self._keys_version += 1
         return [Log("info", "reloaded API keys", {"active_keys": len(event.keys.keys)})]
 
+    def _on_access(self, event: AccessReplaced) -> list[Action]:
+        self._guard.replace(event.access, event.verifier, event.trusted_proxies)
+        fields = {"roles": sorted(event.access.roles), "rate_limits": len(event.access.layers)}
+        return [Log("info", "reloaded roles and limits", fields)]
+
     def _on_shutdown(self, event: ShutdownStarted) -> list[Action]:
         self._shutting_down = True
         return [exchange.fail(_shutting_down()) for exchange in self._backends.drain()]
@@ -428,6 +528,7 @@ class Gateway:
                 exchange.usage = piece
             else:
                 deltas.append(piece)
+        exchange.produced += len(deltas)
         output = exchange.output
         assert output is not None
         try:
@@ -563,6 +664,11 @@ class Gateway:
         ]
         if call is not None or status == 401:
             actions.extend(ending_counts(model, exchange.usage, status, exchange.error))
+        reservation = exchange.reservation
+        if reservation is not None:
+            settle = self._guard.settle(reservation, exchange.usage, exchange.produced, now)
+            if settle is not None:
+                actions.append(settle)
         return actions
 
 
@@ -583,6 +689,9 @@ TRANSITIONS: dict[tuple[ExchangeState, type], Callable[[Gateway, Exchange, Any],
     # A request whose own handling broke (a bug) is still answered once, or ended.
     (_S.RECEIVED, BackendFailed): Gateway._on_failed,
     (_S.RECEIVED, ClientGone): Gateway._on_client_gone,
+    (_S.LIMITING, LimitsDecided): Gateway._on_limits,
+    (_S.LIMITING, BackendFailed): Gateway._on_failed,
+    (_S.LIMITING, ClientGone): Gateway._on_client_gone,
     (_S.QUEUED, ClientGone): Gateway._on_client_gone,
     (_S.RUNNING, BackendChunk): Gateway._on_chunk,
     (_S.RUNNING, BackendFinished): Gateway._on_finished,
@@ -610,5 +719,6 @@ _STARTS: dict[type, Callable[[Gateway, Any], list[Action]]] = {
     RequestRefused: Gateway._on_refused,
     Tick: Gateway._on_tick,
     KeysReplaced: Gateway._on_keys,
+    AccessReplaced: Gateway._on_access,
     ShutdownStarted: Gateway._on_shutdown,
 }

@@ -79,6 +79,7 @@ def error_headers(error: OpenAIError, request_id: str) -> tuple[Header, ...]:
         headers.append((b"www-authenticate", b'Bearer realm="ostiary"'))
     elif isinstance(error, MethodNotAllowedError) and error.allow:
         headers.append((b"allow", ", ".join(error.allow).encode()))
+    headers.extend(error.headers)
     return tuple(headers)
 
 

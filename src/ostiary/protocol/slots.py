@@ -50,13 +50,22 @@ class Backends:
         """Ask for a slot; a queued exchange leaves after its policy's wait."""
         policy = self.policies[backend]
         exchange.policy = policy
-        key = exchange.principal
-        ticket = Ticket(
-            exchange.request_id,
-            principal=key.id if key is not None else "",
-            cost=exchange.cost,
-            deadline=now + policy.max_queue_wait,
-        )
+        principal = exchange.principal
+        if principal is None:
+            ticket = Ticket(
+                exchange.request_id, cost=exchange.cost, deadline=now + policy.max_queue_wait
+            )
+        else:
+            role = principal.role
+            wait = role.max_queue_wait if role.max_queue_wait is not None else policy.max_queue_wait
+            ticket = Ticket(
+                exchange.request_id,
+                principal=principal.id,
+                cost=exchange.cost,
+                weight=role.weight,
+                priority=role.priority,
+                deadline=now + wait,
+            )
         outcome = self.schedulers[backend].submit(ticket, now)
         if outcome is Submitted.QUEUED:
             exchange.state = ExchangeState.QUEUED

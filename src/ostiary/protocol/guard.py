@@ -1,0 +1,400 @@
+"""The gateway's access control: who a request is from, what it may do, and what
+it is charged (DESIGN §5a).
+
+:class:`Guard` holds the :class:`~.access.AccessPolicy`, the JWT verifier the runtime
+handed in, the trusted proxies and the in-process limit store. The gateway asks it,
+in the order of checks of DESIGN §5a:
+
+1. :meth:`Guard.authenticate` (from the head): the client's address, the per-IP
+   budget of failed authentications (a client over it is refused unheard, 429), the
+   credentials (an Ostiary key or, by its shape, a JWT; 401), the principal's role
+   (403 when it is not configured);
+2. :meth:`Guard.check_endpoint` (403);
+3. :meth:`Guard.may_use_model` (a model the role may not use is a 404 like an
+   unknown one) and :meth:`Guard.cap_output` (400 over the role's cap);
+4. :meth:`Guard.charges` and :meth:`Guard.judge` (429), or the shared store through
+   the runtime;
+5. :meth:`Guard.settle` when the request ends.
+
+Token reservations (the estimate a request is charged at admission): the prompt
+counted with the cl100k counter the runtime loads (only as far as the largest token
+limit needs, so a huge prompt costs no more to count than the limit is large),
+plus four tokens a message, plus the output: what the request asks for (times its
+choices), or, when it asks for nothing, the smaller of the role's cap and ``[limits]
+max_output_tokens``, clamped to what the tightest token limit leaves after the
+prompt, so small limits still admit small requests. Without a counter the prompt is
+its text's length / 4. The real usage settles the reservation when the request ends
+(see :mod:`.limits` for what happens when it was larger).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+
+from .access import AccessPolicy, Principal, Role, Scope
+from .actions import BackendCall, SettleLimits
+from .admission import Endpoint, authorization_header
+from .auth import ApiKey, KeyTable
+from .client_ip import client_address
+from .credentials import TokenVerifier, looks_like_jwt
+from .errors import InvalidRequestError, PermissionDeniedError, RateLimitError
+from .exchange import Reservation
+from .generation import Usage
+from .limits import Charge, ConcurrencyLimit, Decision, MemoryLimitStore, Unit, wait_ms
+from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .tokens import TokenCodec
+from .visibility import Network
+
+__all__ = ["Guard", "format_reset"]
+
+Header = tuple[bytes, bytes]
+_MINUTE_MS = 60_000
+#: Tokens a chat message costs beyond its text (role, separators), as OpenAI counts.
+_PER_MESSAGE = 4
+
+
+def format_reset(ms: int) -> str:
+    """A duration as the ``x-ratelimit-reset-*`` headers write it: ``250ms``,
+    ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+class Guard:
+    """See the module docstring. ``max_output_tokens`` is ``[limits]``'; ``tokens``
+    the counter for token reservations (None: a length estimate)."""
+
+    def __init__(
+        self,
+        access: AccessPolicy | None = None,
+        *,
+        verifier: TokenVerifier | None = None,
+        trusted_proxies: tuple[Network, ...] = (),
+        max_output_tokens: int = 32_768,
+        tokens: TokenCodec | None = None,
+        shared: bool = False,
+        on_failure: str = "refuse",
+    ) -> None:
+        self.access = access if access is not None else AccessPolicy()
+        self.verifier = verifier
+        self.trusted_proxies = trusted_proxies
+        self.max_output_tokens = max_output_tokens
+        self.tokens = tokens
+        #: Limits live in the shared store (judged through the runtime).
+        self.shared = shared
+        self.on_failure = on_failure
+        self.store = MemoryLimitStore()
+        #: Failed authentications per client IP, on the wall clock (heads carry no
+        #: monotonic time); always in this process.
+        self.failures = MemoryLimitStore(max_buckets=65_536)
+        self._principals: dict[str, tuple[ApiKey, Principal]] = {}
+
+    def replace(
+        self,
+        access: AccessPolicy,
+        verifier: TokenVerifier | None,
+        trusted_proxies: tuple[Network, ...],
+    ) -> None:
+        """New roles, limits and JWT settings (a config reload); the buckets stay."""
+        self.access = access
+        self.verifier = verifier
+        self.trusted_proxies = trusted_proxies
+        self._principals.clear()
+
+    # -- 1. who ---------------------------------------------------------------------
+
+    def client(self, peer: str, headers: tuple[Header, ...]) -> str:
+        return client_address(peer, headers, self.trusted_proxies) if self.trusted_proxies else peer
+
+    def authenticate(
+        self, keys: KeyTable, headers: tuple[Header, ...], client: str, wall: float
+    ) -> Principal:
+        """The principal the credentials name (raises 429, 401 or 403)."""
+        limit = self.access.failed_auth_limit(client) if client else None
+        if limit is not None:
+            wait = wait_ms(limit.spec, self.failures.deficit(limit, wall), 1)
+            if wait:
+                raise RateLimitError(
+                    "Too many failed authentications from this address; retry later.",
+                    code="rate_limit_exceeded",
+                    retry_after=wait / 1000,
+                )
+        return self._principal(keys, authorization_header(headers), wall)
+
+    def failed(self, client: str, wall: float) -> None:
+        """Count a 401 against ``client``'s budget (when it is answered, so a head
+        judged twice is counted once)."""
+        limit = self.access.failed_auth_limit(client) if client else None
+        if limit is not None:
+            self.failures.admit(((limit, 1),), (), wall)
+
+    def _principal(self, keys: KeyTable, header: bytes | None, wall: float) -> Principal:
+        verifier = self.verifier
+        if header is not None and verifier is not None:
+            scheme, _, secret = header.strip().partition(b" ")
+            token = secret.strip().decode("latin-1")
+            if scheme.lower() == b"bearer" and looks_like_jwt(token):
+                claims = verifier.verify(token, wall)
+                role = next((r for r in map(self.access.role, claims.roles) if r is not None), None)
+                if role is None:
+                    raise PermissionDeniedError(
+                        "None of the token's roles is configured on this server.",
+                        code="permission_denied",
+                    )
+                return self.access.principal(f"jwt:{claims.subject}", role, label=claims.subject)
+        key = keys.authenticate(header)
+        cached = self._principals.get(key.id)
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        role = self.access.role(key.role)
+        if role is None:
+            raise PermissionDeniedError(
+                f"The key's role '{key.role}' is not configured on this server.",
+                code="permission_denied",
+            )
+        overrides = getattr(key, "overrides", None)
+        principal = self.access.principal(f"key:{key.id}", role, overrides, label=key.id)
+        if len(self._principals) >= 65_536:
+            self._principals.clear()
+        self._principals[key.id] = (key, principal)
+        return principal
+
+    # -- 2, 3. what -------------------------------------------------------------------
+
+    @staticmethod
+    def check_endpoint(principal: Principal, endpoint: Endpoint) -> None:
+        if not principal.role.may_use_endpoint(endpoint.value):
+            raise PermissionDeniedError(
+                f"This key's role may not use the {endpoint.value} endpoint.",
+                code="permission_denied",
+            )
+
+    @staticmethod
+    def may_use_model(principal: Principal | None, model: str) -> bool:
+        return principal is None or principal.role.may_use_model(model)
+
+    def cap_output(self, call: BackendCall, role: Role) -> BackendCall:
+        """Refuse a request asking for more output than ``role`` allows; send one
+        that asks for nothing with the smaller of the two caps."""
+        cap = role.max_output_tokens
+        if cap is None or isinstance(call, EmbeddingRequest):
+            return call
+        asked = call.output_limit
+        if asked is not None:
+            if asked > cap:
+                param = (
+                    "max_completion_tokens"
+                    if isinstance(call, ChatCompletionRequest)
+                    and call.max_completion_tokens is not None
+                    else "max_tokens"
+                )
+                raise InvalidRequestError(
+                    f"Invalid '{param}': {asked} is more than this key's role allows ({cap}).",
+                    param=param,
+                    code="invalid_value",
+                )
+            return call
+        value = min(cap, self.max_output_tokens)
+        if isinstance(call, ChatCompletionRequest):
+            raw = {**call.raw, "max_completion_tokens": value} if call.raw else call.raw
+            return attrs.evolve(call, max_completion_tokens=value, raw=raw)
+        raw = {**call.raw, "max_tokens": value} if call.raw else call.raw
+        return attrs.evolve(call, max_tokens=value, raw=raw)
+
+    # -- 4. how much ------------------------------------------------------------------
+
+    def charges(
+        self, principal: Principal, client: str, call: BackendCall, endpoint: Endpoint
+    ) -> tuple[tuple[Charge, ...], tuple[ConcurrencyLimit, ...], int]:
+        """Every charge and slot of the request, and its prompt estimate (tokens)."""
+        name = "models" if endpoint is Endpoint.MODEL else endpoint.value
+        charges, slots = self.access.charges(principal, client, call.model, name, 0)
+        capacity = max((c[0].spec.capacity for c in charges if c[0].unit is Unit.TOKENS), default=0)
+        if not capacity:
+            return charges, slots, 0
+        tightest = min(c[0].spec.capacity for c in charges if c[0].unit is Unit.TOKENS)
+        prompt = self._prompt_tokens(call, capacity)
+        cost = prompt + self._output_reservation(call, principal.role, tightest - prompt)
+        charged = tuple((limit, cost if limit.unit is Unit.TOKENS else n) for limit, n in charges)
+        return charged, slots, prompt
+
+    def _prompt_tokens(self, call: BackendCall, limit: int) -> int:
+        texts: list[str] = []
+        extra = 0
+        ids = 0
+        if isinstance(call, ChatCompletionRequest):
+            for message in call.messages:
+                texts.append(message.text())
+                for tool_call in message.tool_calls or ():
+                    texts.append(tool_call.function.arguments)
+                    texts.append(tool_call.function.name)
+            extra = _PER_MESSAGE * len(call.messages) + 3
+        else:
+            inputs = call.prompt if isinstance(call, CompletionRequest) else call.input
+            for item in (inputs,) if isinstance(inputs, str) else inputs:
+                if isinstance(item, str):
+                    texts.append(item)
+                elif isinstance(item, int):
+                    ids += 1
+                else:
+                    ids += len(item)
+        text = "\n".join(texts)
+        counter = self.tokens
+        counted = -(-len(text) // 4) if counter is None else counter.count(text, limit + 1)
+        return min(counted + extra + ids, limit + 1)
+
+    def _output_reservation(self, call: BackendCall, role: Role, room: int) -> int:
+        if isinstance(call, EmbeddingRequest):
+            return 0
+        choices = (
+            (call.n or 1)
+            if isinstance(call, ChatCompletionRequest)
+            else max(call.n or 1, call.best_of or 1)
+        )
+        asked = call.output_limit
+        if asked is not None:
+            return asked * choices
+        cap = min(role.max_output_tokens or self.max_output_tokens, self.max_output_tokens)
+        return max(1, min(cap * choices, room))
+
+    def judge(
+        self, charges: tuple[Charge, ...], slots: tuple[ConcurrencyLimit, ...], now: float
+    ) -> Decision:
+        """All-or-nothing admission in the in-process store, in this same call."""
+        return self.store.admit(charges, slots, now)
+
+    def refusal(
+        self, decision: Decision, slots: Sequence[ConcurrencyLimit], principal: Principal
+    ) -> RateLimitError:
+        """The 429 of a refused decision: which layer, how long, the headers."""
+        refusal = decision.refusal
+        assert refusal is not None
+        headers = list(self.headers(decision, exhausted=refusal.exhausted))
+        if refusal.exhausted is not None:
+            limit, cost = decision.charges[refusal.exhausted]
+            what = _DIMENSIONS[limit.name]
+            layer = self._layer_name(limit.layer, principal)
+            if refusal.never:
+                message = (
+                    f"This request needs {cost} {what.split()[0]}, more than the limit of "
+                    f"{limit.spec.capacity} {what} {layer} allows; it can never pass. "
+                    "Ask for fewer tokens."
+                )
+                headers.append((b"x-should-retry", b"false"))
+                retry = None
+            else:
+                message = (
+                    f"Rate limit reached for {what} {layer} (limit {limit.spec.capacity}). "
+                    "Retry after the time in retry-after."
+                )
+                retry = (refusal.retry_after_ms or 1) / 1000
+        else:
+            assert refusal.full_slot is not None
+            slot = slots[refusal.full_slot]
+            layer = self._layer_name(slot.layer, principal)
+            message = (
+                f"Too many concurrent requests {layer} (limit {slot.limit}); retry when one ends."
+            )
+            retry = None
+        error = RateLimitError(message, code="rate_limit_exceeded", retry_after=retry)
+        error.headers = tuple(headers)
+        return error
+
+    def scope_of(self, decision: Decision, slots: Sequence[ConcurrencyLimit]) -> str:
+        """The ``scope`` label of ``ostiary_rate_limited_total`` for a refusal."""
+        refusal = decision.refusal
+        assert refusal is not None
+        if refusal.exhausted is not None:
+            layer = decision.charges[refusal.exhausted][0].layer
+        else:
+            assert refusal.full_slot is not None
+            layer = slots[refusal.full_slot].layer
+        if layer.startswith("principal:"):
+            return "principal"
+        return self.access.layers[int(layer.partition("/")[0]) - 1].scope.value
+
+    def _layer_name(self, layer: str, principal: Principal) -> str:
+        if layer.startswith("principal:"):
+            kind = "token" if principal.id.startswith("jwt:") else "key"
+            return f"for this {kind} (role '{principal.role.name}')"
+        index = int(layer.partition("/")[0])
+        scope = self.access.layers[index - 1].scope
+        return f"of rate_limits[{index - 1}] ({_SCOPES[scope]})"
+
+    @staticmethod
+    def headers(decision: Decision, *, exhausted: int | None = None) -> tuple[Header, ...]:
+        """``x-ratelimit-*`` for the tightest minute bucket of each unit (the
+        exhausted one, at 0, in its place on a refusal)."""
+        out: list[Header] = []
+        for unit, suffix in ((Unit.REQUESTS, b"requests"), (Unit.TOKENS, b"tokens")):
+            best = -1
+            best_left = math.inf
+            for i, (limit, _) in enumerate(decision.charges):
+                if limit.unit is not unit:
+                    continue
+                if i == exhausted:
+                    best, best_left = i, -1
+                    break
+                if limit.spec.window_ms != _MINUTE_MS:
+                    continue
+                left = decision.remaining(i)
+                if left < best_left:
+                    best, best_left = i, left
+            if best < 0:
+                continue
+            left = 0 if best == exhausted else decision.remaining(best)
+            out.append((b"x-ratelimit-limit-" + suffix, b"%d" % decision.limit(best)))
+            out.append((b"x-ratelimit-remaining-" + suffix, b"%d" % left))
+            reset = format_reset(decision.reset_ms(best)).encode()
+            out.append((b"x-ratelimit-reset-" + suffix, reset))
+        return tuple(out)
+
+    # -- 5. the end -------------------------------------------------------------------
+
+    def settle(
+        self,
+        reservation: Reservation,
+        usage: Usage | None,
+        produced: int,
+        now: float,
+    ) -> SettleLimits | None:
+        """End a request's hold: the tokens it really used (its usage; else, for an
+        output cut short, the prompt estimate plus the pieces produced; nothing if
+        it produced nothing). Shared holds are settled by the runtime."""
+        if usage is not None:
+            actual = usage.prompt_tokens + usage.completion_tokens
+        elif produced:
+            actual = reservation.prompt_tokens + produced
+        else:
+            actual = 0
+        if reservation.shared:
+            return SettleLimits(reservation.hold, actual)
+        self.store.settle(reservation.hold, actual, now)
+        return None
+
+
+_DIMENSIONS = {
+    "rpm": "requests per minute",
+    "tpm": "tokens per minute",
+    "rpd": "requests per day",
+    "tpd": "tokens per day",
+}
+_SCOPES = {
+    Scope.IP: "per client address",
+    Scope.PRINCIPAL: "per key or token",
+    Scope.ROLE: "per role",
+    Scope.MODEL: "per model",
+    Scope.ENDPOINT: "per endpoint",
+    Scope.GLOBAL: "global",
+}

@@ -132,6 +132,9 @@ async def run_server(
         limits=config.limits,
         created=int(time.time()),
         metrics_allow=parse_networks(config.server.metrics_allow),
+        access=config.access_policy(),
+        shared_limits=config.redis is not None,
+        on_limits_failure=config.redis.on_failure if config.redis is not None else "refuse",
     )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}

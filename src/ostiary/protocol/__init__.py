@@ -5,9 +5,11 @@ runtime carries out its actions and reports back.
 """
 
 from .actions import (
+    AcceptWebSocket,
     Action,
     CancelBackend,
     CheckReadiness,
+    CloseWebSocket,
     Count,
     Dispatch,
     EndStream,
@@ -60,6 +62,7 @@ from .sse import SseDecoder, SseEncoder
 from .tokens import TokenCodec, embedding_as_text
 
 __all__ = [
+    "AcceptWebSocket",
     "Action",
     "Admission",
     "ApiKey",
@@ -77,6 +80,7 @@ __all__ = [
     "ChatMessage",
     "CheckReadiness",
     "ClientGone",
+    "CloseWebSocket",
     "CompletionRequest",
     "CorsPolicy",
     "Count",

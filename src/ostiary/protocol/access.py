@@ -48,6 +48,8 @@ __all__ = [
 MODEL_ENDPOINTS = ("chat.completions", "completions", "embeddings", "models")
 ADMIN_ENDPOINTS = ("queue", "metrics")
 ENDPOINT_NAMES = frozenset(MODEL_ENDPOINTS + ADMIN_ENDPOINTS)
+#: Routes that a role's endpoint name covers beyond its own.
+_ENDPOINT_OF = {"models.retrieve": "models", "queue.live": "queue"}
 
 _MINUTE = 60
 _DAY = 86_400
@@ -161,10 +163,8 @@ class Role(LimitSet):
         return self._models_re.fullmatch(model) is not None
 
     def may_use_endpoint(self, endpoint: str) -> bool:
-        """``models.retrieve`` counts as ``models``."""
-        if endpoint == "models.retrieve":
-            endpoint = "models"
-        return endpoint in self._endpoint_set
+        """``models.retrieve`` counts as ``models``, ``queue.live`` as ``queue``."""
+        return _ENDPOINT_OF.get(endpoint, endpoint) in self._endpoint_set
 
 
 ADMIN_ROLE = Role(name="admin", endpoints=MODEL_ENDPOINTS + ADMIN_ENDPOINTS)
@@ -261,6 +261,11 @@ class AccessPolicy:
         ] = {}
         #: Whether any request can be limited at all (else admission skips the store).
         self.limited = bool(self.layers) or any(not r.empty for r in table.values())
+        #: Whether some limit counts tokens (so prompts must be counted).
+        self.counts_tokens = any(
+            s.tokens_per_minute is not None or s.tokens_per_day is not None
+            for s in (*table.values(), *self.layers)
+        )
 
     def role(self, name: str) -> Role | None:
         return self.roles.get(name)

@@ -16,11 +16,13 @@ from .limits import Charge, ConcurrencyLimit, Hold
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = [
+    "AcceptWebSocket",
     "Action",
     "BackendCall",
     "CancelBackend",
     "CheckLimits",
     "CheckReadiness",
+    "CloseWebSocket",
     "Count",
     "Dispatch",
     "EndStream",
@@ -104,6 +106,30 @@ class RenderMetrics:
 
 
 @attrs.frozen
+class AcceptWebSocket:
+    """Complete the WebSocket opening handshake (``101`` with ``headers``), then push
+    ``Gateway.queue_snapshot`` to the client as a text message at most once per
+    ``interval`` seconds, answer its pings and close it when it asks, when one of
+    its messages passes ``max_message_bytes`` (1009), or on :class:`CloseWebSocket`.
+    Then report ``ResponseSent`` (closed by either side with a close frame) or
+    ``ClientGone`` (it vanished, or stopped reading)."""
+
+    request_id: str
+    headers: tuple[Header, ...]
+    interval: float
+    max_message_bytes: int
+
+
+@attrs.frozen
+class CloseWebSocket:
+    """Close the request's live feed with ``code`` (1001: the server drains; 1008:
+    its key was revoked or lost the admin role), then report as for its end."""
+
+    request_id: str
+    code: int
+
+
+@attrs.frozen
 class Log:
     """A structured log record; ``fields`` never hold secrets."""
 
@@ -155,6 +181,8 @@ Action = (
     | RenderMetrics
     | CheckLimits
     | SettleLimits
+    | AcceptWebSocket
+    | CloseWebSocket
     | Log
     | Count
 )

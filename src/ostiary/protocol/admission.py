@@ -57,6 +57,8 @@ class Endpoint(enum.Enum):
     READY = "readyz"
     PREFLIGHT = "preflight"
     QUEUE = "queue"
+    QUEUE_LIVE = "queue.live"
+    DASHBOARD = "dashboard"
     METRICS = "metrics"
 
 
@@ -69,12 +71,16 @@ _ROUTES: dict[str, tuple[str, Endpoint]] = {
     "/healthz": ("GET", Endpoint.HEALTH),
     "/readyz": ("GET", Endpoint.READY),
     "/v1/queue": ("GET", Endpoint.QUEUE),
+    "/v1/queue/live": ("GET", Endpoint.QUEUE_LIVE),
+    "/dashboard": ("GET", Endpoint.DASHBOARD),
+    "/dashboard.js": ("GET", Endpoint.DASHBOARD),
+    "/dashboard.css": ("GET", Endpoint.DASHBOARD),
     "/metrics": ("GET", Endpoint.METRICS),
 }
 _MODEL_PREFIX = "/v1/models/"
-PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY, Endpoint.PREFLIGHT})
+PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY, Endpoint.PREFLIGHT, Endpoint.DASHBOARD})
 #: Endpoints for the ``admin`` role only (``/metrics`` also for ``metrics_allow``).
-ADMIN = frozenset({Endpoint.QUEUE, Endpoint.METRICS})
+ADMIN = frozenset({Endpoint.QUEUE, Endpoint.QUEUE_LIVE, Endpoint.METRICS})
 #: Endpoints whose requests carry a JSON body.
 WITH_BODY = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
 

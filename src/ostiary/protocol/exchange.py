@@ -8,7 +8,7 @@ free slot) → ``RUNNING`` (dispatched) → ``STREAMING`` (response head sent, o
 flowing) → ``SENDING`` (the last bytes were handed to
 the runtime) → done (forgotten, after exactly one access-log record). ``CHECKING`` is
 ``/readyz`` waiting for the runtime's backend checks, or ``/metrics`` for its
-rendering. Any state may end early: a
+rendering. ``LIVE`` is an open ``/v1/queue/live`` WebSocket. Any state may end early: a
 client that leaves, a failure, a timeout.
 """
 
@@ -59,6 +59,8 @@ class ExchangeState(enum.Enum):
     STREAMING = "streaming"
     CHECKING = "checking"
     SENDING = "sending"
+    #: A live queue feed (``/v1/queue/live``) after its upgrade, until it closes.
+    LIVE = "live"
 
 
 @attrs.frozen(kw_only=True)

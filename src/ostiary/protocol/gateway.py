@@ -58,6 +58,7 @@ from .auth import KeyTable
 from .capabilities import Capabilities, fit
 from .cors import CorsPolicy
 from .credentials import TokenVerifier, UnknownSigningKey
+from .dashboard import Assets
 from .errors import NotFoundError, OpenAIError, ServiceUnavailableError
 from .events import (
     AccessReplaced,
@@ -82,6 +83,7 @@ from .fair_queue import scheduler_for
 from .generation import Delta, Usage
 from .guard import Guard
 from .limits import Decision
+from .live import LiveSettings, Viewers, credentials
 from .output import CompletionOutput
 from .request_limits import RequestLimits
 from .requests import EmbeddingRequest
@@ -123,6 +125,9 @@ CLIENT_GONE = 499
 PROMETHEUS_CONTENT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
 
+Header = tuple[bytes, bytes]
+
+
 class GatewayUsageError(Exception):
     """The runtime fed an event that is wrong for the exchange's state (or names no
     exchange): a bug in the runtime, never a client's doing."""
@@ -154,7 +159,8 @@ class Gateway:
     layers, ``verifier`` checks JWTs (None: keys only), ``trusted_proxies`` may say
     who the client is; ``shared_limits`` judges limits in the runtime's shared store
     (:class:`CheckLimits`), which on failure "refuse"s (503) or counts "local"ly
-    (``on_limits_failure``).
+    (``on_limits_failure``); ``live`` bounds the ``/v1/queue/live`` feeds
+    (:mod:`.live`); ``assets`` are the dashboard's files (:mod:`.dashboard`).
     """
 
     def __init__(
@@ -174,6 +180,8 @@ class Gateway:
         trusted_proxies: tuple[Network, ...] = (),
         shared_limits: bool = False,
         on_limits_failure: str = "refuse",
+        live: LiveSettings | None = None,
+        assets: Assets | None = None,
     ) -> None:
         self._routes = {r.model: r for r in routes}
         self._tokens = tokens
@@ -202,6 +210,8 @@ class Gateway:
             shared=shared_limits,
             on_failure=on_limits_failure,
         )
+        self._viewers = Viewers(live if live is not None else LiveSettings())
+        self._assets = assets if assets is not None else Assets()
         self._shutting_down = False
         #: By (endpoint, model, status), bounded by the config: the request's count
         #: (frozen, so one object serves them all) and its duration's labels.
@@ -235,6 +245,11 @@ class Gateway:
         """The backends' names, each with its own scheduler."""
         return tuple(self._backends.schedulers)
 
+    def queue_snapshot(self, now: float) -> bytes:
+        """The JSON of ``GET /v1/queue`` (also each message of ``/v1/queue/live``)."""
+        b = self._backends
+        return queue_body(b.policies, b.schedulers, b.waits, now)
+
     def next_deadline(self) -> float:
         """When the gateway next needs a :class:`Tick` (``inf``: no timer pending)."""
         return self._backends.next_deadline(math.inf)
@@ -261,7 +276,7 @@ class Gateway:
         client = guard.client(peer, headers)
         version = self._keys_version
         try:
-            principal = guard.authenticate(self._keys, headers, client, wall)
+            principal = guard.authenticate(self._keys, credentials(endpoint, headers), client, wall)
             guard.check_endpoint(principal, endpoint)
         except UnknownSigningKey as error:
             return Admission(endpoint, 0, peer, error=error, refresh_keys=True, client=client)
@@ -328,6 +343,8 @@ class Gateway:
                 return [exchange.preflight(self._cors, event.target, event.headers)]
             if endpoint is Endpoint.HEALTH:
                 return [exchange.respond(200, b'{"status":"ok"}')]
+            if endpoint is Endpoint.DASHBOARD:
+                return [self._assets.respond(exchange)]
             if endpoint is Endpoint.READY:
                 exchange.state = ExchangeState.CHECKING
                 return [CheckReadiness(event.request_id)]
@@ -335,7 +352,7 @@ class Gateway:
                 return self._render_metrics(exchange)
             principal = exchange.principal = self._principal(admission, event)
             if endpoint in ADMIN:
-                return self._on_admin(exchange, endpoint, event.now)
+                return self._on_admin(exchange, endpoint, event.now, event.headers)
             if endpoint is Endpoint.MODELS:
                 role = principal.role
                 models = (
@@ -415,11 +432,13 @@ class Gateway:
         exchange.rate = guard.headers(decision)
         return self._schedule(exchange, backend, now)
 
-    def _on_admin(self, exchange: Exchange, endpoint: Endpoint, now: float) -> list[Action]:
+    def _on_admin(
+        self, exchange: Exchange, endpoint: Endpoint, now: float, headers: tuple[Header, ...]
+    ) -> list[Action]:
         if endpoint is Endpoint.QUEUE:
-            b = self._backends
-            body = queue_body(b.policies, b.schedulers, b.waits, now)
-            return [exchange.respond(200, body)]
+            return [exchange.respond(200, self.queue_snapshot(now))]
+        if endpoint is Endpoint.QUEUE_LIVE:
+            return [self._viewers.accept(exchange, headers, self._shutting_down)]
         return self._render_metrics(exchange)
 
     def _render_metrics(self, exchange: Exchange) -> list[Action]:
@@ -435,7 +454,12 @@ class Gateway:
         if principal is None or admission.keys_version != self._keys_version:
             # Judged by an older key table (or not at all): judge again.
             guard = self._guard
-            principal = guard.authenticate(self._keys, event.headers, admission.client, event.wall)
+            principal = guard.authenticate(
+                self._keys,
+                credentials(admission.endpoint, event.headers),
+                admission.client,
+                event.wall,
+            )
             assert admission.endpoint is not None
             guard.check_endpoint(principal, admission.endpoint)
         return principal
@@ -498,7 +522,8 @@ class Gateway:
     def _on_keys(self, event: KeysReplaced) -> list[Action]:
         self._keys = event.keys
         self._keys_version += 1
-        return [Log("info", "reloaded API keys", {"active_keys": len(event.keys.keys)})]
+        log = Log("info", "reloaded API keys", {"active_keys": len(event.keys.keys)})
+        return [log, *self._viewers.revoked(event.keys)]
 
     def _on_access(self, event: AccessReplaced) -> list[Action]:
         self._guard.replace(event.access, event.verifier, event.trusted_proxies)
@@ -507,7 +532,11 @@ class Gateway:
 
     def _on_shutdown(self, event: ShutdownStarted) -> list[Action]:
         self._shutting_down = True
-        return [exchange.fail(_shutting_down()) for exchange in self._backends.drain()]
+        actions: list[Action] = [
+            exchange.fail(_shutting_down()) for exchange in self._backends.drain()
+        ]
+        actions.extend(self._viewers.close_all())
+        return actions
 
     # -- backend output --------------------------------------------------------------
 
@@ -639,6 +668,12 @@ class Gateway:
         actions.extend(self._end(exchange, event.now))
         return actions
 
+    def _on_viewer_left(self, exchange: Exchange, event: ResponseSent | ClientGone) -> list[Action]:
+        self._viewers.leave(exchange.request_id)
+        if isinstance(event, ClientGone):
+            exchange.status = CLIENT_GONE
+        return self._end(exchange, event.now)
+
     def _on_sent(self, exchange: Exchange, event: ResponseSent) -> list[Action]:
         return self._end(exchange, event.now)
 
@@ -707,6 +742,8 @@ TRANSITIONS: dict[tuple[ExchangeState, type], Callable[[Gateway, Exchange, Any],
     (_S.CHECKING, BackendFailed): Gateway._on_failed,
     (_S.CHECKING, ClientGone): Gateway._on_client_gone,
     (_S.SENDING, ResponseSent): Gateway._on_sent,
+    (_S.LIVE, ResponseSent): Gateway._on_viewer_left,
+    (_S.LIVE, ClientGone): Gateway._on_viewer_left,
     (_S.SENDING, ClientGone): Gateway._on_client_gone,
     (_S.SENDING, BackendChunk): Gateway._on_late_output,
     (_S.SENDING, BackendFinished): Gateway._on_late_output,

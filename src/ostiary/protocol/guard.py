@@ -36,7 +36,7 @@ import attrs
 
 from .access import AccessPolicy, Principal, Role, Scope
 from .actions import BackendCall, SettleLimits
-from .admission import Endpoint, authorization_header
+from .admission import Endpoint
 from .auth import ApiKey, KeyTable
 from .client_ip import client_address
 from .credentials import TokenVerifier, looks_like_jwt
@@ -118,9 +118,10 @@ class Guard:
         return client_address(peer, headers, self.trusted_proxies) if self.trusted_proxies else peer
 
     def authenticate(
-        self, keys: KeyTable, headers: tuple[Header, ...], client: str, wall: float
+        self, keys: KeyTable, credentials: bytes | None, client: str, wall: float
     ) -> Principal:
-        """The principal the credentials name (raises 429, 401 or 403)."""
+        """The principal ``credentials`` (an ``Authorization`` value) name (raises
+        429, 401 or 403)."""
         limit = self.access.failed_auth_limit(client) if client else None
         if limit is not None:
             wait = wait_ms(limit.spec, self.failures.deficit(limit, wall), 1)
@@ -130,7 +131,7 @@ class Guard:
                     code="rate_limit_exceeded",
                     retry_after=wait / 1000,
                 )
-        return self._principal(keys, authorization_header(headers), wall)
+        return self._principal(keys, credentials, wall)
 
     def failed(self, client: str, wall: float) -> None:
         """Count a 401 against ``client``'s budget (when it is answered, so a head

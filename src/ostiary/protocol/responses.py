@@ -57,13 +57,20 @@ DEFAULT_RETRY_AFTER = 1.0
 MAX_RETRY_AFTER = 3600.0
 
 
-def retry_after_headers(seconds: float | None) -> tuple[Header, Header]:
+#: Our own rate limits know their waits exactly; a per-day bucket in debt may need
+#: up to two days.
+MAX_LIMIT_RETRY_AFTER = 2 * 86_400.0
+
+
+def retry_after_headers(
+    seconds: float | None, ceiling: float = MAX_RETRY_AFTER
+) -> tuple[Header, Header]:
     """``retry-after-ms`` (the wait, in whole milliseconds rounded up) and
     ``retry-after`` (whole seconds, rounded up, so the two agree) for a wait of
-    ``seconds``, clamped to (0, MAX_RETRY_AFTER]."""
+    ``seconds``, clamped to (0, ceiling]."""
     if seconds is None or not math.isfinite(seconds):
         seconds = DEFAULT_RETRY_AFTER
-    ms = max(1, math.ceil(min(max(seconds, 0.0), MAX_RETRY_AFTER) * 1000))
+    ms = max(1, math.ceil(min(max(seconds, 0.0), ceiling) * 1000))
     return (
         (b"retry-after", str(-(-ms // 1000)).encode()),
         (b"retry-after-ms", str(ms).encode()),
@@ -73,7 +80,10 @@ def retry_after_headers(seconds: float | None) -> tuple[Header, Header]:
 def error_headers(error: OpenAIError, request_id: str) -> tuple[Header, ...]:
     """The headers of an error response: the one place that picks them."""
     headers: list[Header] = [JSON_CONTENT, (b"x-request-id", request_id.encode())]
-    if error.status in (429, 503):
+    if error.status == 429:
+        # Only Ostiary's own limits answer 429 (an upstream's becomes 503).
+        headers.extend(retry_after_headers(error.retry_after, MAX_LIMIT_RETRY_AFTER))
+    elif error.status == 503:
         headers.extend(retry_after_headers(error.retry_after))
     if error.status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="ostiary"'))

@@ -22,6 +22,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from ostiary.backends import SETTINGS_BY_KIND, BackendSettings
 from ostiary.backends.llama_engine import EmbeddedSettings
 from ostiary.protocol.access import AccessPolicy, RateLimitLayer, Role
+from ostiary.protocol.live import LiveSettings
 from ostiary.protocol.request_limits import RequestLimits
 from ostiary.protocol.structuring import first_structure_error
 from ostiary.protocol.visibility import parse_networks
@@ -89,6 +90,19 @@ class ServerSettings(HttpSettings):
     #: Networks (CIDR) whose socket peers may read ``/metrics`` without a key, so
     #: Prometheus can scrape. Default none: only the admin key.
     metrics_allow: tuple[str, ...] = attrs.field(default=(), validator=_check_networks)
+    #: ``/v1/queue/live`` feeds open at once (more get 503 ``too_many_viewers``).
+    max_queue_viewers: int = attrs.field(default=16, validator=attrs.validators.ge(0))
+    #: Seconds between two live snapshots to one viewer (at least 0.25).
+    queue_live_interval: float = attrs.field(default=0.25, validator=attrs.validators.ge(0.25))
+    #: Bytes of one message a live viewer may send before its feed is closed.
+    queue_live_max_message: int = attrs.field(default=4096, validator=attrs.validators.ge(125))
+
+    def live(self) -> LiveSettings:
+        return LiveSettings(
+            max_viewers=self.max_queue_viewers,
+            interval=self.queue_live_interval,
+            max_message_bytes=self.queue_live_max_message,
+        )
 
     def http(self) -> HttpSettings:
         fields = {a.name for a in attrs.fields(HttpSettings)}

@@ -24,6 +24,9 @@ class Connection:
     End of input is recorded in :attr:`eof`; it cancels the handler's scope only for
     a request handled with ``abandon_on_eof`` (see :meth:`start_handling`), since a
     client that half-closes after its request still reads the answer.
+
+    After a protocol switch (:meth:`take_over`) the reader hands its bytes to
+    :meth:`receive_raw` instead of h11, with the same bound on what it buffers.
     """
 
     __slots__ = (
@@ -31,6 +34,7 @@ class Connection:
         "_budget",
         "_handler_scope",
         "_paused",
+        "_raw",
         "_unread",
         "_waiter",
         "discarding",
@@ -51,6 +55,7 @@ class Connection:
         self._abandon_on_eof = False
         self._waiter: trio.Event | None = None
         self._paused: trio.Event | None = None
+        self._raw: bytearray | None = None
 
     def has_unread(self) -> bool:
         """Whether bytes were received since the main loop last waited."""
@@ -80,7 +85,10 @@ class Connection:
                     self._wake()
                     return
                 continue
-            self.h11.receive_data(bytes(data))
+            if self._raw is not None:
+                self._raw += data
+            else:
+                self.h11.receive_data(bytes(data))
             self._unread += len(data)
             self._wake()
 
@@ -109,6 +117,26 @@ class Connection:
         self._unread = 0
         if abandon_on_eof and self.eof:
             scope.cancel()
+
+    def take_over(self) -> None:
+        """The connection switched protocols (h11 is done with it): what h11 holds
+        past the request, and all that comes later, goes to :meth:`receive_raw`."""
+        data, _ = self.h11.trailing_data
+        self._raw = bytearray(data)
+        self._unread = len(data)
+        self._wake()
+
+    async def receive_raw(self) -> bytes:
+        """The bytes received since the last call (waiting for some); ``b""`` once
+        the client has closed and all was taken."""
+        assert self._raw is not None, "receive_raw before take_over"
+        await self.wait_data()
+        data = bytes(self._raw)
+        self._raw.clear()
+        if self._paused is not None:
+            self._paused.set()
+            self._paused = None
+        return data
 
     def stop_handling(self) -> None:
         self._handler_scope = None

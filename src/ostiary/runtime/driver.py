@@ -8,6 +8,8 @@ its own task (the common path pays nothing for routing); actions for another req
 ``CancelBackend`` cancels that request's backend scope at once. ``Log`` and
 ``Count`` are carried out on the spot. ``RenderMetrics`` renders the tally of those
 counts (:mod:`.exposition`) and hands the bytes back to the gateway, which answers.
+``AcceptWebSocket`` turns the connection into a live queue feed (:mod:`.live`) until
+it closes.
 
 ``Dispatch`` is fire and report: the backend call runs in the request's task, its
 output is fed back as events (streamed output through a bounded channel, so a slow
@@ -30,7 +32,9 @@ from contextlib import aclosing
 import trio
 
 from ostiary.backends import Backend, Generation
+from ostiary.protocol.access import AccessPolicy
 from ostiary.protocol.actions import (
+    AcceptWebSocket,
     Action,
     CancelBackend,
     CheckLimits,
@@ -47,8 +51,10 @@ from ostiary.protocol.actions import (
 )
 from ostiary.protocol.admission import Admission
 from ostiary.protocol.auth import KeyTable
+from ostiary.protocol.credentials import TokenVerifier
 from ostiary.protocol.errors import InternalServerError, OpenAIError
 from ostiary.protocol.events import (
+    AccessReplaced,
     BackendChunk,
     BackendFailed,
     BackendFinished,
@@ -71,10 +77,12 @@ from ostiary.protocol.gateway import Gateway
 from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, EmbeddingRequest
 from ostiary.protocol.responses import error_body, error_headers
+from ostiary.protocol.visibility import Network
 
 from .access_log import AccessLog
 from .exposition import Exposition
 from .http import ClientDisconnected, HttpRequest, Responder
+from .live import serve_viewer
 from .metrics import Metrics
 from .shared_limits import SharedLimits
 
@@ -311,6 +319,15 @@ class Driver:
             if now >= self.gateway.next_deadline():
                 self._feed(Tick(now))
 
+    def replace_access(
+        self,
+        access: AccessPolicy,
+        verifier: TokenVerifier | None,
+        trusted_proxies: tuple[Network, ...],
+    ) -> None:
+        """The config was reloaded: new roles, limits, JWT settings, trusted proxies."""
+        self._feed(AccessReplaced(access, verifier, trusted_proxies, trio.current_time()))
+
     def replace_keys(self, keys: KeyTable) -> None:
         """The key store changed: the gateway authenticates against ``keys`` now."""
         self._feed(KeysReplaced(keys, trio.current_time()))
@@ -347,6 +364,9 @@ class Driver:
                 elif isinstance(action, RenderMetrics):
                     rendered = MetricsRendered(rid, self._exposition.render(), trio.current_time())
                     await self._run(ctx, self._feed(rendered))
+                elif isinstance(action, AcceptWebSocket):
+                    await serve_viewer(responder, action, self.gateway.queue_snapshot, ctx.take)
+                    self._feed(ResponseSent(rid, trio.current_time()))
             except ClientDisconnected:
                 if self.gateway.state_of(rid) is not None:
                     self._feed(ClientGone(rid, trio.current_time()))

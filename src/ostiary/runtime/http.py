@@ -261,6 +261,7 @@ class HttpServer:
                     self._closer(conn, served, request.body_skipped),
                     head=request.method == "HEAD",
                     scope=scope,
+                    connection=conn,
                 )
                 conn.start_handling(scope, abandon_on_eof=_abandoned_on_eof(request))
                 try:

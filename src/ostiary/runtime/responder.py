@@ -18,7 +18,9 @@ from http import HTTPStatus
 import h11
 import trio
 
-__all__ = ["ClientDisconnected", "RawResponder", "Responder"]
+from .connection import Connection
+
+__all__ = ["ClientDisconnected", "RawResponder", "Responder", "Tunnel"]
 
 log = logging.getLogger("ostiary.http")
 
@@ -59,6 +61,7 @@ class Responder:
     __slots__ = (
         "_close",
         "_conn",
+        "_connection",
         "_head",
         "_scope",
         "_send_timeout",
@@ -76,8 +79,11 @@ class Responder:
         *,
         head: bool = False,
         scope: trio.CancelScope | None = None,
+        connection: Connection | None = None,
     ) -> None:
         self._conn = conn
+        #: The connection's reader, for a protocol switch (:meth:`switch_protocol`).
+        self._connection = connection
         self._head = head
         #: The handler's scope: a write that outlasts ``send_timeout`` cancels the
         #: whole handler (a client too slow to read is dropped).
@@ -179,6 +185,41 @@ class Responder:
     async def end(self) -> None:
         self.finished = True
         await self._write(self._send(h11.EndOfMessage()), last=True)
+
+    async def switch_protocol(self, headers: tuple[Header, ...]) -> Tunnel:
+        """Answer ``101 Switching Protocols`` with ``headers`` (the client proposed
+        an upgrade); the connection is then a raw :class:`Tunnel`, closed when the
+        handler returns."""
+        connection = self._connection
+        if connection is None:
+            raise ClientDisconnected()  # not a connection that can switch
+        data = self._send(
+            h11.InformationalResponse(
+                status_code=101, headers=list(headers), reason=b"Switching Protocols"
+            )
+        )
+        connection.take_over()
+        self.started = self.finished = True
+        await self._write(data)
+        return Tunnel(self, connection)
+
+
+class Tunnel:
+    """A connection after a protocol switch: raw bytes each way, every write with
+    the responder's deadline (a client that stops reading is dropped)."""
+
+    __slots__ = ("_connection", "_responder")
+
+    def __init__(self, responder: Responder, connection: Connection) -> None:
+        self._responder = responder
+        self._connection = connection
+
+    async def send(self, data: bytes) -> None:
+        await self._responder._write(data)
+
+    async def receive(self) -> bytes:
+        """What the client sent since the last call; ``b""``: it closed."""
+        return await self._connection.receive_raw()
 
 
 #: Headers h11 treats specially (framing, keep-alive, host first): never our fast path.

@@ -25,7 +25,8 @@ from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.protocol.visibility import parse_networks
 
 from .access_log import AccessLog
-from .config import Config
+from .config import Config, ConfigError, load_config
+from .dashboard import load_dashboard
 from .driver import Driver
 from .http import HttpServer
 from .keystore import KeyStore, write_bootstrap_key
@@ -97,6 +98,36 @@ def _shared_limits(config: Config) -> SharedLimits | None:
     )
 
 
+async def reload_access(config: Config, driver: Driver) -> Config | None:
+    """Reload roles, limits and trusted proxies from ``config``'s file (SIGHUP).
+
+    A file that cannot be used is refused with the old config kept, and logged;
+    listeners and backends are not reloaded (a change to them is logged as needing a
+    restart). Returns the config now in force, or None when it was refused.
+    """
+    if not config.source or config.source.startswith("("):
+        log.warning("SIGHUP: no config file to reload (built-in default)")
+        return None
+    try:
+        new = await trio.to_thread.run_sync(load_config, config.source)
+    except ConfigError as exc:
+        log.error(
+            "config reload refused; the old config stays", extra={"fields": {"error": str(exc)}}
+        )
+        return None
+    if new.backends != config.backends or new.server != config.server:
+        log.warning(
+            "config reload: [server] and [[backends]] changes need a restart; not applied",
+            extra={"fields": {"source": config.source}},
+        )
+    guard = driver.gateway.guard
+    access = new.access_policy()
+    if access.counts_tokens and guard.tokens is None:
+        log.warning("config reload: token limits need a restart to load the token counter")
+    driver.replace_access(access, guard.verifier, parse_networks(new.auth.trusted_proxies))
+    return new
+
+
 async def run_server(
     config: Config,
     *,
@@ -116,12 +147,13 @@ async def run_server(
         for m in b.models
     ]
     tokens = None
-    if any(
+    access = config.access_policy()
+    if access.counts_tokens or any(
         r.capabilities.kind is ModelKind.EMBEDDING and not r.capabilities.token_inputs
         for r in routes
     ):
-        # Token-id embedding input decodes as cl100k for models that take text;
-        # loading it takes about a second, once.
+        # Token limits count prompts, and token-id embedding input decodes, as
+        # cl100k; loading it takes about a second, once.
         tokens = await trio.to_thread.run_sync(load_cl100k)
     gateway = Gateway(
         tokens=tokens,
@@ -132,7 +164,10 @@ async def run_server(
         limits=config.limits,
         created=int(time.time()),
         metrics_allow=parse_networks(config.server.metrics_allow),
-        access=config.access_policy(),
+        access=access,
+        trusted_proxies=parse_networks(config.auth.trusted_proxies),
+        live=config.server.live(),
+        assets=load_dashboard(),
         shared_limits=config.redis is not None,
         on_limits_failure=config.redis.on_failure if config.redis is not None else "refuse",
     )
@@ -182,8 +217,11 @@ async def run_server(
             task_status.started(listeners)
             if not handle_signals:
                 await trio.sleep_forever()
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await reload_access(config, driver)
+                        continue
                     log.info(
                         "draining",
                         extra={

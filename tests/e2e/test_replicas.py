@@ -159,7 +159,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for replica in replicas:
             replica.process = spawn(replica)
         for replica in replicas:
-            replica.wait_until_listening()
+            replica.wait_until_listening(timeout=60)  # three start at once on shared cores
         yield Cluster(redis, replicas, keys)
     finally:
         codes = [replica.stop() for replica in replicas if replica.process is not None]

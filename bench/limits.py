@@ -6,7 +6,10 @@ request admitted. In memory: µs per ``admit`` (median of batches, CPU time and 
 time: on a shared machine the wall time includes other processes), and per
 ``admit`` + ``settle``. Through Redis (a private ``redis-server`` on a free port, or
 ``--url``): median and p99 µs of one admission, one settlement and one ``PING``,
-one call at a time, and admissions per second with 16 concurrent callers.
+one call at a time; the same admission through :class:`SharedLimits` (as the driver
+makes it: within ``[redis] timeout``); this process' CPU per admission and Redis' own
+time per script call (``INFO commandstats``), neither of which counts the time other
+processes of a busy machine take; and admissions per second with 16 concurrent callers.
 
     python bench/limits.py [--requests 20000] [--url redis://127.0.0.1:6379/0]
 """
@@ -14,6 +17,7 @@ one call at a time, and admissions per second with 16 concurrent callers.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -32,6 +36,7 @@ from ostiary.protocol.limits import (
 )
 from ostiary.runtime.redis_client import RedisClient
 from ostiary.runtime.redis_limits import RedisLimitStore
+from ostiary.runtime.shared_limits import SharedLimits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.runtime.redis_server import redis_server
@@ -99,11 +104,15 @@ async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float
             d = await store.admit(charges(700), SLOTS)
             assert d.hold is not None
             await store.settle(d.hold, 650)
-        admit, settle, ping = [], [], []
+        admit, settle, ping, cpu = [], [], [], []
         clock = time.perf_counter_ns
+        cpu_clock = time.process_time_ns
+        await client.execute("CONFIG", "RESETSTAT")
         for _ in range(requests):
             t0 = clock()
+            c0 = cpu_clock()
             d = await store.admit(charges(700), SLOTS)
+            cpu.append((cpu_clock() - c0) / 1000)
             t1 = clock()
             assert d.hold is not None
             await store.settle(d.hold, 650)
@@ -113,6 +122,17 @@ async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float
             admit.append((t1 - t0) / 1000)
             settle.append((t2 - t1) / 1000)
             ping.append((t3 - t2) / 1000)
+
+        stats = (await client.execute("INFO", "commandstats")).decode()
+        per_call = re.search(r"cmdstat_evalsha:calls=\d+,usec=\d+,usec_per_call=([\d.]+)", stats)
+        shared = SharedLimits(store, timeout=1.0)
+        through_shared = []
+        for _ in range(requests // 4):
+            t0 = clock()
+            decision = await shared.decide(charges(700), SLOTS)
+            through_shared.append((clock() - t0) / 1000)
+            assert decision is not None and decision.hold is not None
+            await store.settle(decision.hold, 650)
 
         done = 0
 
@@ -131,6 +151,12 @@ async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float
         rate = done / (time.perf_counter() - started)
     return {
         "admit (4 buckets + 1 slot, 3 layers)": percentiles(admit),
+        "  the same through SharedLimits.decide": percentiles(through_shared),
+        "  its CPU in this process": percentiles(cpu),
+        "  Redis' time per script call (admit, settle)": (
+            float(per_call.group(1)) if per_call else float("nan"),
+        )
+        * 2,
         "settle": percentiles(settle),
         "PING": percentiles(ping),
         "admit + settle / s, 16 callers": (rate, rate),

@@ -201,6 +201,9 @@ class RedisSettings:
     pool_size: int = attrs.field(
         default=4, validator=[attrs.validators.ge(1), attrs.validators.le(64)]
     )
+    #: Settlements waiting for Redis (queued, or held while it is down); beyond,
+    #: a hold's slots are released by the heartbeat without its token usage.
+    max_pending_settlements: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen(kw_only=True)

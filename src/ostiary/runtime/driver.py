@@ -37,6 +37,7 @@ from ostiary.protocol.actions import (
     AcceptWebSocket,
     Action,
     CancelBackend,
+    CheckLimits,
     CheckReadiness,
     Count,
     Dispatch,
@@ -61,6 +62,7 @@ from ostiary.protocol.events import (
     EmbeddingsComputed,
     Event,
     KeysReplaced,
+    LimitsDecided,
     MetricsRendered,
     ReadinessChecked,
     Refusal,
@@ -83,6 +85,7 @@ from .http import ClientDisconnected, HttpRequest, Responder
 from .jwt import KeyRefresher
 from .live import serve_viewer
 from .metrics import Metrics
+from .shared_limits import SharedLimits
 
 __all__ = ["Driver"]
 
@@ -150,10 +153,12 @@ class Driver:
         ready_cache: float = 1.0,
         metrics: Metrics | None = None,
         verifier: KeyRefresher | None = None,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
         self.gateway = gateway
         #: Refreshes the JWT verifier's key set when a token names an unknown kid.
         self.verifier = verifier
+        self.shared_limits = shared_limits
         self._backends = backends
         self._access_log = access_log is not False
         self._access_writer = access_log if isinstance(access_log, AccessLog) else None
@@ -171,8 +176,11 @@ class Driver:
         self._timer: trio.CancelScope | None = None
 
     def settle_limits(self, action: SettleLimits) -> None:
-        """Settle a hold of the shared limit store (none is configured here)."""
-        log.error("a shared-store hold to settle, but no shared store", extra={"fields": {}})
+        """Hand a hold of the shared limit store to its settlers (never awaits)."""
+        if self.shared_limits is not None:
+            self.shared_limits.settle(action.hold, action.actual_tokens)
+        else:
+            log.error("a shared-store hold to settle, but no shared store", extra={"fields": {}})
 
     def next_request_id(self) -> str:
         """A new request id: unique within the process, unpredictable across runs."""
@@ -365,6 +373,8 @@ class Driver:
                     failures = await self._check_ready()
                     event = ReadinessChecked(rid, failures, trio.current_time())
                     await self._run(ctx, self._feed(event))
+                elif isinstance(action, CheckLimits):
+                    await self._check_limits(ctx, action)
                 elif isinstance(action, RenderMetrics):
                     rendered = MetricsRendered(rid, self._exposition.render(), trio.current_time())
                     await self._run(ctx, self._feed(rendered))
@@ -375,6 +385,16 @@ class Driver:
                 if self.gateway.state_of(rid) is not None:
                     self._feed(ClientGone(rid, trio.current_time()))
                 raise
+
+    async def _check_limits(self, ctx: _Context, action: CheckLimits) -> None:
+        """Judge in the shared store, in the request's own task and within the
+        store's timeout; None tells the gateway to apply ``on_failure``."""
+        shared = self.shared_limits
+        decision = None
+        if shared is not None:
+            decision = await shared.decide(action.charges, action.slots)
+        event = LimitsDecided(ctx.request_id, decision, trio.current_time())
+        await self._run(ctx, self._feed(event))
 
     async def _dispatch(self, ctx: _Context, action: Dispatch) -> None:
         """Run the backend call in its own cancel scope (``CancelBackend`` cancels
@@ -501,7 +521,12 @@ class Driver:
             except Exception as exc:
                 failures.append((name, type(exc).__name__))
 
+        async def check_redis(shared: SharedLimits) -> None:
+            failures.extend(await shared.failures())
+
         async with trio.open_nursery() as nursery:
             for name, backend in self._backends.items():
                 nursery.start_soon(check, name, backend)
+            if self.shared_limits is not None:
+                nursery.start_soon(check_redis, self.shared_limits)
         return tuple(sorted(failures))

@@ -6,7 +6,11 @@ client that packs commands with ``hiredis.pack_command``, writes them in one
 It does what the limit store needs and no more:
 
 - one round trip per call, several commands per round trip (:meth:`pipeline`);
-- a small pool of connections, bounded by a semaphore, reused in LIFO order;
+- a small pool of connections (``pool_size``), reused in LIFO order; when every one
+  is busy, callers wait in line and the next caller to get a connection carries all
+  the waiting calls in one write (up to :data:`MAX_BATCH`), reading their replies in
+  order: a burst costs a few round trips, not one per call, and no background task
+  is needed (each batch is carried by one of its own callers);
 - a deadline on every call (``timeout``, pool wait and connect included): when it
   passes, the call raises :class:`RedisUnavailableError` and its connection, whose
   state is then unknown, is closed;
@@ -20,6 +24,7 @@ It does what the limit store needs and no more:
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -42,6 +47,8 @@ __all__ = [
 #: What a command argument may be.
 Arg = str | int | float | bytes
 _MISSING = object()
+#: Calls carried in one write at most.
+MAX_BATCH = 64
 # hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
@@ -98,6 +105,21 @@ class Script:
 
 
 @attrs.define(eq=False)
+class _Call:
+    """One caller's commands, waiting for a connection or carried by another caller."""
+
+    payload: bytes
+    count: int
+    done: trio.Event = attrs.field(factory=trio.Event)
+    replies: list[Any] = attrs.field(factory=list)
+    error: RedisError | None = None
+    #: In the line of waiting calls (not yet carried, nor handed a connection).
+    queued: bool = False
+    #: Handed a connection by the caller that finished with it: carry a batch.
+    lead: bool = False
+
+
+@attrs.define(eq=False)
 class _Connection:
     stream: trio.SocketStream
     reader: hiredis.Reader = attrs.field(
@@ -141,13 +163,11 @@ class RedisClient:
     backoff_min: float = attrs.field(default=0.05, validator=attrs.validators.gt(0))
     backoff_max: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
     _idle: list[_Connection] = attrs.field(factory=list, init=False)
-    _slots: trio.Semaphore = attrs.field(init=False)
+    #: Connections in use (at most ``pool_size``), and the calls waiting for one.
+    _busy: int = attrs.field(default=0, init=False)
+    _waiting: collections.deque[_Call] = attrs.field(factory=collections.deque, init=False)
     _backoff: float = attrs.field(default=0.0, init=False)
     _down_until: float = attrs.field(default=float("-inf"), init=False)
-
-    @_slots.default
-    def _make_slots(self) -> trio.Semaphore:
-        return trio.Semaphore(self.pool_size)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
@@ -190,32 +210,90 @@ class RedisClient:
         return reply
 
     async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
-        async with self._slots:
+        call = _Call(payload, count)
+        if self._busy < self.pool_size:
+            self._busy += 1
+        else:
+            call.queued = True
+            self._waiting.append(call)
+            try:
+                await call.done.wait()
+            except BaseException:  # timed out or cancelled while waiting
+                if call.lead:
+                    self._hand_off()
+                elif call.queued:
+                    self._waiting.remove(call)
+                raise
+            if not call.lead:  # carried by another caller
+                if call.error is not None:
+                    raise call.error
+                return call.replies
+        try:
+            return await self._carry(call)
+        finally:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        """A connection is free: give it to the first waiting call, or to the pool."""
+        if self._waiting:
+            call = self._waiting.popleft()
+            call.queued = False
+            call.lead = True
+            call.done.set()
+        else:
+            self._busy -= 1
+
+    async def _carry(self, own: _Call) -> list[Any]:
+        """Send ``own`` and the calls waiting behind it in one write."""
+        batch = [own]
+        while self._waiting and len(batch) < MAX_BATCH:
+            call = self._waiting.popleft()
+            call.queued = False
+            batch.append(call)
+        if len(batch) == 1:
+            return await self._roundtrip_held(own.payload, own.count)
+        payload = b"".join(c.payload for c in batch)
+        try:
+            replies = await self._roundtrip_held(payload, sum(c.count for c in batch))
+        except BaseException as exc:
+            why = str(exc) if isinstance(exc, RedisError) else "the call carrying it was cut short"
+            for call in batch[1:]:
+                call.error = RedisUnavailableError(why)
+                call.done.set()
+            raise
+        at = own.count
+        for call in batch[1:]:
+            call.replies = replies[at : at + call.count]
+            at += call.count
+            call.done.set()
+        return replies[: own.count]
+
+    async def _roundtrip_held(self, payload: bytes, count: int) -> list[Any]:
+        conn = await self._checkout()
+        try:
+            replies = await conn.roundtrip(payload, count)
+        except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
+            await conn.close()
+            if not conn.used:
+                raise RedisUnavailableError(f"Redis connection lost: {exc}") from exc
+            # A pooled connection that died while idle (Redis restarted): the
+            # command never reached a live server, so try a fresh connection once.
+            await self.aclose()
             conn = await self._checkout()
             try:
                 replies = await conn.roundtrip(payload, count)
-            except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
+            except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as again:
                 await conn.close()
-                if not conn.used:
-                    raise RedisUnavailableError(f"Redis connection lost: {exc}") from exc
-                # A pooled connection that died while idle (Redis restarted): the
-                # command never reached a live server, so try a fresh connection once.
-                await self.aclose()
-                conn = await self._checkout()
-                try:
-                    replies = await conn.roundtrip(payload, count)
-                except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as again:
-                    await conn.close()
-                    raise RedisUnavailableError(f"Redis connection lost: {again}") from again
-                except BaseException:
-                    await conn.close()
-                    raise
+                raise RedisUnavailableError(f"Redis connection lost: {again}") from again
             except BaseException:
                 await conn.close()
                 raise
-            conn.used = True
-            self._idle.append(conn)
-            return replies
+        except BaseException:
+            await conn.close()
+            raise
+        conn.used = True
+        self._idle.append(conn)
+        return replies
 
     async def _checkout(self) -> _Connection:
         if self._idle:
@@ -225,8 +303,10 @@ class RedisClient:
         try:
             conn = await self._connect()
         except (OSError, trio.BrokenResourceError, RedisReplyError) as exc:
-            self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
-            self._down_until = trio.current_time() + self._backoff
+            now = trio.current_time()
+            if now >= self._down_until:  # callers failing together back off once
+                self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
+                self._down_until = now + self._backoff
             raise RedisUnavailableError(f"cannot connect to Redis: {exc}") from exc
         self._backoff = 0.0
         return conn

@@ -24,10 +24,17 @@ admission that needs them (nothing needs them earlier). Token reservations need 
 lease: a reservation is a debit that the bucket refills on its own within a window,
 so a dead replica's reservations count as fully used, which errs on the safe side.
 A replica that was only slow (no heartbeat for ``lease``) loses its counts the same
-way; its later settlements change nothing (their reservations count as used). An admission whose
-reply was lost (timeout, cancellation) may still have taken its slot: it is undone by
-the heartbeat, which releases the hold if Redis has it (settlements are idempotent:
-the hold's field in the holds hash is deleted once).
+way; its later settlements change nothing (their reservations count as used).
+
+Reconciliation. Each hold in the holds hash records its slot keys. The store knows
+every hold id it still has business with (admitting, open, being settled, waiting to
+be settled again); the heartbeat lists the holds hash and releases every hold it
+does not know: an admission whose reply was lost (timeout, cancellation) but which
+Redis carried out, or a settlement given up because too many were waiting
+(``max_pending``). Their slots come back, their token reservations count as used.
+So nothing is lost silently and memory stays bounded by the requests in flight plus
+``max_pending``. Settlements are idempotent: a hold's field is deleted once, and
+only the call that deletes it changes a counter.
 
 Redis Cluster. Every key carries a hash tag: all buckets and the counter of one
 layer value share a slot (``{principal:key:abc}``), and each replica's holds its own.
@@ -47,15 +54,14 @@ or Valkey).
 from __future__ import annotations
 
 import collections
-import contextlib
 import importlib.resources
 import itertools
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
-import trio
 
 from ..protocol.limits import (
     Charge,
@@ -69,7 +75,9 @@ from ..protocol.limits import (
 )
 from .redis_client import RedisClient, RedisError, Script
 
-__all__ = ["ADMIT", "SETTLE", "LimiterUnavailableError", "RedisLimitStore"]
+__all__ = ["ADMIT", "RELEASE", "SETTLE", "LimiterUnavailableError", "RedisLimitStore"]
+
+log = logging.getLogger("ostiary.limits")
 
 
 def _script(name: str) -> Script:
@@ -79,6 +87,7 @@ def _script(name: str) -> Script:
 
 ADMIT = _script("admit")
 SETTLE = _script("settle")
+RELEASE = _script("release")
 
 
 class LimiterUnavailableError(Exception):
@@ -99,15 +108,23 @@ class RedisLimitStore:
     replica: str = attrs.field(factory=lambda: uuid.uuid4().hex)
     #: Seconds a replica's holds outlive its last heartbeat (``[redis] lease``).
     lease: float = attrs.field(default=15.0, validator=attrs.validators.gt(0))
-    #: Settlements that failed (Redis down) wait here and are retried by the heartbeat.
+    #: Settlements that failed (Redis down) wait here and are retried by the
+    #: heartbeat; beyond this many, a hold is left to reconciliation (its slots come
+    #: back, its reservation counts as used).
     max_pending: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
-    _ids: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+    #: Settlements given up to reconciliation because ``max_pending`` were waiting.
+    given_up: int = attrs.field(default=0, init=False)
+    #: Holds released by reconciliation (lost admissions, given-up settlements).
+    released: int = attrs.field(default=0, init=False)
+    _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    #: Admitted holds not yet ended (each ends once).
     _open: set[int] = attrs.field(factory=set, init=False)
-    _pending: collections.deque[tuple[Hold, int]] = attrs.field(init=False)
-
-    @_pending.default
-    def _make_pending(self) -> collections.deque[tuple[Hold, int]]:
-        return collections.deque(maxlen=self.max_pending)
+    #: Every hold id this store still has business with in Redis: admitting, open,
+    #: settling, pending. Reconciliation releases the holds of Redis not in it.
+    _live: set[int] = attrs.field(factory=set, init=False)
+    _pending: collections.deque[tuple[Hold, int]] = attrs.field(
+        factory=collections.deque, init=False
+    )
 
     @property
     def holds_key(self) -> str:
@@ -122,6 +139,11 @@ class RedisLimitStore:
     @property
     def open_holds(self) -> int:
         return len(self._open)
+
+    @property
+    def pending(self) -> int:
+        """Settlements waiting for Redis to come back."""
+        return len(self._pending)
 
     async def admit(
         self,
@@ -148,12 +170,13 @@ class RedisLimitStore:
             s = limit.spec
             args += (s.capacity, s.per_token, s.per_ms, s.full, s.window_ms, cost)
         args += (slot.limit for slot in slots)
+        self._live.add(hold_id)
         try:
             reply = await self._run(ADMIT, keys, args)
         except BaseException:
             # The script may have run before the reply was lost (timeout, cancel):
-            # undo its hold, if any, later. Without the hold nothing is undone.
-            self._pending.append((Hold(hold_id, (), tuple(slots)), 0))
+            # forgotten here, its hold (if any) is released by reconciliation.
+            self._live.discard(hold_id)
             raise
         held = tuple(charges)
         deficits = tuple(int(d) for d in reply[6:])
@@ -161,6 +184,7 @@ class RedisLimitStore:
             hold = Hold(hold_id, held, tuple(slots))
             self._open.add(hold_id)
             return Decision(held, deficits, hold)
+        self._live.discard(hold_id)
         exhausted, full_slot, retry, never = reply[2:6]
         refusal = Refusal(
             None if exhausted < 0 else exhausted,
@@ -174,8 +198,8 @@ class RedisLimitStore:
         """End an admitted request: token buckets get real usage, slots come back.
 
         Each hold ends once; a second call returns False. If Redis fails (or the
-        call is cancelled), the settlement is kept (up to ``max_pending``) for the
-        heartbeat to retry, which is safe: Redis applies a hold's settlement once.
+        call is cancelled), the settlement is kept (see :meth:`settle_later`) for
+        the heartbeat to retry, which is safe: Redis applies a hold's settlement once.
         """
         if hold.id not in self._open:
             return False
@@ -183,31 +207,66 @@ class RedisLimitStore:
         try:
             await self._settle(hold, actual_tokens, now_ms)
         except BaseException:
-            self._pending.append((hold, actual_tokens))
+            self._defer(hold, actual_tokens)
             raise
+        self._live.discard(hold.id)
         return True
+
+    def settle_later(self, hold: Hold, actual_tokens: int) -> bool:
+        """End a hold without a round trip now: the next heartbeat settles it.
+
+        Up to ``max_pending`` settlements wait; beyond, the hold is given up to
+        reconciliation (counted in :attr:`given_up`, logged): its slots still come
+        back at the next heartbeat, only its token usage is not settled (the
+        reservation counts as used). Returns False if the hold had ended already.
+        """
+        if hold.id not in self._open:
+            return False
+        self._open.discard(hold.id)
+        self._defer(hold, actual_tokens)
+        return True
+
+    def _defer(self, hold: Hold, actual_tokens: int) -> None:
+        if len(self._pending) < self.max_pending:
+            self._pending.append((hold, actual_tokens))
+            return
+        self._live.discard(hold.id)
+        self.given_up += 1
+        if self.given_up == 1 or self.given_up % 1000 == 0:
+            log.warning(
+                "too many settlements waiting for Redis: slots released without usage",
+                extra={"fields": {"given_up": self.given_up, "max_pending": self.max_pending}},
+            )
 
     async def refund(self, hold: Hold, *, now_ms: int | None = None) -> bool:
         """End a request that used nothing (cancelled, failed, timed out)."""
         return await self.settle(hold, 0, now_ms=now_ms)
 
     async def heartbeat(self) -> None:
-        """Renew this replica's lease, then retry settlements that failed earlier."""
+        """Renew this replica's lease, retry settlements that failed earlier, then
+        release the holds Redis has that this store does not know (reconciliation)."""
         await self._call(("PEXPIRE", self.holds_key, int(self.lease * 1000)))
         while self._pending:
-            hold, actual = self._pending[0]
-            await self._settle(hold, actual, None)
-            self._pending.popleft()
+            # Taken before the round trip: concurrent heartbeats never retry the same.
+            hold, actual = self._pending.popleft()
+            try:
+                await self._settle(hold, actual, None)
+            except BaseException:
+                self._pending.appendleft((hold, actual))
+                raise
+            self._live.discard(hold.id)
+        held = await self._call(("HKEYS", self.holds_key))
+        stale = [raw for raw in held if int(raw) not in self._live]
+        if stale:
+            reply = await self._run(RELEASE, [self.holds_key], [self.replica, *stale])
+            self.released += reply[0]
 
-    async def run_heartbeat(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Heartbeat every third of the lease, forever; Redis outages are waited out."""
-        task_status.started()
-        while True:
-            with contextlib.suppress(LimiterUnavailableError):
-                await self.heartbeat()
-            await trio.sleep(self.lease / 3)
+    async def ping(self) -> bool:
+        """Whether Redis answers now (within the client's timeout)."""
+        try:
+            return await self._call(("PING",)) == [b"PONG"]
+        except LimiterUnavailableError:
+            return False
 
     async def deficit(self, limit: Limit, now_ms: int) -> int:
         """A bucket's deficit at ``now_ms`` (0: full), read without changing it."""
@@ -242,7 +301,9 @@ class RedisLimitStore:
             args += (s.capacity, s.per_token, s.per_ms, s.full, s.window_ms, reserved, actual)
         await self._run(SETTLE, keys, args)
 
-    async def _run(self, script: Script, keys: list[str], args: list[str | int]) -> list[int]:
+    async def _run(
+        self, script: Script, keys: list[str], args: Sequence[str | int | bytes]
+    ) -> list[int]:
         try:
             reply = await self.client.evalsha(script, keys, args)
         except RedisError as exc:

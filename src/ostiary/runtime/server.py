@@ -32,6 +32,7 @@ from .http import HttpServer
 from .jwt import JwksError, JwtVerifier
 from .keystore import KeyStore, open_key_store, write_bootstrap_key
 from .schemas import JsonSchemaChecker
+from .shared_limits import SharedLimits
 from .tokenizer import load_cl100k
 
 __all__ = ["StartupError", "bootstrap_keys", "load_verifier", "run_server", "watch_keys"]
@@ -96,6 +97,21 @@ async def load_verifier(config: Config) -> JwtVerifier | None:
     except JwksError as exc:
         raise StartupError(f"[auth.jwt] JWKS: {exc}") from exc
     return verifier
+
+
+def _shared_limits(config: Config) -> SharedLimits | None:
+    """The Redis limit store of ``[redis]``, if configured (it connects lazily)."""
+    redis = config.redis
+    if redis is None:
+        return None
+    return SharedLimits.from_settings(
+        redis.url,
+        timeout=redis.timeout,
+        prefix=redis.prefix,
+        lease=redis.lease,
+        pool_size=redis.pool_size,
+        max_pending=redis.max_pending_settlements,
+    )
 
 
 async def reload_access(config: Config, driver: Driver) -> Config | None:
@@ -198,6 +214,8 @@ async def run_server(
         live=config.server.live(),
         assets=load_dashboard(),
         schema_checker=JsonSchemaChecker(config.limits),
+        shared_limits=config.redis is not None,
+        on_limits_failure=config.redis.on_failure if config.redis is not None else "refuse",
     )
     async with AsyncExitStack() as stack:
         backends: dict[str, Backend] = {}
@@ -218,11 +236,13 @@ async def run_server(
                 },
             )
         writer = access_log if config.server.access_log else None
+        shared = _shared_limits(config)
         driver = Driver(
             gateway,
             backends,
             access_log=writer if writer is not None else config.server.access_log,
             verifier=verifier,
+            shared_limits=shared,
         )
         if writer is not None:
             stack.callback(writer.flush)  # what was logged while the nursery unwound
@@ -234,6 +254,8 @@ async def run_server(
             await nursery.start(driver.run_timers)
             if verifier is not None:
                 await nursery.start(verifier.run)
+            if shared is not None:
+                await nursery.start(shared.run)
             nursery.start_soon(
                 watch_keys, store, driver.replace_keys, generation, config.auth.key_reload_interval
             )

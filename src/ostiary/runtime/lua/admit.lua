@@ -61,6 +61,12 @@ for j = 1, m do
   redis.call('HINCRBY', KEYS[n + j], replica, 1)
 end
 local holds = KEYS[n + m + 1]
-redis.call('HSET', holds, ARGV[3], m)
+local slot_keys = {}
+for j = 1, m do
+  slot_keys[j] = KEYS[n + j]
+end
+-- The hold remembers its slots, so that a hold this replica lost track of (its
+-- reply lost) can be released by the heartbeat without being told them.
+redis.call('HSET', holds, ARGV[3], m == 0 and '[]' or cjson.encode(slot_keys))
 redis.call('PEXPIRE', holds, tonumber(ARGV[4]))
 return answer(1, -1, -1, -1, 0)

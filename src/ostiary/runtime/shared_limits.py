@@ -1,0 +1,190 @@
+"""Carrying out the core's shared-limit actions against Redis.
+
+:class:`SharedLimits` is what the driver holds when ``[redis]`` is configured:
+
+- :meth:`decide` answers a ``CheckLimits`` in the request's own task, within
+  ``[redis] timeout``: a :class:`~ostiary.protocol.limits.Decision`, or None when
+  Redis is down, too slow, or failed (the gateway then applies ``on_failure``).
+  Never an exception, never longer than the timeout. An admission cut short may
+  still have taken its hold in Redis; the heartbeat's reconciliation releases it.
+- :meth:`settle` takes a ``SettleLimits`` without awaiting anything: the core emits
+  it from whichever event ended the request (another request's, a timer's, the
+  client going away in a task being cancelled), so the driver cannot await it
+  where it appears, and awaiting it in the ending request's task would hold that
+  task (and its connection) on Redis after the response is done. It goes into a
+  bounded channel read by ``pool_size`` settler tasks. If the channel is full, the
+  settlement waits in the store for the heartbeat (bounded too); beyond that the
+  store gives the hold up to reconciliation, which still returns its slots and
+  counts its reservation as used. Each step is counted and logged: none is lost
+  silently, and memory is bounded by ``max_pending_settlements`` twice.
+- :meth:`run` is the replica's heartbeat (renews its lease, retries settlements
+  that failed, reconciles holds; every third of the lease, every second while
+  something is waiting) and the settlers, in the server's nursery. Outages and
+  recoveries are logged once each, not per request.
+- :meth:`failures` is what ``/readyz`` adds: ``("redis", "unreachable")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from ostiary.protocol.limits import Charge, ConcurrencyLimit, Decision, Hold
+
+from .redis_client import RedisClient
+from .redis_limits import LimiterUnavailableError, RedisLimitStore
+
+__all__ = ["SharedLimits"]
+
+log = logging.getLogger("ostiary.limits")
+
+#: Seconds between heartbeats while settlements wait or Redis is away.
+_RETRY_EVERY = 1.0
+#: Seconds the settlements left at shutdown may take.
+_FLUSH_TIMEOUT = 2.0
+
+
+@attrs.define(eq=False)
+class SharedLimits:
+    """A Redis limit store as the driver uses it (see the module docstring)."""
+
+    store: RedisLimitStore
+    #: Seconds one admission may take (``[redis] timeout``).
+    timeout: float = 0.05
+    #: Settler tasks (``[redis] pool_size``: one per connection).
+    settlers: int = 4
+    #: Settlements queued for the settlers (``[redis] max_pending_settlements``).
+    queue: int = 10_000
+    #: Admissions answered None (Redis down, slow or failing).
+    unavailable: int = attrs.field(default=0, init=False)
+    _up: bool = attrs.field(default=True, init=False)
+    #: Settlements handed to the settlers and not yet tried.
+    _queued: int = attrs.field(default=0, init=False)
+    _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _send: trio.MemorySendChannel[tuple[Hold, int]] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[tuple[Hold, int]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[tuple[Hold, int]](self.queue)
+
+    @classmethod
+    def from_settings(
+        cls,
+        url: str,
+        *,
+        timeout: float,
+        prefix: str,
+        lease: float,
+        pool_size: int,
+        max_pending: int,
+    ) -> SharedLimits:
+        client = RedisClient.from_url(url, timeout=timeout, pool_size=pool_size)
+        store = RedisLimitStore(client, prefix=prefix, lease=lease, max_pending=max_pending)
+        return cls(store, timeout=timeout, settlers=pool_size, queue=max_pending)
+
+    async def decide(
+        self, charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit]
+    ) -> Decision | None:
+        """The store's decision, or None if it has none within the timeout."""
+        with trio.move_on_after(self.timeout):
+            try:
+                return await self.store.admit(charges, slots)
+            except LimiterUnavailableError:
+                pass
+        self.unavailable += 1
+        return None
+
+    def settle(self, hold: Hold, actual_tokens: int) -> None:
+        """Queue a settlement for the settlers, or for the heartbeat if they lag."""
+        try:
+            self._send.send_nowait((hold, actual_tokens))
+        except trio.WouldBlock:
+            self.store.settle_later(hold, actual_tokens)
+        else:
+            if not self._queued:
+                self._idle = trio.Event()
+            self._queued += 1
+
+    async def wait_settled(self) -> None:
+        """Until every settlement queued so far has been tried once (done, or left
+        to the heartbeat)."""
+        if self._queued:
+            await self._idle.wait()
+
+    async def failures(self) -> tuple[tuple[str, str], ...]:
+        """What ``/readyz`` reports about Redis: nothing, or that it is unreachable."""
+        with trio.move_on_after(self.timeout):
+            if await self.store.ping():
+                return ()
+        return (("redis", "unreachable"),)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Heartbeat and settlers until cancelled; then settle what is left, briefly."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.settlers):
+                    nursery.start_soon(self._settler)
+                nursery.start_soon(self._heartbeat)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(_FLUSH_TIMEOUT):
+                await self._flush()
+            await self.store.client.aclose()
+
+    async def _settler(self) -> None:
+        async for hold, actual in self._receive:
+            try:
+                # A failed one is kept by the store for the heartbeat.
+                with contextlib.suppress(LimiterUnavailableError):
+                    await self.store.settle(hold, actual)
+            finally:
+                self._done_one()
+
+    def _done_one(self) -> None:
+        self._queued -= 1
+        if not self._queued:
+            self._idle.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.store.heartbeat()
+            except LimiterUnavailableError as exc:
+                self._went(up=False, why=str(exc))
+            else:
+                self._went(up=True)
+            calm = self._up and not self.store.pending
+            await trio.sleep(
+                self.store.lease / 3 if calm else min(_RETRY_EVERY, self.store.lease / 3)
+            )
+
+    def _went(self, *, up: bool, why: str = "") -> None:
+        if up == self._up:
+            return
+        self._up = up
+        fields: dict[str, object] = {"pending": self.store.pending}
+        if up:
+            log.warning("Redis is back: limits are shared again", extra={"fields": fields})
+        else:
+            fields["error"] = why
+            log.warning("Redis is unavailable", extra={"fields": fields})
+
+    async def _flush(self) -> None:
+        while True:
+            try:
+                hold, actual = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            self.store.settle_later(hold, actual)
+            self._done_one()
+        try:
+            await self.store.heartbeat()
+        except LimiterUnavailableError:
+            log.warning(
+                "settlements left unsent at shutdown; the lease returns their slots",
+                extra={"fields": {"pending": self.store.pending}},
+            )

@@ -1,0 +1,98 @@
+"""The Redis client's pool: waiting calls carried together, and nobody left hanging."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from ostiary.runtime.redis_client import RedisClient, RedisUnavailableError
+
+from .redis_server import RedisServer, redis_server
+
+GUARD = 10  # seconds: a guard against hangs, never a timing assertion
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+async def clients(client: RedisClient) -> int:
+    info = (await client.execute("INFO", "clients")).decode()
+    return int(info.split("connected_clients:")[1].split()[0])
+
+
+async def test_more_callers_than_connections_each_get_their_own_reply(
+    redis: RedisServer,
+) -> None:
+    replies: list[int] = []
+    async with RedisClient.from_url(redis.url, timeout=GUARD, pool_size=2) as client:
+
+        async def incr() -> None:
+            replies.append(await client.execute("INCR", "n"))
+            (many,) = await client.pipeline([("INCRBY", "m", 2)])
+            replies.append(-many)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(150):  # more than MAX_BATCH wait at once
+                nursery.start_soon(incr)
+        assert sorted(r for r in replies if r > 0) == list(range(1, 151))
+        assert sorted(-r for r in replies if r < 0) == list(range(2, 301, 2))
+        assert await clients(client) <= 2 + 1  # the pool, and the one asking
+
+
+async def test_a_batch_cut_short_fails_the_calls_it_carried(redis: RedisServer) -> None:
+    async with RedisClient.from_url(redis.url, timeout=GUARD, pool_size=1) as client:
+        assert await client.execute("PING") == b"PONG"
+        outcome: dict[str, object] = {}
+
+        async def call(name: str, within: float, started: trio.Event) -> None:
+            with trio.move_on_after(within) as scope:
+                started.set()
+                outcome[name] = await client.execute("PING")
+            if scope.cancelled_caught:
+                outcome[name] = "timed out"
+
+        async def carried(started: trio.Event) -> None:
+            started.set()
+            try:
+                await client.execute("PING")
+            except RedisUnavailableError as exc:
+                outcome["c"] = str(exc)
+
+        with redis.paused(), trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                for name, starter in (("a", 0.2), ("b", 0.4)):
+                    started = trio.Event()
+                    nursery.start_soon(call, name, starter, started)
+                    await started.wait()
+                started = trio.Event()
+                nursery.start_soon(carried, started)
+                await started.wait()
+        # a led and timed out; b was handed the connection, carried c, and timed out.
+        assert outcome == {"a": "timed out", "b": "timed out", "c": outcome["c"]}
+        assert "cut short" in str(outcome["c"])
+        assert await client.execute("PING") == b"PONG"
+
+
+async def test_a_waiting_call_that_times_out_leaves_the_line(redis: RedisServer) -> None:
+    async with RedisClient.from_url(redis.url, timeout=0.2, pool_size=1) as client:
+        assert await client.execute("PING") == b"PONG"
+        failures: list[str] = []
+
+        async def ping() -> None:
+            try:
+                await client.execute("PING")
+            except RedisUnavailableError as exc:
+                failures.append(str(exc))
+
+        with redis.paused(), trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(ping)
+        assert len(failures) == 5
+        assert client._busy == 0 and not client._waiting
+        assert await client.execute("PING") == b"PONG"

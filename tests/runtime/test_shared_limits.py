@@ -1,0 +1,230 @@
+"""The shared-limit runtime on a real private redis-server: decisions within the
+timeout or None, settlements that are never lost, restarts, SCRIPT FLUSH, readiness."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import orjson
+import pytest
+import trio
+
+from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
+from ostiary.protocol.exchange import BackendPolicy
+from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.protocol.limits import BucketSpec, ConcurrencyLimit, Limit, Unit
+from ostiary.runtime.driver import Driver
+from ostiary.runtime.redis_client import RedisClient
+from ostiary.runtime.redis_limits import RedisLimitStore
+from ostiary.runtime.shared_limits import SharedLimits
+from tests.conftest import key_table
+from tests.runtime.inprocess import in_memory
+
+from . import redis_server as redis_server_module
+from .redis_server import RedisServer, free_port, redis_server
+
+PREFIXES = itertools.count()
+# Per day, on Redis' clock: nothing refills a whole unit while a test runs.
+RPM = Limit("principal:key:a", "rpd", BucketSpec.per(3, 86_400), Unit.REQUESTS)
+TPM = Limit("principal:key:a", "tpd", BucketSpec.per(1000, 86_400), Unit.TOKENS)
+SLOT = ConcurrencyLimit("principal:key:a", 2)
+#: A guard against hangs, never a timing assertion.
+GUARD = 10
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+def shared_for(
+    server: RedisServer, *, timeout: float = 0.5, queue: int = 100, max_pending: int = 100
+) -> SharedLimits:
+    client = RedisClient.from_url(server.url, timeout=timeout, backoff_min=1e-3, backoff_max=1e-3)
+    store = RedisLimitStore(client, prefix=f"s{next(PREFIXES)}:", max_pending=max_pending)
+    return SharedLimits(store, timeout=timeout, settlers=2, queue=queue)
+
+
+@asynccontextmanager
+async def running(shared: SharedLimits) -> AsyncIterator[SharedLimits]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shared.run)
+        yield shared
+        nursery.cancel_scope.cancel()
+
+
+async def test_decisions_and_settlements_through_the_settlers(redis: RedisServer) -> None:
+    async with running(shared_for(redis)) as shared:
+        first = await shared.decide([(RPM, 1), (TPM, 400)], [SLOT])
+        second = await shared.decide([(RPM, 1), (TPM, 400)], [SLOT])
+        assert first is not None and first.hold is not None and first.remaining(1) == 600
+        assert second is not None and second.hold is not None
+        full = await shared.decide([(RPM, 1)], [SLOT])
+        assert full is not None and full.refusal is not None and full.refusal.full_slot == 0
+        shared.settle(first.hold, 100)
+        shared.settle(second.hold, 0)
+        with trio.fail_after(GUARD):
+            await shared.wait_settled()
+        assert await shared.store.in_flight(SLOT) == 0
+        after = await shared.decide([(TPM, 1)], [])
+        assert after is not None and after.remaining(0) == 1000 - 100 - 1
+        assert shared.unavailable == 0
+
+
+async def test_a_killed_redis_gives_none_then_a_restart_is_recovered(redis: RedisServer) -> None:
+    shared = shared_for(redis)
+    async with running(shared):
+        admitted = await shared.decide([(RPM, 1)], [SLOT])
+        assert admitted is not None and admitted.hold is not None
+        redis.kill()
+        with trio.fail_after(GUARD):
+            assert await shared.decide([(RPM, 1)], [SLOT]) is None
+            assert await shared.failures() == (("redis", "unreachable"),)
+            shared.settle(admitted.hold, 0)  # cannot reach Redis: kept for later
+            await shared.wait_settled()
+        assert shared.store.pending == 1 and shared.unavailable == 1
+        redis.restart()  # empty: no buckets, no scripts
+        with trio.fail_after(GUARD):
+            again = await shared.decide([(RPM, 1)], [SLOT])
+        assert again is not None and again.allowed and again.remaining(0) == 2
+        assert await shared.failures() == ()
+        await shared.store.heartbeat()
+        assert shared.store.pending == 0
+
+
+async def test_script_flush_costs_no_decision(redis: RedisServer) -> None:
+    shared = shared_for(redis)
+    assert await shared.decide([(RPM, 1)], []) is not None
+    async with RedisClient.from_url(redis.url) as admin:
+        assert await admin.execute("SCRIPT", "FLUSH") == b"OK"
+    decision = await shared.decide([(RPM, 1)], [])
+    assert decision is not None and decision.remaining(0) == 1
+    await shared.store.client.aclose()
+
+
+async def test_a_hung_redis_gives_none_within_the_timeout_and_the_lost_hold_is_released(
+    redis: RedisServer,
+) -> None:
+    shared = shared_for(redis, timeout=0.2)
+    assert await shared.decide([], [SLOT]) is not None  # a pooled connection
+    with redis.paused(), trio.fail_after(GUARD):
+        assert await shared.decide([], [SLOT]) is None
+        assert await shared.failures() == (("redis", "unreachable"),)
+    # Redis, resumed, may run the admission it had read: nobody holds that slot.
+    await shared.store.heartbeat()
+    assert await shared.store.in_flight(SLOT) == 1  # the first one's, still open
+    assert shared.store.open_holds == 1
+    await shared.store.client.aclose()
+
+
+async def test_an_admission_cancelled_mid_flight_takes_no_slot_for_good(
+    redis: RedisServer,
+) -> None:
+    """The client went away while Redis had the admission but had not answered."""
+    shared = shared_for(redis, timeout=5.0)
+    assert await shared.decide([], []) is not None  # a pooled connection, a hold
+    with redis.paused():
+        with trio.move_on_after(0.1) as scope:
+            await shared.decide([], [SLOT])
+        assert scope.cancelled_caught
+    async with RedisClient.from_url(redis.url) as admin:
+        assert await admin.execute("PING") == b"PONG"  # after the buffered admission
+        assert await admin.execute("HLEN", shared.store.holds_key) == 2  # it ran
+        assert shared.store.open_holds == 1
+        await shared.store.heartbeat()
+        assert await shared.store.in_flight(SLOT) == 0
+        assert shared.store.released == 1
+        assert await admin.execute("HLEN", shared.store.holds_key) == 1  # the first
+    await shared.store.client.aclose()
+
+
+async def test_overflowing_settlements_are_bounded_and_still_return_their_slots(
+    redis: RedisServer,
+) -> None:
+    shared = shared_for(redis, queue=1, max_pending=1)
+    slot = ConcurrencyLimit("principal:key:b", 10)
+    holds = []
+    for _ in range(4):
+        decision = await shared.decide([(TPM, 100)], [slot])
+        assert decision is not None and decision.hold is not None
+        holds.append(decision.hold)
+    for hold in holds[:3]:  # no settler runs: one queued, one pending, one given up
+        shared.settle(hold, 10)
+    assert shared.store.pending == 1 and shared.store.given_up == 1
+    async with running(shared):
+        with trio.fail_after(GUARD):
+            await shared.wait_settled()
+        await shared.store.heartbeat()
+        assert shared.store.pending == 0 and shared.store.released == 1
+        assert await shared.store.in_flight(slot) == 1  # the fourth, still open
+        shared.settle(holds[3], 0)
+        with trio.fail_after(GUARD):
+            await shared.wait_settled()
+        assert await shared.store.in_flight(slot) == 0
+    # Two settled with usage (90 back each), one given up (its 100 count as used).
+    probe = await shared.decide([(TPM, 1)], [])
+    assert probe is not None and probe.remaining(0) == 1000 - 100 - 10 - 10 - 0 - 1
+    await shared.store.client.aclose()
+
+
+async def test_settlements_left_at_shutdown_are_flushed(redis: RedisServer) -> None:
+    shared = shared_for(redis)
+    decision = await shared.decide([], [SLOT])
+    assert decision is not None and decision.hold is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shared.run)
+        shared.settle(decision.hold, 0)
+        nursery.cancel_scope.cancel()  # before any settler ran
+    store = RedisLimitStore(RedisClient.from_url(redis.url), prefix=shared.store.prefix)
+    assert await store.in_flight(SLOT) == 0
+    await store.client.aclose()
+
+
+async def test_a_taken_port_is_replaced_by_a_free_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    with redis_server() as first:
+        ports = iter([first.port])
+        monkeypatch.setattr(redis_server_module, "free_port", lambda: next(ports, free_port()))
+        server = RedisServer()
+        assert server.port == first.port
+        server.start()
+        try:
+            assert server.port != first.port and server.running
+            async with RedisClient.from_url(server.url) as client:
+                assert await client.execute("PING") == b"PONG"
+        finally:
+            server.kill()
+        assert not server.running
+
+
+def test_a_fixed_port_that_stays_taken_is_an_error() -> None:
+    with redis_server() as first:
+        server = RedisServer(first.port)
+        with pytest.raises(RuntimeError, match="no free port"):
+            server.start()
+
+
+async def test_readyz_names_redis_while_it_is_unreachable(redis: RedisServer) -> None:
+    backend = ScriptedBackend(ScriptedSettings(models=("s",)))
+    gateway = Gateway(
+        routes=[ModelRoute("s", "scripted", capabilities=backend._settings.capabilities("s"))],
+        keys=key_table(),
+        backends=[BackendPolicy(name="scripted")],
+    )
+    shared = shared_for(redis, timeout=0.2)
+    driver = Driver(gateway, {"scripted": backend}, ready_cache=0.0, shared_limits=shared)
+    async with in_memory(driver) as connect, running(shared):
+        client = await connect()
+        await client.request(method="GET", target="/readyz")
+        assert (await client.response())[0] == 200
+        redis.kill()
+        with trio.fail_after(GUARD):
+            await client.request(method="GET", target="/readyz")
+            status, _, body = await client.response()
+        assert status == 503
+        assert orjson.loads(body)["backends"] == {"redis": "unavailable"}
+        redis.restart()
+        await client.request(method="GET", target="/readyz")
+        assert (await client.response())[0] == 200

@@ -69,7 +69,7 @@ SIMPLE_PAYLOAD = st.fixed_dictionaries(
 )
 
 
-def _fields(request: ChatCompletionRequest) -> list[tuple[str, Any]]:
+def _fields(request: ChatCompletionRequest) -> list[tuple[str, Any, type]]:
     """Every field (those left out of ``==`` too) with its value's type."""
     out = []
     for field in attrs.fields(ChatCompletionRequest):

@@ -303,7 +303,7 @@ def _simple_fields(cls: type) -> tuple[dict[str, frozenset[type] | None], frozen
     the JSON types it accepts (None: any value); and its ``float`` fields."""
     taken: dict[str, frozenset[type] | None] = {}
     floats: set[str] = set()
-    simple = {str: {str}, int: {int}, bool: {bool}}
+    simple: dict[object, set[type]] = {str: {str}, int: {int}, bool: {bool}}
     for field in attrs.fields(attrs.resolve_types(cls)):
         kind = field.type
         if kind is Any:
@@ -318,7 +318,8 @@ def _simple_fields(cls: type) -> tuple[dict[str, frozenset[type] | None], frozen
         if only is float:
             floats.add(field.name)
         elif only in simple:
-            taken[field.name] = frozenset(simple[only] | ({_NONE} if optional else set()))
+            none: set[type] = {_NONE} if optional else set()
+            taken[field.name] = frozenset(simple[only] | none)
     return taken, frozenset(floats)
 
 

@@ -129,7 +129,16 @@ class FairQueue(SchedulerBase):
     (:class:`~ostiary.protocol.scheduler.SchedulerBase`).
     """
 
-    __slots__ = ("_by_age", "_classes", "_flows", "_running", "_where", "aging_seconds")
+    __slots__ = (
+        "_by_age",
+        "_classes",
+        "_flows",
+        "_running",
+        "_spare_class",
+        "_spare_flow",
+        "_where",
+        "aging_seconds",
+    )
 
     def __init__(
         self,
@@ -151,6 +160,10 @@ class FairQueue(SchedulerBase):
         #: The flow of every queued request.
         self._where: dict[str, FlowKey] = {}
         self._running: dict[str, _Running] = {}
+        #: The last flow and class forgotten, empty, to be reused: a backend that
+        #: runs one request at a time would otherwise build both for every request.
+        self._spare_flow: _Flow | None = None
+        self._spare_class: _Class | None = None
 
     @property
     def running(self) -> int:
@@ -249,11 +262,25 @@ class FairQueue(SchedulerBase):
         """The ticket's flow and class, made (at the class's virtual time) if new."""
         cls = self._classes.get(ticket.priority)
         if cls is None:
-            cls = self._classes[ticket.priority] = _Class(ticket.priority)
+            cls = self._spare_class
+            if cls is None:
+                cls = _Class(ticket.priority)
+            else:
+                self._spare_class = None
+                cls.priority = ticket.priority
+                cls.vtime = 0.0
+            self._classes[ticket.priority] = cls
         key = (ticket.priority, ticket.principal)
         flow = self._flows.get(key)
         if flow is None:
-            flow = self._flows[key] = _Flow(key, cls.vtime)
+            flow = self._spare_flow
+            if flow is None:
+                flow = _Flow(key, cls.vtime)
+            else:
+                self._spare_flow = None
+                flow.key = key
+                flow.vtime = cls.vtime
+            self._flows[key] = flow
             cls.flows += 1
         return flow, cls
 
@@ -315,10 +342,14 @@ class FairQueue(SchedulerBase):
         if flow.queue or flow.running:
             return
         del self._flows[flow.key]
+        self._spare_flow = flow  # empty: nothing queued, nothing running
         cls = self._classes[flow.key[0]]
         cls.flows -= 1
         if not cls.flows:
             del self._classes[cls.priority]
+            # No flows, so nothing queued: only superseded heap entries may remain.
+            cls.backlogged.clear()
+            self._spare_class = cls
 
 
 def scheduler_for(policy: BackendPolicy) -> Scheduler:

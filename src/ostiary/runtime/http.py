@@ -26,6 +26,7 @@ takes no body) is answered without its body ever being read. Every response carr
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -244,16 +245,19 @@ class HttpServer:
         settings = self.settings
         client = _peer(conn.stream)
         served = 0
-        while True:
-            try:
-                request = await self._read_request(conn, client, first=served == 0)
-            except _BadRequest as bad:
-                await self._reject(conn, bad)
-                return
-            if request is None:
-                return
-            served += 1
-            with trio.CancelScope() as scope:
+        # One cancel scope for every handler of the connection (a scope per request
+        # costs more than a deadline moved back): it is cancelled only when the
+        # client left or was too slow to read, and either ends the connection.
+        with trio.CancelScope() as scope:
+            while True:
+                try:
+                    request = await self._read_request(conn, client, first=served == 0)
+                except _BadRequest as bad:
+                    await self._reject(conn, bad)
+                    return
+                if request is None:
+                    return
+                served += 1
                 responder = Responder(
                     conn.h11,
                     conn.stream,
@@ -270,23 +274,25 @@ class HttpServer:
                     return
                 finally:
                     conn.stop_handling()
-            if scope.cancelled_caught or conn.eof:
-                return  # the client left, or stopped reading
-            if request.body_skipped:
-                await conn.linger()
-                return
-            if not responder.finished:
-                # The handler must always answer; if it did not, the connection is
-                # in an unknown state and is closed.
-                log.error("handler returned without a complete response")
-                return
-            h = conn.h11
-            if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
-                return
-            try:
-                h.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
+                if conn.eof:
+                    return  # the client stopped sending: it may have left
+                # The last write's deadline, left for the handler's end.
+                scope.deadline = math.inf
+                if request.body_skipped:
+                    await conn.linger()
+                    return
+                if not responder.finished:
+                    # The handler must always answer; if it did not, the connection is
+                    # in an unknown state and is closed.
+                    log.error("handler returned without a complete response")
+                    return
+                h = conn.h11
+                if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
+                    return
+                try:
+                    h.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return
 
     def _closer(self, conn: Connection, served: int, body_skipped: bool) -> Callable[[], bool]:
         """Whether the response to the ``served``-th request must close the

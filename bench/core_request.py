@@ -5,7 +5,11 @@ Each request is the four events of a non-stream chat through one backend
 with the scripted backend's reply captured once beforehand. What is left is the
 core's own Python per request (admission, decoding, scheduling, output, counts).
 
-    python bench/core_request.py [--requests 30000]
+    python bench/core_request.py [--requests 30000] [--limits]
+
+``--limits`` adds a realistic set of limits in the memory store (the principal's
+requests and tokens per minute and per day and its concurrency, an IP layer and a
+model layer; none refuses), prompts counted with cl100k as ``ostiary serve`` does.
 """
 
 from __future__ import annotations
@@ -38,10 +42,34 @@ HEADERS = (
 )
 
 
-def build() -> Gateway:
+def build(limits: bool = False) -> Gateway:
     keys = KeyTable.of([ApiKey("0123456789ab", "bench", "admin", digest_secret(SECRET))])
     policy = BackendPolicy(name="scripted", max_concurrency=1024, max_queue=1024)
-    return Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy])
+    if not limits:
+        return Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy])
+    from ostiary.protocol.access import AccessPolicy, RateLimitLayer, Role, Scope
+    from ostiary.runtime.tokenizer import load_cl100k
+
+    big = 10**8
+    role = Role(
+        name="admin",
+        endpoints=("chat.completions", "models", "queue", "metrics"),
+        requests_per_minute=big,
+        tokens_per_minute=100 * big,
+        requests_per_day=10 * big,
+        max_concurrent=100_000,
+    )
+    layers = (
+        RateLimitLayer(scope=Scope.IP, requests_per_minute=big),
+        RateLimitLayer(scope=Scope.MODEL, requests_per_minute=big, tokens_per_minute=100 * big),
+    )
+    return Gateway(
+        routes=[ModelRoute("s", "scripted")],
+        keys=keys,
+        backends=[policy],
+        access=AccessPolicy([role], layers),
+        tokens=load_cl100k(),
+    )
 
 
 def one(gateway: Gateway, rid: str, now: float, pieces: tuple[Delta | Usage, ...]) -> list[object]:
@@ -71,8 +99,9 @@ async def reply(gateway: Gateway) -> tuple[Delta | Usage, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=30000)
+    parser.add_argument("--limits", action="store_true")
     args = parser.parse_args()
-    gateway = build()
+    gateway = build(args.limits)
     pieces = trio.run(reply, gateway)
     started = time.process_time()
     for i in range(args.requests):

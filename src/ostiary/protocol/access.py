@@ -259,6 +259,11 @@ class AccessPolicy:
         self._cache: dict[
             tuple[str, object], tuple[tuple[Limit, ...], ConcurrencyLimit | None]
         ] = {}
+        #: By request shape: every limit and slot it is charged on.
+        self._combined: dict[
+            tuple[str, LimitSet, str, str, str, str],
+            tuple[tuple[Limit, ...], tuple[ConcurrencyLimit, ...]],
+        ] = {}
         #: Whether any request can be limited at all (else admission skips the store).
         self.limited = bool(self.layers) or any(not r.empty for r in table.values())
         #: Whether some limit counts tokens (so prompts must be counted).
@@ -303,8 +308,23 @@ class AccessPolicy:
     ) -> tuple[tuple[Charge, ...], tuple[ConcurrencyLimit, ...]]:
         """Every charge and slot of one request: 1 on request buckets, ``tokens`` on
         token buckets, one slot on each ``max_concurrent``."""
+        key = (principal.id, principal.limits, principal.role.name, client, model, endpoint)
+        built = self._combined.get(key)
+        if built is None:
+            if len(self._combined) >= _CACHE_SIZE:
+                self._combined.clear()
+            built = self._combined[key] = self._build(principal, client, model, endpoint)
+        limits, slots = built
+        return tuple(
+            [(limit, tokens if limit.unit is Unit.TOKENS else 1) for limit in limits]
+        ), slots
+
+    def _build(
+        self, principal: Principal, client: str, model: str, endpoint: str
+    ) -> tuple[tuple[Limit, ...], tuple[ConcurrencyLimit, ...]]:
         charges: list[Charge] = []
         slots: list[ConcurrencyLimit] = []
+        tokens = 0
         self._add(
             charges, slots, f"principal:{principal.id}", principal.limits, index=0, tokens=tokens
         )
@@ -326,7 +346,7 @@ class AccessPolicy:
             else:
                 value = "global"
             self._add(charges, slots, f"{index}/{value}", layer, index=index, tokens=tokens)
-        return tuple(charges), tuple(slots)
+        return tuple(limit for limit, _ in charges), tuple(slots)
 
     def _add(
         self,

@@ -122,7 +122,11 @@ class Guard:
     ) -> Principal:
         """The principal ``credentials`` (an ``Authorization`` value) name (raises
         429, 401 or 403)."""
-        limit = self.access.failed_auth_limit(client) if client else None
+        limit = (
+            self.access.failed_auth_limit(client)
+            if client and self.failures.tracks(f"auth:{client}:failed")
+            else None
+        )
         if limit is not None:
             wait = wait_ms(limit.spec, self.failures.deficit(limit, wall), 1)
             if wait:
@@ -336,28 +340,33 @@ class Guard:
     def headers(decision: Decision, *, exhausted: int | None = None) -> tuple[Header, ...]:
         """``x-ratelimit-*`` for the tightest minute bucket of each unit (the
         exhausted one, at 0, in its place on a refusal)."""
-        out: list[Header] = []
-        for unit, suffix in ((Unit.REQUESTS, b"requests"), (Unit.TOKENS, b"tokens")):
-            best = -1
-            best_left = math.inf
-            for i, (limit, _) in enumerate(decision.charges):
-                if limit.unit is not unit:
-                    continue
-                if i == exhausted:
-                    best, best_left = i, -1
-                    break
-                if limit.spec.window_ms != _MINUTE_MS:
-                    continue
-                left = decision.remaining(i)
-                if left < best_left:
-                    best, best_left = i, left
-            if best < 0:
+        # One pass: the tightest minute bucket of each unit (or the exhausted one).
+        best = [-1, -1]
+        left = [math.inf, math.inf]
+        deficits = decision.deficits
+        for i, (limit, _) in enumerate(decision.charges):
+            u = 0 if limit.unit is Unit.REQUESTS else 1
+            if left[u] < 0:
+                continue  # the exhausted bucket of this unit is already chosen
+            if i == exhausted:
+                best[u], left[u] = i, -1
                 continue
-            left = 0 if best == exhausted else decision.remaining(best)
-            out.append((b"x-ratelimit-limit-" + suffix, b"%d" % decision.limit(best)))
-            out.append((b"x-ratelimit-remaining-" + suffix, b"%d" % left))
-            reset = format_reset(decision.reset_ms(best)).encode()
-            out.append((b"x-ratelimit-reset-" + suffix, reset))
+            spec = limit.spec
+            if spec.window_ms != _MINUTE_MS:
+                continue
+            level = spec.full - deficits[i]
+            here = level // spec.per_token if level > 0 else 0
+            if here < left[u]:
+                best[u], left[u] = i, here
+        out: list[Header] = []
+        for u in (0, 1):
+            i = best[u]
+            if i < 0:
+                continue
+            names = _HEADER_NAMES[u]
+            out.append((names[0], b"%d" % decision.limit(i)))
+            out.append((names[1], b"%d" % max(0, left[u])))
+            out.append((names[2], format_reset(decision.reset_ms(i)).encode()))
         return tuple(out)
 
     # -- 5. the end -------------------------------------------------------------------
@@ -384,6 +393,10 @@ class Guard:
         return None
 
 
+_HEADER_NAMES = tuple(
+    tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
+    for unit in (b"requests", b"tokens")
+)
 _DIMENSIONS = {
     "rpm": "requests per minute",
     "tpm": "tokens per minute",

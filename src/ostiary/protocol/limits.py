@@ -362,6 +362,11 @@ class MemoryLimitStore:
         state = self._buckets.get(limit.key)
         return 0 if state is None else deficit_at(limit.spec, state[0], state[1], to_ms(now))
 
+    def tracks(self, key: str) -> bool:
+        """Whether the bucket ``key`` (a :attr:`Limit.key`) may be below full: one not
+        tracked is full (a cheap check before building a :class:`Limit`)."""
+        return key in self._buckets
+
     def in_flight(self, layer: str) -> int:
         return self._counts.get(layer, 0)
 

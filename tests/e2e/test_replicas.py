@@ -293,7 +293,7 @@ async def test_redis_killed_and_restarted(cluster: Cluster) -> None:
     ok = sum(1 for status, _, _ in results if status == 200)
     assert RPM <= ok <= most_admitted(RPM, span)  # counted in that process alone
     ready = [(await request(r.port, "GET", "/readyz", ""))[0] for r in cluster.replicas]
-    assert ready == [503, 503, 503]
+    assert ready == [503, 503, 200]  # "local" still serves: degraded, not out
 
     cluster.redis.restart()  # empty: the key's bucket is full again, and shared
     await wait_ready(cluster)

@@ -566,3 +566,19 @@ def test_layer_filters() -> None:
     assert not layer.applies("tenant", "m", "embeddings")
     with pytest.raises(ValueError, match="sets no limit"):
         RateLimitLayer(scope=Scope.IP)
+
+
+def test_readiness_with_redis_down_depends_on_on_failure() -> None:
+    from ostiary.protocol.events import ReadinessChecked
+
+    for on_failure, expected in (("refuse", 503), ("local", 200)):
+        gw = gateway(shared_limits=True, on_limits_failure=on_failure)
+        request(gw, "r1", target="/readyz", method="GET")
+        status, body, _ = response(
+            gw.handle(ReadinessChecked("r1", (("redis", "unreachable"),), 1.0))
+        )
+        assert status == expected, body
+        gw2 = gateway(shared_limits=True, on_limits_failure=on_failure)
+        request(gw2, "r2", target="/readyz", method="GET")
+        failures = (("redis", "unreachable"), ("b1", "down"))
+        assert response(gw2.handle(ReadinessChecked("r2", failures, 1.0)))[0] == 503

@@ -649,7 +649,20 @@ class Gateway:
         return []
 
     def _on_readiness(self, exchange: Exchange, event: ReadinessChecked) -> list[Action]:
-        if event.failures:
+        failures = event.failures
+        if (
+            failures
+            and self._guard.on_failure == "local"
+            and all(n == "redis" for n, _ in failures)
+        ):
+            # Limits are counted in this process until Redis is back: still serving,
+            # so a load balancer should keep sending (every replica would go at once).
+            body = b'{"status":"degraded","redis":"unavailable, limits counted locally"}'
+            return [
+                exchange.respond(200, body),
+                Log("warning", "redis unavailable; limits counted locally", {}),
+            ]
+        if failures:
             body = orjson.dumps(
                 {
                     "status": "unavailable",

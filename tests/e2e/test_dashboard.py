@@ -180,5 +180,16 @@ def test_dashboard_shows_the_queue_move(dashboard_server: ServerProcess, browser
     assert done.is_set() and not failures, failures
     wait.until(lambda d: (number("queued"), number("running")) == (0, 0))
     assert text("wait_p50") not in (None, "\u2013")
+    # The requests that ended are listed, newest first, as text.
+    wait.until(
+        lambda d: (
+            d.execute_script("return document.querySelectorAll('#recent [data-request-id]').length")
+            > 0
+        )
+    )
+    status = browser.execute_script(
+        "return document.querySelector('#recent [data-request-id] td.num').textContent"
+    )
+    assert status == "200"
     messages = [entry["message"] for entry in browser.get_log("browser")]
     assert not [m for m in messages if "Content Security Policy" in m], messages

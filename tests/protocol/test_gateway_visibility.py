@@ -238,3 +238,17 @@ def test_queue_json_is_valid_for_a_gateway_with_nothing_served() -> None:
     wait = body["backends"][0]["wait"]
     assert status == 200 and (wait["samples"], wait["p50"], wait["p99"]) == (0, None, None)
     assert orjson.loads(orjson.dumps(body)) == body
+
+
+def test_queue_lists_the_requests_that_ended_newest_first() -> None:
+    gw = gateway()
+    for rid in ("a1", "a2"):
+        gw.handle(request(gw, rid, chat_body(), now=1.0))
+        gw.handle(chunk(rid, (Delta("hi"), Usage(prompt_tokens=3, completion_tokens=1))))
+        gw.handle(BackendFinished(rid, 2.0))
+        gw.handle(ResponseSent(rid, 2.5))
+    _, body, _ = json_of(gw.handle(get(gw, "/v1/queue", None)))
+    assert [r["request_id"] for r in body["recent"]] == ["a2", "a1"]
+    first = body["recent"][0]
+    assert (first["endpoint"], first["model"], first["status"]) == ("chat.completions", "m", 200)
+    assert first["principal"] == ADMIN_ID and first["duration_ms"] == 1500.0

@@ -24,6 +24,7 @@ The walk of a request through runtime and core is written down in
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -121,6 +122,8 @@ _DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits, frozenset[str]], Backe
     Endpoint.COMPLETIONS: decoding.decode_completion,
     Endpoint.EMBEDDINGS: decoding.decode_embedding,
 }
+#: Requests that ended kept for ``/v1/queue``'s ``recent`` (the dashboard's list).
+RECENT = 20
 #: 499: nginx's "client closed request"; only ever seen in our logs.
 CLIENT_GONE = 499
 #: The content type of ``/metrics`` (Prometheus text format 0.0.4).
@@ -221,6 +224,8 @@ class Gateway:
         self._viewers = Viewers(live if live is not None else LiveSettings())
         self._assets = assets if assets is not None else Assets()
         self._shutting_down = False
+        #: The last requests that ended, newest last (for the dashboard).
+        self._recent: deque[tuple[object, ...]] = deque(maxlen=RECENT)
         #: By (endpoint, model, status), bounded by the config: the request's count
         #: (frozen, so one object serves them all) and its duration's labels.
         self._labels: dict[tuple[str, str, int], tuple[Count, tuple[tuple[str, str], ...]]] = {}
@@ -256,7 +261,7 @@ class Gateway:
     def queue_snapshot(self, now: float) -> bytes:
         """The JSON of ``GET /v1/queue`` (also each message of ``/v1/queue/live``)."""
         b = self._backends
-        return queue_body(b.policies, b.schedulers, b.waits, now)
+        return queue_body(b.policies, b.schedulers, b.waits, now, self._recent)
 
     def next_deadline(self) -> float:
         """When the gateway next needs a :class:`Tick` (``inf``: no timer pending)."""
@@ -713,6 +718,18 @@ class Gateway:
                 Count("ostiary_requests_total", labels),
                 labels[:2],
             )
+        principal = exchange.principal
+        self._recent.append(
+            (
+                exchange.request_id,
+                exchange.created,
+                endpoint,
+                model,
+                status,
+                fields["duration_ms"],
+                principal.id if principal is not None else "",
+            )
+        )
         actions: list[Action] = [
             Log("error" if status >= 500 and status != CLIENT_GONE else "info", "request", fields),
             cached[0],

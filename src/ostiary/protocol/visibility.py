@@ -91,9 +91,12 @@ def queue_body(
     schedulers: Mapping[str, Scheduler],
     waits: Mapping[str, WaitWindow],
     now: float,
+    ended: Iterable[tuple[object, ...]] = (),
 ) -> bytes:
     """``GET /v1/queue``: per backend, its limits, what runs and waits (per principal
-    too), the recent wait percentiles and the service rate."""
+    too), the recent wait percentiles and the service rate; and the requests that
+    ended last, newest first (``ended``: id, created, endpoint, model, status,
+    duration, principal)."""
     backends = []
     for name, policy in policies.items():
         snap = schedulers[name].snapshot(now)
@@ -120,7 +123,19 @@ def queue_body(
                 ],
             }
         )
-    return orjson.dumps({"object": "queue", "backends": backends})
+    last = [dict(zip(_RECENT_FIELDS, r, strict=True)) for r in reversed(list(ended))]
+    return orjson.dumps({"object": "queue", "backends": backends, "recent": last})
+
+
+_RECENT_FIELDS = (
+    "request_id",
+    "created",
+    "endpoint",
+    "model",
+    "status",
+    "duration_ms",
+    "principal",
+)
 
 
 def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:

@@ -132,6 +132,35 @@
     return { card, canvas };
   }
 
+  function renderRecent(recent) {
+    const table = $("recent");
+    const head = el("tr");
+    for (const name of ["time", "request", "endpoint", "model", "status", "ms", "principal"]) {
+      head.appendChild(el("th", name === "status" || name === "ms" ? "num" : "", name));
+    }
+    const rows = [head];
+    if (!recent || recent.length === 0) {
+      const row = el("tr");
+      const cell = el("td", "none", "none yet");
+      cell.colSpan = 7;
+      row.appendChild(cell);
+      rows.push(row);
+    }
+    for (const r of recent || []) {
+      const row = el("tr", r.status >= 500 ? "bad" : r.status >= 400 ? "warn" : "");
+      row.dataset.requestId = r.request_id;
+      row.appendChild(el("td", "", new Date(r.created * 1000).toLocaleTimeString()));
+      row.appendChild(el("td", "", r.request_id));
+      row.appendChild(el("td", "", r.endpoint));
+      row.appendChild(el("td", "", r.model));
+      row.appendChild(el("td", "num", r.status));
+      row.appendChild(el("td", "num", r.duration_ms));
+      row.appendChild(el("td", "", r.principal));
+      rows.push(row);
+    }
+    table.replaceChildren(...rows);
+  }
+
   function render(snapshot) {
     const main = $("backends");
     const drawn = [];
@@ -146,6 +175,7 @@
       drawn.push([canvas, samples, b.max_concurrency]);
     }
     main.replaceChildren(...cards);
+    renderRecent(snapshot.recent);
     for (const [canvas, samples, limit] of drawn) sparkline(canvas, samples, limit);
     messages += 1;
     $("messages").textContent = String(messages);

@@ -41,6 +41,7 @@ __all__ = [
     "RateLimitLayer",
     "Role",
     "Scope",
+    "Shape",
     "glob_matcher",
 ]
 
@@ -260,10 +261,7 @@ class AccessPolicy:
             tuple[str, object], tuple[tuple[Limit, ...], ConcurrencyLimit | None]
         ] = {}
         #: By request shape: every limit and slot it is charged on.
-        self._combined: dict[
-            tuple[str, LimitSet, str, str, str, str],
-            tuple[tuple[Limit, ...], tuple[ConcurrencyLimit, ...]],
-        ] = {}
+        self._combined: dict[tuple[str, LimitSet, str, str, str, str], Shape] = {}
         #: Whether any request can be limited at all (else admission skips the store).
         self.limited = bool(self.layers) or any(not r.empty for r in table.values())
         #: Whether some limit counts tokens (so prompts must be counted).
@@ -308,16 +306,20 @@ class AccessPolicy:
     ) -> tuple[tuple[Charge, ...], tuple[ConcurrencyLimit, ...]]:
         """Every charge and slot of one request: 1 on request buckets, ``tokens`` on
         token buckets, one slot on each ``max_concurrent``."""
+        shape = self.shape(principal, client, model, endpoint)
+        return shape.charged(tokens), shape.slots
+
+    def shape(self, principal: Principal, client: str, model: str, endpoint: str) -> Shape:
+        """The limits and slots a request of this principal, client, model and
+        endpoint is charged on, built once per distinct combination."""
         key = (principal.id, principal.limits, principal.role.name, client, model, endpoint)
-        built = self._combined.get(key)
-        if built is None:
+        shape = self._combined.get(key)
+        if shape is None:
             if len(self._combined) >= _CACHE_SIZE:
                 self._combined.clear()
-            built = self._combined[key] = self._build(principal, client, model, endpoint)
-        limits, slots = built
-        return tuple(
-            [(limit, tokens if limit.unit is Unit.TOKENS else 1) for limit in limits]
-        ), slots
+            limits, slots = self._build(principal, client, model, endpoint)
+            shape = self._combined[key] = Shape(limits, slots)
+        return shape
 
     def _build(
         self, principal: Principal, client: str, model: str, endpoint: str
@@ -376,6 +378,31 @@ class AccessPolicy:
             charges.append((limit, tokens if limit.unit is Unit.TOKENS else 1))
         if built[1] is not None:
             slots.append(built[1])
+
+
+class Shape:
+    """The limits and slots of one kind of request, with what charging needs read
+    off once: the largest and smallest token bucket (0: none), and the charges of a
+    request that counts no tokens."""
+
+    __slots__ = ("largest_tokens", "limits", "slots", "smallest_tokens", "tokens", "untokened")
+
+    def __init__(self, limits: tuple[Limit, ...], slots: tuple[ConcurrencyLimit, ...]) -> None:
+        self.limits = limits
+        self.slots = slots
+        self.tokens = tuple(limit.unit is Unit.TOKENS for limit in limits)
+        sizes = [limit.spec.capacity for limit in limits if limit.unit is Unit.TOKENS]
+        self.largest_tokens = max(sizes, default=0)
+        self.smallest_tokens = min(sizes, default=0)
+        self.untokened: tuple[Charge, ...] = tuple((limit, 1) for limit in limits)
+
+    def charged(self, tokens: int) -> tuple[Charge, ...]:
+        """The charges of a request that reserves ``tokens`` on token buckets."""
+        if not self.largest_tokens:
+            return self.untokened
+        return tuple(
+            [(limit, tokens if t else 1) for limit, t in zip(self.limits, self.tokens, strict=True)]
+        )
 
 
 def _pick(override: int | None, default: int | None) -> int | None:

@@ -222,16 +222,14 @@ class Guard:
         self, principal: Principal, client: str, call: BackendCall, endpoint: Endpoint
     ) -> tuple[tuple[Charge, ...], tuple[ConcurrencyLimit, ...], int]:
         """Every charge and slot of the request, and its prompt estimate (tokens)."""
-        name = "models" if endpoint is Endpoint.MODEL else endpoint.value
-        charges, slots = self.access.charges(principal, client, call.model, name, 0)
-        capacity = max((c[0].spec.capacity for c in charges if c[0].unit is Unit.TOKENS), default=0)
+        shape = self.access.shape(principal, client, call.model, _ENDPOINT_NAMES[endpoint])
+        capacity = shape.largest_tokens
         if not capacity:
-            return charges, slots, 0
-        tightest = min(c[0].spec.capacity for c in charges if c[0].unit is Unit.TOKENS)
+            return shape.untokened, shape.slots, 0
         prompt = self._prompt_tokens(call, capacity)
-        cost = prompt + self._output_reservation(call, principal.role, tightest - prompt)
-        charged = tuple((limit, cost if limit.unit is Unit.TOKENS else n) for limit, n in charges)
-        return charged, slots, prompt
+        room = shape.smallest_tokens - prompt
+        cost = prompt + self._output_reservation(call, principal.role, room)
+        return shape.charged(cost), shape.slots, prompt
 
     def _prompt_tokens(self, call: BackendCall, limit: int) -> int:
         texts: list[str] = []
@@ -393,6 +391,8 @@ class Guard:
         return None
 
 
+#: Endpoint names as roles and layers know them (retrieving a model is ``models``).
+_ENDPOINT_NAMES = {e: "models" if e is Endpoint.MODEL else e.value for e in Endpoint}
 _HEADER_NAMES = tuple(
     tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
     for unit in (b"requests", b"tokens")

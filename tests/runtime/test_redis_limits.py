@@ -184,6 +184,50 @@ async def test_a_dead_replicas_slots_are_reclaimed_once_its_lease_expires(
         assert await alive.in_flight(slot) == 0
 
 
+async def test_a_replica_whose_own_lease_lapsed_drops_its_stale_counts(
+    shared_redis: RedisServer,
+) -> None:
+    """Its own admission finds its holds hash gone: the counts it had are dropped
+    (their holds were reclaimed), the new hold is counted and leased again."""
+    slot = ConcurrencyLimit("principal:key:a", 1)
+    async with client_for(shared_redis) as client:
+        store = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:", lease=60.0)
+        old = await store.admit([], [slot], now_ms=T0)
+        assert old.hold is not None
+        assert (await store.admit([], [slot], now_ms=T0)).refusal is not None  # renews
+        assert 0 < await client.execute("PTTL", store.holds_key) <= 60_000
+        await client.execute("DEL", store.holds_key)  # as when its lease runs out
+        new = await store.admit([], [slot], now_ms=T0)
+        assert new.hold is not None
+        assert await store.in_flight(slot) == 1
+        assert 0 < await client.execute("PTTL", store.holds_key) <= 60_000
+        assert await store.settle(old.hold, 0, now_ms=T0)  # reclaimed: changes nothing
+        assert await store.in_flight(slot) == 1
+        assert await store.settle(new.hold, 0, now_ms=T0)
+        assert await store.in_flight(slot) == 0
+
+
+async def test_a_hold_of_request_buckets_alone_is_not_kept_in_redis(
+    shared_redis: RedisServer,
+) -> None:
+    rpm = Limit("principal:key:a", "rpm", BucketSpec.per(10, 60), Unit.REQUESTS)
+    tpm = Limit("principal:key:a", "tpm", BucketSpec.per(100, 60), Unit.TOKENS)
+    async with client_for(shared_redis) as client:
+        store = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
+        requests = await store.admit([(rpm, 1)], [], now_ms=T0)
+        assert requests.hold is not None
+        assert await client.execute("HLEN", store.holds_key) == 0
+        tokens = await store.admit([(rpm, 1), (tpm, 10)], [], now_ms=T0)
+        assert tokens.hold is not None
+        assert await client.execute("HLEN", store.holds_key) == 1
+        assert await store.settle(requests.hold, 0, now_ms=T0)
+        assert not await store.settle(requests.hold, 0, now_ms=T0)
+        assert await store.settle(tokens.hold, 4, now_ms=T0)
+        assert await client.execute("HLEN", store.holds_key) == 0
+        assert await store.deficit(rpm, T0) == 2 * rpm.spec.per_token  # not refunded
+        assert await store.deficit(tpm, T0) == 4 * tpm.spec.per_token
+
+
 async def test_a_killed_redis_raises_the_limiter_error_then_recovers(
     own_redis: RedisServer,
 ) -> None:
@@ -323,21 +367,24 @@ class LossyClient(RedisClient):
         return reply
 
 
-async def test_an_admission_whose_reply_was_lost_gives_its_slot_back(
+async def test_an_admission_whose_reply_was_lost_gives_its_slots_back(
     shared_redis: RedisServer,
 ) -> None:
+    # Layer values may hold any character, the record's own separators included.
     slot = ConcurrencyLimit("p", 1)
+    odd = ConcurrencyLimit("model:a:12:}{x}\n", 1)
     client = LossyClient(RedisAddress(port=shared_redis.port), timeout=2.0)
     async with client:
         store = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
         client.lose_next = True
         with pytest.raises(LimiterUnavailableError):
-            await store.admit([], [slot], now_ms=T0)
-        assert await store.in_flight(slot) == 1  # taken, though nobody holds it
+            await store.admit([], [slot, odd], now_ms=T0)
+        assert await store.in_flight(slot) == await store.in_flight(odd) == 1  # taken
         assert (await store.admit([], [slot], now_ms=T0)).refusal is not None
         await store.heartbeat()
-        assert await store.in_flight(slot) == 0
-        assert (await store.admit([], [slot], now_ms=T0)).allowed
+        assert await store.in_flight(slot) == await store.in_flight(odd) == 0
+        assert store.released == 1
+        assert (await store.admit([], [odd, slot], now_ms=T0)).allowed
 
 
 async def test_a_redis_restart_between_calls_costs_no_failed_call(own_redis: RedisServer) -> None:

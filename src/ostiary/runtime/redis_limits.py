@@ -9,22 +9,27 @@ which replaces Redis' clock; nothing else does.
 
 Keys (``prefix`` defaults to ``ostiary:``):
 
-- ``{prefix}{<layer>}:<name>``: a bucket, a hash ``d`` (deficit) and ``t`` (stamp),
-  expiring once it is full again, so Redis holds only buckets below full;
+- ``{prefix}{<layer>}:<name>``: a bucket, the string ``<deficit>:<stamp>``, expiring
+  once it is full again, so Redis holds only buckets below full (one MGET reads an
+  admission's buckets, one SET with PX writes each);
 - ``{prefix}{<layer>}:concurrent``: the requests in flight of a layer, a hash of
   replica id to count;
-- ``{prefix}holds:{<replica>}``: the replica's open holds (hold id to slot count),
-  its lease. Every admission and every :meth:`heartbeat` renews its TTL (``lease``);
-  one heartbeat owns all holds, so a long stream needs no renewal of its own.
+- ``{prefix}holds:{<replica>}``: the replica's open holds, hold id to the hold's slot
+  keys (each as ``<length>:<key>``), and its lease. Only a hold with something to
+  settle (slots, or token buckets) is kept; one of request buckets alone ends without
+  a round trip, as request counts are never refunded. Every admission and every
+  :meth:`heartbeat` renews the TTL (``lease``); one heartbeat owns all holds, so a
+  long stream needs no renewal of its own.
 
 Leases. When a replica dies its holds hash expires, and the next admission that
 counts a layer's concurrency drops the counts of every replica without a live holds
-hash: a dead replica's slots come back within ``lease`` of its death, at the first
-admission that needs them (nothing needs them earlier). Token reservations need no
-lease: a reservation is a debit that the bucket refills on its own within a window,
-so a dead replica's reservations count as fully used, which errs on the safe side.
-A replica that was only slow (no heartbeat for ``lease``) loses its counts the same
-way; its later settlements change nothing (their reservations count as used).
+hash (its own included: it learns whether its hash is alive from the PEXPIRE that
+renews it): a dead replica's slots come back within ``lease`` of its death, at the
+first admission that needs them (nothing needs them earlier). Token reservations
+need no lease: a reservation is a debit that the bucket refills on its own within a
+window, so a dead replica's reservations count as fully used, which errs on the safe
+side. A replica that was only slow (no heartbeat for ``lease``) loses its counts the
+same way; its later settlements change nothing (their reservations count as used).
 
 Reconciliation. Each hold in the holds hash records its slot keys. The store knows
 every hold id it still has business with (admitting, open, being settled, waiting to
@@ -90,6 +95,13 @@ SETTLE = _script("settle")
 RELEASE = _script("release")
 
 
+def _recorded(charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit]) -> bool:
+    """Whether an admitted hold is kept in Redis: it has slots to give back or token
+    usage to settle. Request counts are never refunded, so a hold of request buckets
+    alone ends without a round trip."""
+    return bool(slots) or any(limit.unit is Unit.TOKENS for limit, _ in charges)
+
+
 class LimiterUnavailableError(Exception):
     """The shared limit store could not decide in time (Redis down or too slow).
 
@@ -128,7 +140,15 @@ class RedisLimitStore:
 
     @property
     def holds_key(self) -> str:
-        return f"{self.prefix}holds:{{{self.replica}}}"
+        return f"{self._holds_prefix}{self.replica}}}"
+
+    @property
+    def _holds_prefix(self) -> str:
+        return f"{self.prefix}holds:{{"
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.lease * 1000)
 
     def bucket_key(self, limit: Limit) -> str:
         return f"{self.prefix}{{{limit.layer}}}:{limit.name}"
@@ -161,15 +181,19 @@ class RedisLimitStore:
             "" if now_ms is None else now_ms,
             self.replica,
             hold_id,
-            int(self.lease * 1000),
-            f"{self.prefix}holds:{{",
+            self._lease_ms,
+            self._holds_prefix,
             len(charges),
             len(slots),
+            1 if _recorded(charges, slots) else 0,
+            -1,
         ]
-        for limit, cost in charges:
+        for i, (limit, cost) in enumerate(charges):
             s = limit.spec
-            args += (s.capacity, s.per_token, s.per_ms, s.full, s.window_ms, cost)
-        args += (slot.limit for slot in slots)
+            if cost > s.capacity and args[8] == -1:
+                args[8] = i  # it can never pass: the first such refuses
+            args += (s.per_ms, s.window_ms, s.full, cost * s.per_token)
+        args += [slot.limit for slot in slots]
         self._live.add(hold_id)
         try:
             reply = await self._run(ADMIT, keys, args)
@@ -179,20 +203,19 @@ class RedisLimitStore:
             self._live.discard(hold_id)
             raise
         held = tuple(charges)
-        deficits = tuple(int(d) for d in reply[6:])
         if reply[0] == 1:
             hold = Hold(hold_id, held, tuple(slots))
             self._open.add(hold_id)
-            return Decision(held, deficits, hold)
+            return Decision(held, tuple(reply[1:]), hold)
         self._live.discard(hold_id)
-        exhausted, full_slot, retry, never = reply[2:6]
+        _, exhausted, full_slot, retry, never = reply[:5]
         refusal = Refusal(
             None if exhausted < 0 else exhausted,
             None if full_slot < 0 else full_slot,
             None if retry < 0 else retry,
             never == 1,
         )
-        return Decision(held, deficits, None, refusal)
+        return Decision(held, tuple(reply[5:]), None, refusal)
 
     async def settle(self, hold: Hold, actual_tokens: int, *, now_ms: int | None = None) -> bool:
         """End an admitted request: token buckets get real usage, slots come back.
@@ -245,7 +268,7 @@ class RedisLimitStore:
     async def heartbeat(self) -> None:
         """Renew this replica's lease, retry settlements that failed earlier, then
         release the holds Redis has that this store does not know (reconciliation)."""
-        await self._call(("PEXPIRE", self.holds_key, int(self.lease * 1000)))
+        await self._call(("PEXPIRE", self.holds_key, self._lease_ms))
         while self._pending:
             # Taken before the round trip: concurrent heartbeats never retry the same.
             hold, actual = self._pending.popleft()
@@ -270,10 +293,11 @@ class RedisLimitStore:
 
     async def deficit(self, limit: Limit, now_ms: int) -> int:
         """A bucket's deficit at ``now_ms`` (0: full), read without changing it."""
-        stored = await self._call(("HMGET", self.bucket_key(limit), "d", "t"))
-        if stored[0] is None:
+        (stored,) = await self._call(("GET", self.bucket_key(limit)))
+        if stored is None:
             return 0
-        return deficit_at(limit.spec, int(stored[0]), int(stored[1]), now_ms)
+        deficit, stamp = stored.split(b":")
+        return deficit_at(limit.spec, int(deficit), int(stamp), now_ms)
 
     async def in_flight(self, slot: ConcurrencyLimit) -> int:
         """Requests in flight on a layer, across replicas (dead ones included)."""
@@ -281,6 +305,8 @@ class RedisLimitStore:
         return sum(int(c) for c in counts)
 
     async def _settle(self, hold: Hold, actual: int, now_ms: int | None) -> None:
+        if not _recorded(hold.charges, hold.slots):
+            return  # requests are not refunded: nothing to do, nothing in Redis
         settled = [
             (limit, reserved)
             for limit, reserved in hold.charges

@@ -6,13 +6,11 @@
 local holds, replica = KEYS[1], ARGV[1]
 local released = 0
 for i = 2, #ARGV do
-  local slots = redis.call('HGET', holds, ARGV[i])
-  if slots then
+  local record = redis.call('HGET', holds, ARGV[i])
+  if record then
     redis.call('HDEL', holds, ARGV[i])
-    for _, key in ipairs(cjson.decode(slots)) do
-      if redis.call('HINCRBY', key, replica, -1) <= 0 then
-        redis.call('HDEL', key, replica)
-      end
+    for _, key in ipairs(decode_keys(record)) do
+      give_back(key, replica)
     end
     released = released + 1
   end

@@ -8,14 +8,19 @@
 if redis.call('HDEL', KEYS[#KEYS], ARGV[3]) == 0 then
   return 0
 end
-local now = clock(ARGV[1])
 local k, m = tonumber(ARGV[4]), tonumber(ARGV[5])
+local per_ms, window_ms = {}, {}
+for i = 1, k do
+  local b = 5 + (i - 1) * 7
+  per_ms[i], window_ms[i] = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 5])
+end
+local now = k > 0 and clock(ARGV[1]) or 0
+local deficits = load_deficits(k, now, per_ms, window_ms)
 for i = 1, k do
   local b = 5 + (i - 1) * 7
   local capacity, per_token = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local per_ms, full = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   local reserved, actual = tonumber(ARGV[b + 6]), tonumber(ARGV[b + 7])
-  local deficit = load_deficit(KEYS[i], per_ms, tonumber(ARGV[b + 5]), now)
+  local deficit = deficits[i]
   if actual <= reserved then
     local credit = math.min(reserved - actual, capacity) * per_token
     if credit < deficit then
@@ -24,15 +29,13 @@ for i = 1, k do
       deficit = 0
     end
   else
-    deficit = math.min(deficit + math.min(actual - reserved, capacity) * per_token, 2 * full)
+    deficit = math.min(deficit + math.min(actual - reserved, capacity) * per_token,
+      2 * tonumber(ARGV[b + 4]))
   end
-  store_deficit(KEYS[i], deficit, per_ms, now)
+  store_deficit(KEYS[i], deficit, per_ms[i], now)
 end
 local replica = ARGV[2]
 for j = 1, m do
-  local key = KEYS[k + j]
-  if redis.call('HINCRBY', key, replica, -1) <= 0 then
-    redis.call('HDEL', key, replica)
-  end
+  give_back(KEYS[k + j], replica)
 end
 return 1

@@ -25,7 +25,9 @@ It does what the limit store needs and no more:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import socket
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -33,6 +35,7 @@ from typing import Any, cast
 import attrs
 import hiredis
 import trio
+from trio.lowlevel import wait_readable
 
 __all__ = [
     "Arg",
@@ -119,32 +122,61 @@ class _Call:
     lead: bool = False
 
 
-@attrs.define(eq=False)
+#: What a lost connection raises.
+_LOST = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, hiredis.ProtocolError)
+
+
 class _Connection:
-    stream: trio.SocketStream
-    reader: hiredis.Reader = attrs.field(
-        factory=lambda: hiredis.Reader(replyError=RedisReplyError, notEnoughData=_MISSING)
-    )
-    used: bool = False
+    """A non-blocking socket and its reply parser.
+
+    A round trip writes at once (a few hundred bytes always fit in the socket
+    buffer; a larger payload waits for room) and then waits for the socket to be
+    readable: one trip through the scheduler per call, which is what a reply costs
+    anyway, where a :class:`trio.SocketStream` takes two (it yields after sending).
+    """
+
+    __slots__ = ("reader", "sock", "used")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = hiredis.Reader(replyError=RedisReplyError, notEnoughData=_MISSING)
+        self.used = False
 
     async def roundtrip(self, payload: bytes, count: int) -> list[Any]:
-        await self.stream.send_all(payload)
+        sock = self.sock
+        try:
+            sent = sock.send(payload)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(payload):
+            await self._send_rest(memoryview(payload)[sent:])
         replies: list[Any] = []
         reader = self.reader
-        while len(replies) < count:
+        while True:
+            await wait_readable(sock)
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:  # woken spuriously
+                continue
+            if not data:
+                raise trio.BrokenResourceError("Redis closed the connection")
+            reader.feed(data)
             reply = reader.gets()
-            if reply is _MISSING:
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    raise trio.BrokenResourceError("Redis closed the connection")
-                reader.feed(data)
-            else:
+            while reply is not _MISSING:
                 replies.append(reply)
-        return replies
+                if len(replies) == count:
+                    return replies
+                reply = reader.gets()
 
-    async def close(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.stream.aclose()
+    async def _send_rest(self, rest: memoryview) -> None:
+        while rest:
+            await trio.lowlevel.wait_writable(self.sock)
+            with contextlib.suppress(BlockingIOError):
+                rest = rest[self.sock.send(rest) :]
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
 
 
 @attrs.define(eq=False)
@@ -163,7 +195,8 @@ class RedisClient:
     backoff_min: float = attrs.field(default=0.05, validator=attrs.validators.gt(0))
     backoff_max: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
     _idle: list[_Connection] = attrs.field(factory=list, init=False)
-    #: Connections in use (at most ``pool_size``), and the calls waiting for one.
+    #: Connections in use (at most ``pool_size``), and the calls waiting for one
+    #: (only while all ``pool_size`` are in use).
     _busy: int = attrs.field(default=0, init=False)
     _waiting: collections.deque[_Call] = attrs.field(factory=collections.deque, init=False)
     _backoff: float = attrs.field(default=0.0, init=False)
@@ -180,54 +213,71 @@ class RedisClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._drop_idle()
+        await trio.lowlevel.checkpoint()
+
+    def _drop_idle(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
-            await conn.close()
+            conn.close()
 
     async def execute(self, *args: Arg) -> Any:
         """One command; an error reply raises :class:`RedisReplyError`."""
-        (reply,) = await self.pipeline([args])
+        (reply,) = await self._call(_pack(args), 1)
         if isinstance(reply, RedisReplyError):
             raise reply
         return reply
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Several commands in one round trip; error replies come back in place."""
-        payload = b"".join(_pack(tuple(c)) for c in commands)
-        with trio.move_on_after(self.timeout) as scope:
-            return await self._roundtrip(payload, len(commands))
-        assert scope.cancelled_caught
-        raise RedisUnavailableError(f"Redis did not answer within {self.timeout} s")
+        return await self._call(b"".join(_pack(tuple(c)) for c in commands), len(commands))
 
     async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        """Run ``script``, loading it first if Redis does not know it (any more)."""
-        call = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        (reply,) = await self.pipeline([call])
-        if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT"):
-            _, reply = await self.pipeline([("SCRIPT", "LOAD", script.source), call])
-        if isinstance(reply, RedisReplyError):
-            raise reply
-        return reply
+        """Run ``script``, loading it first if Redis does not know it (any more);
+        both round trips together within the timeout."""
+        payload = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
+            (reply,) = await self._roundtrip(payload, 1)
+            if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT"):
+                load = _pack(("SCRIPT", "LOAD", script.source))
+                _, reply = await self._roundtrip(load + payload, 2)
+            if isinstance(reply, RedisReplyError):
+                raise reply
+            return reply
+        assert scope.cancelled_caught
+        raise self._late()
+
+    async def _call(self, payload: bytes, count: int) -> list[Any]:
+        with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
+            return await self._roundtrip(payload, count)
+        assert scope.cancelled_caught
+        raise self._late()
+
+    def _late(self) -> RedisUnavailableError:
+        return RedisUnavailableError(f"Redis did not answer within {self.timeout} s")
 
     async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
-        call = _Call(payload, count)
-        if self._busy < self.pool_size:
+        await trio.lowlevel.checkpoint_if_cancelled()  # nothing is sent once cut short
+        if self._busy < self.pool_size:  # the usual case: a connection is free
             self._busy += 1
-        else:
-            call.queued = True
-            self._waiting.append(call)
             try:
-                await call.done.wait()
-            except BaseException:  # timed out or cancelled while waiting
-                if call.lead:
-                    self._hand_off()
-                elif call.queued:
-                    self._waiting.remove(call)
-                raise
-            if not call.lead:  # carried by another caller
-                if call.error is not None:
-                    raise call.error
-                return call.replies
+                return await self._roundtrip_held(payload, count)
+            finally:
+                self._hand_off()
+        call = _Call(payload, count, queued=True)
+        self._waiting.append(call)
+        try:
+            await call.done.wait()
+        except BaseException:  # timed out or cancelled while waiting
+            if call.lead:
+                self._hand_off()
+            elif call.queued:
+                self._waiting.remove(call)
+            raise
+        if not call.lead:  # carried by another caller
+            if call.error is not None:
+                raise call.error
+            return call.replies
         try:
             return await self._carry(call)
         finally:
@@ -272,24 +322,24 @@ class RedisClient:
         conn = await self._checkout()
         try:
             replies = await conn.roundtrip(payload, count)
-        except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
-            await conn.close()
+        except _LOST as exc:
+            conn.close()
             if not conn.used:
                 raise RedisUnavailableError(f"Redis connection lost: {exc}") from exc
             # A pooled connection that died while idle (Redis restarted): the
             # command never reached a live server, so try a fresh connection once.
-            await self.aclose()
+            self._drop_idle()
             conn = await self._checkout()
             try:
                 replies = await conn.roundtrip(payload, count)
-            except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as again:
-                await conn.close()
+            except _LOST as again:
+                conn.close()
                 raise RedisUnavailableError(f"Redis connection lost: {again}") from again
             except BaseException:
-                await conn.close()
+                conn.close()
                 raise
         except BaseException:
-            await conn.close()
+            conn.close()
             raise
         conn.used = True
         self._idle.append(conn)
@@ -302,7 +352,7 @@ class RedisClient:
             raise RedisUnavailableError("Redis is unreachable (waiting to reconnect)")
         try:
             conn = await self._connect()
-        except (OSError, trio.BrokenResourceError, RedisReplyError) as exc:
+        except (*_LOST, RedisReplyError) as exc:
             now = trio.current_time()
             if now >= self._down_until:  # callers failing together back off once
                 self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
@@ -314,7 +364,10 @@ class RedisClient:
     async def _connect(self) -> _Connection:
         address = self.address
         stream = await trio.open_tcp_stream(address.host, address.port)
-        conn = _Connection(stream)
+        # The stream has set TCP_NODELAY; the connection keeps only the socket.
+        sock = socket.socket(fileno=stream.socket.detach())
+        sock.setblocking(False)
+        conn = _Connection(sock)
         setup: list[tuple[Arg, ...]] = []
         if address.password is not None:
             user = () if address.username is None else (address.username,)
@@ -328,6 +381,6 @@ class RedisClient:
                     if isinstance(reply, RedisReplyError):
                         raise reply
             except BaseException:
-                await conn.close()
+                conn.close()
                 raise
         return conn

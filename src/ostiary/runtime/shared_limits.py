@@ -90,13 +90,22 @@ class SharedLimits:
         self, charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit]
     ) -> Decision | None:
         """The store's decision, or None if it has none within the timeout."""
-        with trio.move_on_after(self.timeout):
-            try:
-                return await self.store.admit(charges, slots)
-            except LimiterUnavailableError:
-                pass
-        self.unavailable += 1
-        return None
+        if self.timeout < self.store.client.timeout:
+            with trio.move_on_after(self.timeout):
+                return await self._admit(charges, slots)
+            self.unavailable += 1
+            return None
+        # The usual case: the admission is one client call, which keeps this timeout.
+        return await self._admit(charges, slots)
+
+    async def _admit(
+        self, charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit]
+    ) -> Decision | None:
+        try:
+            return await self.store.admit(charges, slots)
+        except LimiterUnavailableError:
+            self.unavailable += 1
+            return None
 
     def settle(self, hold: Hold, actual_tokens: int) -> None:
         """Queue a settlement for the settlers, or for the heartbeat if they lag."""

@@ -11,13 +11,29 @@ makes it: within ``[redis] timeout``); this process' CPU per admission and Redis
 time per script call (``INFO commandstats``), neither of which counts the time other
 processes of a busy machine take; and admissions per second with 16 concurrent callers.
 
+The floors, measured in the same loop (each iteration runs every call once, so
+drifts of a shared machine hit them alike): a ``PING`` on a bare blocking socket (no
+event loop), on a bare non-blocking socket under Trio (``send``, ``wait_readable``,
+``recv``: what any Trio client pays), and through our client. What the client adds is
+its PING less the bare Trio one; what the admission adds is the admission less the
+client's PING.
+
     python bench/limits.py [--requests 20000] [--url redis://127.0.0.1:6379/0]
+
+Pinned to one core: ``taskset -c 0 python bench/limits.py`` (the private
+``redis-server`` inherits the affinity; an existing one does not). On this VM, a
+round trip between processes on two cores costs some 70 µs more than on one, for
+waking the other core's idle vCPU (a blocking-socket PING: ~80 µs across cores,
+~9 µs on one), which dwarfs everything measured here; pinned, the figures show the
+cost of the code rather than of the wake-ups. Real deployments see the unpinned case
+(or Redis on another host); both are worth reporting.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import socket
 import statistics
 import sys
 import time
@@ -34,7 +50,7 @@ from ostiary.protocol.limits import (
     MemoryLimitStore,
     Unit,
 )
-from ostiary.runtime.redis_client import RedisClient
+from ostiary.runtime.redis_client import RedisAddress, RedisClient
 from ostiary.runtime.redis_limits import RedisLimitStore
 from ostiary.runtime.shared_limits import SharedLimits
 
@@ -97,6 +113,35 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples), samples[int(len(samples) * 0.99)]
 
 
+PING = b"*1\r\n$4\r\nPING\r\n"
+PONG = b"+PONG\r\n"
+
+
+def blocking_ping(sock: socket.socket) -> float:
+    """µs of one PING on a blocking socket: the kernel's and Redis' part alone."""
+    t0 = time.perf_counter_ns()
+    sock.sendall(PING)
+    got = sock.recv(64)
+    while len(got) < len(PONG):
+        got += sock.recv(64)
+    elapsed = (time.perf_counter_ns() - t0) / 1000
+    assert got == PONG
+    return elapsed
+
+
+async def trio_ping(sock: socket.socket) -> float:
+    """µs of one PING on a non-blocking socket under Trio: send, wait, receive."""
+    t0 = time.perf_counter_ns()
+    sock.send(PING)
+    got = b""
+    while len(got) < len(PONG):
+        await trio.lowlevel.wait_readable(sock)
+        got += sock.recv(64)
+    elapsed = (time.perf_counter_ns() - t0) / 1000
+    assert got == PONG
+    return elapsed
+
+
 async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float]]:
     async with RedisClient.from_url(url, timeout=1.0, pool_size=16) as client:
         store = RedisLimitStore(client, prefix="bench:")
@@ -104,7 +149,13 @@ async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float
             d = await store.admit(charges(700), SLOTS)
             assert d.hold is not None
             await store.settle(d.hold, 650)
-        admit, settle, ping, cpu = [], [], [], []
+        address = RedisAddress.from_url(url)
+        blocking = socket.create_connection((address.host, address.port))
+        blocking.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bare = socket.create_connection((address.host, address.port))
+        bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bare.setblocking(False)
+        admit, settle, ping, cpu, ping_blocking, ping_trio = [], [], [], [], [], []
         clock = time.perf_counter_ns
         cpu_clock = time.process_time_ns
         await client.execute("CONFIG", "RESETSTAT")
@@ -119,9 +170,13 @@ async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float
             t2 = clock()
             await client.execute("PING")
             t3 = clock()
+            ping_blocking.append(blocking_ping(blocking))
+            ping_trio.append(await trio_ping(bare))
             admit.append((t1 - t0) / 1000)
             settle.append((t2 - t1) / 1000)
             ping.append((t3 - t2) / 1000)
+        blocking.close()
+        bare.close()
 
         stats = (await client.execute("INFO", "commandstats")).decode()
         per_call = re.search(r"cmdstat_evalsha:calls=\d+,usec=\d+,usec_per_call=([\d.]+)", stats)
@@ -158,7 +213,9 @@ async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float
         )
         * 2,
         "settle": percentiles(settle),
-        "PING": percentiles(ping),
+        "PING through our client": percentiles(ping),
+        "PING, bare socket under Trio (floor)": percentiles(ping_trio),
+        "PING, bare blocking socket (floor)": percentiles(ping_blocking),
         "admit + settle / s, 16 callers": (rate, rate),
     }
 

@@ -45,6 +45,8 @@ async def test_more_callers_than_connections_each_get_their_own_reply(
 
 
 async def test_a_batch_cut_short_fails_the_calls_it_carried(redis: RedisServer) -> None:
+    """The newest waiting call carries the others; each carried call keeps its own
+    deadline, and those still waiting when the carrier is cut short fail."""
     async with RedisClient.from_url(redis.url, timeout=GUARD, pool_size=1) as client:
         assert await client.execute("PING") == b"PONG"
         outcome: dict[str, object] = {}
@@ -52,29 +54,24 @@ async def test_a_batch_cut_short_fails_the_calls_it_carried(redis: RedisServer) 
         async def call(name: str, within: float, started: trio.Event) -> None:
             with trio.move_on_after(within) as scope:
                 started.set()
-                outcome[name] = await client.execute("PING")
+                try:
+                    outcome[name] = await client.execute("PING")
+                except RedisUnavailableError as exc:
+                    outcome[name] = str(exc)
             if scope.cancelled_caught:
                 outcome[name] = "timed out"
 
-        async def carried(started: trio.Event) -> None:
-            started.set()
-            try:
-                await client.execute("PING")
-            except RedisUnavailableError as exc:
-                outcome["c"] = str(exc)
-
         with redis.paused(), trio.fail_after(GUARD):
             async with trio.open_nursery() as nursery:
-                for name, starter in (("a", 0.2), ("b", 0.4)):
+                # a holds the connection; b, d, c wait in that order; c is the newest.
+                for name, within in (("a", 0.2), ("b", 0.4), ("d", GUARD), ("c", 0.6)):
                     started = trio.Event()
-                    nursery.start_soon(call, name, starter, started)
+                    nursery.start_soon(call, name, within, started)
                     await started.wait()
-                started = trio.Event()
-                nursery.start_soon(carried, started)
-                await started.wait()
-        # a led and timed out; b was handed the connection, carried c, and timed out.
-        assert outcome == {"a": "timed out", "b": "timed out", "c": outcome["c"]}
-        assert "cut short" in str(outcome["c"])
+        # a timed out; c was handed the connection and carried b and d; b timed out on
+        # its own deadline, then c timed out, and d (with time left) failed with it.
+        assert outcome == {"a": "timed out", "b": "timed out", "c": "timed out", "d": outcome["d"]}
+        assert "cut short" in str(outcome["d"])
         assert await client.execute("PING") == b"PONG"
 
 

@@ -7,10 +7,12 @@ It does what the limit store needs and no more:
 
 - one round trip per call, several commands per round trip (:meth:`pipeline`);
 - a small pool of connections (``pool_size``), reused in LIFO order; when every one
-  is busy, callers wait in line and the next caller to get a connection carries all
-  the waiting calls in one write (up to :data:`MAX_BATCH`), reading their replies in
-  order: a burst costs a few round trips, not one per call, and no background task
-  is needed (each batch is carried by one of its own callers);
+  is busy, callers wait in line and the newest of them, given the next free
+  connection, carries all the waiting calls in one write (up to :data:`MAX_BATCH`),
+  reading their replies in order: a burst costs a few round trips, not one per call,
+  and no background task is needed (each batch is carried by one of its own callers;
+  the newest has the latest deadline, so a carrier's timeout takes down no call that
+  still had time);
 - a deadline on every call (``timeout``, pool wait and connect included): when it
   passes, the call raises :class:`RedisUnavailableError` and its connection, whose
   state is then unknown, is closed;
@@ -179,7 +181,8 @@ class _Connection:
         self.sock.close()
 
 
-@attrs.define(eq=False)
+# Validated once, at construction: no __setattr__ hook on the hot path's counters.
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class RedisClient:
     """A pooled Redis client; every call ends within ``timeout`` seconds.
 
@@ -284,9 +287,14 @@ class RedisClient:
             self._hand_off()
 
     def _hand_off(self) -> None:
-        """A connection is free: give it to the first waiting call, or to the pool."""
+        """A connection is free: give it to the newest waiting call, or to the pool.
+
+        The newest has the most time left (every call has the same timeout), so the
+        batch it carries (the oldest calls) is not cut short by its deadline while
+        the others still had time; each carried call keeps its own deadline.
+        """
         if self._waiting:
-            call = self._waiting.popleft()
+            call = self._waiting.pop()
             call.queued = False
             call.lead = True
             call.done.set()
@@ -294,7 +302,7 @@ class RedisClient:
             self._busy -= 1
 
     async def _carry(self, own: _Call) -> list[Any]:
-        """Send ``own`` and the calls waiting behind it in one write."""
+        """Send ``own`` and the calls waiting before it in one write."""
         batch = [own]
         while self._waiting and len(batch) < MAX_BATCH:
             call = self._waiting.popleft()

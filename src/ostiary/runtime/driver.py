@@ -529,4 +529,7 @@ class Driver:
                 nursery.start_soon(check, name, backend)
             if self.shared_limits is not None:
                 nursery.start_soon(check_redis, self.shared_limits)
+        # A JWKS URL not fetched yet (start-up retries it): every JWT would get 401.
+        if self.verifier is not None and not self.verifier.ready:
+            failures.append(("jwt", "no JWKS key set loaded yet"))
         return tuple(sorted(failures))

@@ -383,6 +383,20 @@ def test_wrong_keys_from_one_ip_are_slowed_while_another_ip_is_not() -> None:
     assert any(isinstance(a, Dispatch) for a in later)
 
 
+def test_failed_authentications_leave_nothing_open_behind() -> None:
+    """A 401 is a debit of the address' budget, not a request in flight: memory stays
+    bounded however many addresses fail."""
+    gw = gateway(failed=3)
+    for i in range(50):
+        status, _, _ = response(
+            request(gw, f"bad{i}", chat_body(), secret="ost_wrong", peer=f"198.51.100.{i}")
+        )
+        assert status == 401
+        gw.handle(ResponseSent(f"bad{i}", 10.0))
+    assert gw.guard.failures.open_holds == 0
+    assert gw.guard.failures.tracked == 50
+
+
 def test_failed_auth_budget_off_with_zero() -> None:
     gw = gateway(failed=0)
     for i in range(5):

@@ -142,7 +142,9 @@ class Guard:
         judged twice is counted once)."""
         limit = self.access.failed_auth_limit(client) if client else None
         if limit is not None:
-            self.failures.admit(((limit, 1),), (), wall)
+            decision = self.failures.admit(((limit, 1),), (), wall)
+            if decision.hold is not None:  # a debit, not a request in flight
+                self.failures.settle(decision.hold, 1, wall)
 
     def _principal(self, keys: KeyTable, header: bytes | None, wall: float) -> Principal:
         verifier = self.verifier

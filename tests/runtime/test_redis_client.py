@@ -82,16 +82,17 @@ async def test_waiting_calls_that_time_out_leave_the_line(
     """Deadlines that pass together: a call handed the connection (or a batch) after
     its deadline passed, but before it ran, passes both on; nothing is leaked."""
     async with RedisClient.from_url(redis.url, timeout=0.2, pool_size=1) as client:
+        failures: list[str] = []
+
+        async def ping() -> None:
+            try:
+                await client.execute("PING")
+            except RedisUnavailableError as exc:
+                failures.append(str(exc))
+
         for _ in range(3):
             assert await client.execute("PING") == b"PONG"
-            failures: list[str] = []
-
-            async def ping() -> None:
-                try:
-                    await client.execute("PING")
-                except RedisUnavailableError as exc:
-                    failures.append(str(exc))
-
+            failures.clear()
             with redis.paused(), trio.fail_after(GUARD):
                 async with trio.open_nursery() as nursery:
                     for _ in range(callers):

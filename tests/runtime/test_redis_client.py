@@ -76,9 +76,7 @@ async def test_a_batch_cut_short_fails_the_calls_it_carried(redis: RedisServer) 
 
 
 @pytest.mark.parametrize("callers", [5, 40])
-async def test_waiting_calls_that_time_out_leave_the_line(
-    redis: RedisServer, callers: int
-) -> None:
+async def test_waiting_calls_that_time_out_leave_the_line(redis: RedisServer, callers: int) -> None:
     """Deadlines that pass together: a call handed the connection (or a batch) after
     its deadline passed, but before it ran, passes both on; nothing is leaked."""
     async with RedisClient.from_url(redis.url, timeout=0.2, pool_size=1) as client:

@@ -1,4 +1,5 @@
-"""What the runtime tells the core: frozen events.
+"""What the runtime tells the core: events (slotted, built once per event and never
+changed: not frozen, since a frozen attrs class costs twice as much to build).
 
 Every event carries ``now``, monotonic seconds from the runtime's one clock; events
 that start an exchange carry ``wall`` too (Unix seconds, for ``created`` and, later,
@@ -44,7 +45,7 @@ __all__ = [
 Header = tuple[bytes, bytes]
 
 
-@attrs.frozen
+@attrs.define
 class RequestReceived:
     """A complete HTTP request. Header names are lower-case bytes (as h11 gives
     them); ``admission`` is what :meth:`Gateway.admits` said of its head."""
@@ -59,7 +60,7 @@ class RequestReceived:
     wall: float
 
 
-@attrs.frozen
+@attrs.define
 class RequestRefused:
     """The HTTP layer refused a request before it was whole. ``method`` and
     ``target`` are empty when not even the request line could be read."""
@@ -74,7 +75,7 @@ class RequestRefused:
     limit: int = 0
 
 
-@attrs.frozen
+@attrs.define
 class BackendChunk:
     """Output the backend produced since the last event (one or more pieces)."""
 
@@ -83,7 +84,7 @@ class BackendChunk:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class BackendFinished:
     """The generation ended normally (its Usage came in a BackendChunk)."""
 
@@ -91,21 +92,21 @@ class BackendFinished:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class EmbeddingsComputed:
     request_id: str
     result: EmbeddingResult
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class BackendFailed:
     request_id: str
     error: OpenAIError = attrs.field(eq=False)
     now: float = 0.0
 
 
-@attrs.frozen
+@attrs.define
 class ClientGone:
     """The client left, or a write to it failed or timed out, before the exchange's
     last byte was sent."""
@@ -114,7 +115,7 @@ class ClientGone:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class ResponseSent:
     """The last byte of the response (``Respond`` or ``EndStream``) was written."""
 
@@ -122,7 +123,7 @@ class ResponseSent:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class ReadinessChecked:
     """Result of checking every backend for ``/readyz``: (backend, problem) pairs."""
 
@@ -131,7 +132,7 @@ class ReadinessChecked:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class MetricsRendered:
     """The answer to :class:`~ostiary.protocol.actions.RenderMetrics`: the metrics in
     Prometheus text format."""
@@ -141,7 +142,7 @@ class MetricsRendered:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class LimitsDecided:
     """The shared limit store's answer to :class:`~ostiary.protocol.actions.CheckLimits`;
     ``decision`` None: the store is down or did not answer within its timeout."""
@@ -151,14 +152,14 @@ class LimitsDecided:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class Tick:
     """The time the core asked to be woken at (:meth:`Gateway.next_deadline`) came."""
 
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class KeysReplaced:
     """The key store changed: authenticate against ``keys`` from now on."""
 
@@ -166,7 +167,7 @@ class KeysReplaced:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class AccessReplaced:
     """The configuration was reloaded: roles, limits, JWT settings and trusted
     proxies from now on (buckets and holds carry over)."""
@@ -177,7 +178,7 @@ class AccessReplaced:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class ShutdownStarted:
     """The server is draining: queued requests are refused, running ones finish."""
 

@@ -66,11 +66,13 @@ def check_capacity(max_concurrency: int, max_queue: int) -> None:
         raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
 
 
-@attrs.frozen
+@attrs.define
 class Ticket:
     """One request asking for a slot. ``cost`` is its estimated tokens, ``weight``
     and ``priority`` come from the principal's role (a fair policy uses them; FIFO
-    does not); a queued ticket leaves at ``deadline`` (monotonic seconds)."""
+    does not); a queued ticket leaves at ``deadline`` (monotonic seconds). Never
+    changed once built (``attrs.evolve`` makes a new one), but not frozen: one is
+    built per request, and a frozen class costs twice as much to build."""
 
     request_id: str
     principal: str = ""

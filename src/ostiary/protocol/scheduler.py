@@ -192,9 +192,16 @@ class ServiceRate:
         self._last: float | None = None
 
     def observe(self, now: float) -> None:
-        """Start the observed time (on the first call), or advance it to ``now``."""
-        self._decayed, self._observed = self._at(now)
-        self._last = now if self._last is None else max(self._last, now)
+        """Start the observed time (on the first call), or advance it to ``now``
+        (what :meth:`_at` gives, done in place: twice per request)."""
+        last = self._last
+        if last is None:
+            self._last = now
+        elif now > last:
+            factor = math.exp((last - now) / self.window)
+            self._decayed *= factor
+            self._observed = self._observed * factor + self.window * (1.0 - factor)
+            self._last = now
 
     def release(self, now: float) -> None:
         """Count one finished request at ``now``."""

@@ -1,4 +1,5 @@
-"""What the core asks the runtime to do: frozen actions.
+"""What the core asks the runtime to do: actions (slotted, never changed once built;
+not frozen, since a frozen attrs class costs twice as much to build).
 
 Actions about one request name it by ``request_id``; the runtime carries each out in
 that request's context, whichever event produced it (a slot freed by request A
@@ -39,7 +40,7 @@ Header = tuple[bytes, bytes]
 BackendCall = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 
 
-@attrs.frozen
+@attrs.define
 class Respond:
     """Send a complete response (the runtime adds ``content-length``), then report
     :class:`~ostiary.protocol.events.ResponseSent` or ``ClientGone``. ``close``: close
@@ -52,7 +53,7 @@ class Respond:
     close: bool = False
 
 
-@attrs.frozen
+@attrs.define
 class StartStream:
     """Start a streamed response (the runtime uses chunked transfer encoding)."""
 
@@ -61,20 +62,20 @@ class StartStream:
     headers: tuple[Header, ...]
 
 
-@attrs.frozen
+@attrs.define
 class SendBytes:
     request_id: str
     data: bytes
 
 
-@attrs.frozen
+@attrs.define
 class EndStream:
     """End the streamed response, then report ``ResponseSent`` or ``ClientGone``."""
 
     request_id: str
 
 
-@attrs.frozen
+@attrs.define
 class Dispatch:
     """Start ``call`` on backend ``backend`` in the request's context and report
     what it produces with events (fire and report)."""
@@ -84,19 +85,19 @@ class Dispatch:
     call: BackendCall
 
 
-@attrs.frozen
+@attrs.define
 class CancelBackend:
     """Stop the request's backend call now; its output is no longer wanted."""
 
     request_id: str
 
 
-@attrs.frozen
+@attrs.define
 class CheckReadiness:
     request_id: str
 
 
-@attrs.frozen
+@attrs.define
 class RenderMetrics:
     """Render the metrics (the tally of :class:`Count` actions, the queues' gauges,
     the process) in Prometheus text format, and report the bytes with
@@ -106,7 +107,7 @@ class RenderMetrics:
     request_id: str
 
 
-@attrs.frozen
+@attrs.define
 class AcceptWebSocket:
     """Complete the WebSocket opening handshake (``101`` with ``headers``), then push
     ``Gateway.queue_snapshot`` to the client as a text message at most once per
@@ -121,7 +122,7 @@ class AcceptWebSocket:
     max_message_bytes: int
 
 
-@attrs.frozen
+@attrs.define
 class CloseWebSocket:
     """Close the request's live feed with ``code`` (1001: the server drains; 1008:
     its key was revoked or lost the admin role), then report as for its end."""
@@ -130,7 +131,7 @@ class CloseWebSocket:
     code: int
 
 
-@attrs.frozen
+@attrs.define
 class Log:
     """A structured log record; ``fields`` never hold secrets."""
 
@@ -139,7 +140,7 @@ class Log:
     fields: dict[str, Any] = attrs.field(factory=dict)
 
 
-@attrs.frozen
+@attrs.define
 class Count:
     """One observation for metrics: ``name`` with ``labels`` (bounded: model ids
     come from the config, never from a client), by ``value`` (a counter's increment
@@ -150,7 +151,7 @@ class Count:
     value: float = 1.0
 
 
-@attrs.frozen
+@attrs.define
 class CheckLimits:
     """Judge a request's charges and slots in the shared (Redis) limit store, all or
     nothing, and report with :class:`~ostiary.protocol.events.LimitsDecided`
@@ -161,7 +162,7 @@ class CheckLimits:
     slots: tuple[ConcurrencyLimit, ...]
 
 
-@attrs.frozen
+@attrs.define
 class SettleLimits:
     """The request that held ``hold`` in the shared store ended having used
     ``actual_tokens``: settle its token buckets and give back its slots. Fire and
@@ -171,7 +172,7 @@ class SettleLimits:
     actual_tokens: int
 
 
-@attrs.frozen
+@attrs.define
 class ShareFailedAuth:
     """A 401 was counted against ``limit`` (a client address' failed-authentication
     budget) in this process: count it in the shared store too, and report that

@@ -100,7 +100,7 @@ class Refusal(enum.Enum):
     CONNECTION_LIMIT = "connection_limit"
 
 
-@attrs.frozen
+@attrs.define
 class Admission:
     """What the head of a request says about it.
 

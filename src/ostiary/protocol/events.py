@@ -1,4 +1,5 @@
-"""What the runtime tells the core: frozen events.
+"""What the runtime tells the core: events (slotted, built once per event and never
+changed: not frozen, since a frozen attrs class costs twice as much to build).
 
 Every event carries ``now``, monotonic seconds from the runtime's one clock; events
 that start an exchange carry ``wall`` too (Unix seconds, for ``created`` and, later,
@@ -45,7 +46,7 @@ __all__ = [
 Header = tuple[bytes, bytes]
 
 
-@attrs.frozen
+@attrs.define
 class RequestReceived:
     """A complete HTTP request. Header names are lower-case bytes (as h11 gives
     them); ``admission`` is what :meth:`Gateway.admits` said of its head."""
@@ -60,7 +61,7 @@ class RequestReceived:
     wall: float
 
 
-@attrs.frozen
+@attrs.define
 class RequestRefused:
     """The HTTP layer refused a request before it was whole. ``method`` and
     ``target`` are empty when not even the request line could be read."""
@@ -75,7 +76,7 @@ class RequestRefused:
     limit: int = 0
 
 
-@attrs.frozen
+@attrs.define
 class BackendChunk:
     """Output the backend produced since the last event (one or more pieces)."""
 
@@ -84,7 +85,7 @@ class BackendChunk:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class BackendFinished:
     """The generation ended normally (its Usage came in a BackendChunk)."""
 
@@ -92,21 +93,21 @@ class BackendFinished:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class EmbeddingsComputed:
     request_id: str
     result: EmbeddingResult
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class BackendFailed:
     request_id: str
     error: OpenAIError = attrs.field(eq=False)
     now: float = 0.0
 
 
-@attrs.frozen
+@attrs.define
 class ClientGone:
     """The client left, or a write to it failed or timed out, before the exchange's
     last byte was sent."""
@@ -115,7 +116,7 @@ class ClientGone:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class ResponseSent:
     """The last byte of the response (``Respond`` or ``EndStream``) was written."""
 
@@ -123,7 +124,7 @@ class ResponseSent:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class ReadinessChecked:
     """Result of checking every backend for ``/readyz``: (backend, problem) pairs."""
 
@@ -132,7 +133,7 @@ class ReadinessChecked:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class MetricsRendered:
     """The answer to :class:`~ostiary.protocol.actions.RenderMetrics`: the metrics in
     Prometheus text format."""
@@ -142,7 +143,7 @@ class MetricsRendered:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class LimitsDecided:
     """The shared limit store's answer to :class:`~ostiary.protocol.actions.CheckLimits`;
     ``decision`` None: the store is down or did not answer within its timeout."""
@@ -152,7 +153,7 @@ class LimitsDecided:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class FailedAuthShared:
     """The shared store's deficit of a failed-authentication bucket after
     :class:`~ostiary.protocol.actions.ShareFailedAuth` (``wall``: when it was read)."""
@@ -162,14 +163,14 @@ class FailedAuthShared:
     wall: float
 
 
-@attrs.frozen
+@attrs.define
 class Tick:
     """The time the core asked to be woken at (:meth:`Gateway.next_deadline`) came."""
 
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class KeysReplaced:
     """The key store changed: authenticate against ``keys`` from now on."""
 
@@ -177,7 +178,7 @@ class KeysReplaced:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class AccessReplaced:
     """The configuration was reloaded: roles, limits, JWT settings and trusted
     proxies from now on (buckets and holds carry over)."""
@@ -188,7 +189,7 @@ class AccessReplaced:
     now: float
 
 
-@attrs.frozen
+@attrs.define
 class ShutdownStarted:
     """The server is draining: queued requests are refused, running ones finish."""
 

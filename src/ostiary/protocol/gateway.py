@@ -228,7 +228,7 @@ class Gateway:
         #: The last requests that ended, newest last (for the dashboard).
         self._recent: deque[tuple[object, ...]] = deque(maxlen=RECENT)
         #: By (endpoint, model, status), bounded by the config: the request's count
-        #: (frozen, so one object serves them all) and its duration's labels.
+        #: (never changed, so one object serves them all) and its duration's labels.
         self._labels: dict[tuple[str, str, int], tuple[Count, tuple[tuple[str, str], ...]]] = {}
 
     # -- what the runtime may ask --------------------------------------------------

@@ -66,11 +66,13 @@ def check_capacity(max_concurrency: int, max_queue: int) -> None:
         raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
 
 
-@attrs.frozen
+@attrs.define
 class Ticket:
     """One request asking for a slot. ``cost`` is its estimated tokens, ``weight``
     and ``priority`` come from the principal's role (a fair policy uses them; FIFO
-    does not); a queued ticket leaves at ``deadline`` (monotonic seconds)."""
+    does not); a queued ticket leaves at ``deadline`` (monotonic seconds). Never
+    changed once built (``attrs.evolve`` makes a new one), but not frozen: one is
+    built per request, and a frozen class costs twice as much to build."""
 
     request_id: str
     principal: str = ""
@@ -190,9 +192,16 @@ class ServiceRate:
         self._last: float | None = None
 
     def observe(self, now: float) -> None:
-        """Start the observed time (on the first call), or advance it to ``now``."""
-        self._decayed, self._observed = self._at(now)
-        self._last = now if self._last is None else max(self._last, now)
+        """Start the observed time (on the first call), or advance it to ``now``
+        (what :meth:`_at` gives, done in place: twice per request)."""
+        last = self._last
+        if last is None:
+            self._last = now
+        elif now > last:
+            factor = math.exp((last - now) / self.window)
+            self._decayed *= factor
+            self._observed = self._observed * factor + self.window * (1.0 - factor)
+            self._last = now
 
     def release(self, now: float) -> None:
         """Count one finished request at ``now``."""

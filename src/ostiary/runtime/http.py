@@ -80,7 +80,7 @@ class HttpSettings:
     )
 
 
-@attrs.frozen
+@attrs.define
 class HttpRequest:
     method: str
     target: str

@@ -29,7 +29,6 @@ its text's length / 4. The real usage settles the reservation when the request e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import attrs
@@ -69,6 +68,21 @@ def format_reset(ms: int) -> str:
     if minutes:
         return f"{minutes}m{seconds}s"
     return f"{seconds}s"
+
+
+#: ``format_reset`` of the durations headers have shown, as bytes; only minute
+#: buckets are reported, whose resets are at most two minutes (a debt of a window), so
+#: the table stays small, and it starts over past 8192 entries.
+_RESETS: dict[int, bytes] = {}
+
+
+def _reset_bytes(ms: int) -> bytes:
+    text = _RESETS.get(ms)
+    if text is None:
+        if len(_RESETS) >= 8192:
+            _RESETS.clear()
+        text = _RESETS[ms] = format_reset(ms).encode()
+    return text
 
 
 class Guard:
@@ -338,33 +352,40 @@ class Guard:
     def headers(decision: Decision, *, exhausted: int | None = None) -> tuple[Header, ...]:
         """``x-ratelimit-*`` for the tightest minute bucket of each unit (the
         exhausted one, at 0, in its place on a refusal)."""
-        # One pass: the tightest minute bucket of each unit (or the exhausted one).
-        best = [-1, -1]
-        left = [math.inf, math.inf]
+        charges = decision.charges
         deficits = decision.deficits
-        for i, (limit, _) in enumerate(decision.charges):
-            u = 0 if limit.unit is Unit.REQUESTS else 1
-            if left[u] < 0:
-                continue  # the exhausted bucket of this unit is already chosen
-            if i == exhausted:
-                best[u], left[u] = i, -1
-                continue
+        # One pass: the tightest minute bucket of each unit, but for the unit of the
+        # exhausted bucket, which is reported whatever its window.
+        fixed = charges[exhausted][0].unit if exhausted is not None else None
+        requests = Unit.REQUESTS
+        best = [-1, -1]
+        left = [0, 0]
+        for i, (limit, _) in enumerate(charges):
+            unit = limit.unit
             spec = limit.spec
-            if spec.window_ms != _MINUTE_MS:
+            if unit is fixed or spec.window_ms != _MINUTE_MS:
                 continue
             level = spec.full - deficits[i]
             here = level // spec.per_token if level > 0 else 0
-            if here < left[u]:
-                best[u], left[u] = i, here
+            u = 0 if unit is requests else 1
+            if best[u] < 0 or here < left[u]:
+                best[u] = i
+                left[u] = here
+        if exhausted is not None:
+            u = 0 if fixed is requests else 1
+            best[u] = exhausted
+            left[u] = 0
         out: list[Header] = []
         for u in (0, 1):
             i = best[u]
             if i < 0:
                 continue
+            spec = charges[i][0].spec
+            deficit = deficits[i]
             names = _HEADER_NAMES[u]
-            out.append((names[0], b"%d" % decision.limit(i)))
-            out.append((names[1], b"%d" % max(0, left[u])))
-            out.append((names[2], format_reset(decision.reset_ms(i)).encode()))
+            out.append((names[0], b"%d" % spec.capacity))
+            out.append((names[1], b"%d" % left[u]))
+            out.append((names[2], _reset_bytes(-(-deficit // spec.per_ms) if deficit > 0 else 0)))
         return tuple(out)
 
     # -- 5. the end -------------------------------------------------------------------

@@ -298,33 +298,44 @@ class MemoryLimitStore:
         t = int(now * 1000.0 + 0.5)  # to_ms, inlined: this is the hot path
         buckets = self._buckets
         counts = self._counts
-        deficits = []
+        held = tuple(charges)
+        # Each bucket's deficit after this request's debit, and whether all of them
+        # fit (what judge() decides, for the common case where everything does).
+        debited = []
         fits = True
-        for limit, cost in charges:
+        for limit, cost in held:
             spec = limit.spec
             state = buckets.get(limit.key)
-            deficit = 0 if state is None else deficit_at(spec, state[0], state[1], t)
-            deficits.append(deficit)
-            # What judge() decides, for the common case where everything fits.
-            if deficit + cost * spec.per_token > spec.full:
+            deficit = 0
+            if state is not None and state[0] > 0:
+                # deficit_at, inlined: the refill since the state's stamp.
+                deficit = state[0]
+                elapsed = t - state[1]
+                if elapsed > 0:
+                    refill = spec.per_ms * min(elapsed, 2 * spec.window_ms)
+                    deficit = deficit - refill if refill < deficit else 0
+            deficit += cost * spec.per_token
+            debited.append(deficit)
+            if deficit > spec.full:
                 fits = False
-        held = tuple(charges)
-        for slot in slots:
-            if counts.get(slot.layer, 0) >= slot.limit:
-                fits = False
+        if fits:
+            for slot in slots:
+                if counts.get(slot.layer, 0) >= slot.limit:
+                    fits = False
         if not fits:
+            pairs = zip(debited, held, strict=True)
+            deficits = [d - cost * limit.spec.per_token for d, (limit, cost) in pairs]
             used = [counts.get(slot.layer, 0) for slot in slots]
             return Decision(held, tuple(deficits), None, judge(held, deficits, slots, used))
-        for i, (limit, cost) in enumerate(held):
-            deficits[i] += cost * limit.spec.per_token
-            buckets[limit.key] = [deficits[i], t, limit.spec.per_ms]
+        for (limit, _), deficit in zip(held, debited, strict=True):
+            buckets[limit.key] = [deficit, t, limit.spec.per_ms]
         for slot in slots:
             counts[slot.layer] = counts.get(slot.layer, 0) + 1
         hold = Hold(next(self._ids), held, tuple(slots))
         self._open[hold.id] = hold
         if len(buckets) >= self._sweep_at:
             self._sweep(t)
-        return Decision(held, tuple(deficits), hold)
+        return Decision(held, tuple(debited), hold)
 
     def settle(self, hold: Hold, actual_tokens: int, now: float) -> bool:
         """End an admitted request: token buckets get its real usage, slots come back.
@@ -333,17 +344,19 @@ class MemoryLimitStore:
         """
         if self._open.pop(hold.id, None) is None:
             return False
-        t = to_ms(now)
+        t = int(now * 1000.0 + 0.5)  # to_ms
+        buckets = self._buckets
+        tokens = Unit.TOKENS
         for limit, reserved in hold.charges:
-            if limit.unit is Unit.TOKENS and actual_tokens != reserved:
+            if reserved != actual_tokens and limit.unit is tokens:
                 spec = limit.spec
-                state = self._buckets.get(limit.key)
+                state = buckets.get(limit.key)
                 deficit = 0 if state is None else deficit_at(spec, state[0], state[1], t)
                 new = settled(spec, deficit, reserved, actual_tokens)
                 if new:
-                    self._buckets[limit.key] = [new, t, spec.per_ms]
+                    buckets[limit.key] = [new, t, spec.per_ms]
                 else:
-                    self._buckets.pop(limit.key, None)
+                    buckets.pop(limit.key, None)
         counts = self._counts
         for slot in hold.slots:
             left = counts[slot.layer] - 1

@@ -42,7 +42,15 @@ from .credentials import TokenVerifier, looks_like_jwt
 from .errors import InvalidRequestError, PermissionDeniedError, RateLimitError
 from .exchange import Reservation
 from .generation import Usage
-from .limits import Charge, ConcurrencyLimit, Decision, MemoryLimitStore, Unit, wait_ms
+from .limits import (
+    Charge,
+    ConcurrencyLimit,
+    Decision,
+    Limit,
+    MemoryLimitStore,
+    Unit,
+    wait_ms,
+)
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .tokens import TokenCodec
 from .visibility import Network
@@ -50,7 +58,6 @@ from .visibility import Network
 __all__ = ["Guard", "format_reset"]
 
 Header = tuple[bytes, bytes]
-_MINUTE_MS = 60_000
 #: Tokens a chat message costs beyond its text (role, separators), as OpenAI counts.
 _PER_MESSAGE = 4
 
@@ -354,39 +361,35 @@ class Guard:
         exhausted one, at 0, in its place on a refusal)."""
         charges = decision.charges
         deficits = decision.deficits
-        # One pass: the tightest minute bucket of each unit, but for the unit of the
-        # exhausted bucket, which is reported whatever its window.
-        fixed = charges[exhausted][0].unit if exhausted is not None else None
-        requests = Unit.REQUESTS
-        best = [-1, -1]
-        left = [0, 0]
-        for i, (limit, _) in enumerate(charges):
-            unit = limit.unit
-            spec = limit.spec
-            if unit is fixed or spec.window_ms != _MINUTE_MS:
-                continue
-            level = spec.full - deficits[i]
-            here = level // spec.per_token if level > 0 else 0
-            u = 0 if unit is requests else 1
-            if best[u] < 0 or here < left[u]:
-                best[u] = i
-                left[u] = here
+        # One pass: the tightest minute bucket of each unit (requests r, tokens t),
+        # but for the unit of the exhausted bucket, reported whatever its window.
+        fixed = -1
         if exhausted is not None:
-            u = 0 if fixed is requests else 1
-            best[u] = exhausted
-            left[u] = 0
-        out: list[Header] = []
-        for u in (0, 1):
-            i = best[u]
-            if i < 0:
+            fixed = 0 if charges[exhausted][0].unit is Unit.REQUESTS else 1
+        r = t = -1
+        r_left = t_left = 0
+        for i, (limit, _) in enumerate(charges):
+            u = limit.reports
+            if u < 0 or u == fixed:
                 continue
-            spec = charges[i][0].spec
-            deficit = deficits[i]
-            names = _HEADER_NAMES[u]
-            out.append((names[0], b"%d" % spec.capacity))
-            out.append((names[1], b"%d" % left[u]))
-            out.append((names[2], _reset_bytes(-(-deficit // spec.per_ms) if deficit > 0 else 0)))
-        return tuple(out)
+            _, per_token, _, full, _ = limit.bucket
+            level = full - deficits[i]
+            here = level // per_token if level > 0 else 0
+            if u:
+                if t < 0 or here < t_left:
+                    t, t_left = i, here
+            elif r < 0 or here < r_left:
+                r, r_left = i, here
+        if fixed == 0:
+            r, r_left = exhausted if exhausted is not None else -1, 0
+        elif fixed == 1:
+            t, t_left = exhausted if exhausted is not None else -1, 0
+        if r < 0:
+            return () if t < 0 else _figures(_TOKEN_HEADERS, charges[t][0], deficits[t], t_left)
+        figures = _figures(_REQUEST_HEADERS, charges[r][0], deficits[r], r_left)
+        if t < 0:
+            return figures
+        return figures + _figures(_TOKEN_HEADERS, charges[t][0], deficits[t], t_left)
 
     # -- 5. the end -------------------------------------------------------------------
 
@@ -414,10 +417,26 @@ class Guard:
 
 #: Endpoint names as roles and layers know them (retrieving a model is ``models``).
 _ENDPOINT_NAMES = {e: "models" if e is Endpoint.MODEL else e.value for e in Endpoint}
-_HEADER_NAMES = tuple(
+_REQUEST_HEADERS, _TOKEN_HEADERS = (
     tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
     for unit in (b"requests", b"tokens")
 )
+
+
+def _figures(
+    names: tuple[bytes, ...], limit: Limit, deficit: int, left: int
+) -> tuple[Header, Header, Header]:
+    """The three headers of one bucket: its limit, what is left, when it is full."""
+    _, _, per_ms, _, _ = limit.bucket
+    ms = -(-deficit // per_ms) if deficit > 0 else 0
+    reset = _RESETS.get(ms) or _reset_bytes(ms)
+    return (
+        (names[0], b"%d" % limit.spec.capacity),
+        (names[1], b"%d" % left),
+        (names[2], reset),
+    )
+
+
 _DIMENSIONS = {
     "rpm": "requests per minute",
     "tpm": "tokens per minute",

@@ -121,10 +121,27 @@ class Limit:
     spec: BucketSpec
     unit: Unit
     key: str = attrs.field(init=False)
+    #: What admission reads of the bucket, in one tuple: its key, the spec's
+    #: ``per_token``, ``per_ms`` and ``full``, and the longest refill that counts.
+    bucket: tuple[str, int, int, int, int] = attrs.field(init=False, eq=False, repr=False)
+    #: Which ``x-ratelimit-*`` figures a bucket of one minute may give: 0 requests,
+    #: 1 tokens (-1: another window, never reported unless it refuses).
+    reports: int = attrs.field(init=False, eq=False, repr=False)
 
     @key.default
     def _key(self) -> str:
         return f"{self.layer}:{self.name}"
+
+    @reports.default
+    def _reports(self) -> int:
+        if self.spec.window_ms != 60_000:
+            return -1
+        return 0 if self.unit is Unit.REQUESTS else 1
+
+    @bucket.default
+    def _bucket(self) -> tuple[str, int, int, int, int]:
+        spec = self.spec
+        return (self.key, spec.per_token, spec.per_ms, spec.full, 2 * spec.window_ms)
 
 
 @attrs.frozen
@@ -139,9 +156,11 @@ class ConcurrencyLimit:
 Charge = tuple[Limit, int]
 
 
-@attrs.frozen
+# Hold and Decision are made on every admission: plain slotted classes (attrs'
+# frozen ones set each field through object.__setattr__, about 1 µs a class).
+@attrs.define(eq=False)
 class Hold:
-    """What an admitted request holds until it is settled or refunded."""
+    """What an admitted request holds until it is settled or refunded (never changed)."""
 
     id: int
     charges: tuple[Charge, ...]
@@ -171,9 +190,10 @@ class Refusal:
         return None if ms is None else -(-ms // 1000)
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Decision:
-    """The outcome of one admission across every layer: a hold, or a refusal.
+    """The outcome of one admission across every layer: a hold, or a refusal (never
+    changed).
 
     ``deficits`` are the buckets' states right after the decision (debited when
     allowed), one per charge, from which :meth:`remaining` and :meth:`reset_ms` read
@@ -304,19 +324,19 @@ class MemoryLimitStore:
         debited = []
         fits = True
         for limit, cost in held:
-            spec = limit.spec
-            state = buckets.get(limit.key)
+            key, per_token, per_ms, full, span = limit.bucket
+            state = buckets.get(key)
             deficit = 0
-            if state is not None and state[0] > 0:
+            if state is not None:
                 # deficit_at, inlined: the refill since the state's stamp.
                 deficit = state[0]
                 elapsed = t - state[1]
-                if elapsed > 0:
-                    refill = spec.per_ms * min(elapsed, 2 * spec.window_ms)
+                if elapsed > 0 and deficit > 0:
+                    refill = per_ms * (elapsed if elapsed < span else span)
                     deficit = deficit - refill if refill < deficit else 0
-            deficit += cost * spec.per_token
+            deficit += cost * per_token
             debited.append(deficit)
-            if deficit > spec.full:
+            if deficit > full:
                 fits = False
         if fits:
             for slot in slots:
@@ -328,7 +348,8 @@ class MemoryLimitStore:
             used = [counts.get(slot.layer, 0) for slot in slots]
             return Decision(held, tuple(deficits), None, judge(held, deficits, slots, used))
         for (limit, _), deficit in zip(held, debited, strict=True):
-            buckets[limit.key] = [deficit, t, limit.spec.per_ms]
+            bucket = limit.bucket
+            buckets[bucket[0]] = [deficit, t, bucket[2]]
         for slot in slots:
             counts[slot.layer] = counts.get(slot.layer, 0) + 1
         hold = Hold(next(self._ids), held, tuple(slots))

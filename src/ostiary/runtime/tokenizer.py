@@ -50,20 +50,20 @@ class Cl100kCodec:
     def count(self, text: str, limit: int) -> int:
         """Exact up to 40,000 characters; a longer text is counted in pieces of that
         size, which may count one token more per piece than there are."""
-        count = self._count
-        total = 0
-        for start in range(0, len(text), _COUNT_CHUNK):
-            piece = text[start : start + _COUNT_CHUNK]
-            try:
-                counted = count(piece, limit - total)
-            except UnicodeEncodeError:
-                # A lone surrogate: replaced, as encode_ordinary does.
-                piece = piece.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                counted = count(piece, limit - total)
-            if counted is None:
-                return limit + 1
-            total += counted
-        return total
+        if len(text) > _COUNT_CHUNK:
+            total = 0
+            for start in range(0, len(text), _COUNT_CHUNK):
+                total += self.count(text[start : start + _COUNT_CHUNK], limit - total)
+                if total > limit:
+                    break
+            return total
+        try:
+            counted = self._count(text, limit)
+        except UnicodeEncodeError:
+            # A lone surrogate: replaced, as encode_ordinary does.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            counted = self._count(text, limit)
+        return limit + 1 if counted is None else counted
 
 
 def load_cl100k() -> Cl100kCodec:

@@ -371,13 +371,14 @@ class MemoryLimitStore:
         for limit, reserved in hold.charges:
             if reserved != actual_tokens and limit.unit is tokens:
                 spec = limit.spec
-                state = buckets.get(limit.key)
+                key = limit.key
+                state = buckets.get(key)
                 deficit = 0 if state is None else deficit_at(spec, state[0], state[1], t)
                 new = settled(spec, deficit, reserved, actual_tokens)
                 if new:
-                    buckets[limit.key] = [new, t, spec.per_ms]
+                    buckets[key] = [new, t, spec.per_ms]
                 else:
-                    buckets.pop(limit.key, None)
+                    buckets.pop(key, None)
         counts = self._counts
         for slot in hold.slots:
             left = counts[slot.layer] - 1

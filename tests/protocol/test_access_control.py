@@ -17,6 +17,7 @@ from ostiary.protocol.actions import (
     Log,
     Respond,
     SettleLimits,
+    ShareFailedAuth,
 )
 from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_secret
 from ostiary.protocol.capabilities import Capabilities, ModelKind
@@ -27,6 +28,7 @@ from ostiary.protocol.events import (
     BackendChunk,
     BackendFinished,
     ClientGone,
+    FailedAuthShared,
     LimitsDecided,
     RequestReceived,
     ResponseSent,
@@ -34,7 +36,7 @@ from ostiary.protocol.events import (
 from ostiary.protocol.gateway import ExchangeState, Gateway, ModelRoute
 from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.guard import format_reset
-from ostiary.protocol.limits import MemoryLimitStore
+from ostiary.protocol.limits import BucketSpec, Limit, MemoryLimitStore, Unit
 from ostiary.protocol.visibility import parse_networks
 from tests.conftest import ADMIN_SECRET, USER_SECRET, chat_body
 
@@ -381,6 +383,59 @@ def test_wrong_keys_from_one_ip_are_slowed_while_another_ip_is_not() -> None:
     # The budget refills: 20 s later one more attempt is heard.
     later = request(gw, "y", chat_body(), secret=USER_SECRET, peer="198.51.100.7", wall=WALL + 20.0)
     assert any(isinstance(a, Dispatch) for a in later)
+
+
+def test_failed_authentications_leave_nothing_open_behind() -> None:
+    """A 401 is a debit of the address' budget, not a request in flight: memory stays
+    bounded however many addresses fail."""
+    gw = gateway(failed=3)
+    for i in range(50):
+        status, _, _ = response(
+            request(gw, f"bad{i}", chat_body(), secret="ost_wrong", peer=f"198.51.100.{i}")
+        )
+        assert status == 401
+        gw.handle(ResponseSent(f"bad{i}", 10.0))
+    assert gw.guard.failures.open_holds == 0
+    assert gw.guard.failures.tracked == 50
+
+
+def test_with_a_shared_store_failed_authentications_are_shared_and_merged_back() -> None:
+    gw = gateway(failed=3, shared_limits=True)
+    peer = "198.51.100.7"
+    actions = request(gw, "bad", chat_body(), secret="ost_wrong", peer=peer)
+    (share,) = [a for a in actions if isinstance(a, ShareFailedAuth)]
+    assert share.limit.key == f"auth:{peer}:failed"
+    gw.handle(ResponseSent("bad", 10.0))
+    spec = share.limit.spec
+    # Another replica's view, smaller than this one's: nothing changes.
+    assert gw.handle(FailedAuthShared(share.limit, 0, WALL)) == []
+    assert response(request(gw, "ok", chat_body(), secret="ost_wrong", peer=peer))[0] == 401
+    gw.handle(ResponseSent("ok", 10.0))
+    # The shared bucket is spent (failures on other replicas): refused unheard here.
+    gw.handle(FailedAuthShared(share.limit, spec.full, WALL))
+    status, body, _ = response(request(gw, "x", chat_body(), secret=USER_SECRET, peer=peer))
+    assert status == 429 and "failed authentications" in body["error"]["message"]
+    # Without a shared store, nothing is shared.
+    alone = gateway(failed=3)
+    assert not any(
+        isinstance(a, ShareFailedAuth)
+        for a in request(alone, "b", chat_body(), secret="ost_wrong", peer=peer)
+    )
+
+
+def test_merging_another_store_s_deficit_keeps_the_larger() -> None:
+    store = MemoryLimitStore(max_buckets=8)
+    limits = [
+        Limit(f"auth:10.0.0.{i}", "failed", BucketSpec.per(3, 60), Unit.REQUESTS) for i in range(9)
+    ]
+    spec = limits[0].spec
+    store.raise_deficit(limits[0], spec.per_token, 0.0)
+    assert store.deficit(limits[0], 0.0) == spec.per_token
+    store.raise_deficit(limits[0], 1, 0.0)  # smaller: kept as it was
+    assert store.deficit(limits[0], 0.0) == spec.per_token
+    for limit in limits[1:]:  # more than the store holds: swept, still bounded
+        store.raise_deficit(limit, spec.full, 0.0)
+    assert store.tracked <= 8
 
 
 def test_failed_auth_budget_off_with_zero() -> None:

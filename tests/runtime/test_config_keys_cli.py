@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,32 @@ def test_bootstrap_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     bootstrap_keys(config)  # not empty any more: nothing new
     assert key_file.read_text().strip() == secret
     assert len(SqliteKeyStore(config.keys_db).list()) == 1
+
+
+def test_replicas_starting_together_create_one_bootstrap_key(tmp_path: Path) -> None:
+    """Several processes on one empty store: exactly one insert finds it empty (the
+    write lock is taken before the count is read), whatever the interleaving."""
+    db = tmp_path / "keys.db"
+    SqliteKeyStore(db).list()  # the schema exists; the store is empty
+    stores = [SqliteKeyStore(db) for _ in range(8)]
+    start = threading.Barrier(len(stores))
+    results: list[object] = [None] * len(stores)
+
+    def race(i: int) -> None:
+        start.wait()
+        results[i] = stores[i].create_first("bootstrap-admin", "admin")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is not None for r in results) == 1
+    assert len(SqliteKeyStore(db).list()) == 1
+    # A store that has held a key, revoked since, is not empty either.
+    (info,) = SqliteKeyStore(db).list()
+    SqliteKeyStore(db).revoke(info.id)
+    assert SqliteKeyStore(db).create_first("bootstrap-admin", "admin") is None
 
 
 def test_cli_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

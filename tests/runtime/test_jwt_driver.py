@@ -196,3 +196,20 @@ async def test_adding_jwt_on_reload_needs_a_restart(
         assert await reload_access(config, driver) is not None
         assert "adding [auth.jwt] needs a restart" in caplog.text
         assert (await ask(connect, tok(RSA)))[0] == 401
+
+
+async def test_readyz_is_unavailable_until_a_key_set_is_loaded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    verifier = CountingVerifier(None)  # the identity provider is not answering yet
+    async with serving(verifier) as (connect, _):
+        client = await connect()
+        await client.request("GET", "/readyz")
+        status, _, body = await client.response()
+        assert status == 503
+        assert orjson.loads(body)["backends"] == {"jwt": "unavailable"}
+        verifier.document = jwks(RSA)
+        await verifier.load()
+        await trio.sleep(2)  # past the readiness cache (mock clock)
+        await client.request("GET", "/readyz")
+        assert (await client.response())[0] == 200

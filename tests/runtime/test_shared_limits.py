@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
+from ostiary.protocol.access import AccessPolicy
 from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
 from ostiary.protocol.limits import BucketSpec, ConcurrencyLimit, Limit, Unit
@@ -20,7 +21,7 @@ from ostiary.runtime.redis_client import RedisClient
 from ostiary.runtime.redis_limits import RedisLimitStore
 from ostiary.runtime.shared_limits import SharedLimits
 from tests.conftest import key_table
-from tests.runtime.inprocess import in_memory
+from tests.runtime.inprocess import Connect, in_memory
 
 from . import redis_server as redis_server_module
 from .redis_server import RedisServer, free_port, redis_server
@@ -232,3 +233,48 @@ async def test_readyz_names_redis_while_it_is_unreachable(redis: RedisServer) ->
         redis.restart()
         await client.request(method="GET", target="/readyz")
         assert (await client.response())[0] == 200
+
+
+async def test_failed_authentications_are_counted_across_replicas(redis: RedisServer) -> None:
+    """Two replicas sharing Redis, a budget of 3 failed authentications per address:
+    after 3 on one replica, the other refuses the address as soon as it fails there
+    once (it learns the shared deficit from that 401), not after 3 more."""
+    prefix = f"s{next(PREFIXES)}:"
+
+    def replica() -> tuple[Driver, SharedLimits]:
+        backend = ScriptedBackend(ScriptedSettings(models=("s",)))
+        gateway = Gateway(
+            routes=[ModelRoute("s", "scripted", capabilities=backend._settings.capabilities("s"))],
+            keys=key_table(),
+            backends=[BackendPolicy(name="scripted")],
+            access=AccessPolicy(failed_auth_per_minute=3),
+            shared_limits=True,
+        )
+        client = RedisClient.from_url(redis.url, timeout=0.5)
+        shared = SharedLimits(RedisLimitStore(client, prefix=prefix), timeout=0.5, settlers=2)
+        return Driver(gateway, {"scripted": backend}, shared_limits=shared), shared
+
+    (one, one_shared), (two, two_shared) = replica(), replica()
+
+    async def attempt(connect: Connect, shared: SharedLimits) -> int:
+        client = await connect("198.51.100.7")
+        await client.request("GET", "/v1/models", authorization="Bearer ost_wrong")
+        status = (await client.response())[0]
+        with trio.fail_after(GUARD):
+            await shared.wait_settled()  # the 401 counted in Redis, its deficit back
+        return status
+
+    async with (
+        in_memory(one) as connect_one,
+        in_memory(two) as connect_two,
+        running(one_shared),
+        running(two_shared),
+    ):
+        assert [await attempt(connect_one, one_shared) for _ in range(3)] == [401] * 3
+        assert await attempt(connect_one, one_shared) == 429
+        assert await attempt(connect_two, two_shared) == 401  # its first here...
+        assert await attempt(connect_two, two_shared) == 429  # ...and the budget is spent
+        # Another address is unaffected on either replica.
+        client = await connect_two("203.0.113.9")
+        await client.request("GET", "/v1/models", authorization="Bearer ost_wrong")
+        assert (await client.response())[0] == 401

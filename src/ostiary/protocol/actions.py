@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from .limits import Charge, ConcurrencyLimit, Hold
+from .limits import Charge, ConcurrencyLimit, Hold, Limit
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Respond",
     "SendBytes",
     "SettleLimits",
+    "ShareFailedAuth",
     "StartStream",
 ]
 
@@ -170,6 +171,17 @@ class SettleLimits:
     actual_tokens: int
 
 
+@attrs.frozen
+class ShareFailedAuth:
+    """A 401 was counted against ``limit`` (a client address' failed-authentication
+    budget) in this process: count it in the shared store too, and report that
+    bucket's deficit there back with
+    :class:`~ostiary.protocol.events.FailedAuthShared`, so replicas refuse an address
+    that failed on any of them. Fire and forget (it never delays a response)."""
+
+    limit: Limit
+
+
 Action = (
     Respond
     | StartStream
@@ -181,6 +193,7 @@ Action = (
     | RenderMetrics
     | CheckLimits
     | SettleLimits
+    | ShareFailedAuth
     | AcceptWebSocket
     | CloseWebSocket
     | Log

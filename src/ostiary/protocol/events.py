@@ -19,7 +19,7 @@ from .auth import KeyTable
 from .credentials import TokenVerifier
 from .errors import OpenAIError
 from .generation import Delta, EmbeddingResult, Usage
-from .limits import Decision
+from .limits import Decision, Limit
 
 __all__ = [
     "AccessReplaced",
@@ -29,6 +29,7 @@ __all__ = [
     "ClientGone",
     "EmbeddingsComputed",
     "Event",
+    "FailedAuthShared",
     "KeysReplaced",
     "LimitsDecided",
     "MetricsRendered",
@@ -152,6 +153,16 @@ class LimitsDecided:
 
 
 @attrs.frozen
+class FailedAuthShared:
+    """The shared store's deficit of a failed-authentication bucket after
+    :class:`~ostiary.protocol.actions.ShareFailedAuth` (``wall``: when it was read)."""
+
+    limit: Limit
+    deficit: int
+    wall: float
+
+
+@attrs.frozen
 class Tick:
     """The time the core asked to be woken at (:meth:`Gateway.next_deadline`) came."""
 
@@ -196,6 +207,7 @@ Event = (
     | ReadinessChecked
     | MetricsRendered
     | LimitsDecided
+    | FailedAuthShared
     | Tick
     | KeysReplaced
     | AccessReplaced

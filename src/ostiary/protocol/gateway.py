@@ -70,6 +70,7 @@ from .events import (
     ClientGone,
     EmbeddingsComputed,
     Event,
+    FailedAuthShared,
     KeysReplaced,
     LimitsDecided,
     MetricsRendered,
@@ -387,7 +388,9 @@ class Gateway:
                 raise _shutting_down()
         except OpenAIError as error:
             if error.status == 401:
-                self._guard.failed(exchange.client, event.wall)
+                share = self._guard.failed(exchange.client, event.wall)
+                if share is not None:
+                    return [exchange.fail(error), share]
             return [exchange.fail(error)]
         exchange.call = call
         exchange.cost = estimate_cost(call, len(event.body))
@@ -542,6 +545,10 @@ class Gateway:
         self._guard.replace(event.access, event.verifier, event.trusted_proxies)
         fields = {"roles": sorted(event.access.roles), "rate_limits": len(event.access.layers)}
         return [Log("info", "reloaded roles and limits", fields)]
+
+    def _on_failed_auth_shared(self, event: FailedAuthShared) -> list[Action]:
+        self._guard.failures_shared(event.limit, event.deficit, event.wall)
+        return []
 
     def _on_shutdown(self, event: ShutdownStarted) -> list[Action]:
         self._shutting_down = True
@@ -795,5 +802,6 @@ _STARTS: dict[type, Callable[[Gateway, Any], list[Action]]] = {
     Tick: Gateway._on_tick,
     KeysReplaced: Gateway._on_keys,
     AccessReplaced: Gateway._on_access,
+    FailedAuthShared: Gateway._on_failed_auth_shared,
     ShutdownStarted: Gateway._on_shutdown,
 }

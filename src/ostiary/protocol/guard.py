@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import attrs
 
 from .access import AccessPolicy, Principal, Role, Scope
-from .actions import BackendCall, SettleLimits
+from .actions import BackendCall, SettleLimits, ShareFailedAuth
 from .admission import Endpoint
 from .auth import ApiKey, KeyTable
 from .client_ip import client_address
@@ -158,12 +158,21 @@ class Guard:
                 )
         return self._principal(keys, credentials, wall)
 
-    def failed(self, client: str, wall: float) -> None:
+    def failed(self, client: str, wall: float) -> ShareFailedAuth | None:
         """Count a 401 against ``client``'s budget (when it is answered, so a head
-        judged twice is counted once)."""
+        judged twice is counted once); with a shared store, also there."""
         limit = self.access.failed_auth_limit(client) if client else None
-        if limit is not None:
-            self.failures.admit(((limit, 1),), (), wall)
+        if limit is None:
+            return None
+        decision = self.failures.admit(((limit, 1),), (), wall)
+        if decision.hold is not None:  # a debit, not a request in flight
+            self.failures.settle(decision.hold, 1, wall)
+        return ShareFailedAuth(limit) if self.shared else None
+
+    def failures_shared(self, limit: Limit, deficit: int, wall: float) -> None:
+        """The shared store's deficit of a failed-authentication bucket: this
+        replica's own never counts less (401s earned on other replicas count here)."""
+        self.failures.raise_deficit(limit, deficit, wall)
 
     def _principal(self, keys: KeyTable, header: bytes | None, wall: float) -> Principal:
         verifier = self.verifier

@@ -397,6 +397,18 @@ class MemoryLimitStore:
         state = self._buckets.get(limit.key)
         return 0 if state is None else deficit_at(limit.spec, state[0], state[1], to_ms(now))
 
+    def raise_deficit(self, limit: Limit, deficit: int, now: float) -> None:
+        """Make the bucket's deficit at ``now`` at least ``deficit``: another
+        store's view of the same bucket (same math), merged in."""
+        t = to_ms(now)
+        spec = limit.spec
+        state = self._buckets.get(limit.key)
+        current = 0 if state is None else deficit_at(spec, state[0], state[1], t)
+        if deficit > current:
+            self._buckets[limit.key] = [deficit, t, spec.per_ms]
+            if len(self._buckets) >= self._sweep_at:
+                self._sweep(t)
+
     def tracks(self, key: str) -> bool:
         """Whether the bucket ``key`` (a :attr:`Limit.key`) may be below full: one not
         tracked is full (a cheap check before building a :class:`Limit`)."""

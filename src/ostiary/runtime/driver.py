@@ -47,6 +47,7 @@ from ostiary.protocol.actions import (
     Respond,
     SendBytes,
     SettleLimits,
+    ShareFailedAuth,
     StartStream,
 )
 from ostiary.protocol.admission import Admission
@@ -61,6 +62,7 @@ from ostiary.protocol.events import (
     ClientGone,
     EmbeddingsComputed,
     Event,
+    FailedAuthShared,
     KeysReplaced,
     LimitsDecided,
     MetricsRendered,
@@ -75,6 +77,7 @@ from ostiary.protocol.events import (
 from ostiary.protocol.exchange import ExchangeState
 from ostiary.protocol.gateway import Gateway
 from ostiary.protocol.generation import Delta, Usage
+from ostiary.protocol.limits import Limit
 from ostiary.protocol.requests import ChatCompletionRequest, EmbeddingRequest
 from ostiary.protocol.responses import error_body, error_headers
 from ostiary.protocol.visibility import Network
@@ -182,6 +185,9 @@ class Driver:
         else:
             log.error("a shared-store hold to settle, but no shared store", extra={"fields": {}})
 
+    def _failures_shared(self, limit: Limit, deficit: int) -> None:
+        self._feed(FailedAuthShared(limit, deficit, time.time()))
+
     def next_request_id(self) -> str:
         """A new request id: unique within the process, unpredictable across runs."""
         return f"{self._prefix}{next(self._counter):08x}"
@@ -281,6 +287,9 @@ class Driver:
                 self._log(action)
             elif isinstance(action, SettleLimits):
                 self.settle_limits(action)
+            elif isinstance(action, ShareFailedAuth):
+                if self.shared_limits is not None:
+                    self.shared_limits.count_failure(action.limit, self._failures_shared)
             elif isinstance(action, CancelBackend):
                 ctx = self._contexts.get(action.request_id)
                 if ctx is not None:
@@ -529,4 +538,7 @@ class Driver:
                 nursery.start_soon(check, name, backend)
             if self.shared_limits is not None:
                 nursery.start_soon(check_redis, self.shared_limits)
+        # A JWKS URL not fetched yet (start-up retries it): every JWT would get 401.
+        if self.verifier is not None and not self.verifier.ready:
+            failures.append(("jwt", "no JWKS key set loaded yet"))
         return tuple(sorted(failures))

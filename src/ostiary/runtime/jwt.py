@@ -74,9 +74,13 @@ _VERIFIED_CACHE = 4096
 
 
 class KeyRefresher(Protocol):
-    """What the driver needs of a verifier: a rate-limited refresh of its keys."""
+    """What the driver needs of a verifier: a rate-limited refresh of its keys, and
+    whether it holds a key set at all (``/readyz``)."""
 
     async def refresh_for_unknown_kid(self) -> bool: ...
+
+    @property
+    def ready(self) -> bool: ...
 
 
 class JwksError(Exception):

@@ -135,6 +135,12 @@ class KeyStore(Protocol):
         """Create a key; returns its record and the secret (shown once, never stored)."""
         ...
 
+    def create_first(self, name: str, role: str) -> tuple[KeyInfo, str] | None:
+        """Create a key only if the store has never held one, atomically: of several
+        replicas starting at once on an empty store, one creates it, the others get
+        ``None``."""
+        ...
+
     def revoke(self, key_id: str) -> None:
         """Revoke an active key; an unknown or already revoked id is an error."""
         ...
@@ -220,6 +226,22 @@ class SqliteKeyStore:
         expires_at: float | None = None,
         overrides: LimitSet = NO_OVERRIDES,
     ) -> tuple[KeyInfo, str]:
+        created = self._create(name, role, expires_at, overrides, only_if_empty=False)
+        assert created is not None
+        return created
+
+    def create_first(self, name: str, role: str) -> tuple[KeyInfo, str] | None:
+        return self._create(name, role, None, NO_OVERRIDES, only_if_empty=True)
+
+    def _create(
+        self,
+        name: str,
+        role: str,
+        expires_at: float | None,
+        overrides: LimitSet,
+        *,
+        only_if_empty: bool,
+    ) -> tuple[KeyInfo, str] | None:
         if not name or not role:
             raise KeyStoreError("a key needs a non-empty name and role")
         key_id = secrets.token_hex(6)
@@ -227,7 +249,12 @@ class SqliteKeyStore:
         now = int(time.time())
         limits = tuple(getattr(overrides, field) for field in OVERRIDES)
         with self._connect() as conn:
+            # BEGIN IMMEDIATE takes the write lock before the count is read, so two
+            # processes cannot both find the store empty.
             conn.execute("BEGIN IMMEDIATE")
+            if only_if_empty and conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone():
+                conn.execute("ROLLBACK")
+                return None
             conn.execute(
                 _INSERT,
                 (key_id, name, role, digest_secret(secret), now, expires_at, *limits),

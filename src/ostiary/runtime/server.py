@@ -49,9 +49,11 @@ def bootstrap_keys(config: Config) -> KeyStore:
     """Open the key store; on an empty one, create the bootstrap admin key and write
     it to ``<state_dir>/admin.key`` (mode 0600). Logs the path, never the key."""
     store = open_key_store(config.keys_db)
-    _, _, total = store.load()
-    if total == 0:
-        _, secret = store.create("bootstrap-admin", "admin")
+    # Replicas starting together on one empty store: only the one whose insert
+    # found it empty writes the file.
+    created = store.create_first("bootstrap-admin", "admin")
+    if created is not None:
+        _, secret = created
         path = config.state_dir / "admin.key"
         write_bootstrap_key(path, secret)
         where = str(path.resolve())

@@ -21,6 +21,12 @@
   that failed, reconciles holds; every third of the lease, every second while
   something is waiting) and the settlers, in the server's nursery. Outages and
   recoveries are logged once each, not per request.
+- :meth:`count_failure` takes a ``ShareFailedAuth`` the same way (never awaits): a
+  401 charged to the client address' failed-authentication bucket in Redis by a
+  settler, and that bucket's shared deficit reported back to the core, so that an
+  address guessing keys across replicas is refused by each replica once it fails
+  there after the shared budget is spent. Bounded by the same channel; when it is
+  full the 401 is counted in this replica only.
 - :meth:`failures` is what ``/readyz`` adds: ``("redis", "unreachable")``.
 """
 
@@ -28,12 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
 
-from ostiary.protocol.limits import Charge, ConcurrencyLimit, Decision, Hold
+from ostiary.protocol.limits import Charge, ConcurrencyLimit, Decision, Hold, Limit
 
 from .redis_client import RedisClient
 from .redis_limits import LimiterUnavailableError, RedisLimitStore
@@ -46,6 +52,11 @@ log = logging.getLogger("ostiary.limits")
 _RETRY_EVERY = 1.0
 #: Seconds the settlements left at shutdown may take.
 _FLUSH_TIMEOUT = 2.0
+
+
+#: What the settlers carry: a settlement (hold, tokens used), or a failed
+#: authentication to count (its bucket, and whom to tell the shared deficit).
+_Work = tuple[Hold, int] | tuple[Limit, Callable[[Limit, int], None]]
 
 
 @attrs.define(eq=False)
@@ -65,11 +76,11 @@ class SharedLimits:
     #: Settlements handed to the settlers and not yet tried.
     _queued: int = attrs.field(default=0, init=False)
     _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
-    _send: trio.MemorySendChannel[tuple[Hold, int]] = attrs.field(init=False)
-    _receive: trio.MemoryReceiveChannel[tuple[Hold, int]] = attrs.field(init=False)
+    _send: trio.MemorySendChannel[_Work] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[_Work] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[tuple[Hold, int]](self.queue)
+        self._send, self._receive = trio.open_memory_channel[_Work](self.queue)
 
     @classmethod
     def from_settings(
@@ -100,14 +111,24 @@ class SharedLimits:
 
     def settle(self, hold: Hold, actual_tokens: int) -> None:
         """Queue a settlement for the settlers, or for the heartbeat if they lag."""
-        try:
-            self._send.send_nowait((hold, actual_tokens))
-        except trio.WouldBlock:
+        if not self._queue((hold, actual_tokens)):
             self.store.settle_later(hold, actual_tokens)
-        else:
-            if not self._queued:
-                self._idle = trio.Event()
-            self._queued += 1
+
+    def count_failure(self, limit: Limit, report: Callable[[Limit, int], None]) -> None:
+        """Queue a failed authentication for the settlers: charged to ``limit`` in
+        Redis, then ``report(limit, deficit)`` with the bucket's shared deficit.
+        Dropped (counted here only) when the queue is full or Redis is away."""
+        self._queue((limit, report))
+
+    def _queue(self, work: _Work) -> bool:
+        try:
+            self._send.send_nowait(work)
+        except trio.WouldBlock:
+            return False
+        if not self._queued:
+            self._idle = trio.Event()
+        self._queued += 1
+        return True
 
     async def wait_settled(self) -> None:
         """Until every settlement queued so far has been tried once (done, or left
@@ -136,13 +157,26 @@ class SharedLimits:
             await self.store.client.aclose()
 
     async def _settler(self) -> None:
-        async for hold, actual in self._receive:
+        async for work in self._receive:
             try:
-                # A failed one is kept by the store for the heartbeat.
-                with contextlib.suppress(LimiterUnavailableError):
-                    await self.store.settle(hold, actual)
+                if isinstance(work[0], Hold):
+                    hold, actual = work
+                    # A failed one is kept by the store for the heartbeat.
+                    with contextlib.suppress(LimiterUnavailableError):
+                        await self.store.settle(hold, actual)
+                else:
+                    await self._count_failure(*work)
             finally:
                 self._done_one()
+
+    async def _count_failure(self, limit: Limit, report: Callable[[Limit, int], None]) -> None:
+        decision = await self.decide(((limit, 1),), ())
+        if decision is None:
+            return
+        if decision.hold is not None:  # a debit, not a request in flight
+            with contextlib.suppress(LimiterUnavailableError):
+                await self.store.settle(decision.hold, 1)
+        report(limit, decision.deficits[0])
 
     def _done_one(self) -> None:
         self._queued -= 1
@@ -176,10 +210,11 @@ class SharedLimits:
     async def _flush(self) -> None:
         while True:
             try:
-                hold, actual = self._receive.receive_nowait()
+                work = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            self.store.settle_later(hold, actual)
+            if isinstance(work[0], Hold):
+                self.store.settle_later(*work)
             self._done_one()
         try:
             await self.store.heartbeat()

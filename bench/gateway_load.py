@@ -56,8 +56,14 @@ def ensure_wrk() -> str:
 
 @contextmanager
 def ostiary(
-    backend_toml: str, env: dict[str, str] | None = None, *, access_log: bool = False
+    backend_toml: str,
+    env: dict[str, str] | None = None,
+    *,
+    access_log: bool = False,
+    pids: list[int] | None = None,
 ) -> Iterator[tuple[int, str]]:
+    """Serve ``backend_toml``; yield its port and admin key (and append its pid to
+    ``pids``)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bench.toml"
         cfg.write_text(
@@ -66,7 +72,9 @@ def ostiary(
             f"max_connections = 4096\n\n{backend_toml}"
         )
         serve = [PY, "-m", "ostiary.runtime.cli", "serve", "--config", str(cfg)]
-        with running(serve, cwd=ROOT, env=env) as (_, port):
+        with running(serve, cwd=ROOT, env=env) as (proc, port):
+            if pids is not None:
+                pids.append(proc.pid)
             key = (Path(tmp) / "state" / "admin.key").read_text().strip()
             yield port, key
 
@@ -109,6 +117,12 @@ def wrk(
         "non2xx": float(errors.group(1)) if errors else 0.0,
         "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def detail(unit: str, r: dict[str, float]) -> str:
@@ -186,7 +200,9 @@ def limits(
 ) -> list[tuple[str, float, str]]:
     """Every configuration served at once; ``rounds`` runs of each, interleaved (none,
     memory, [Redis], none, ...), so a busy machine weighs on all alike. The figure is
-    the median round; the share of each round is against that round's no-limits run."""
+    the median round; the share of each round is against that round's no-limits run.
+    The server's own CPU time per request (µs) is less at the mercy of a busy machine
+    than its requests per second."""
     rows = ceiling(seconds)
     top = rows[0][1]
     env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
@@ -196,26 +212,39 @@ def limits(
         runs.append(("limits in Redis", LIMITS + f'\n[redis]\nurl = "{redis_url}"\n'))
     with ExitStack() as stack:
         urls = []
+        pids: list[int] = []
         for _, extra in runs:
-            port, key = stack.enter_context(ostiary(extra + backend, env, access_log=True))
+            served = ostiary(extra + backend, env, access_log=True, pids=pids)
+            port, key = stack.enter_context(served)
             urls.append((f"http://127.0.0.1:{port}/v1/chat/completions", key))
             wrk(*urls[-1], CHAT % ("s", ""), 16, 2)  # warm-up
         results: list[list[dict[str, float]]] = [[] for _ in runs]
         for _ in range(rounds):
-            for (url, key), out in zip(urls, results, strict=True):
-                out.append(wrk(url, key, CHAT % ("s", ""), 64, seconds))
+            for (url, key), pid, out in zip(urls, pids, results, strict=True):
+                before = cpu_seconds(pid)
+                r = wrk(url, key, CHAT % ("s", ""), 64, seconds)
+                r["cpu_us"] = (cpu_seconds(pid) - before) / (r["rps"] * seconds) * 1e6
+                out.append(r)
     for (label, _), out in zip(runs, results, strict=True):
         rps = [r["rps"] for r in out]
         shares = [r / base["rps"] for r, base in zip(rps, results[0], strict=True)]
         r = out[rps.index(statistics.median_low(rps))]
+        cpu = [c["cpu_us"] for c in out]
+        cpu_shares = [b["cpu_us"] / c for c, b in zip(cpu, results[0], strict=True)]
         share = (
-            f"{statistics.median(shares):.0%} of no limits "
-            f"(rounds: {', '.join(f'{x:.0%}' for x in shares)}), {r['rps'] / top:.0%} of ceiling"
+            f"{statistics.median(shares):.0%} of no limits (rounds: {_shares(shares)}), "
+            f"{r['rps'] / top:.0%} of ceiling; server CPU {statistics.median(cpu):.0f} "
+            f"us/request, no limits' CPU / this {statistics.median(cpu_shares):.0%} "
+            f"(rounds: {_shares(cpu_shares)})"
         )
         rows.append(
             (f"scripted non-stream chat, {label}, 64 conn", r["rps"], detail(f"req/s, {share}", r))
         )
     return rows
+
+
+def _shares(shares: list[float]) -> str:
+    return ", ".join(f"{x:.0%}" for x in shares)
 
 
 def upstream(seconds: int) -> list[tuple[str, float, str]]:

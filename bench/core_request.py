@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import orjson
 import trio
@@ -42,11 +43,11 @@ HEADERS = (
 )
 
 
-def build(limits: bool = False) -> Gateway:
-    keys = KeyTable.of([ApiKey("0123456789ab", "bench", "admin", digest_secret(SECRET))])
-    policy = BackendPolicy(name="scripted", max_concurrency=1024, max_queue=1024)
-    if not limits:
-        return Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy])
+def limited() -> dict[str, Any]:
+    """The ``Gateway`` arguments of ``--limits``: a realistic set of limits in the
+    memory store that never refuses (the principal's requests and tokens per minute,
+    its requests per day and concurrency; an IP layer; a model layer), and the cl100k
+    counter ``ostiary serve`` loads."""
     from ostiary.protocol.access import AccessPolicy, RateLimitLayer, Role, Scope
     from ostiary.runtime.tokenizer import load_cl100k
 
@@ -63,13 +64,14 @@ def build(limits: bool = False) -> Gateway:
         RateLimitLayer(scope=Scope.IP, requests_per_minute=big),
         RateLimitLayer(scope=Scope.MODEL, requests_per_minute=big, tokens_per_minute=100 * big),
     )
-    return Gateway(
-        routes=[ModelRoute("s", "scripted")],
-        keys=keys,
-        backends=[policy],
-        access=AccessPolicy([role], layers),
-        tokens=load_cl100k(),
-    )
+    return {"access": AccessPolicy([role], layers), "tokens": load_cl100k()}
+
+
+def build(limits: bool = False) -> Gateway:
+    keys = KeyTable.of([ApiKey("0123456789ab", "bench", "admin", digest_secret(SECRET))])
+    policy = BackendPolicy(name="scripted", max_concurrency=1024, max_queue=1024)
+    extra = limited() if limits else {}
+    return Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy], **extra)
 
 
 def one(gateway: Gateway, rid: str, now: float, pieces: tuple[Delta | Usage, ...]) -> list[object]:

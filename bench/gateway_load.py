@@ -11,7 +11,8 @@ Scenarios (pick with ``--only``):
 * ``limits``: non-stream chat through the scripted backend at 64 connections, access
   log on, with no limits configured and then with a realistic set in the memory store
   (the principal's requests and tokens per minute and per day, an IP layer and a
-  model layer; none refuses) — and with ``--redis-url``, the same limits in Redis.
+  model layer; none refuses) — and with ``--redis-url``, the same limits in Redis;
+  ``--rounds N`` alternates the configurations N times (``--pythonpath`` as above).
 * ``upstream``: the ``openai`` backend in front of ``bench/mock_upstream.py``:
   non-stream chat at 1, 16, 64 and 200 connections, and streams/s with 200 concurrent
   streams of 20 chunks.
@@ -27,11 +28,12 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from serving import running
@@ -54,8 +56,14 @@ def ensure_wrk() -> str:
 
 @contextmanager
 def ostiary(
-    backend_toml: str, env: dict[str, str] | None = None, *, access_log: bool = False
+    backend_toml: str,
+    env: dict[str, str] | None = None,
+    *,
+    access_log: bool = False,
+    pids: list[int] | None = None,
 ) -> Iterator[tuple[int, str]]:
+    """Serve ``backend_toml``; yield its port and admin key (and append its pid to
+    ``pids``)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bench.toml"
         cfg.write_text(
@@ -64,7 +72,9 @@ def ostiary(
             f"max_connections = 4096\n\n{backend_toml}"
         )
         serve = [PY, "-m", "ostiary.runtime.cli", "serve", "--config", str(cfg)]
-        with running(serve, cwd=ROOT, env=env) as (_, port):
+        with running(serve, cwd=ROOT, env=env) as (proc, port):
+            if pids is not None:
+                pids.append(proc.pid)
             key = (Path(tmp) / "state" / "admin.key").read_text().strip()
             yield port, key
 
@@ -107,6 +117,12 @@ def wrk(
         "non2xx": float(errors.group(1)) if errors else 0.0,
         "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def detail(unit: str, r: dict[str, float]) -> str:
@@ -179,25 +195,56 @@ tokens_per_minute = 10000000000
 """
 
 
-def limits(seconds: int, redis_url: str | None) -> list[tuple[str, float, str]]:
+def limits(
+    seconds: int, redis_url: str | None, rounds: int, pythonpath: str | None
+) -> list[tuple[str, float, str]]:
+    """Every configuration served at once; ``rounds`` runs of each, interleaved (none,
+    memory, [Redis], none, ...), so a busy machine weighs on all alike. The figure is
+    the median round; the share of each round is against that round's no-limits run.
+    The server's own CPU time per request (µs) is less at the mercy of a busy machine
+    than its requests per second."""
     rows = ceiling(seconds)
     top = rows[0][1]
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
     backend = '[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["s"]\nchunks = 1\n'
     runs = [("no limits", ""), ("limits in memory", LIMITS)]
     if redis_url:
         runs.append(("limits in Redis", LIMITS + f'\n[redis]\nurl = "{redis_url}"\n'))
-    base = None
-    for label, extra in runs:
-        with ostiary(extra + backend, access_log=True) as (port, key):
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            wrk(url, key, CHAT % ("s", ""), 16, 2)  # warm-up
-            r = wrk(url, key, CHAT % ("s", ""), 64, seconds)
-        base = base or r["rps"]
-        share = f"{r['rps'] / base:.0%} of no limits, {r['rps'] / top:.0%} of ceiling"
+    with ExitStack() as stack:
+        urls = []
+        pids: list[int] = []
+        for _, extra in runs:
+            served = ostiary(extra + backend, env, access_log=True, pids=pids)
+            port, key = stack.enter_context(served)
+            urls.append((f"http://127.0.0.1:{port}/v1/chat/completions", key))
+            wrk(*urls[-1], CHAT % ("s", ""), 16, 2)  # warm-up
+        results: list[list[dict[str, float]]] = [[] for _ in runs]
+        for _ in range(rounds):
+            for (url, key), pid, out in zip(urls, pids, results, strict=True):
+                before = cpu_seconds(pid)
+                r = wrk(url, key, CHAT % ("s", ""), 64, seconds)
+                r["cpu_us"] = (cpu_seconds(pid) - before) / (r["rps"] * seconds) * 1e6
+                out.append(r)
+    for (label, _), out in zip(runs, results, strict=True):
+        rps = [r["rps"] for r in out]
+        shares = [r / base["rps"] for r, base in zip(rps, results[0], strict=True)]
+        r = out[rps.index(statistics.median_low(rps))]
+        cpu = [c["cpu_us"] for c in out]
+        cpu_shares = [b["cpu_us"] / c for c, b in zip(cpu, results[0], strict=True)]
+        share = (
+            f"{statistics.median(shares):.0%} of no limits (rounds: {_shares(shares)}), "
+            f"{r['rps'] / top:.0%} of ceiling; server CPU {statistics.median(cpu):.0f} "
+            f"us/request, no limits' CPU / this {statistics.median(cpu_shares):.0%} "
+            f"(rounds: {_shares(cpu_shares)})"
+        )
         rows.append(
             (f"scripted non-stream chat, {label}, 64 conn", r["rps"], detail(f"req/s, {share}", r))
         )
     return rows
+
+
+def _shares(shares: list[float]) -> str:
+    return ", ".join(f"{x:.0%}" for x in shares)
 
 
 def upstream(seconds: int) -> list[tuple[str, float, str]]:
@@ -232,6 +279,7 @@ def main() -> None:
     parser.add_argument("--redis-url", help="also measure the limits in this Redis")
     parser.add_argument("--pythonpath", help="serve the ostiary package found here")
     parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (limits)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows: list[tuple[str, float, str]] = []
@@ -240,7 +288,7 @@ def main() -> None:
     if args.only in (None, "access-log"):
         rows += access_log(args.seconds, args.pythonpath)
     if args.only in (None, "limits"):
-        rows += limits(args.seconds, args.redis_url)
+        rows += limits(args.seconds, args.redis_url, args.rounds, args.pythonpath)
     if args.only in (None, "upstream"):
         rows += upstream(args.seconds)
     if args.json:

@@ -7,11 +7,12 @@ own Python (h11, driver, gateway, backend) per request. Run it under
 for microseconds of CPU per request.
 
     python bench/inprocess.py [--requests 20000] [--connections 16] [--stream]
-                              [--access-log off|logging|fast]
+                              [--access-log off|logging|fast] [--limits]
 
 ``--access-log`` writes JSON access-log lines to ``os.devnull``: through ``logging``
 (what embedders get), or through the runtime's ``AccessLog`` (what ``ostiary serve``
-uses by default).
+uses by default). ``--limits`` adds the same limits in the memory store as
+``core_request.py --limits`` (none refuses).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import orjson
 import trio
 import trio.testing
+from core_request import limited  # the same limits (bench/ is on the path)
 
 from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_secret
@@ -36,11 +38,12 @@ from ostiary.runtime.logs import setup_logging
 SECRET = format_secret("0123456789ab", "x" * 43)
 
 
-def build(chunks: int, access_log: str) -> tuple[HttpServer, AccessLog | None]:
+def build(chunks: int, access_log: str, limits: bool) -> tuple[HttpServer, AccessLog | None]:
     backend = ScriptedBackend(ScriptedSettings(models=("s",), chunks=chunks))
     keys = KeyTable.of([ApiKey("0123456789ab", "bench", "admin", digest_secret(SECRET))])
     policy = BackendPolicy(name="scripted", max_concurrency=1024, max_queue=1024)
-    gateway = Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy])
+    extra = limited() if limits else {}
+    gateway = Gateway(routes=[ModelRoute("s", "scripted")], keys=keys, backends=[policy], **extra)
     writer = None
     if access_log == "logging":
         setup_logging("info", "json", open(os.devnull, "w"))  # noqa: SIM115
@@ -80,9 +83,9 @@ async def client(stream: trio.abc.Stream, raw: bytes, count: int, end: bytes) ->
 
 
 async def run(
-    requests: int, connections: int, streaming: bool, chunks: int, access_log: str
+    requests: int, connections: int, streaming: bool, chunks: int, access_log: str, limits: bool
 ) -> float:
-    server, writer = build(chunks, access_log)
+    server, writer = build(chunks, access_log, limits)
     raw = request_bytes(streaming)
     # A non-streamed answer ends with its JSON; a stream with the final chunk.
     end = b"0\r\n\r\n" if streaming else b'"total_tokens":'
@@ -106,8 +109,17 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--chunks", type=int, default=1)
     parser.add_argument("--access-log", choices=["off", "logging", "fast"], default="off")
+    parser.add_argument("--limits", action="store_true")
     args = parser.parse_args()
-    cpu = trio.run(run, args.requests, args.connections, args.stream, args.chunks, args.access_log)
+    cpu = trio.run(
+        run,
+        args.requests,
+        args.connections,
+        args.stream,
+        args.chunks,
+        args.access_log,
+        args.limits,
+    )
     per = cpu / args.requests * 1e6
     print(
         f"{args.requests} requests, {cpu:.2f} s CPU: {per:.1f} us per request"

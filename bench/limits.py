@@ -4,7 +4,11 @@ The realistic shape: three layers (principal: requests and tokens per minute and
 concurrency slot; client IP: requests per minute; model: tokens per minute), every
 request admitted. In memory: µs per ``admit`` (median of batches, CPU time and wall
 time: on a shared machine the wall time includes other processes), and per
-``admit`` + ``settle``. Through Redis (a private ``redis-server`` on a free port, or
+``admit`` + ``settle``; then the whole admission decision as the gateway makes it
+(``Guard``: the request shape's charges with its prompt counted in cl100k, the
+judgement, the ``x-ratelimit-*`` headers; then the settlement with real usage), for
+the limits of ``core_request.py --limits`` (principal rpm, tpm, rpd and concurrency;
+IP rpm; model rpm and tpm). Through Redis (a private ``redis-server`` on a free port, or
 ``--url``): median and p99 µs of one admission, one settlement and one ``PING``,
 one call at a time; the same admission through :class:`SharedLimits` (as the driver
 makes it: within ``[redis] timeout``); this process' CPU per admission and Redis' own
@@ -55,6 +59,7 @@ from ostiary.runtime.redis_limits import RedisLimitStore
 from ostiary.runtime.shared_limits import SharedLimits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tests.runtime.redis_server import redis_server
 
 BIG = 10**9
@@ -105,6 +110,54 @@ def memory(requests: int) -> dict[str, tuple[float, float]]:
     return {
         name: (statistics.median(c for c, _ in runs), statistics.median(w for _, w in runs))
         for name, runs in samples.items()
+    }
+
+
+def guard_path(requests: int) -> dict[str, tuple[float, float]]:
+    """µs per admission decision through the ``Guard`` (CPU time, wall time)."""
+    from core_request import BODY, limited
+
+    from ostiary.protocol.admission import Endpoint
+    from ostiary.protocol.decoding import decode_chat
+    from ostiary.protocol.exchange import Reservation
+    from ostiary.protocol.generation import Usage
+    from ostiary.protocol.guard import Guard
+    from ostiary.protocol.request_limits import RequestLimits
+
+    setup = limited()
+    guard = Guard(setup["access"], tokens=setup["tokens"])
+    principal = guard.access.principal("key:0123456789ab", guard.access.roles["admin"])
+    call = decode_chat(BODY, RequestLimits())
+    usage = Usage(prompt_tokens=9, completion_tokens=20)
+    endpoint = Endpoint.CHAT
+    batch = 2000
+    clocks = (time.process_time, time.perf_counter)
+    decide: list[tuple[float, float]] = []
+    whole: list[tuple[float, float]] = []
+    now = 0.0
+    for _ in range(max(1, requests // batch)):
+        t0 = [c() for c in clocks]
+        held = []
+        for i in range(batch):
+            charges, slots, prompt = guard.charges(principal, "10.1.2.3", call, endpoint)
+            decision = guard.judge(charges, slots, now + i * 1e-4)
+            assert decision.hold is not None
+            guard.headers(decision)
+            held.append(Reservation(decision.hold, False, prompt))
+        t1 = [c() for c in clocks]
+        for reservation in held:
+            guard.settle(reservation, usage, 0, now)
+        t2 = [c() for c in clocks]
+        now += 1.0
+        for runs, (start, end) in ((decide, (t0, t1)), (whole, (t0, t2))):
+            cpu, wall = ((e - s) / batch * 1e6 for s, e in zip(start, end, strict=True))
+            runs.append((cpu, wall))
+    return {
+        name: (statistics.median(c for c, _ in runs), statistics.median(w for _, w in runs))
+        for name, runs in (
+            ("Guard: charges + judge + headers (6 + 1 slot)", decide),
+            ("Guard: the same + settle with real usage", whole),
+        )
     }
 
 
@@ -226,7 +279,7 @@ def main() -> None:
     parser.add_argument("--url", help="an existing Redis (default: start a private one)")
     args = parser.parse_args()
     print("in memory, µs per call (median of batches; CPU, wall):")
-    for name, (cpu, wall) in memory(args.requests * 5).items():
+    for name, (cpu, wall) in (memory(args.requests * 5) | guard_path(args.requests * 5)).items():
         print(f"  {name:45} {cpu:8.2f} {wall:8.2f}")
     with nullcontext(args.url) if args.url else redis_server() as server:
         url = server if isinstance(server, str) else server.url

@@ -385,24 +385,26 @@ class Shape:
     off once: the largest and smallest token bucket (0: none), and the charges of a
     request that counts no tokens."""
 
-    __slots__ = ("largest_tokens", "limits", "slots", "smallest_tokens", "tokens", "untokened")
+    __slots__ = ("_parts", "largest_tokens", "limits", "slots", "smallest_tokens", "untokened")
 
     def __init__(self, limits: tuple[Limit, ...], slots: tuple[ConcurrencyLimit, ...]) -> None:
         self.limits = limits
         self.slots = slots
-        self.tokens = tuple(limit.unit is Unit.TOKENS for limit in limits)
         sizes = [limit.spec.capacity for limit in limits if limit.unit is Unit.TOKENS]
         self.largest_tokens = max(sizes, default=0)
         self.smallest_tokens = min(sizes, default=0)
         self.untokened: tuple[Charge, ...] = tuple((limit, 1) for limit in limits)
+        #: Per limit: the limit, and its charge of 1 if it counts requests (built once).
+        self._parts: tuple[tuple[Limit, Charge | None], ...] = tuple(
+            (limit, None if limit.unit is Unit.TOKENS else charge)
+            for limit, charge in zip(limits, self.untokened, strict=True)
+        )
 
     def charged(self, tokens: int) -> tuple[Charge, ...]:
         """The charges of a request that reserves ``tokens`` on token buckets."""
         if not self.largest_tokens:
             return self.untokened
-        return tuple(
-            [(limit, tokens if t else 1) for limit, t in zip(self.limits, self.tokens, strict=True)]
-        )
+        return tuple([(limit, tokens) if one is None else one for limit, one in self._parts])
 
 
 def _pick(override: int | None, default: int | None) -> int | None:

@@ -38,10 +38,11 @@ _SSE_HEADERS = (
 )
 
 
-@attrs.frozen
+@attrs.define(eq=False)  # not frozen: made on every admission (see limits.Hold)
 class Reservation:
     """What an admitted request holds in a limit store until it ends: its hold, in
-    which store (``shared``: the runtime's), and its prompt estimate in tokens."""
+    which store (``shared``: the runtime's), and its prompt estimate in tokens (never
+    changed)."""
 
     hold: Hold
     shared: bool

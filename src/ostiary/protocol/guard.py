@@ -29,7 +29,6 @@ its text's length / 4. The real usage settles the reservation when the request e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import attrs
@@ -59,7 +58,6 @@ from .visibility import Network
 __all__ = ["Guard", "format_reset"]
 
 Header = tuple[bytes, bytes]
-_MINUTE_MS = 60_000
 #: Tokens a chat message costs beyond its text (role, separators), as OpenAI counts.
 _PER_MESSAGE = 4
 
@@ -77,6 +75,21 @@ def format_reset(ms: int) -> str:
     if minutes:
         return f"{minutes}m{seconds}s"
     return f"{seconds}s"
+
+
+#: ``format_reset`` of the durations headers have shown, as bytes; only minute
+#: buckets are reported, whose resets are at most two minutes (a debt of a window), so
+#: the table stays small, and it starts over past 8192 entries.
+_RESETS: dict[int, bytes] = {}
+
+
+def _reset_bytes(ms: int) -> bytes:
+    text = _RESETS.get(ms)
+    if text is None:
+        if len(_RESETS) >= 8192:
+            _RESETS.clear()
+        text = _RESETS[ms] = format_reset(ms).encode()
+    return text
 
 
 class Guard:
@@ -355,34 +368,37 @@ class Guard:
     def headers(decision: Decision, *, exhausted: int | None = None) -> tuple[Header, ...]:
         """``x-ratelimit-*`` for the tightest minute bucket of each unit (the
         exhausted one, at 0, in its place on a refusal)."""
-        # One pass: the tightest minute bucket of each unit (or the exhausted one).
-        best = [-1, -1]
-        left = [math.inf, math.inf]
+        charges = decision.charges
         deficits = decision.deficits
-        for i, (limit, _) in enumerate(decision.charges):
-            u = 0 if limit.unit is Unit.REQUESTS else 1
-            if left[u] < 0:
-                continue  # the exhausted bucket of this unit is already chosen
-            if i == exhausted:
-                best[u], left[u] = i, -1
+        # One pass: the tightest minute bucket of each unit (requests r, tokens t),
+        # but for the unit of the exhausted bucket, reported whatever its window.
+        fixed = -1
+        if exhausted is not None:
+            fixed = 0 if charges[exhausted][0].unit is Unit.REQUESTS else 1
+        r = t = -1
+        r_left = t_left = 0
+        for i, (limit, _) in enumerate(charges):
+            u = limit.reports
+            if u < 0 or u == fixed:
                 continue
-            spec = limit.spec
-            if spec.window_ms != _MINUTE_MS:
-                continue
-            level = spec.full - deficits[i]
-            here = level // spec.per_token if level > 0 else 0
-            if here < left[u]:
-                best[u], left[u] = i, here
-        out: list[Header] = []
-        for u in (0, 1):
-            i = best[u]
-            if i < 0:
-                continue
-            names = _HEADER_NAMES[u]
-            out.append((names[0], b"%d" % decision.limit(i)))
-            out.append((names[1], b"%d" % max(0, left[u])))
-            out.append((names[2], format_reset(decision.reset_ms(i)).encode()))
-        return tuple(out)
+            _, per_token, _, full, _ = limit.bucket
+            level = full - deficits[i]
+            here = level // per_token if level > 0 else 0
+            if u:
+                if t < 0 or here < t_left:
+                    t, t_left = i, here
+            elif r < 0 or here < r_left:
+                r, r_left = i, here
+        if fixed == 0:
+            r, r_left = exhausted if exhausted is not None else -1, 0
+        elif fixed == 1:
+            t, t_left = exhausted if exhausted is not None else -1, 0
+        if r < 0:
+            return () if t < 0 else _figures(_TOKEN_HEADERS, charges[t][0], deficits[t], t_left)
+        figures = _figures(_REQUEST_HEADERS, charges[r][0], deficits[r], r_left)
+        if t < 0:
+            return figures
+        return figures + _figures(_TOKEN_HEADERS, charges[t][0], deficits[t], t_left)
 
     # -- 5. the end -------------------------------------------------------------------
 
@@ -410,10 +426,26 @@ class Guard:
 
 #: Endpoint names as roles and layers know them (retrieving a model is ``models``).
 _ENDPOINT_NAMES = {e: "models" if e is Endpoint.MODEL else e.value for e in Endpoint}
-_HEADER_NAMES = tuple(
+_REQUEST_HEADERS, _TOKEN_HEADERS = (
     tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
     for unit in (b"requests", b"tokens")
 )
+
+
+def _figures(
+    names: tuple[bytes, ...], limit: Limit, deficit: int, left: int
+) -> tuple[Header, Header, Header]:
+    """The three headers of one bucket: its limit, what is left, when it is full."""
+    _, _, per_ms, _, _ = limit.bucket
+    ms = -(-deficit // per_ms) if deficit > 0 else 0
+    reset = _RESETS.get(ms) or _reset_bytes(ms)
+    return (
+        (names[0], b"%d" % limit.spec.capacity),
+        (names[1], b"%d" % left),
+        (names[2], reset),
+    )
+
+
 _DIMENSIONS = {
     "rpm": "requests per minute",
     "tpm": "tokens per minute",

@@ -121,10 +121,27 @@ class Limit:
     spec: BucketSpec
     unit: Unit
     key: str = attrs.field(init=False)
+    #: What admission reads of the bucket, in one tuple: its key, the spec's
+    #: ``per_token``, ``per_ms`` and ``full``, and the longest refill that counts.
+    bucket: tuple[str, int, int, int, int] = attrs.field(init=False, eq=False, repr=False)
+    #: Which ``x-ratelimit-*`` figures a bucket of one minute may give: 0 requests,
+    #: 1 tokens (-1: another window, never reported unless it refuses).
+    reports: int = attrs.field(init=False, eq=False, repr=False)
 
     @key.default
     def _key(self) -> str:
         return f"{self.layer}:{self.name}"
+
+    @reports.default
+    def _reports(self) -> int:
+        if self.spec.window_ms != 60_000:
+            return -1
+        return 0 if self.unit is Unit.REQUESTS else 1
+
+    @bucket.default
+    def _bucket(self) -> tuple[str, int, int, int, int]:
+        spec = self.spec
+        return (self.key, spec.per_token, spec.per_ms, spec.full, 2 * spec.window_ms)
 
 
 @attrs.frozen
@@ -139,9 +156,11 @@ class ConcurrencyLimit:
 Charge = tuple[Limit, int]
 
 
-@attrs.frozen
+# Hold and Decision are made on every admission: plain slotted classes (attrs'
+# frozen ones set each field through object.__setattr__, about 1 µs a class).
+@attrs.define(eq=False)
 class Hold:
-    """What an admitted request holds until it is settled or refunded."""
+    """What an admitted request holds until it is settled or refunded (never changed)."""
 
     id: int
     charges: tuple[Charge, ...]
@@ -171,9 +190,10 @@ class Refusal:
         return None if ms is None else -(-ms // 1000)
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Decision:
-    """The outcome of one admission across every layer: a hold, or a refusal.
+    """The outcome of one admission across every layer: a hold, or a refusal (never
+    changed).
 
     ``deficits`` are the buckets' states right after the decision (debited when
     allowed), one per charge, from which :meth:`remaining` and :meth:`reset_ms` read
@@ -298,33 +318,45 @@ class MemoryLimitStore:
         t = int(now * 1000.0 + 0.5)  # to_ms, inlined: this is the hot path
         buckets = self._buckets
         counts = self._counts
-        deficits = []
-        fits = True
-        for limit, cost in charges:
-            spec = limit.spec
-            state = buckets.get(limit.key)
-            deficit = 0 if state is None else deficit_at(spec, state[0], state[1], t)
-            deficits.append(deficit)
-            # What judge() decides, for the common case where everything fits.
-            if deficit + cost * spec.per_token > spec.full:
-                fits = False
         held = tuple(charges)
-        for slot in slots:
-            if counts.get(slot.layer, 0) >= slot.limit:
+        # Each bucket's deficit after this request's debit, and whether all of them
+        # fit (what judge() decides, for the common case where everything does).
+        debited = []
+        fits = True
+        for limit, cost in held:
+            key, per_token, per_ms, full, span = limit.bucket
+            state = buckets.get(key)
+            deficit = 0
+            if state is not None:
+                # deficit_at, inlined: the refill since the state's stamp.
+                deficit = state[0]
+                elapsed = t - state[1]
+                if elapsed > 0 and deficit > 0:
+                    refill = per_ms * (elapsed if elapsed < span else span)
+                    deficit = deficit - refill if refill < deficit else 0
+            deficit += cost * per_token
+            debited.append(deficit)
+            if deficit > full:
                 fits = False
+        if fits:
+            for slot in slots:
+                if counts.get(slot.layer, 0) >= slot.limit:
+                    fits = False
         if not fits:
+            pairs = zip(debited, held, strict=True)
+            deficits = [d - cost * limit.spec.per_token for d, (limit, cost) in pairs]
             used = [counts.get(slot.layer, 0) for slot in slots]
             return Decision(held, tuple(deficits), None, judge(held, deficits, slots, used))
-        for i, (limit, cost) in enumerate(held):
-            deficits[i] += cost * limit.spec.per_token
-            buckets[limit.key] = [deficits[i], t, limit.spec.per_ms]
+        for (limit, _), deficit in zip(held, debited, strict=True):
+            bucket = limit.bucket
+            buckets[bucket[0]] = [deficit, t, bucket[2]]
         for slot in slots:
             counts[slot.layer] = counts.get(slot.layer, 0) + 1
         hold = Hold(next(self._ids), held, tuple(slots))
         self._open[hold.id] = hold
         if len(buckets) >= self._sweep_at:
             self._sweep(t)
-        return Decision(held, tuple(deficits), hold)
+        return Decision(held, tuple(debited), hold)
 
     def settle(self, hold: Hold, actual_tokens: int, now: float) -> bool:
         """End an admitted request: token buckets get its real usage, slots come back.
@@ -333,17 +365,20 @@ class MemoryLimitStore:
         """
         if self._open.pop(hold.id, None) is None:
             return False
-        t = to_ms(now)
+        t = int(now * 1000.0 + 0.5)  # to_ms
+        buckets = self._buckets
+        tokens = Unit.TOKENS
         for limit, reserved in hold.charges:
-            if limit.unit is Unit.TOKENS and actual_tokens != reserved:
+            if reserved != actual_tokens and limit.unit is tokens:
                 spec = limit.spec
-                state = self._buckets.get(limit.key)
+                key = limit.key
+                state = buckets.get(key)
                 deficit = 0 if state is None else deficit_at(spec, state[0], state[1], t)
                 new = settled(spec, deficit, reserved, actual_tokens)
                 if new:
-                    self._buckets[limit.key] = [new, t, spec.per_ms]
+                    buckets[key] = [new, t, spec.per_ms]
                 else:
-                    self._buckets.pop(limit.key, None)
+                    buckets.pop(key, None)
         counts = self._counts
         for slot in hold.slots:
             left = counts[slot.layer] - 1

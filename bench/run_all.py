@@ -28,6 +28,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str]]] = [
     ("inprocess-stream", "inprocess.py", ["--stream", "--chunks", "20"], ["--requests", "500"]),
     ("client_curve", "client_curve.py", [], ["--seconds", "0.5", "--concurrency", "1", "64"]),
     ("gateway_load", "gateway_load.py", [], ["--seconds", "2"]),
+    ("server_cost", "server_cost.py", [], ["--requests", "1000"]),
     ("limits", "limits.py", [], ["--requests", "2000"]),
     ("metrics_render", "metrics_render.py", [], ["--runs", "3"]),
     ("embedded_tokens", "embedded_tokens.py", ["--http"], ["--runs", "3", "--max-tokens", "32"]),

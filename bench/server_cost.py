@@ -124,6 +124,8 @@ def measure(args: argparse.Namespace, pythonpath: str | None) -> float:
                 )
                 dumps = sorted(Path(tmp).glob("callgrind.out*"), key=os.path.getmtime)
                 text = dumps[-1].read_text()
+                if args.keep:  # for callgrind_annotate
+                    Path(args.keep).write_text(text)
                 total = re.search(r"^summary: (\d+)", text, re.M) or re.search(
                     r"^totals: (\d+)", text, re.M
                 )
@@ -141,6 +143,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--limits", action="store_true", help="the gateway_load limit set")
     parser.add_argument("--access-log", choices=["true", "false"], default="true")
+    parser.add_argument("--keep", metavar="FILE", help="with --callgrind: keep the dump here")
     args = parser.parse_args()
     unit = "instructions" if args.callgrind else "CPU µs"
     runs: dict[str, list[float]] = {"this checkout": []}

@@ -11,7 +11,8 @@ Scenarios (pick with ``--only``):
 * ``limits``: non-stream chat through the scripted backend at 64 connections, access
   log on, with no limits configured and then with a realistic set in the memory store
   (the principal's requests and tokens per minute and per day, an IP layer and a
-  model layer; none refuses) — and with ``--redis-url``, the same limits in Redis.
+  model layer; none refuses) — and with ``--redis-url``, the same limits in Redis
+  (``--connections 64 256`` for more loads, ``--pythonpath`` as above).
 * ``upstream``: the ``openai`` backend in front of ``bench/mock_upstream.py``:
   non-stream chat at 1, 16, 64 and 200 connections, and streams/s with 200 concurrent
   streams of 20 chunks.
@@ -179,24 +180,27 @@ tokens_per_minute = 10000000000
 """
 
 
-def limits(seconds: int, redis_url: str | None) -> list[tuple[str, float, str]]:
+def limits(
+    seconds: int, redis_url: str | None, pythonpath: str | None, connections: list[int]
+) -> list[tuple[str, float, str]]:
     rows = ceiling(seconds)
     top = rows[0][1]
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
     backend = '[[backends]]\nname = "s"\nkind = "scripted"\nmodels = ["s"]\nchunks = 1\n'
     runs = [("no limits", ""), ("limits in memory", LIMITS)]
     if redis_url:
         runs.append(("limits in Redis", LIMITS + f'\n[redis]\nurl = "{redis_url}"\n'))
-    base = None
+    base: dict[int, float] = {}
     for label, extra in runs:
-        with ostiary(extra + backend, access_log=True) as (port, key):
+        with ostiary(extra + backend, env, access_log=True) as (port, key):
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             wrk(url, key, CHAT % ("s", ""), 16, 2)  # warm-up
-            r = wrk(url, key, CHAT % ("s", ""), 64, seconds)
-        base = base or r["rps"]
-        share = f"{r['rps'] / base:.0%} of no limits, {r['rps'] / top:.0%} of ceiling"
-        rows.append(
-            (f"scripted non-stream chat, {label}, 64 conn", r["rps"], detail(f"req/s, {share}", r))
-        )
+            for conns in connections:
+                r = wrk(url, key, CHAT % ("s", ""), conns, seconds)
+                first = base.setdefault(conns, r["rps"])
+                share = f"{r['rps'] / first:.0%} of no limits, {r['rps'] / top:.0%} of ceiling"
+                label_c = f"scripted non-stream chat, {label}, {conns} conn"
+                rows.append((label_c, r["rps"], detail(f"req/s, {share}", r)))
     return rows
 
 
@@ -232,6 +236,9 @@ def main() -> None:
     parser.add_argument("--redis-url", help="also measure the limits in this Redis")
     parser.add_argument("--pythonpath", help="serve the ostiary package found here")
     parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument(
+        "--connections", type=int, nargs="+", default=[64], help="of the limits scenario"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows: list[tuple[str, float, str]] = []
@@ -240,7 +247,7 @@ def main() -> None:
     if args.only in (None, "access-log"):
         rows += access_log(args.seconds, args.pythonpath)
     if args.only in (None, "limits"):
-        rows += limits(args.seconds, args.redis_url)
+        rows += limits(args.seconds, args.redis_url, args.pythonpath, args.connections)
     if args.only in (None, "upstream"):
         rows += upstream(args.seconds)
     if args.json:

@@ -101,12 +101,18 @@ def wrk(
         os.unlink(lua.name)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+    def ms(pattern: str) -> float:
+        found = re.search(pattern + r"([\d.]+)(us|ms|s)\b", out)
+        return float(found.group(1)) * scale[found.group(2)] if found else float("nan")
+
     return {
         "rps": rps,
         "non2xx": float(errors.group(1)) if errors else 0.0,
-        "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
+        "p50_ms": ms(r"50%\s+"),
+        "p99_ms": ms(r"99%\s+"),
+        "max_ms": ms(r"Latency\s+\S+\s+\S+\s+"),  # avg, stdev, max
     }
 
 

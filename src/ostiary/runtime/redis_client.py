@@ -126,7 +126,12 @@ class _Call:
         self.turn = False
         #: Given up by its caller (cancelled from outside): its replies are dropped.
         self.abandoned = False
-        self.woken = trio.Event()
+        #: What it waits on while another call reads (made only then).
+        self.woken: trio.Event | None = None
+
+    def wake(self) -> None:
+        if self.woken is not None:
+            self.woken.set()
 
 
 #: What a lost connection raises.
@@ -223,9 +228,9 @@ class _Connection:
         Cut short, the replies are read first without blocking: if they are already
         there, Redis answered in time and they are returned (the cancellation, if it
         came from outside, is raised again at the caller's next checkpoint). If not,
-        and the call's deadline has passed, Redis counts as down on this connection: it is
-        closed, failing every call on it. Cancelled from outside before ``deadline``,
-        the call is given up and its replies are dropped when they come.
+        and the call's deadline has passed, Redis counts as down on this connection:
+        it is closed, failing every call on it. Cancelled from outside before its
+        deadline, the call is given up and its replies are dropped when they come.
         """
         try:
             while not call.done:
@@ -233,6 +238,7 @@ class _Connection:
                     await wait_readable(self.sock)
                     self.read(call)
                 else:
+                    call.woken = trio.Event()
                     await call.woken.wait()
         except trio.Cancelled:
             self.read(call, until_empty=True)
@@ -242,6 +248,7 @@ class _Connection:
                 else:
                     call.abandoned = True
                     if call.turn:
+                        call.turn = False
                         self._pass_turn()
                 raise
         except _LOST as exc:  # closed under the reader by another call, or broke
@@ -285,7 +292,7 @@ class _Connection:
                 call.done = True
                 self.used = True
                 if not call.turn:
-                    call.woken.set()
+                    call.wake()
                 elif call is not by:  # waiting for the socket: wake it
                     call.scope.cancel()
             reply = reader.gets()
@@ -294,7 +301,7 @@ class _Connection:
         for call in self.pending:
             if not call.abandoned:
                 call.turn = True
-                call.woken.set()
+                call.wake()
                 return
         self.reading = False
 
@@ -307,7 +314,7 @@ class _Connection:
         for call in pending:
             call.error = error
             call.done = True
-            call.woken.set()
+            call.wake()
         self.reading = False
         self.outbuf.clear()
         if self in self.pool:

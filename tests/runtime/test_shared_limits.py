@@ -157,10 +157,11 @@ async def test_admissions_the_loop_gets_back_to_late_are_decided_if_redis_answer
         decisions.append(await shared.decide([(many, 1)], []))
 
     async with trio.open_nursery() as nursery:
-        for _ in range(20):
-            nursery.start_soon(admit)
-        await trio.testing.wait_all_tasks_blocked()
-        assert client.in_flight == 20  # every one written, none waiting in line
+        with redis.paused():
+            for _ in range(20):
+                nursery.start_soon(admit)
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.in_flight == 20  # every one written, none waiting in line
         hold_loop_until_answered(client._conns[0].sock, 20)
         mock_clock.jump(1.0)  # every deadline has passed when the loop looks again
     assert len(decisions) == 20 and None not in decisions

@@ -12,7 +12,8 @@ Scenarios (pick with ``--only``):
   log on, with no limits configured and then with a realistic set in the memory store
   (the principal's requests and tokens per minute and per day, an IP layer and a
   model layer; none refuses) — and with ``--redis-url``, the same limits in Redis;
-  ``--rounds N`` alternates the configurations N times (``--pythonpath`` as above).
+  ``--rounds N`` alternates the configurations N times, ``--connections 64 256``
+  adds loads (``--pythonpath`` as above).
 * ``upstream``: the ``openai`` backend in front of ``bench/mock_upstream.py``:
   non-stream chat at 1, 16, 64 and 200 connections, and streams/s with 200 concurrent
   streams of 20 chunks.
@@ -110,12 +111,18 @@ def wrk(
         os.unlink(lua.name)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+    def ms(pattern: str) -> float:
+        found = re.search(pattern + r"([\d.]+)(us|ms|s)\b", out)
+        return float(found.group(1)) * scale[found.group(2)] if found else float("nan")
+
     return {
         "rps": rps,
         "non2xx": float(errors.group(1)) if errors else 0.0,
-        "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
+        "p50_ms": ms(r"50%\s+"),
+        "p99_ms": ms(r"99%\s+"),
+        "max_ms": ms(r"Latency\s+\S+\s+\S+\s+"),  # avg, stdev, max
     }
 
 
@@ -196,7 +203,11 @@ tokens_per_minute = 10000000000
 
 
 def limits(
-    seconds: int, redis_url: str | None, rounds: int, pythonpath: str | None
+    seconds: int,
+    redis_url: str | None,
+    rounds: int,
+    pythonpath: str | None,
+    connections: list[int],
 ) -> list[tuple[str, float, str]]:
     """Every configuration served at once; ``rounds`` runs of each, interleaved (none,
     memory, [Redis], none, ...), so a busy machine weighs on all alike. The figure is
@@ -218,28 +229,35 @@ def limits(
             port, key = stack.enter_context(served)
             urls.append((f"http://127.0.0.1:{port}/v1/chat/completions", key))
             wrk(*urls[-1], CHAT % ("s", ""), 16, 2)  # warm-up
-        results: list[list[dict[str, float]]] = [[] for _ in runs]
+        # results[config][load]: one run per round
+        results: list[list[list[dict[str, float]]]] = [[[] for _ in connections] for _ in runs]
         for _ in range(rounds):
             for (url, key), pid, out in zip(urls, pids, results, strict=True):
-                before = cpu_seconds(pid)
-                r = wrk(url, key, CHAT % ("s", ""), 64, seconds)
-                r["cpu_us"] = (cpu_seconds(pid) - before) / (r["rps"] * seconds) * 1e6
-                out.append(r)
-    for (label, _), out in zip(runs, results, strict=True):
-        rps = [r["rps"] for r in out]
-        shares = [r / base["rps"] for r, base in zip(rps, results[0], strict=True)]
-        r = out[rps.index(statistics.median_low(rps))]
-        cpu = [c["cpu_us"] for c in out]
-        cpu_shares = [b["cpu_us"] / c for c, b in zip(cpu, results[0], strict=True)]
-        share = (
-            f"{statistics.median(shares):.0%} of no limits (rounds: {_shares(shares)}), "
-            f"{r['rps'] / top:.0%} of ceiling; server CPU {statistics.median(cpu):.0f} "
-            f"us/request, no limits' CPU / this {statistics.median(cpu_shares):.0%} "
-            f"(rounds: {_shares(cpu_shares)})"
-        )
-        rows.append(
-            (f"scripted non-stream chat, {label}, 64 conn", r["rps"], detail(f"req/s, {share}", r))
-        )
+                for conns, runs_here in zip(connections, out, strict=True):
+                    before = cpu_seconds(pid)
+                    r = wrk(url, key, CHAT % ("s", ""), conns, seconds)
+                    r["cpu_us"] = (cpu_seconds(pid) - before) / (r["rps"] * seconds) * 1e6
+                    runs_here.append(r)
+    for (label, _), per_load in zip(runs, results, strict=True):
+        for conns, done, base_runs in zip(connections, per_load, results[0], strict=True):
+            rps = [x["rps"] for x in done]
+            shares = [x / base["rps"] for x, base in zip(rps, base_runs, strict=True)]
+            best = done[rps.index(statistics.median_low(rps))]
+            cpu = [c["cpu_us"] for c in done]
+            cpu_shares = [b["cpu_us"] / c for c, b in zip(cpu, base_runs, strict=True)]
+            share = (
+                f"{statistics.median(shares):.0%} of no limits (rounds: {_shares(shares)}), "
+                f"{best['rps'] / top:.0%} of ceiling; server CPU {statistics.median(cpu):.0f} "
+                f"us/request, no limits' CPU / this {statistics.median(cpu_shares):.0%} "
+                f"(rounds: {_shares(cpu_shares)})"
+            )
+            rows.append(
+                (
+                    f"scripted non-stream chat, {label}, {conns} conn",
+                    best["rps"],
+                    detail(f"req/s, {share}", best),
+                )
+            )
     return rows
 
 
@@ -280,6 +298,9 @@ def main() -> None:
     parser.add_argument("--pythonpath", help="serve the ostiary package found here")
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (limits)")
+    parser.add_argument(
+        "--connections", type=int, nargs="+", default=[64], help="of the limits scenario"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows: list[tuple[str, float, str]] = []
@@ -288,7 +309,7 @@ def main() -> None:
     if args.only in (None, "access-log"):
         rows += access_log(args.seconds, args.pythonpath)
     if args.only in (None, "limits"):
-        rows += limits(args.seconds, args.redis_url, args.rounds, args.pythonpath)
+        rows += limits(args.seconds, args.redis_url, args.rounds, args.pythonpath, args.connections)
     if args.only in (None, "upstream"):
         rows += upstream(args.seconds)
     if args.json:

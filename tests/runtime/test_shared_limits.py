@@ -4,9 +4,13 @@ timeout or None, settlements that are never lost, restarts, SCRIPT FLUSH, readin
 from __future__ import annotations
 
 import itertools
+import select
+import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
+import hiredis
 import orjson
 import pytest
 import trio
@@ -120,6 +124,49 @@ async def test_a_hung_redis_gives_none_within_the_timeout_and_the_lost_hold_is_r
     assert await shared.store.in_flight(SLOT) == 1  # the first one's, still open
     assert shared.store.open_holds == 1
     await shared.store.client.aclose()
+
+
+def hold_loop_until_answered(sock: socket.socket, replies: int) -> None:
+    """Block (the event loop with this thread, as a busy loop would stall) until
+    ``replies`` replies are waiting in ``sock``, read by peeking."""
+    guard = time.monotonic() + GUARD
+    while True:
+        assert time.monotonic() < guard, "Redis did not answer"
+        select.select([sock], [], [], GUARD)
+        reader = hiredis.Reader()
+        reader.feed(sock.recv(1 << 20, socket.MSG_PEEK))
+        waiting = 0
+        while reader.gets() is not False:
+            waiting += 1
+        if waiting >= replies:
+            return
+
+
+async def test_admissions_the_loop_gets_back_to_late_are_decided_if_redis_answered(
+    redis: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """Twenty admissions pipelined at once; the event loop gets round to them only
+    after their deadline, Redis having answered each in time: each is decided."""
+    client = RedisClient.from_url(redis.url, timeout=0.05, pool_size=1)
+    shared = SharedLimits(RedisLimitStore(client, prefix=f"s{next(PREFIXES)}:"), timeout=0.05)
+    many = Limit("principal:key:b", "rpd", BucketSpec.per(1000, 86_400), Unit.REQUESTS)
+    assert await shared.decide([(many, 1)], []) is not None  # the pooled connection
+    decisions: list[object] = []
+
+    async def admit() -> None:
+        decisions.append(await shared.decide([(many, 1)], []))
+
+    async with trio.open_nursery() as nursery:
+        with redis.paused():
+            for _ in range(20):
+                nursery.start_soon(admit)
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.in_flight == 20  # every one written, none waiting in line
+        hold_loop_until_answered(client._conns[0].sock, 20)
+        mock_clock.jump(1.0)  # every deadline has passed when the loop looks again
+    assert len(decisions) == 20 and None not in decisions
+    assert shared.unavailable == 0
+    await client.aclose()
 
 
 async def test_an_admission_cancelled_mid_flight_takes_no_slot_for_good(

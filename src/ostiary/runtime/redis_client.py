@@ -6,16 +6,18 @@ client that packs commands with ``hiredis.pack_command``, writes them in one
 It does what the limit store needs and no more:
 
 - one round trip per call, several commands per round trip (:meth:`pipeline`);
-- a small pool of connections (``pool_size``), reused in LIFO order; when every one
-  is busy, callers wait in line and the newest of them, given the next free
-  connection, carries all the waiting calls in one write (up to :data:`MAX_BATCH`),
-  reading their replies in order: a burst costs a few round trips, not one per call,
-  and no background task is needed (each batch is carried by one of its own callers;
-  the newest has the latest deadline, so a carrier's timeout takes down no call that
-  still had time);
-- a deadline on every call (``timeout``, pool wait and connect included): when it
-  passes, the call raises :class:`RedisUnavailableError` and its connection, whose
-  state is then unknown, is closed;
+- a small pool of connections (``pool_size``), pipelined: a call writes its commands
+  at once, on an idle connection (the most recently used) or, when every one is busy
+  and the pool is full, on the one with the fewest calls waiting; replies come in
+  order and whichever waiting call holds the read turn reads them all and hands them
+  out, so no call waits in line for a connection and no background task is needed;
+- a deadline on every call (``timeout``, connect included). When it passes, the
+  socket is read first without blocking: a reply already there was in time (the
+  deadline measures Redis, not how late this event loop got round to the reply).
+  Otherwise the call raises :class:`RedisUnavailableError` and its connection, on
+  which Redis did not answer within ``timeout``, is closed, failing the calls
+  written after it too (Redis not answering within ``timeout`` counts as down). A
+  call cancelled from outside is given up; its reply is dropped when it comes;
 - reconnection with exponential backoff: after a failed connect, calls fail at once
   until the backoff has passed, so a dead Redis costs no time and gets no storm;
 - a connection found dead on reuse (Redis restarted) is replaced once, at once, and
@@ -52,8 +54,6 @@ __all__ = [
 #: What a command argument may be.
 Arg = str | int | float | bytes
 _MISSING = object()
-#: Calls carried in one write at most.
-MAX_BATCH = 64
 # hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
@@ -109,82 +109,228 @@ class Script:
         return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
 
 
-@attrs.define(eq=False)
 class _Call:
-    """One caller's commands, waiting for a connection or carried by another caller."""
+    """One caller's commands, written to a connection, waiting for their replies."""
 
-    payload: bytes
-    count: int
-    done: trio.Event = attrs.field(factory=trio.Event)
-    replies: list[Any] = attrs.field(factory=list)
-    error: RedisError | None = None
-    #: In the line of waiting calls (not yet carried, nor handed a connection).
-    queued: bool = False
-    #: Handed a connection by the caller that finished with it: carry a batch.
-    lead: bool = False
+    __slots__ = ("abandoned", "count", "done", "error", "replies", "scope", "turn", "woken")
+
+    def __init__(self, count: int, scope: trio.CancelScope) -> None:
+        self.count = count
+        #: The caller's deadline; cancelled by another call that read this one's
+        #: replies while this one waited for the socket.
+        self.scope = scope
+        self.replies: list[Any] = []
+        self.error: RedisError | None = None
+        self.done = False
+        #: Holds the connection's read turn: it reads the replies of every call.
+        self.turn = False
+        #: Given up by its caller (cancelled from outside): its replies are dropped.
+        self.abandoned = False
+        #: What it waits on while another call reads (made only then).
+        self.woken: trio.Event | None = None
+
+    def wake(self) -> None:
+        if self.woken is not None:
+            self.woken.set()
 
 
 #: What a lost connection raises.
 _LOST = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, hiredis.ProtocolError)
 
 
-class _Connection:
-    """A non-blocking socket and its reply parser.
+class _LostError(RedisUnavailableError):
+    """The connection broke under the call."""
 
-    A round trip writes at once (a few hundred bytes always fit in the socket
-    buffer; a larger payload waits for room) and then waits for the socket to be
-    readable: one trip through the scheduler per call, which is what a reply costs
-    anyway, where a :class:`trio.SocketStream` takes two (it yields after sending).
+
+class _Connection:
+    """A non-blocking socket, its reply parser, and the calls written to it.
+
+    Calls are pipelined: each writes its commands at once (a few hundred bytes
+    always fit in the socket buffer; a larger payload is queued and flushed by its
+    writer) and waits for its replies, which come in the order written. One waiting
+    call at a time holds the read turn: it waits for the socket to be readable, reads
+    whatever is there and hands every complete reply to its call; once its own are
+    in, it passes the turn to the oldest call still waiting. So nobody waits in line
+    to write, and a burst of replies costs one read.
     """
 
-    __slots__ = ("reader", "sock", "used")
+    __slots__ = (
+        "closed",
+        "outbuf",
+        "pending",
+        "pool",
+        "reader",
+        "reading",
+        "sock",
+        "used",
+        "writer",
+    )
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, pool: list[_Connection]) -> None:
         self.sock = sock
+        #: The client's open connections: this one leaves it when it closes.
+        self.pool = pool
         self.reader = hiredis.Reader(replyError=RedisReplyError, notEnoughData=_MISSING)
+        #: Has answered a call (so a failure on reuse may mean Redis restarted).
         self.used = False
+        self.closed = False
+        #: Calls written (or queued in ``outbuf``) whose replies are not all in.
+        self.pending: collections.deque[_Call] = collections.deque()
+        #: A call holds (or has been handed) the read turn.
+        self.reading = False
+        #: Bytes not yet written, and the call that found it empty and flushes it.
+        self.outbuf = bytearray()
+        self.writer: _Call | None = None
 
-    async def roundtrip(self, payload: bytes, count: int) -> list[Any]:
-        sock = self.sock
+    def send(self, payload: bytes, count: int, scope: trio.CancelScope) -> _Call:
+        """Write ``payload``, or queue what does not fit (the call is then the
+        ``writer`` and must :meth:`flush`)."""
+        call = _Call(count, scope)
+        if self.closed:
+            call.error = _LostError("the Redis connection was closed")
+            call.done = True
+            return call
+        self.pending.append(call)
+        if not self.reading:
+            self.reading = call.turn = True
+        if self.outbuf:  # someone is flushing: behind their bytes
+            self.outbuf += payload
+            return call
         try:
-            sent = sock.send(payload)
+            sent = self.sock.send(payload)
         except BlockingIOError:
             sent = 0
+        except OSError as exc:
+            self.fail(_LostError(f"Redis connection lost: {exc}"))
+            return call
         if sent < len(payload):
-            await self._send_rest(memoryview(payload)[sent:])
-        replies: list[Any] = []
-        reader = self.reader
-        while True:
-            await wait_readable(sock)
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:  # woken spuriously
-                continue
-            if not data:
-                raise trio.BrokenResourceError("Redis closed the connection")
-            reader.feed(data)
+            self.outbuf += payload[sent:]
+            self.writer = call
+        return call
+
+    async def flush(self) -> None:
+        """Write the queued bytes; cut short, the connection cannot be used again."""
+        try:
+            while self.outbuf and not self.closed:
+                await trio.lowlevel.wait_writable(self.sock)
+                with contextlib.suppress(BlockingIOError):
+                    del self.outbuf[: self.sock.send(self.outbuf)]
+            self.writer = None
+        except _LOST as exc:
+            self.fail(_LostError(f"Redis connection lost: {exc}"))
+        except BaseException:
+            self.fail(RedisUnavailableError("a write to Redis was cut short"))
+            raise
+
+    async def wait(self, call: _Call) -> list[Any]:
+        """``call``'s replies; an error reply is returned in place.
+
+        Cut short, the replies are read first without blocking: if they are already
+        there, Redis answered in time and they are returned (the cancellation, if it
+        came from outside, is raised again at the caller's next checkpoint). If not,
+        and the call's deadline has passed, Redis counts as down on this connection:
+        it is closed, failing every call on it. Cancelled from outside before its
+        deadline, the call is given up and its replies are dropped when they come.
+        """
+        try:
+            while not call.done:
+                if call.turn:
+                    await wait_readable(self.sock)
+                    self.read(call)
+                else:
+                    call.woken = trio.Event()
+                    await call.woken.wait()
+        except trio.Cancelled:
+            self.read(call, until_empty=True)
+            if not call.done:
+                if trio.current_time() >= call.scope.deadline:
+                    self.fail(RedisUnavailableError("Redis did not answer in time"))
+                else:
+                    call.abandoned = True
+                    if call.turn:
+                        call.turn = False
+                        self._pass_turn()
+                raise
+        except _LOST as exc:  # closed under the reader by another call, or broke
+            self.fail(_LostError(f"Redis connection lost: {exc}"))
+        if call.turn:
+            self._pass_turn()
+        if call.error is not None:
+            raise call.error
+        return call.replies
+
+    def read(self, by: _Call, *, until_empty: bool = False) -> None:
+        """Read what the socket has, without blocking, and hand out the replies
+        (``by``: the call reading)."""
+        if self.closed:
+            return
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(65536)
+                except BlockingIOError:  # woken spuriously, or nothing more
+                    return
+                if not data:
+                    raise trio.BrokenResourceError("Redis closed the connection")
+                self.reader.feed(data)
+                self._hand_out(by)
+                if not until_empty:
+                    return
+        except _LOST as exc:
+            self.fail(_LostError(f"Redis connection lost: {exc}"))
+
+    def _hand_out(self, by: _Call) -> None:
+        reader, pending = self.reader, self.pending
+        reply = reader.gets()
+        while reply is not _MISSING:
+            if not pending:
+                raise hiredis.ProtocolError("a reply nobody asked for")
+            call = pending[0]
+            call.replies.append(reply)
+            if len(call.replies) == call.count:
+                pending.popleft()
+                call.done = True
+                self.used = True
+                if not call.turn:
+                    call.wake()
+                elif call is not by:  # waiting for the socket: wake it
+                    call.scope.cancel()
             reply = reader.gets()
-            while reply is not _MISSING:
-                replies.append(reply)
-                if len(replies) == count:
-                    return replies
-                reply = reader.gets()
 
-    async def _send_rest(self, rest: memoryview) -> None:
-        while rest:
-            await trio.lowlevel.wait_writable(self.sock)
-            with contextlib.suppress(BlockingIOError):
-                rest = rest[self.sock.send(rest) :]
+    def _pass_turn(self) -> None:
+        for call in self.pending:
+            if not call.abandoned:
+                call.turn = True
+                call.wake()
+                return
+        self.reading = False
 
-    def close(self) -> None:
+    def fail(self, error: RedisError) -> None:
+        """Close the connection; every call still waiting on it fails with ``error``."""
+        if self.closed:
+            return
+        self.closed = True
+        pending, self.pending = self.pending, collections.deque()
+        for call in pending:
+            call.error = error
+            call.done = True
+            call.wake()
+        self.reading = False
+        self.outbuf.clear()
+        if self in self.pool:
+            self.pool.remove(self)
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
+
+    def close(self) -> None:
+        self.fail(RedisUnavailableError("the Redis client was closed"))
 
 
 # Validated once, at construction: no __setattr__ hook on the hot path's counters.
 @attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class RedisClient:
-    """A pooled Redis client; every call ends within ``timeout`` seconds.
+    """A pooled, pipelining Redis client; a call not answered within ``timeout``
+    seconds fails (see :meth:`_Connection.wait` for what counts as answered).
 
     Call :meth:`aclose` (or use ``async with``) to close the pooled connections.
     """
@@ -197,11 +343,11 @@ class RedisClient:
     #: First and longest wait after a failed connect, in seconds.
     backoff_min: float = attrs.field(default=0.05, validator=attrs.validators.gt(0))
     backoff_max: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
-    _idle: list[_Connection] = attrs.field(factory=list, init=False)
-    #: Connections in use (at most ``pool_size``), and the calls waiting for one
-    #: (only while all ``pool_size`` are in use).
-    _busy: int = attrs.field(default=0, init=False)
-    _waiting: collections.deque[_Call] = attrs.field(factory=collections.deque, init=False)
+    #: Open connections, the most recently used last; and connects under way.
+    _conns: list[_Connection] = attrs.field(factory=list, init=False)
+    _connecting: int = attrs.field(default=0, init=False)
+    #: Set (and replaced) whenever a connect ends.
+    _opened: trio.Event = attrs.field(factory=trio.Event, init=False)
     _backoff: float = attrs.field(default=0.0, init=False)
     _down_until: float = attrs.field(default=float("-inf"), init=False)
 
@@ -216,12 +362,17 @@ class RedisClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        self._drop_idle()
+        for conn in list(self._conns):
+            conn.close()
         await trio.lowlevel.checkpoint()
 
+    @property
+    def in_flight(self) -> int:
+        """Calls written and not answered (given-up ones included)."""
+        return sum(len(conn.pending) for conn in self._conns)
+
     def _drop_idle(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn in [c for c in self._conns if not c.pending]:
             conn.close()
 
     async def execute(self, *args: Arg) -> Any:
@@ -239,125 +390,77 @@ class RedisClient:
         """Run ``script``, loading it first if Redis does not know it (any more);
         both round trips together within the timeout."""
         payload = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-        with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
-            (reply,) = await self._roundtrip(payload, 1)
-            if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT"):
-                load = _pack(("SCRIPT", "LOAD", script.source))
-                _, reply = await self._roundtrip(load + payload, 2)
-            if isinstance(reply, RedisReplyError):
-                raise reply
-            return reply
-        assert scope.cancelled_caught
-        raise self._late()
+        deadline = trio.current_time() + self.timeout
+        (reply,) = await self._call(payload, 1, deadline)
+        if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT"):
+            load = _pack(("SCRIPT", "LOAD", script.source))
+            _, reply = await self._call(load + payload, 2, deadline)
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
 
-    async def _call(self, payload: bytes, count: int) -> list[Any]:
-        with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
-            return await self._roundtrip(payload, count)
+    async def _call(self, payload: bytes, count: int, deadline: float | None = None) -> list[Any]:
+        if deadline is None:
+            deadline = trio.current_time() + self.timeout
+        with trio.CancelScope(deadline=deadline) as scope:
+            return await self._roundtrip(payload, count, scope)
         assert scope.cancelled_caught
         raise self._late()
 
     def _late(self) -> RedisUnavailableError:
         return RedisUnavailableError(f"Redis did not answer within {self.timeout} s")
 
-    async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
+    async def _roundtrip(self, payload: bytes, count: int, scope: trio.CancelScope) -> list[Any]:
         await trio.lowlevel.checkpoint_if_cancelled()  # nothing is sent once cut short
-        if self._busy < self.pool_size:  # the usual case: a connection is free
-            self._busy += 1
-            try:
-                return await self._roundtrip_held(payload, count)
-            finally:
-                self._hand_off()
-        call = _Call(payload, count, queued=True)
-        self._waiting.append(call)
+        conn = await self._connection()
         try:
-            await call.done.wait()
-        except BaseException:  # timed out or cancelled while waiting
-            if call.lead:
-                self._hand_off()
-            elif call.queued:
-                self._waiting.remove(call)
-            raise
-        if not call.lead:  # carried by another caller
-            if call.error is not None:
-                raise call.error
-            return call.replies
-        try:
-            return await self._carry(call)
-        finally:
-            self._hand_off()
-
-    def _hand_off(self) -> None:
-        """A connection is free: give it to the newest waiting call, or to the pool.
-
-        The newest has the most time left (every call has the same timeout), so the
-        batch it carries (the oldest calls) is not cut short by its deadline while
-        the others still had time; each carried call keeps its own deadline.
-        """
-        if self._waiting:
-            call = self._waiting.pop()
-            call.queued = False
-            call.lead = True
-            call.done.set()
-        else:
-            self._busy -= 1
-
-    async def _carry(self, own: _Call) -> list[Any]:
-        """Send ``own`` and the calls waiting before it in one write."""
-        batch = [own]
-        while self._waiting and len(batch) < MAX_BATCH:
-            call = self._waiting.popleft()
-            call.queued = False
-            batch.append(call)
-        if len(batch) == 1:
-            return await self._roundtrip_held(own.payload, own.count)
-        payload = b"".join(c.payload for c in batch)
-        try:
-            replies = await self._roundtrip_held(payload, sum(c.count for c in batch))
-        except BaseException as exc:
-            why = str(exc) if isinstance(exc, RedisError) else "the call carrying it was cut short"
-            for call in batch[1:]:
-                call.error = RedisUnavailableError(why)
-                call.done.set()
-            raise
-        at = own.count
-        for call in batch[1:]:
-            call.replies = replies[at : at + call.count]
-            at += call.count
-            call.done.set()
-        return replies[: own.count]
-
-    async def _roundtrip_held(self, payload: bytes, count: int) -> list[Any]:
-        conn = await self._checkout()
-        try:
-            replies = await conn.roundtrip(payload, count)
-        except _LOST as exc:
-            conn.close()
+            return await self._send(conn, payload, count, scope)
+        except _LostError:
             if not conn.used:
-                raise RedisUnavailableError(f"Redis connection lost: {exc}") from exc
-            # A pooled connection that died while idle (Redis restarted): the
-            # command never reached a live server, so try a fresh connection once.
-            self._drop_idle()
-            conn = await self._checkout()
-            try:
-                replies = await conn.roundtrip(payload, count)
-            except _LOST as again:
-                conn.close()
-                raise RedisUnavailableError(f"Redis connection lost: {again}") from again
-            except BaseException:
-                conn.close()
                 raise
-        except BaseException:
-            conn.close()
-            raise
-        conn.used = True
-        self._idle.append(conn)
-        return replies
+        # A pooled connection that died while idle (Redis restarted): the command
+        # never reached a live server, so try a fresh connection once, and drop the
+        # other idle ones, which are as dead.
+        self._drop_idle()
+        conn = await self._connection()
+        return await self._send(conn, payload, count, scope)
+
+    @staticmethod
+    async def _send(
+        conn: _Connection, payload: bytes, count: int, scope: trio.CancelScope
+    ) -> list[Any]:
+        call = conn.send(payload, count, scope)
+        if conn.writer is call:
+            await conn.flush()
+        return await conn.wait(call)
+
+    async def _connection(self) -> _Connection:
+        while True:
+            conn = self._pick()
+            if conn is not None:
+                return conn
+            if len(self._conns) + self._connecting < self.pool_size:
+                return await self._checkout()
+            await self._opened.wait()  # every connection is still being opened
+
+    def _pick(self) -> _Connection | None:
+        """An idle connection (the most recently used), else, if the pool is full,
+        the one with the fewest calls waiting; None: open another (or wait)."""
+        conns = self._conns
+        best: _Connection | None = None
+        for conn in reversed(conns):
+            if not conn.pending:
+                return conn
+            if best is None or len(conn.pending) < len(best.pending):
+                best = conn
+        if len(conns) + self._connecting < self.pool_size:
+            return None
+        return best
 
     async def _checkout(self) -> _Connection:
-        if self._idle:
-            return self._idle.pop()
         if trio.current_time() < self._down_until:
             raise RedisUnavailableError("Redis is unreachable (waiting to reconnect)")
+        self._connecting += 1
         try:
             conn = await self._connect()
         except (*_LOST, RedisReplyError) as exc:
@@ -366,7 +469,12 @@ class RedisClient:
                 self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
                 self._down_until = now + self._backoff
             raise RedisUnavailableError(f"cannot connect to Redis: {exc}") from exc
+        finally:
+            self._connecting -= 1
+            self._opened.set()
+            self._opened = trio.Event()
         self._backoff = 0.0
+        self._conns.append(conn)
         return conn
 
     async def _connect(self) -> _Connection:
@@ -375,7 +483,7 @@ class RedisClient:
         # The stream has set TCP_NODELAY; the connection keeps only the socket.
         sock = socket.socket(fileno=stream.socket.detach())
         sock.setblocking(False)
-        conn = _Connection(sock)
+        conn = _Connection(sock, self._conns)
         setup: list[tuple[Arg, ...]] = []
         if address.password is not None:
             user = () if address.username is None else (address.username,)
@@ -385,10 +493,11 @@ class RedisClient:
         if setup:
             try:
                 payload = b"".join(_pack(c) for c in setup)
-                for reply in await conn.roundtrip(payload, len(setup)):
+                for reply in await self._send(conn, payload, len(setup), trio.CancelScope()):
                     if isinstance(reply, RedisReplyError):
                         raise reply
             except BaseException:
                 conn.close()
                 raise
+            conn.used = False  # it has answered the setup, not a call
         return conn

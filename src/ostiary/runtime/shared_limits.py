@@ -5,8 +5,10 @@
 - :meth:`decide` answers a ``CheckLimits`` in the request's own task, within
   ``[redis] timeout``: a :class:`~ostiary.protocol.limits.Decision`, or None when
   Redis is down, too slow, or failed (the gateway then applies ``on_failure``).
-  Never an exception, never longer than the timeout. An admission cut short may
-  still have taken its hold in Redis; the heartbeat's reconciliation releases it.
+  Never an exception; never longer than the timeout plus the event loop's own
+  lateness (a reply already received when the time is up counts as in time). An
+  admission cut short may still have taken its hold in Redis; the heartbeat's
+  reconciliation releases it.
 - :meth:`settle` takes a ``SettleLimits`` without awaiting anything: the core emits
   it from whichever event ended the request (another request's, a timer's, the
   client going away in a task being cancelled), so the driver cannot await it

@@ -123,26 +123,31 @@ def test_the_old_code_path_still_reads_a_migrated_store(tmp_path: Path) -> None:
     assert "00000000000f" in SqliteKeyStore(path).load()[1].keys
 
 
-def test_two_openers_of_an_old_store_migrate_it_once(tmp_path: Path) -> None:
-    path = tmp_path / "keys.sqlite3"
-    old_store(path)
-    start = threading.Barrier(4)
-    errors: list[BaseException] = []
+def test_openers_racing_on_an_old_store_migrate_it_once(tmp_path: Path) -> None:
+    """Eight openers at once on a store in the old journal mode, many times over: the
+    switch to WAL takes its lock without SQLite's busy handler, so some would see
+    "database is locked" unless they try again."""
+    for round_ in range(25):
+        path = tmp_path / f"keys{round_}.sqlite3"
+        old_store(path)
+        start = threading.Barrier(8)
+        errors: list[BaseException] = []
 
-    def open_it() -> None:
-        start.wait()
-        try:
-            SqliteKeyStore(path).load()
-        except BaseException as exc:
-            errors.append(exc)
+        def open_it(path: Path = path, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                SqliteKeyStore(path).load()
+            except BaseException as exc:
+                errors.append(exc)
 
-    threads = [threading.Thread(target=open_it) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    assert pragma(path, "user_version") == SCHEMA_VERSION
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert pragma(path, "user_version") == SCHEMA_VERSION
+        assert pragma(path, "journal_mode") == "wal"
 
 
 def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:

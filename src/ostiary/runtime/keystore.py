@@ -194,9 +194,28 @@ class SqliteKeyStore:
         finally:
             conn.close()
 
+    @staticmethod
+    def _use_wal(conn: sqlite3.Connection) -> str:
+        """Switch the file to WAL mode (once: it stays so). The switch takes an
+        exclusive lock without SQLite's busy handler, so openers racing on a store
+        in the old mode would see "database is locked" at once: try again for up to
+        ``busy_timeout``, until one of them has switched it."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+                if str(mode).lower() == "wal":
+                    return str(mode)
+                (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                return str(mode)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)
+
     def _prepare(self, conn: sqlite3.Connection) -> None:
         """WAL mode (a property of the file, kept once set) and the migrations."""
-        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        mode = self._use_wal(conn)
         if str(mode).lower() != "wal":
             raise KeyStoreError(f"key store {self.path}: cannot use WAL mode (got {mode!r})")
         conn.execute("BEGIN IMMEDIATE")

@@ -133,7 +133,11 @@ def test_openers_racing_on_an_old_store_migrate_it_once(tmp_path: Path) -> None:
         start = threading.Barrier(8)
         errors: list[BaseException] = []
 
-        def open_it(path: Path = path, start: threading.Barrier = start) -> None:
+        def open_it(
+            path: Path = path,
+            start: threading.Barrier = start,
+            errors: list[BaseException] = errors,
+        ) -> None:
             start.wait()
             try:
                 SqliteKeyStore(path).load()

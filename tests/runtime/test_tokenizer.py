@@ -51,3 +51,14 @@ def test_count_stops_past_the_limit(codec: Cl100kCodec) -> None:
     long = "word " * 50_000  # one token per word, and more than one piece
     assert 50_000 <= codec.count(long, 10**6) <= 50_000 + 7
     assert 1000 < codec.count(long, 1000) <= 50_000
+
+
+def test_without_the_private_counter_the_public_encoder_counts_the_same(
+    codec: Cl100kCodec,
+) -> None:
+    """A bpe-openai whose private bindings changed still counts, through the public
+    encoder: the same figures as the Rust counter gives."""
+    public = Cl100kCodec(codec._encoding, counter=None)
+    for text in ("hello world", "", "naïve café ☕ " * 40, "\udcff lone surrogate"):
+        for limit in (0, 1, 5, 10_000):
+            assert public.count(text, limit) == codec.count(text, limit)

@@ -35,12 +35,18 @@ class Cl100kCodec:
 
     __slots__ = ("_count", "_encoding", "_table")
 
-    def __init__(self, encoding: bpe_openai.Encoding, counter: Any) -> None:
+    def __init__(self, encoding: bpe_openai.Encoding, counter: Any = None) -> None:
         self._encoding = encoding
         self._table = tuple(encoding.token_byte_values()[:CL100K_TEXT_TOKENS])
         #: ``count_till_limit(text, limit)`` of the Rust tokenizer (``counter``): the
-        #: count, or None past ``limit``.
-        self._count: Callable[[str, int], int | None] = counter.count_till_limit
+        #: count, or None past ``limit``. Without one (a ``bpe-openai`` whose private
+        #: bindings changed), the public ``encode_ordinary``, counted whole.
+        fast = getattr(counter, "count_till_limit", None)
+        self._count: Callable[[str, int], int | None] = fast or self._count_public
+
+    def _count_public(self, text: str, limit: int) -> int | None:
+        counted = len(self._encoding.encode_ordinary(text))
+        return None if counted > limit else counted
 
     def decode(self, ids: Sequence[int]) -> str:
         if ids and (min(ids) < 0 or max(ids) >= CL100K_TEXT_TOKENS):
@@ -72,8 +78,12 @@ def load_cl100k() -> Cl100kCodec:
         # bpe-openai reads its data with importlib.resources.open_binary (deprecated).
         warnings.simplefilter("ignore", DeprecationWarning)
         import bpe_openai
-        from bpe_openai import _bindings
 
-        return Cl100kCodec(
-            bpe_openai.get_encoding("cl100k_base"), _bindings.tokenizer_for_encoding("cl100k_base")
-        )
+        encoding = bpe_openai.get_encoding("cl100k_base")
+        try:  # private: the Rust tokenizer itself, for count_till_limit
+            from bpe_openai import _bindings
+
+            counter = _bindings.tokenizer_for_encoding("cl100k_base")
+        except (ImportError, AttributeError):
+            counter = None
+        return Cl100kCodec(encoding, counter)

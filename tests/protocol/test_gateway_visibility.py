@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ostiary.protocol.actions import Count, Dispatch, RenderMetrics, Respond
+from ostiary.protocol.actions import Count, CountExchange, Dispatch, RenderMetrics, Respond
 from ostiary.protocol.events import (
     BackendFinished,
     MetricsRendered,
@@ -221,15 +221,21 @@ def test_an_exchange_counts_its_tokens_and_a_401_its_reason() -> None:
     gw.handle(chunk("r", (Delta("x"), Usage(prompt_tokens=7, completion_tokens=5))))
     gw.handle(BackendFinished("r", 2.0))
     ending = gw.handle(ResponseSent("r", 3.0))
-    tokens = [a for a in ending if isinstance(a, Count) and a.name == "ostiary_tokens_total"]
+    (counted,) = [a for a in ending if isinstance(a, CountExchange)]
+    assert not [a for a in ending if isinstance(a, Count)]
+    assert counted == CountExchange("chat.completions", "m", 200, 2.0, 7, 5)
+    tokens = [c for c in counted.counts() if c.name == "ostiary_tokens_total"]
     assert tokens == [
         Count("ostiary_tokens_total", (("model", "m"), ("kind", "prompt")), 7),
         Count("ostiary_tokens_total", (("model", "m"), ("kind", "completion")), 5),
     ]
     gw.handle(request(gw, "bad", chat_body(), headers=((b"authorization", b"Bearer nope"),)))
     ending = gw.handle(ResponseSent("bad", 3.0))
-    failures = [a for a in ending if isinstance(a, Count) and a.name.startswith("ostiary_auth")]
+    (counted,) = [a for a in ending if isinstance(a, CountExchange)]
+    assert (counted.status, counted.auth_failure) == (401, "invalid_api_key")
+    failures = [c for c in counted.counts() if c.name.startswith("ostiary_auth")]
     assert failures == [Count("ostiary_auth_failures_total", (("reason", "invalid_api_key"),))]
+    assert not [c for c in counted.counts() if c.name == "ostiary_tokens_total"]
 
 
 def test_queue_json_is_valid_for_a_gateway_with_nothing_served() -> None:

@@ -41,6 +41,7 @@ from .actions import (
     CheckLimits,
     CheckReadiness,
     Count,
+    CountExchange,
     EndStream,
     Log,
     RenderMetrics,
@@ -102,7 +103,6 @@ from .tokens import TokenCodec
 from .tool_validation import SchemaChecker
 from .visibility import (
     Network,
-    ending_counts,
     estimate_cost,
     peer_allowed,
     queue_body,
@@ -227,9 +227,6 @@ class Gateway:
         self._shutting_down = False
         #: The last requests that ended, newest last (for the dashboard).
         self._recent: deque[tuple[object, ...]] = deque(maxlen=RECENT)
-        #: By (endpoint, model, status), bounded by the config: the request's count
-        #: (never changed, so one object serves them all) and its duration's labels.
-        self._labels: dict[tuple[str, str, int], tuple[Count, tuple[tuple[str, str], ...]]] = {}
 
     # -- what the runtime may ask --------------------------------------------------
 
@@ -718,13 +715,6 @@ class Gateway:
         call = exchange.call
         model = call.model if call is not None else ""
         endpoint = exchange.endpoint.value if exchange.endpoint is not None else "none"
-        cached = self._labels.get((endpoint, model, status))
-        if cached is None:
-            labels = (("endpoint", endpoint), ("model", model), ("status", str(status)))
-            cached = self._labels[endpoint, model, status] = (
-                Count("ostiary_requests_total", labels),
-                labels[:2],
-            )
         principal = exchange.principal
         self._recent.append(
             (
@@ -737,13 +727,18 @@ class Gateway:
                 principal.id if principal is not None else "",
             )
         )
+        counted = CountExchange(endpoint, model, status, now - exchange.started)
+        usage = exchange.usage
+        if usage is not None and model:
+            counted.prompt_tokens = usage.prompt_tokens
+            counted.completion_tokens = usage.completion_tokens
+        error = exchange.error
+        if status == 401 and error is not None:
+            counted.auth_failure = error.code or "unknown"
         actions: list[Action] = [
             Log("error" if status >= 500 and status != CLIENT_GONE else "info", "request", fields),
-            cached[0],
-            Count("ostiary_request_duration_seconds", cached[1], now - exchange.started),
+            counted,
         ]
-        if call is not None or status == 401:
-            actions.extend(ending_counts(model, exchange.usage, status, exchange.error))
         reservation = exchange.reservation
         if reservation is not None:
             settle = self._guard.settle(reservation, exchange.usage, exchange.produced, now)

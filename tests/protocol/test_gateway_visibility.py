@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ostiary.protocol.actions import Count, CountExchange, Dispatch, RenderMetrics, Respond
+from ostiary.protocol.actions import Count, CountExchange, Dispatch, Log, RenderMetrics, Respond
 from ostiary.protocol.events import (
     BackendFinished,
     MetricsRendered,
@@ -246,13 +246,18 @@ def test_queue_json_is_valid_for_a_gateway_with_nothing_served() -> None:
     assert orjson.loads(orjson.dumps(body)) == body
 
 
-def test_queue_lists_the_requests_that_ended_newest_first() -> None:
+@pytest.mark.parametrize("records", [True, False])
+def test_queue_lists_the_requests_that_ended_newest_first(records: bool) -> None:
     gw = gateway()
+    gw.access_records = records  # without access-log records, the same list
     for rid in ("a1", "a2"):
         gw.handle(request(gw, rid, chat_body(), now=1.0))
         gw.handle(chunk(rid, (Delta("hi"), Usage(prompt_tokens=3, completion_tokens=1))))
         gw.handle(BackendFinished(rid, 2.0))
-        gw.handle(ResponseSent(rid, 2.5))
+        ending = gw.handle(ResponseSent(rid, 2.5))
+        logged = [a.fields["duration_ms"] for a in ending if isinstance(a, Log)]
+        assert logged == ([1500.0] if records else [])
+        assert [type(a) for a in ending if not isinstance(a, Log)] == [CountExchange]
     _, body, _ = json_of(gw.handle(get(gw, "/v1/queue", None)))
     assert [r["request_id"] for r in body["recent"]] == ["a2", "a1"]
     first = body["recent"][0]

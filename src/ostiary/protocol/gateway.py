@@ -227,6 +227,9 @@ class Gateway:
         self._shutting_down = False
         #: The last requests that ended, newest last (for the dashboard).
         self._recent: deque[tuple[object, ...]] = deque(maxlen=RECENT)
+        #: Whether an exchange's end brings its access-log record (``Log`` "request"):
+        #: a runtime that drops them all says so, and they are not even built.
+        self.access_records = True
 
     # -- what the runtime may ask --------------------------------------------------
 
@@ -711,7 +714,6 @@ class Gateway:
         """The exchange is over: its one access-log record, its counts; forget it."""
         del self._exchanges[exchange.request_id]
         status = exchange.status
-        fields = exchange.access_fields(now)
         call = exchange.call
         model = call.model if call is not None else ""
         endpoint = exchange.endpoint.value if exchange.endpoint is not None else "none"
@@ -723,7 +725,7 @@ class Gateway:
                 endpoint,
                 model,
                 status,
-                fields["duration_ms"],
+                exchange.duration_ms(now),
                 principal.id if principal is not None else "",
             )
         )
@@ -735,10 +737,10 @@ class Gateway:
         error = exchange.error
         if status == 401 and error is not None:
             counted.auth_failure = error.code or "unknown"
-        actions: list[Action] = [
-            Log("error" if status >= 500 and status != CLIENT_GONE else "info", "request", fields),
-            counted,
-        ]
+        actions: list[Action] = [counted]
+        if self.access_records:
+            level = "error" if status >= 500 and status != CLIENT_GONE else "info"
+            actions.insert(0, Log(level, "request", exchange.access_fields(now)))
         reservation = exchange.reservation
         if reservation is not None:
             settle = self._guard.settle(reservation, exchange.usage, exchange.produced, now)

@@ -167,6 +167,8 @@ class Driver:
         self.shared_limits = shared_limits
         self._backends = backends
         self._access_log = access_log is not False
+        if not self._access_log:
+            gateway.access_records = False  # dropped here: not even built
         self._access_writer = access_log if isinstance(access_log, AccessLog) else None
         self._stream_buffer = stream_buffer
         self._ready_timeout = ready_timeout

@@ -128,8 +128,8 @@ def measure(args: argparse.Namespace, pythonpath: str | None) -> float:
                     r"^totals: (\d+)", text, re.M
                 )
                 assert total, "no totals in the callgrind dump"
-                return int(total.group(1)) / args.requests
-        return (after - before) / args.requests * 1e6
+                return float(int(total.group(1)) / args.requests)
+        return float((after - before) / args.requests * 1e6)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ostiary.protocol.actions import Count, Dispatch, RenderMetrics, Respond
+from ostiary.protocol.actions import Count, CountExchange, Dispatch, Log, RenderMetrics, Respond
 from ostiary.protocol.events import (
     BackendFinished,
     MetricsRendered,
@@ -221,15 +221,21 @@ def test_an_exchange_counts_its_tokens_and_a_401_its_reason() -> None:
     gw.handle(chunk("r", (Delta("x"), Usage(prompt_tokens=7, completion_tokens=5))))
     gw.handle(BackendFinished("r", 2.0))
     ending = gw.handle(ResponseSent("r", 3.0))
-    tokens = [a for a in ending if isinstance(a, Count) and a.name == "ostiary_tokens_total"]
+    (counted,) = [a for a in ending if isinstance(a, CountExchange)]
+    assert not [a for a in ending if isinstance(a, Count)]
+    assert counted == CountExchange("chat.completions", "m", 200, 2.0, 7, 5)
+    tokens = [c for c in counted.counts() if c.name == "ostiary_tokens_total"]
     assert tokens == [
         Count("ostiary_tokens_total", (("model", "m"), ("kind", "prompt")), 7),
         Count("ostiary_tokens_total", (("model", "m"), ("kind", "completion")), 5),
     ]
     gw.handle(request(gw, "bad", chat_body(), headers=((b"authorization", b"Bearer nope"),)))
     ending = gw.handle(ResponseSent("bad", 3.0))
-    failures = [a for a in ending if isinstance(a, Count) and a.name.startswith("ostiary_auth")]
+    (counted,) = [a for a in ending if isinstance(a, CountExchange)]
+    assert (counted.status, counted.auth_failure) == (401, "invalid_api_key")
+    failures = [c for c in counted.counts() if c.name.startswith("ostiary_auth")]
     assert failures == [Count("ostiary_auth_failures_total", (("reason", "invalid_api_key"),))]
+    assert not [c for c in counted.counts() if c.name == "ostiary_tokens_total"]
 
 
 def test_queue_json_is_valid_for_a_gateway_with_nothing_served() -> None:
@@ -240,13 +246,18 @@ def test_queue_json_is_valid_for_a_gateway_with_nothing_served() -> None:
     assert orjson.loads(orjson.dumps(body)) == body
 
 
-def test_queue_lists_the_requests_that_ended_newest_first() -> None:
+@pytest.mark.parametrize("records", [True, False])
+def test_queue_lists_the_requests_that_ended_newest_first(records: bool) -> None:
     gw = gateway()
+    gw.access_records = records  # without access-log records, the same list
     for rid in ("a1", "a2"):
         gw.handle(request(gw, rid, chat_body(), now=1.0))
         gw.handle(chunk(rid, (Delta("hi"), Usage(prompt_tokens=3, completion_tokens=1))))
         gw.handle(BackendFinished(rid, 2.0))
-        gw.handle(ResponseSent(rid, 2.5))
+        ending = gw.handle(ResponseSent(rid, 2.5))
+        logged = [a.fields["duration_ms"] for a in ending if isinstance(a, Log)]
+        assert logged == ([1500.0] if records else [])
+        assert [type(a) for a in ending if not isinstance(a, Log)] == [CountExchange]
     _, body, _ = json_of(gw.handle(get(gw, "/v1/queue", None)))
     assert [r["request_id"] for r in body["recent"]] == ["a2", "a1"]
     first = body["recent"][0]

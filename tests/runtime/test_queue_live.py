@@ -103,6 +103,8 @@ class Served:
             record(action)
 
         driver._log = log  # type: ignore[method-assign]
+        # The access log is off, so the gateway would not build the records read here.
+        driver.gateway.access_records = True
 
     def connect(self, *, lockstep: bool = False) -> trio.abc.Stream:
         pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair

@@ -3,8 +3,8 @@ not frozen, since a frozen attrs class costs twice as much to build).
 
 Actions about one request name it by ``request_id``; the runtime carries each out in
 that request's context, whichever event produced it (a slot freed by request A
-dispatches request B). ``Log`` and ``Count`` belong to no request and are carried out
-at once.
+dispatches request B). ``Log``, ``Count`` and ``CountExchange`` belong to no request
+and are carried out at once.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "CheckReadiness",
     "CloseWebSocket",
     "Count",
+    "CountExchange",
     "Dispatch",
     "EndStream",
     "Log",
@@ -152,6 +153,41 @@ class Count:
 
 
 @attrs.define
+class CountExchange:
+    """An exchange ended: its metrics, in one action (a :class:`Count` each would
+    cost the hot path four times over). It counts as :meth:`counts` says: one
+    ``ostiary_requests_total`` {endpoint, model, status}, ``duration`` (seconds)
+    observed in ``ostiary_request_duration_seconds`` {endpoint, model}, the tokens of
+    a request that used a model in ``ostiary_tokens_total`` {model, kind} (only kinds
+    with tokens), and a 401 in ``ostiary_auth_failures_total`` {reason}, its error
+    code (``auth_failure``). Labels are bounded as a :class:`Count`'s are."""
+
+    endpoint: str
+    model: str
+    status: int
+    duration: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    auth_failure: str | None = None
+
+    def counts(self) -> list[Count]:
+        """The same as plain :class:`Count` actions, in the order they are tallied."""
+        labels = (("endpoint", self.endpoint), ("model", self.model))
+        counts = [
+            Count("ostiary_requests_total", (*labels, ("status", str(self.status)))),
+            Count("ostiary_request_duration_seconds", labels, self.duration),
+        ]
+        tokens = (("prompt", self.prompt_tokens), ("completion", self.completion_tokens))
+        for kind, value in tokens if self.model else ():
+            if value:
+                labels = (("model", self.model), ("kind", kind))
+                counts.append(Count("ostiary_tokens_total", labels, value))
+        if self.auth_failure is not None:
+            counts.append(Count("ostiary_auth_failures_total", (("reason", self.auth_failure),)))
+        return counts
+
+
+@attrs.define
 class CheckLimits:
     """Judge a request's charges and slots in the shared (Redis) limit store, all or
     nothing, and report with :class:`~ostiary.protocol.events.LimitsDecided`
@@ -199,4 +235,5 @@ Action = (
     | CloseWebSocket
     | Log
     | Count
+    | CountExchange
 )

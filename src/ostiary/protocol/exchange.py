@@ -182,6 +182,10 @@ class Exchange:
         )
         return Respond(self.request_id, 204, out, b"")
 
+    def duration_ms(self, now: float) -> float:
+        """How long the exchange took, ending at ``now``, as its record shows it."""
+        return round((now - self.started) * 1000, 3)
+
     def access_fields(self, now: float) -> dict[str, Any]:
         """The fields of the exchange's one access-log record (never a secret)."""
         fields: dict[str, Any] = {
@@ -189,7 +193,7 @@ class Exchange:
             "method": self.method,
             "path": self.path,
             "status": self.status,
-            "duration_ms": round((now - self.started) * 1000, 3),
+            "duration_ms": self.duration_ms(now),
         }
         principal = self.principal
         if principal is not None:

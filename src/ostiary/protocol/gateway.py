@@ -41,6 +41,7 @@ from .actions import (
     CheckLimits,
     CheckReadiness,
     Count,
+    CountExchange,
     EndStream,
     Log,
     RenderMetrics,
@@ -102,7 +103,6 @@ from .tokens import TokenCodec
 from .tool_validation import SchemaChecker
 from .visibility import (
     Network,
-    ending_counts,
     estimate_cost,
     peer_allowed,
     queue_body,
@@ -227,9 +227,9 @@ class Gateway:
         self._shutting_down = False
         #: The last requests that ended, newest last (for the dashboard).
         self._recent: deque[tuple[object, ...]] = deque(maxlen=RECENT)
-        #: By (endpoint, model, status), bounded by the config: the request's count
-        #: (never changed, so one object serves them all) and its duration's labels.
-        self._labels: dict[tuple[str, str, int], tuple[Count, tuple[tuple[str, str], ...]]] = {}
+        #: Whether an exchange's end brings its access-log record (``Log`` "request"):
+        #: a runtime that drops them all says so, and they are not even built.
+        self.access_records = True
 
     # -- what the runtime may ask --------------------------------------------------
 
@@ -714,17 +714,9 @@ class Gateway:
         """The exchange is over: its one access-log record, its counts; forget it."""
         del self._exchanges[exchange.request_id]
         status = exchange.status
-        fields = exchange.access_fields(now)
         call = exchange.call
         model = call.model if call is not None else ""
         endpoint = exchange.endpoint.value if exchange.endpoint is not None else "none"
-        cached = self._labels.get((endpoint, model, status))
-        if cached is None:
-            labels = (("endpoint", endpoint), ("model", model), ("status", str(status)))
-            cached = self._labels[endpoint, model, status] = (
-                Count("ostiary_requests_total", labels),
-                labels[:2],
-            )
         principal = exchange.principal
         self._recent.append(
             (
@@ -733,17 +725,22 @@ class Gateway:
                 endpoint,
                 model,
                 status,
-                fields["duration_ms"],
+                exchange.duration_ms(now),
                 principal.id if principal is not None else "",
             )
         )
-        actions: list[Action] = [
-            Log("error" if status >= 500 and status != CLIENT_GONE else "info", "request", fields),
-            cached[0],
-            Count("ostiary_request_duration_seconds", cached[1], now - exchange.started),
-        ]
-        if call is not None or status == 401:
-            actions.extend(ending_counts(model, exchange.usage, status, exchange.error))
+        counted = CountExchange(endpoint, model, status, now - exchange.started)
+        usage = exchange.usage
+        if usage is not None and model:
+            counted.prompt_tokens = usage.prompt_tokens
+            counted.completion_tokens = usage.completion_tokens
+        error = exchange.error
+        if status == 401 and error is not None:
+            counted.auth_failure = error.code or "unknown"
+        actions: list[Action] = [counted]
+        if self.access_records:
+            level = "error" if status >= 500 and status != CLIENT_GONE else "info"
+            actions.insert(0, Log(level, "request", exchange.access_fields(now)))
         reservation = exchange.reservation
         if reservation is not None:
             settle = self._guard.settle(reservation, exchange.usage, exchange.produced, now)

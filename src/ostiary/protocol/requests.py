@@ -1,9 +1,15 @@
-"""Typed, frozen forms of the request bodies Ostiary accepts.
+"""Typed forms of the request bodies Ostiary accepts.
 
 These are what the decoder (:mod:`ostiary.protocol.decoding`) produces after strict
 validation, and what backends receive. ``raw`` keeps the validated JSON object as the
 client sent it, so that a backend which speaks OpenAI's wire format upstream can
 forward fields it does not interpret without loss.
+
+They are treated as immutable (a changed request is an ``attrs.evolve`` copy). The
+two every chat request builds, :class:`ChatCompletionRequest` and
+:class:`ChatMessage`, are slotted but not frozen: a frozen attrs class sets each
+field through ``object.__setattr__``, which for some forty fields is a large part
+of a request's decoding.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ class ToolCall:
     type: str = "function"
 
 
-@attrs.frozen
+@attrs.define
 class ChatMessage:
     role: str
     content: str | tuple[ContentPart, ...] | None = None
@@ -112,7 +118,9 @@ class ResponseFormat:
     json_schema: JsonObject | None = attrs.field(default=None, eq=False)
 
 
-@attrs.frozen
+# No on_setattr hooks: with them (the converter of ``stream``) attrs would set every
+# field in __init__ through object.__setattr__ still.
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class ChatCompletionRequest:
     model: str
     messages: tuple[ChatMessage, ...]

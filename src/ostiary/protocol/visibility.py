@@ -5,8 +5,6 @@
 - :class:`WaitWindow`: a bounded ring of recent queue waits of one backend, for the
   p50 / p99 of ``GET /v1/queue``;
 - :func:`queue_body`: the JSON of ``GET /v1/queue``;
-- :func:`ending_counts`: the token and authentication-failure counts of an
-  exchange that ended;
 - :func:`peer_allowed`: whether a socket peer is inside ``[server] metrics_allow``.
 
 All pure: ``ipaddress`` is the standard library's, no I/O.
@@ -21,17 +19,14 @@ from collections.abc import Iterable, Mapping
 
 import orjson
 
-from .actions import BackendCall, Count
-from .errors import OpenAIError
+from .actions import BackendCall
 from .exchange import BackendPolicy
-from .generation import Usage
 from .scheduler import Scheduler
 
 __all__ = [
     "MAX_COST",
     "Network",
     "WaitWindow",
-    "ending_counts",
     "estimate_cost",
     "parse_networks",
     "peer_allowed",
@@ -161,23 +156,3 @@ def peer_allowed(peer: str, networks: tuple[Network, ...]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
-
-
-def ending_counts(
-    model: str, usage: Usage | None, status: int, error: OpenAIError | None
-) -> list[Count]:
-    """``ostiary_tokens_total`` of a request that used a model, by kind (only kinds
-    with tokens), and ``ostiary_auth_failures_total`` of a 401, with its error code
-    as reason (the core's own codes: a bounded set)."""
-    counts: list[Count] = []
-    if usage is not None and model:
-        if usage.prompt_tokens:
-            labels = (("model", model), ("kind", "prompt"))
-            counts.append(Count("ostiary_tokens_total", labels, usage.prompt_tokens))
-        if usage.completion_tokens:
-            labels = (("model", model), ("kind", "completion"))
-            counts.append(Count("ostiary_tokens_total", labels, usage.completion_tokens))
-    if status == 401 and error is not None:
-        reason = error.code or "unknown"
-        counts.append(Count("ostiary_auth_failures_total", (("reason", reason),)))
-    return counts

@@ -40,6 +40,7 @@ from ostiary.protocol.actions import (
     CheckLimits,
     CheckReadiness,
     Count,
+    CountExchange,
     Dispatch,
     EndStream,
     Log,
@@ -102,6 +103,8 @@ _BATCH = 256
 #: Actions one request may have waiting in its mailbox: far more than the gateway
 #: ever sends one request from other requests' events (a Dispatch, or a response).
 _MAILBOX = 16
+#: Actions for no request's own task that few requests bring.
+_RARE = (SettleLimits, ShareFailedAuth, CancelBackend)
 
 
 class _Context:
@@ -164,6 +167,8 @@ class Driver:
         self.shared_limits = shared_limits
         self._backends = backends
         self._access_log = access_log is not False
+        if not self._access_log:
+            gateway.access_records = False  # dropped here: not even built
         self._access_writer = access_log if isinstance(access_log, AccessLog) else None
         self._stream_buffer = stream_buffer
         self._ready_timeout = ready_timeout
@@ -281,19 +286,15 @@ class Driver:
         # New deadlines come with a queued request or a dispatched call only.
         rearm = type(event) is RequestReceived
         for action in actions:
-            if isinstance(action, Count):
-                self.metrics.observe(action)
-            elif isinstance(action, Log):
+            # The most frequent first; the rare ones cost the others one test.
+            if isinstance(action, Log):
                 self._log(action)
-            elif isinstance(action, SettleLimits):
-                self.settle_limits(action)
-            elif isinstance(action, ShareFailedAuth):
-                if self.shared_limits is not None:
-                    self.shared_limits.count_failure(action.limit, self._failures_shared)
-            elif isinstance(action, CancelBackend):
-                ctx = self._contexts.get(action.request_id)
-                if ctx is not None:
-                    ctx.cancel_backend()
+            elif isinstance(action, CountExchange):
+                self.metrics.observe_exchange(action)
+            elif isinstance(action, Count):
+                self.metrics.observe(action)
+            elif isinstance(action, _RARE):
+                self._carry_rare(action)
             elif action.request_id == own_id:
                 own.append(action)
                 rearm = rearm or isinstance(action, Dispatch)
@@ -314,6 +315,17 @@ class Driver:
             if soonest < timer.deadline:  # noqa: PLR1730
                 timer.deadline = soonest
         return own
+
+    def _carry_rare(self, action: SettleLimits | ShareFailedAuth | CancelBackend) -> None:
+        if isinstance(action, SettleLimits):
+            self.settle_limits(action)
+        elif isinstance(action, ShareFailedAuth):
+            if self.shared_limits is not None:
+                self.shared_limits.count_failure(action.limit, self._failures_shared)
+        else:
+            ctx = self._contexts.get(action.request_id)
+            if ctx is not None:
+                ctx.cancel_backend()
 
     def _log(self, action: Log) -> None:
         if action.message == "request":

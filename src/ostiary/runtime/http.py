@@ -121,6 +121,19 @@ class _BadRequest(Exception):
         self.target = ""
 
 
+class _Reading:
+    """What a connection is reading, for the answer to a read that ran out of time:
+    ``phase`` "idle" (waiting for a first byte), "head", "body" (its request line
+    known) or None (not reading)."""
+
+    __slots__ = ("method", "phase", "target")
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.method = ""
+        self.target = ""
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     """The client's address, or "" for a stream that is not a socket."""
     sock = getattr(stream, "socket", None)
@@ -245,14 +258,20 @@ class HttpServer:
         settings = self.settings
         client = _peer(conn.stream)
         served = 0
-        # One cancel scope for every handler of the connection (a scope per request
-        # costs more than a deadline moved back): it is cancelled only when the
-        # client left or was too slow to read, and either ends the connection.
+        reading = _Reading()
+        # One cancel scope for the whole connection, reading and handling alike (a
+        # scope per request costs more than a deadline moved): its deadline bounds the
+        # read of each request (see _read_request) and then each write; it is
+        # cancelled when the client left or was too slow to read, when a read ran out
+        # of time, or by a drain while idle, and any of those ends the connection.
         with trio.CancelScope() as scope:
             while True:
                 try:
-                    request = await self._read_request(conn, client, first=served == 0)
+                    request = await self._read_request(
+                        conn, scope, reading, client, first=served == 0
+                    )
                 except _BadRequest as bad:
+                    scope.deadline = math.inf  # the read's; the answer has its own
                     await self._reject(conn, bad)
                     return
                 if request is None:
@@ -276,9 +295,8 @@ class HttpServer:
                     conn.stop_handling()
                 if conn.eof:
                     return  # the client stopped sending: it may have left
-                # The last write's deadline, left for the handler's end.
-                scope.deadline = math.inf
                 if request.body_skipped:
+                    scope.deadline = math.inf  # the last write's, left for the handler's end
                     await conn.linger()
                     return
                 if not responder.finished:
@@ -293,6 +311,13 @@ class HttpServer:
                     h.start_next_cycle()
                 except h11.LocalProtocolError:
                     return
+        phase = reading.phase
+        if not scope.cancelled_caught or phase is None or phase == "idle":
+            return
+        # The read ran out of time: answered (out of the cancelled scope), then closed.
+        timeout = _BadRequest(Refusal.HEAD_TIMEOUT if phase == "head" else Refusal.BODY_TIMEOUT)
+        timeout.method, timeout.target = reading.method, reading.target
+        await self._reject(conn, timeout)
 
     def _closer(self, conn: Connection, served: int, body_skipped: bool) -> Callable[[], bool]:
         """Whether the response to the ``served``-th request must close the
@@ -302,52 +327,59 @@ class HttpServer:
         return lambda: last or self._draining or conn.eof
 
     async def _read_request(
-        self, conn: Connection, client: str, *, first: bool
+        self,
+        conn: Connection,
+        scope: trio.CancelScope,
+        reading: _Reading,
+        client: str,
+        *,
+        first: bool,
     ) -> HttpRequest | None:
         """The next request, whole; None when the connection should just close.
-        One cancel scope covers all of it. Its deadline is the wait for a first byte
-        (``header_timeout`` on a new connection, ``idle_timeout`` between requests),
-        then, only if the request is not all there yet, the head's and the body's."""
+        The connection's ``scope`` bounds all of it: its deadline is the wait for a
+        first byte (``header_timeout`` on a new connection, ``idle_timeout`` between
+        requests), then, only if the request is not all there yet, the head's and the
+        body's. What is being read when it runs out is in ``reading`` (the
+        connection loop answers a head or body that came too slowly)."""
         settings = self.settings
         h = conn.h11
-        phase = "idle"
-        method: str | None = None
-        target: str | None = None
         wait = settings.header_timeout if first else settings.idle_timeout
-        with trio.CancelScope(deadline=trio.current_time() + wait) as scope:
-            event = _event(h)
-            if event is h11.NEED_DATA and not conn.has_unread():
-                self._idle.add(scope)
-                try:
-                    if self._draining:
-                        return None
-                    arrived = await conn.wait_data()
-                finally:
-                    self._idle.discard(scope)
-                if conn.eof and not arrived:
-                    return None
-            phase = "head"
-            deadline = trio.current_time() + settings.header_timeout
-            while event is h11.NEED_DATA:
-                event = await self._next_event(conn, scope, deadline)
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None
-            if not isinstance(event, h11.Request):
-                raise _BadRequest(Refusal.MALFORMED)
-            method = event.method.decode("ascii", "replace")
-            target = event.target.decode("ascii", "replace")
+        scope.deadline = trio.current_time() + wait
+        reading.phase = "idle"
+        reading.method = reading.target = ""
+        event = _event(h)
+        if event is h11.NEED_DATA and not conn.has_unread():
+            self._idle.add(scope)
             try:
-                return await self._admit(
-                    conn, scope, event, method=method, target=target, client=client
-                )
-            except _BadRequest as bad:
-                bad.method, bad.target = method, target
-                raise
-        if phase == "idle":
+                if self._draining:
+                    return None
+                arrived = await conn.wait_data()
+            finally:
+                self._idle.discard(scope)
+            if conn.eof and not arrived:
+                return None
+        reading.phase = "head"
+        deadline = trio.current_time() + settings.header_timeout
+        while event is h11.NEED_DATA:
+            event = await self._next_event(conn, scope, deadline)
+        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
-        timeout = _BadRequest(Refusal.HEAD_TIMEOUT if method is None else Refusal.BODY_TIMEOUT)
-        timeout.method, timeout.target = method or "", target or ""
-        raise timeout
+        if not isinstance(event, h11.Request):
+            raise _BadRequest(Refusal.MALFORMED)
+        method = event.method.decode("ascii", "replace")
+        target = event.target.decode("ascii", "replace")
+        reading.phase = "body"
+        reading.method, reading.target = method, target
+        try:
+            request = await self._admit(
+                conn, scope, event, method=method, target=target, client=client
+            )
+        except _BadRequest as bad:
+            bad.method, bad.target = method, target
+            raise
+        reading.phase = None
+        scope.deadline = math.inf
+        return request
 
     async def _admit(
         self,

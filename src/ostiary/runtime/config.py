@@ -217,6 +217,19 @@ class Config:
     backends: tuple[BackendSettings, ...] = ()
     #: The file it came from ("" for the built-in default).
     source: str = ""
+    #: ``[server]`` settings given on the command line (``--host``, ``--port``),
+    #: which win over the file's, at start and at every reload (SIGHUP).
+    server_overrides: tuple[tuple[str, object], ...] = ()
+
+    def with_server_overrides(self, **changes: object) -> Config:
+        """This config with ``changes`` to ``[server]``, remembered as overrides."""
+        merged: dict[str, Any] = dict(self.server_overrides)
+        merged.update(changes)
+        return attrs.evolve(
+            self,
+            server=attrs.evolve(self.server, **merged),
+            server_overrides=tuple(merged.items()),
+        )
 
     @property
     def state_dir(self) -> Path:

@@ -130,6 +130,11 @@ def _check_algorithms(
             )
 
 
+def _check_claim_path(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.strip():
+        raise ValueError(f"{attribute.name} must name a claim (a dotted path), not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class JwtSettings:
     """``[auth.jwt]``: bearer JWTs beside API keys (DESIGN §5a)."""
@@ -147,8 +152,8 @@ class JwtSettings:
         default=30.0, validator=[attrs.validators.ge(0), attrs.validators.le(600)]
     )
     #: Dotted claim paths: whom limits count against, and the role names.
-    subject_claim: str = "sub"
-    roles_claim: str = "roles"
+    subject_claim: str = attrs.field(default="sub", validator=_check_claim_path)
+    roles_claim: str = attrs.field(default="roles", validator=_check_claim_path)
     #: Seconds between scheduled refetches of ``jwks_url`` (key rotation).
     jwks_refresh_interval: float = attrs.field(default=300.0, validator=attrs.validators.ge(1))
     #: Least seconds between refetches caused by tokens naming an unknown ``kid``, so

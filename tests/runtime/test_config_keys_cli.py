@@ -436,3 +436,21 @@ def test_queue_and_metrics_keys(tmp_path: Path) -> None:
         parse_config(SCRIPTED + "aging_seconds = 0\n", "t")
     with pytest.raises(ConfigError, match="not an address or network"):
         parse_config('[server]\nmetrics_allow = ["10.0.0.0/33"]\n' + SCRIPTED, "t")
+
+
+JWT_TABLE = '[auth.jwt]\njwks_file = "j.json"\nissuer = "https://idp"\naudience = "o"\n'
+
+
+@pytest.mark.parametrize("line", ['subject_claim = ""', 'roles_claim = ""', 'roles_claim = " "'])
+def test_an_empty_jwt_claim_path_is_refused(line: str) -> None:
+    # An empty path finds no claim in any token: every JWT
+    # would be refused (no subject) or forbidden (no role) with a config that loads.
+    with pytest.raises(ConfigError) as info:
+        parse_config(JWT_TABLE + line + "\n" + SCRIPTED, "my.toml")
+    assert "auth.jwt" in str(info.value) and line.partition(" ")[0] in str(info.value)
+
+
+def test_dotted_and_namespaced_jwt_claim_paths_load() -> None:
+    text = JWT_TABLE + 'roles_claim = "https://app.example/roles"\nsubject_claim = "a.b"\n'
+    jwt = parse_config(text + SCRIPTED, "t").auth.jwt
+    assert jwt is not None and jwt.subject_claim == "a.b"

@@ -176,3 +176,22 @@ def test_bad_flags_are_clear_errors(
     assert info.value.code == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "st" / "keys.sqlite3").exists()
+
+
+@pytest.mark.parametrize("name", ["a\tb", "two\nlines", "bell\x07", "del\x7f", "x" * 201])
+def test_a_name_that_would_break_the_listing_is_refused(
+    tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # `keys list` prints one tab-separated line per key: a tab or a newline in a
+    # name would shift its fields or forge a line that looks like another key.
+    assert main(["keys", "create", "--name", name, "--role", "user", "--config", cfg]) == 1
+    assert "name" in capsys.readouterr().err
+    assert store(tmp_path).list() == []
+
+
+def test_a_printable_name_is_kept_as_given(
+    tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "équipe data — CI #2"
+    assert main(["keys", "create", "--name", name, "--role", "user", "--config", cfg]) == 0
+    assert store(tmp_path).list()[0].name == name

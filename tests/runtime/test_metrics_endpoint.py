@@ -128,3 +128,24 @@ async def test_queue_over_http_is_admin_only(autojump_clock: trio.testing.MockCl
         assert status == 200 and headers[b"content-type"] == b"application/json"
         (backend,) = orjson.loads(body)["backends"]
         assert (backend["name"], backend["queued"], backend["running"]) == ("scripted", 0, 0)
+
+
+async def test_retrieving_a_model_is_labelled_models(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # DESIGN §5a: the endpoint names of metrics labels are those of roles, and
+    # `models` covers both listing and retrieving models.
+    async with serving() as (connect, _):
+        client = await connect("192.168.1.1")
+        assert (await get(client, "/v1/models"))[0] == 200
+        assert (await get(client, "/v1/models/s"))[0] == 200
+        assert (await get(client, "/v1/models/nope"))[0] == 404
+        after = samples((await get(client, "/metrics"))[2].decode())
+        labels = {dict(k[1]).get("endpoint") for k in after if k[0] == "ostiary_requests_total"}
+        assert "models.retrieve" not in labels
+        ok = ("ostiary_requests_total", (("endpoint", "models"), ("model", ""), ("status", "200")))
+        missing = (
+            "ostiary_requests_total",
+            (("endpoint", "models"), ("model", ""), ("status", "404")),
+        )
+        assert after[ok] == 2 and after[missing] == 1

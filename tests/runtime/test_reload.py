@@ -52,3 +52,27 @@ async def test_reload_without_a_file_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "ostiary.toml"
     path.write_text(BACKEND)
     assert await reload_access(default_config(), driver_for(path)) is None
+
+
+async def test_reload_keeps_the_command_lines_host_and_port(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `ostiary serve --config F --port P` overrides [server] port; a SIGHUP that
+    # changes only roles must not claim that [server] changed (and need a restart).
+    path = tmp_path / "ostiary.toml"
+    path.write_text(BACKEND)
+    config = load_config(path).with_server_overrides(host="127.0.0.2", port=8123)
+    driver = driver_for(path)
+    path.write_text('[[roles]]\nname = "user"\nendpoints = ["models"]\n' + BACKEND)
+    reloaded = await reload_access(config, driver)
+    assert reloaded is not None
+    assert "need a restart" not in caplog.text
+    assert (reloaded.server.host, reloaded.server.port) == ("127.0.0.2", 8123)
+    # ...and the next reload compares against what is really served, too.
+    path.write_text('[[roles]]\nname = "user"\n' + BACKEND)
+    assert await reload_access(reloaded, driver) is not None
+    assert "need a restart" not in caplog.text
+    # A real [server] change in the file is still reported.
+    path.write_text("[server]\nsend_timeout = 5.0\n" + BACKEND)
+    assert await reload_access(reloaded, driver) is not None
+    assert "need a restart" in caplog.text

@@ -31,6 +31,7 @@ from .errors import (
 
 __all__ = [
     "ADMIN",
+    "ENDPOINT_LABELS",
     "Admission",
     "Endpoint",
     "Refusal",
@@ -60,6 +61,13 @@ class Endpoint(enum.Enum):
     QUEUE_LIVE = "queue.live"
     DASHBOARD = "dashboard"
     METRICS = "metrics"
+
+
+#: The name metrics and the dashboard give each route: DESIGN §5a's, where
+#: ``models`` covers listing and retrieving models and ``queue`` its live feed.
+ENDPOINT_LABELS: dict[Endpoint, str] = {
+    e: {Endpoint.MODEL: "models", Endpoint.QUEUE_LIVE: "queue"}.get(e, e.value) for e in Endpoint
+}
 
 
 #: path → (method, endpoint), for the fixed paths.

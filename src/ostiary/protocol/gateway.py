@@ -50,6 +50,7 @@ from .actions import (
 )
 from .admission import (
     ADMIN,
+    ENDPOINT_LABELS,
     PUBLIC,
     WITH_BODY,
     Admission,
@@ -716,7 +717,7 @@ class Gateway:
         status = exchange.status
         call = exchange.call
         model = call.model if call is not None else ""
-        endpoint = exchange.endpoint.value if exchange.endpoint is not None else "none"
+        endpoint = ENDPOINT_LABELS[exchange.endpoint] if exchange.endpoint is not None else "none"
         principal = exchange.principal
         self._recent.append(
             (

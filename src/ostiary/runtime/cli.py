@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import attrs
 import trio
 
 from ostiary.protocol.access import LimitSet
@@ -125,12 +124,9 @@ def _stderr_access_log(server: ServerSettings) -> AccessLog | None:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    overrides = {"host": args.host, "port": args.port}
+    config = config.with_server_overrides(**{k: v for k, v in overrides.items() if v is not None})
     server = config.server
-    if args.host is not None:
-        server = attrs.evolve(server, host=args.host)
-    if args.port is not None:
-        server = attrs.evolve(server, port=args.port)
-    config = attrs.evolve(config, server=server)
     setup_logging(server.log_level, server.log_format)
     from .server import StartupError, run_server
 

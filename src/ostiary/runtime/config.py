@@ -130,6 +130,11 @@ def _check_algorithms(
             )
 
 
+def _check_claim_path(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.strip():
+        raise ValueError(f"{attribute.name} must name a claim (a dotted path), not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class JwtSettings:
     """``[auth.jwt]``: bearer JWTs beside API keys (DESIGN §5a)."""
@@ -147,8 +152,8 @@ class JwtSettings:
         default=30.0, validator=[attrs.validators.ge(0), attrs.validators.le(600)]
     )
     #: Dotted claim paths: whom limits count against, and the role names.
-    subject_claim: str = "sub"
-    roles_claim: str = "roles"
+    subject_claim: str = attrs.field(default="sub", validator=_check_claim_path)
+    roles_claim: str = attrs.field(default="roles", validator=_check_claim_path)
     #: Seconds between scheduled refetches of ``jwks_url`` (key rotation).
     jwks_refresh_interval: float = attrs.field(default=300.0, validator=attrs.validators.ge(1))
     #: Least seconds between refetches caused by tokens naming an unknown ``kid``, so
@@ -217,6 +222,19 @@ class Config:
     backends: tuple[BackendSettings, ...] = ()
     #: The file it came from ("" for the built-in default).
     source: str = ""
+    #: ``[server]`` settings given on the command line (``--host``, ``--port``),
+    #: which win over the file's, at start and at every reload (SIGHUP).
+    server_overrides: tuple[tuple[str, object], ...] = ()
+
+    def with_server_overrides(self, **changes: object) -> Config:
+        """This config with ``changes`` to ``[server]``, remembered as overrides."""
+        merged: dict[str, Any] = dict(self.server_overrides)
+        merged.update(changes)
+        return attrs.evolve(
+            self,
+            server=attrs.evolve(self.server, **merged),
+            server_overrides=tuple(merged.items()),
+        )
 
     @property
     def state_dir(self) -> Path:

@@ -81,6 +81,9 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 #: Milliseconds a connection waits for another process's write lock.
 BUSY_TIMEOUT_MS = 10_000
+#: Characters of a key's name; it must be printable, as ``keys list`` prints it
+#: between tabs, one key a line.
+MAX_NAME_LENGTH = 200
 
 _INSERT = """INSERT INTO api_keys (id, name, role, digest, created_at, expires_at,
     requests_per_minute, tokens_per_minute, requests_per_day, tokens_per_day, max_concurrent)
@@ -263,6 +266,11 @@ class SqliteKeyStore:
     ) -> tuple[KeyInfo, str] | None:
         if not name or not role:
             raise KeyStoreError("a key needs a non-empty name and role")
+        if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+            raise KeyStoreError(
+                f"a key's name must be at most {MAX_NAME_LENGTH} printable characters "
+                "(no tabs, newlines or other control characters)"
+            )
         key_id = secrets.token_hex(6)
         secret = format_secret(key_id, secrets.token_urlsafe(32))
         now = int(time.time())

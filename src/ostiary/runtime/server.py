@@ -133,6 +133,7 @@ async def reload_access(config: Config, driver: Driver) -> Config | None:
             "config reload refused; the old config stays", extra={"fields": {"error": str(exc)}}
         )
         return None
+    new = new.with_server_overrides(**dict(config.server_overrides))
     if new.backends != config.backends or new.server != config.server:
         log.warning(
             "config reload: [server] and [[backends]] changes need a restart; not applied",

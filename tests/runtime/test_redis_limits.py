@@ -359,8 +359,15 @@ class LossyClient(RedisClient):
 
     lose_next = False
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        reply = await super().evalsha(script, keys, args)
+    async def evalsha(
+        self,
+        script: Script,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+        *,
+        deadline: float | None = None,
+    ) -> Any:
+        reply = await super().evalsha(script, keys, args, deadline=deadline)
         if self.lose_next:
             self.lose_next = False
             raise RedisUnavailableError("the reply was lost")

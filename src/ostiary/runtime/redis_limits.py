@@ -9,9 +9,13 @@ which replaces Redis' clock; nothing else does.
 
 Keys (``prefix`` defaults to ``ostiary:``):
 
-- ``{prefix}{<layer>}:<name>``: a bucket, the string ``<deficit>:<stamp>``, expiring
+- ``{prefix}{<layer>}:<name>``: a bucket, 16 bytes: its deficit and stamp as
+  little-endian doubles (exact: every figure is an integer below 2**53), expiring
   once it is full again, so Redis holds only buckets below full (one MGET reads an
-  admission's buckets, one SET with PX writes each);
+  admission's buckets, one SET with PX writes each). Binary, not decimal: Redis'
+  Lua parses and prints decimals through strtod and printf, which cost more than
+  the rest of the script; the numbers a script is given travel the same way, in one
+  argument;
 - ``{prefix}{<layer>}:concurrent``: the requests in flight of a layer, a hash of
   replica id to count;
 - ``{prefix}holds:{<replica>}``: the replica's open holds, hold id to the hold's slot
@@ -62,6 +66,7 @@ import collections
 import importlib.resources
 import itertools
 import logging
+import struct
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -93,6 +98,16 @@ def _script(name: str) -> Script:
 ADMIT = _script("admit")
 SETTLE = _script("settle")
 RELEASE = _script("release")
+
+
+#: A bucket as Redis stores it: its deficit and stamp, little-endian doubles.
+_BUCKET = struct.Struct("<dd")
+
+
+def _doubles(numbers: list[int]) -> bytes:
+    """A script's numbers as it reads them (``ARGV[1]``): little-endian doubles, exact
+    below 2**53, which :class:`~ostiary.protocol.limits.BucketSpec` sees to."""
+    return struct.pack(f"<{len(numbers)}d", *numbers)
 
 
 def _recorded(charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit]) -> bool:
@@ -137,14 +152,16 @@ class RedisLimitStore:
     _pending: collections.deque[tuple[Hold, int]] = attrs.field(
         factory=collections.deque, init=False
     )
+    _holds_prefix: str = attrs.field(init=False)
+    _holds_key: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._holds_prefix = f"{self.prefix}holds:{{"
+        self._holds_key = f"{self._holds_prefix}{self.replica}}}"
 
     @property
     def holds_key(self) -> str:
-        return f"{self._holds_prefix}{self.replica}}}"
-
-    @property
-    def _holds_prefix(self) -> str:
-        return f"{self.prefix}holds:{{"
+        return self._holds_key
 
     @property
     def _lease_ms(self) -> int:
@@ -171,32 +188,36 @@ class RedisLimitStore:
         slots: Sequence[ConcurrencyLimit],
         *,
         now_ms: int | None = None,
+        deadline: float | None = None,
     ) -> Decision:
-        """Admit a request on every layer at once, or on none (one round trip)."""
+        """Admit a request on every layer at once, or on none (one round trip, by
+        ``deadline`` if given, else within the client's timeout)."""
         hold_id = next(self._ids)
-        keys = [self.bucket_key(limit) for limit, _ in charges]
-        keys += [self.slot_key(slot) for slot in slots]
-        keys.append(self.holds_key)
-        args: list[str | int] = [
-            "" if now_ms is None else now_ms,
-            self.replica,
-            hold_id,
-            self._lease_ms,
-            self._holds_prefix,
-            len(charges),
-            len(slots),
-            1 if _recorded(charges, slots) else 0,
-            -1,
-        ]
+        prefix = self.prefix
+        keys = [f"{prefix}{{{limit.layer}}}:{limit.name}" for limit, _ in charges]
+        recorded = _recorded(charges, slots)
+        numbers = [-1 if now_ms is None else now_ms, len(charges), len(slots), recorded, -1]
         for i, (limit, cost) in enumerate(charges):
-            s = limit.spec
-            if cost > s.capacity and args[8] == -1:
-                args[8] = i  # it can never pass: the first such refuses
-            args += (s.per_ms, s.window_ms, s.full, cost * s.per_token)
-        args += [slot.limit for slot in slots]
+            _, per_token, per_ms, full, span = limit.bucket
+            debit = cost * per_token
+            if debit > full:  # its cost exceeds its capacity: it can never pass
+                if numbers[4] == -1:
+                    numbers[4] = i  # the first such refuses
+                debit = 0  # never used
+            numbers += (per_ms, span, full, debit)
+        record = ""
+        if slots:
+            numbers += [slot.limit for slot in slots]
+            slot_keys = [f"{prefix}{{{slot.layer}}}:concurrent" for slot in slots]
+            keys += slot_keys
+            if recorded:
+                record = "".join(f"{len(key.encode())}:{key}" for key in slot_keys)
+        keys.append(self._holds_key)
+        lease, at = self._lease_ms, self._holds_prefix
+        args = (_doubles(numbers), self.replica, hold_id, lease, at, record)
         self._live.add(hold_id)
         try:
-            reply = await self._run(ADMIT, keys, args)
+            reply = await self._run(ADMIT, keys, args, deadline)
         except BaseException:
             # The script may have run before the reply was lost (timeout, cancel):
             # forgotten here, its hold (if any) is released by reconciliation.
@@ -296,7 +317,7 @@ class RedisLimitStore:
         (stored,) = await self._call(("GET", self.bucket_key(limit)))
         if stored is None:
             return 0
-        deficit, stamp = stored.split(b":")
+        deficit, stamp = _BUCKET.unpack(stored)
         return deficit_at(limit.spec, int(deficit), int(stamp), now_ms)
 
     async def in_flight(self, slot: ConcurrencyLimit) -> int:
@@ -315,23 +336,24 @@ class RedisLimitStore:
         keys = [self.bucket_key(limit) for limit, _ in settled]
         keys += [self.slot_key(slot) for slot in hold.slots]
         keys.append(self.holds_key)
-        args: list[str | int] = [
-            "" if now_ms is None else now_ms,
-            self.replica,
-            hold.id,
-            len(settled),
-            len(hold.slots),
-        ]
+        numbers = [-1 if now_ms is None else now_ms, len(settled), len(hold.slots)]
         for limit, reserved in settled:
             s = limit.spec
-            args += (s.capacity, s.per_token, s.per_ms, s.full, s.window_ms, reserved, actual)
-        await self._run(SETTLE, keys, args)
+            # Only min(|actual - reserved|, capacity) counts: bounded, it stays exact.
+            used = max(reserved - s.capacity, min(actual, reserved + s.capacity))
+            numbers += (s.per_ms, 2 * s.window_ms, s.capacity, s.per_token, s.full)
+            numbers += (reserved, used)
+        await self._run(SETTLE, keys, (_doubles(numbers), self.replica, hold.id))
 
     async def _run(
-        self, script: Script, keys: list[str], args: Sequence[str | int | bytes]
+        self,
+        script: Script,
+        keys: list[str],
+        args: Sequence[str | int | bytes],
+        deadline: float | None = None,
     ) -> list[int]:
         try:
-            reply = await self.client.evalsha(script, keys, args)
+            reply = await self.client.evalsha(script, keys, args, deadline=deadline)
         except RedisError as exc:
             raise LimiterUnavailableError(str(exc)) from exc
         return reply if isinstance(reply, list) else [reply]

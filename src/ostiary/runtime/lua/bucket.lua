@@ -1,5 +1,9 @@
 -- The bucket math of ostiary/protocol/limits.py, operation for operation. Every
 -- value is an integer below 2^53, so doubles compute it exactly.
+--
+-- Numbers cross the wire in ARGV[1], and buckets are stored, as little-endian
+-- doubles (struct), not decimal strings: parsing decimals (strtod) and printing
+-- them cost Redis more than all the rest of an admission's Lua.
 
 local function floor_div(a, b)
   local q = math.floor(a / b)
@@ -15,7 +19,8 @@ local function ceil_div(a, b)
   return -floor_div(-a, b)
 end
 
-local function deficit_at(per_ms, window_ms, deficit, stamp, now)
+-- span: the longest refill that counts, twice the window.
+local function deficit_at(per_ms, span, deficit, stamp, now)
   if deficit <= 0 then
     return 0
   end
@@ -23,16 +28,22 @@ local function deficit_at(per_ms, window_ms, deficit, stamp, now)
   if elapsed <= 0 then
     return deficit
   end
-  local refill = per_ms * math.min(elapsed, 2 * window_ms)
+  local refill = per_ms * math.min(elapsed, span)
   if refill < deficit then
     return deficit - refill
   end
   return 0
 end
 
--- A bucket is a string '<deficit>:<stamp>' (absent: full). The deficits at now of
--- KEYS[1..n], read in one MGET, given each bucket's per_ms and window_ms.
-local function load_deficits(n, now, per_ms, window_ms)
+-- The script's numbers (ARGV[1]), in a table.
+local function numbers(packed)
+  return {struct.unpack('<' .. string.rep('d', #packed / 8), packed)}
+end
+
+-- A bucket is 16 bytes, its deficit and its stamp (absent: full). The deficits at
+-- now of KEYS[1..n], read in one MGET; bucket i's per_ms and span are
+-- v[at + (i - 1) * stride] and the number after it.
+local function load_deficits(n, now, v, at, stride)
   local deficits = {}
   if n == 0 then
     return deficits
@@ -41,9 +52,9 @@ local function load_deficits(n, now, per_ms, window_ms)
   for i = 1, n do
     local state = states[i]
     if state then
-      local colon = string.find(state, ':', 1, true)
-      deficits[i] = deficit_at(per_ms[i], window_ms[i], tonumber(string.sub(state, 1, colon - 1)),
-        tonumber(string.sub(state, colon + 1)), now)
+      local deficit, stamp = struct.unpack('<dd', state)
+      local b = at + (i - 1) * stride
+      deficits[i] = deficit_at(v[b], v[b + 1], deficit, stamp, now)
     else
       deficits[i] = 0
     end
@@ -57,12 +68,12 @@ local function store_deficit(key, deficit, per_ms, now)
     redis.call('DEL', key)
     return
   end
-  redis.call('SET', key, string.format('%d:%d', deficit, now), 'PX', ceil_div(deficit, per_ms) + 1000)
+  redis.call('SET', key, struct.pack('<dd', deficit, now), 'PX', ceil_div(deficit, per_ms) + 1000)
 end
 
-local function clock(arg)
-  local now = tonumber(arg)
-  if now then
+-- now_ms as given (tests), or Redis' own clock when negative.
+local function clock(now)
+  if now >= 0 then
     return now
   end
   local t = redis.call('TIME')
@@ -96,16 +107,8 @@ local function live_count(key, alive, replica, holds, lease_ms, holds_prefix)
   return total
 end
 
--- A hold's record: its slot keys, each as '<length>:<key>' (keys may hold any byte).
-local function encode_keys(first, last)
-  local parts = {}
-  for j = first, last do
-    local key = KEYS[j]
-    parts[#parts + 1] = #key .. ':' .. key
-  end
-  return table.concat(parts)
-end
-
+-- A hold's record: its slot keys, each as '<length>:<key>' (keys may hold any
+-- byte), written by the replica.
 local function decode_keys(record)
   local keys, at = {}, 1
   while at <= #record do

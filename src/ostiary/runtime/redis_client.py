@@ -39,12 +39,13 @@ import logging
 import math
 import socket
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import attrs
 import hiredis
 import trio
+from trio import current_time
 from trio.lowlevel import (
     Abort,
     Task,
@@ -269,6 +270,8 @@ class _Connection:
         dropped when they come. Its deadline is the watchdog's business
         (:meth:`expire`).
         """
+        if self.writer is call:
+            await self.flush()
         try:
             while not call.done:
                 if call.turn:
@@ -292,7 +295,10 @@ class _Connection:
         except _LOST as exc:  # closed under the reader by another call, or broke
             self.fail(_LostError(f"Redis connection lost: {exc}"))
         if call.turn:
-            self._pass_turn()
+            if self.pending:
+                self._pass_turn()
+            else:
+                self.reading = False
         if call.error is not None:
             raise call.error
         return call.replies
@@ -472,31 +478,27 @@ class RedisClient:
         both round trips together within the timeout (or by ``deadline``, if
         sooner)."""
         payload = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-        return await self.evalsha_packed(script, payload, deadline)
-
-    async def evalsha_packed(
-        self, script: Script, payload: bytes, deadline: float | None = None
-    ) -> Any:
-        """:meth:`evalsha` of an EVALSHA command packed already."""
-        now = trio.current_time()
-        if deadline is None or deadline > now + self.timeout:
-            deadline = now + self.timeout
+        now = current_time()
+        latest = now + self.timeout
+        if deadline is None or deadline > latest:
+            deadline = latest
         elif deadline <= now:
             raise self._late()
         (reply,) = await self._call(payload, 1, deadline)
-        if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT"):
-            if trio.current_time() >= deadline:
-                raise self._late()
-            load = _pack(("SCRIPT", "LOAD", script.source))
-            _, reply = await self._call(load + payload, 2, deadline)
         if isinstance(reply, RedisReplyError):
-            raise reply
+            if str(reply).startswith("NOSCRIPT"):
+                if current_time() >= deadline:
+                    raise self._late()
+                load = _pack(("SCRIPT", "LOAD", script.source))
+                _, reply = await self._call(load + payload, 2, deadline)
+            if isinstance(reply, RedisReplyError):
+                raise reply
         return reply
 
     async def _call(self, payload: bytes, count: int, deadline: float | None = None) -> list[Any]:
         await checkpoint_if_cancelled()  # nothing is sent once cut short
         if deadline is None:
-            deadline = trio.current_time() + self.timeout
+            deadline = current_time() + self.timeout
         conn = self._pick()
         if conn is None:
             conn = await self._connection(deadline)
@@ -514,9 +516,10 @@ class RedisClient:
     def _late(self) -> RedisUnavailableError:
         return RedisUnavailableError(f"Redis did not answer within {self.timeout} s")
 
-    async def _send(
+    def _send(
         self, conn: _Connection, payload: bytes, count: int, deadline: float
-    ) -> list[Any]:
+    ) -> Coroutine[Any, Any, list[Any]]:
+        """Write the call, have its deadline watched; the wait for its replies."""
         call = conn.send(payload, count, deadline)
         alarm = self._alarm
         if alarm is not None:
@@ -526,9 +529,7 @@ class RedisClient:
         elif self._watchdog is None:
             self._watchdog = trio.CancelScope()
             trio.lowlevel.spawn_system_task(self._watch, self._watchdog, name="redis watchdog")
-        if conn.writer is call:
-            await conn.flush()
-        return await conn.wait(call)
+        return conn.wait(call)
 
     async def _watch(self, scope: trio.CancelScope) -> None:
         """Fail the calls Redis did not answer in time (see :meth:`_Connection.expire`)."""
@@ -541,7 +542,7 @@ class RedisClient:
                         await trio.sleep_forever()
                     self._alarm = None
                     wake = math.inf
-                    now = trio.current_time()
+                    now = current_time()
                     for conn in list(self._conns):
                         try:
                             wake = min(wake, conn.expire(now, self._late))
@@ -579,13 +580,13 @@ class RedisClient:
         return best
 
     async def _checkout(self) -> _Connection:
-        if trio.current_time() < self._down_until:
+        if current_time() < self._down_until:
             raise RedisUnavailableError("Redis is unreachable (waiting to reconnect)")
         self._connecting += 1
         try:
             conn = await self._connect()
         except (*_LOST, RedisReplyError) as exc:
-            now = trio.current_time()
+            now = current_time()
             if now >= self._down_until:  # callers failing together back off once
                 self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
                 self._down_until = now + self._backoff

@@ -90,16 +90,19 @@ __all__ = ["ADMIT", "RELEASE", "SETTLE", "LimiterUnavailableError", "RedisLimitS
 log = logging.getLogger("ostiary.limits")
 
 
-def _script(name: str) -> Script:
+def _script(*names: str) -> Script:
     lua = importlib.resources.files("ostiary.runtime") / "lua"
-    return Script((lua / "bucket.lua").read_text() + (lua / f"{name}.lua").read_text())
+    return Script("".join((lua / f"{name}.lua").read_text() for name in names))
 
 
-ADMIT = _script("admit")
-SETTLE = _script("settle")
-RELEASE = _script("release")
+# Each script is its helpers and its body: helpers a script does not use would be
+# defined on every call for nothing.
+ADMIT = _script("bucket", "admit")
+SETTLE = _script("bucket", "slots", "settle")
+RELEASE = _script("slots", "release")
 
 
+_TOKENS = Unit.TOKENS
 #: A bucket as Redis stores it: its deficit and stamp, little-endian doubles.
 _BUCKET = struct.Struct("<dd")
 
@@ -194,10 +197,11 @@ class RedisLimitStore:
         ``deadline`` if given, else within the client's timeout)."""
         hold_id = next(self._ids)
         prefix = self.prefix
-        keys = [f"{prefix}{{{limit.layer}}}:{limit.name}" for limit, _ in charges]
-        recorded = _recorded(charges, slots)
-        numbers = [-1 if now_ms is None else now_ms, len(charges), len(slots), recorded, -1]
+        keys = []
+        numbers = [-1 if now_ms is None else now_ms, len(charges), len(slots), 0, -1]
+        recorded = bool(slots)
         for i, (limit, cost) in enumerate(charges):
+            keys.append(f"{prefix}{{{limit.layer}}}:{limit.name}")
             _, per_token, per_ms, full, span = limit.bucket
             debit = cost * per_token
             if debit > full:  # its cost exceeds its capacity: it can never pass
@@ -205,23 +209,28 @@ class RedisLimitStore:
                     numbers[4] = i  # the first such refuses
                 debit = 0  # never used
             numbers += (per_ms, span, full, debit)
+            if limit.unit is _TOKENS:
+                recorded = True  # see _recorded
         record = ""
         if slots:
             numbers += [slot.limit for slot in slots]
             slot_keys = [f"{prefix}{{{slot.layer}}}:concurrent" for slot in slots]
             keys += slot_keys
-            if recorded:
-                record = "".join(f"{len(key.encode())}:{key}" for key in slot_keys)
+            record = "".join(f"{len(key.encode())}:{key}" for key in slot_keys)
+        if recorded:
+            numbers[3] = 1
         keys.append(self._holds_key)
         lease, at = self._lease_ms, self._holds_prefix
         args = (_doubles(numbers), self.replica, hold_id, lease, at, record)
         self._live.add(hold_id)
         try:
-            reply = await self._run(ADMIT, keys, args, deadline)
-        except BaseException:
+            reply = await self.client.evalsha(ADMIT, keys, args, deadline=deadline)
+        except BaseException as exc:
             # The script may have run before the reply was lost (timeout, cancel):
             # forgotten here, its hold (if any) is released by reconciliation.
             self._live.discard(hold_id)
+            if isinstance(exc, RedisError):
+                raise LimiterUnavailableError(str(exc)) from exc
             raise
         held = tuple(charges)
         if reply[0] == 1:

@@ -7,6 +7,34 @@
 -- ARGV[2..]: replica, hold id, lease ms, holds key prefix, the hold's record.
 -- Returns {1, deficits...} when admitted, else {0, exhausted, full_slot, retry_ms,
 -- never, deficits...} (indices 0-based, -1 for none).
+
+-- Concurrency counters are hashes of replica -> count. A replica whose holds hash
+-- (its lease) has expired is dead: its counts are dropped here. alive caches each
+-- replica's verdict for the script; this replica's own is found by renewing its
+-- lease (PEXPIRE answers whether the hash exists), which the admission does anyway.
+local function live_count(key, alive, replica, holds, lease_ms, holds_prefix)
+  local fields = redis.call('HGETALL', key)
+  local total = 0
+  for i = 1, #fields, 2 do
+    local owner = fields[i]
+    local live = alive[owner]
+    if live == nil then
+      if owner == replica then
+        live = redis.call('PEXPIRE', holds, lease_ms) == 1
+      else
+        live = redis.call('EXISTS', holds_prefix .. owner .. '}') == 1
+      end
+      alive[owner] = live
+    end
+    if live then
+      total = total + tonumber(fields[i + 1])
+    else
+      redis.call('HDEL', key, owner)
+    end
+  end
+  return total
+end
+
 local v = numbers(ARGV[1])
 local n, m = v[2], v[3]
 local now = n > 0 and clock(v[1]) or 0

@@ -142,7 +142,7 @@ async def test_redis_clock_is_used_without_an_explicit_now(shared_redis: RedisSe
         assert refused.refusal is not None and refused.refusal.retry_after_ms is not None
         assert 0 < refused.refusal.retry_after_ms <= 30_000
         ttl = await client.execute("PTTL", store.bucket_key(rpm))
-        assert 60_000 <= ttl <= 61_000  # gone once full again
+        assert 61_000 <= ttl <= 62_000  # gone once full again (a second or two)
 
 
 async def test_script_flush_mid_run_reloads_the_scripts(shared_redis: RedisServer) -> None:

@@ -9,10 +9,12 @@ which replaces Redis' clock; nothing else does.
 
 Keys (``prefix`` defaults to ``ostiary:``):
 
-- ``{prefix}{<layer>}:<name>``: a bucket, 16 bytes: its deficit and stamp as
-  little-endian doubles (exact: every figure is an integer below 2**53), expiring
-  once it is full again, so Redis holds only buckets below full (one MGET reads an
-  admission's buckets, one SET with PX writes each). Binary, not decimal: Redis'
+- ``{prefix}{<layer>}:<name>``: a bucket, 24 bytes: its deficit, its stamp and
+  its key's expiry as little-endian doubles (exact: every figure is an integer
+  below 2**53), expiring a second or two after it is full again, so Redis holds
+  only buckets below full (one MGET reads an admission's buckets, one SET writes
+  each, with a new expiry only when the one it has falls short: about once a
+  second for a busy bucket; see ``lua/bucket.lua``). Binary, not decimal: Redis'
   Lua parses and prints decimals through strtod and printf, which cost more than
   the rest of the script; the numbers a script is given travel the same way, in one
   argument;
@@ -103,8 +105,8 @@ RELEASE = _script("slots", "release")
 
 
 _TOKENS = Unit.TOKENS
-#: A bucket as Redis stores it: its deficit and stamp, little-endian doubles.
-_BUCKET = struct.Struct("<dd")
+#: A bucket as Redis stores it: its deficit, stamp and expiry, little-endian doubles.
+_BUCKET = struct.Struct("<ddd")
 
 
 def _doubles(numbers: list[int]) -> bytes:
@@ -326,7 +328,7 @@ class RedisLimitStore:
         (stored,) = await self._call(("GET", self.bucket_key(limit)))
         if stored is None:
             return 0
-        deficit, stamp = _BUCKET.unpack(stored)
+        deficit, stamp, _ = _BUCKET.unpack(stored)
         return deficit_at(limit.spec, int(deficit), int(stamp), now_ms)
 
     async def in_flight(self, slot: ConcurrencyLimit) -> int:

@@ -38,7 +38,7 @@ end
 local v = numbers(ARGV[1])
 local n, m = v[2], v[3]
 local now = n > 0 and clock(v[1]) or 0
-local deficits = load_deficits(n, now, v, 6, 4)
+local deficits, expiries = load_buckets(n, now, v, 6, 4)
 
 local function refuse(exhausted, full_slot, retry, never)
   local out = {0, exhausted, full_slot, retry, never}
@@ -78,7 +78,7 @@ local out = {1}
 for i = 1, n do
   local b = 2 + i * 4
   local deficit = deficits[i] + v[b + 3]
-  store_deficit(KEYS[i], deficit, v[b], now)
+  store_deficit(KEYS[i], deficit, v[b], now, expiries[i])
   out[1 + i] = deficit
 end
 for j = 1, m do

@@ -40,35 +40,45 @@ local function numbers(packed)
   return {struct.unpack('<' .. string.rep('d', #packed / 8), packed)}
 end
 
--- A bucket is 16 bytes, its deficit and its stamp (absent: full). The deficits at
--- now of KEYS[1..n], read in one MGET; bucket i's per_ms and span are
--- v[at + (i - 1) * stride] and the number after it.
-local function load_deficits(n, now, v, at, stride)
-  local deficits = {}
+-- A bucket is 24 bytes: its deficit, its stamp, and when its key expires, on the
+-- script's clock (absent: full). The deficits at now of KEYS[1..n], read in one
+-- MGET, and the expiries; bucket i's per_ms and span are v[at + (i - 1) * stride]
+-- and the number after it.
+local function load_buckets(n, now, v, at, stride)
+  local deficits, expiries = {}, {}
   if n == 0 then
-    return deficits
+    return deficits, expiries
   end
   local states = redis.call('MGET', unpack(KEYS, 1, n))
   for i = 1, n do
     local state = states[i]
     if state then
-      local deficit, stamp = struct.unpack('<dd', state)
+      local deficit, stamp, expiry = struct.unpack('<ddd', state)
       local b = at + (i - 1) * stride
-      deficits[i] = deficit_at(v[b], v[b + 1], deficit, stamp, now)
+      deficits[i], expiries[i] = deficit_at(v[b], v[b + 1], deficit, stamp, now), expiry
     else
-      deficits[i] = 0
+      deficits[i], expiries[i] = 0, 0
     end
   end
-  return deficits
+  return deficits, expiries
 end
 
--- A full bucket is no bucket: it expires once refilled (plus a second of slack).
-local function store_deficit(key, deficit, per_ms, now)
+-- A full bucket is no bucket: its key lives until the bucket is full again, plus a
+-- second of slack (never less: an early expiry would forget a deficit). Setting an
+-- expiry costs Redis as much again as the write, so a key is given one second more
+-- than that, and rewritten without touching its expiry (KEEPTTL) while the one it
+-- has (expiry) is enough: a busy bucket has its expiry set about once a second.
+local function store_deficit(key, deficit, per_ms, now, expiry)
   if deficit <= 0 then
     redis.call('DEL', key)
     return
   end
-  redis.call('SET', key, struct.pack('<dd', deficit, now), 'PX', ceil_div(deficit, per_ms) + 1000)
+  local need = now + ceil_div(deficit, per_ms) + 1000
+  if expiry >= need then
+    redis.call('SET', key, struct.pack('<ddd', deficit, now, expiry), 'KEEPTTL')
+  else
+    redis.call('SET', key, struct.pack('<ddd', deficit, now, need + 1000), 'PX', need + 1000 - now)
+  end
 end
 
 -- now_ms as given (tests), or Redis' own clock when negative.

@@ -12,7 +12,7 @@ end
 local v = numbers(ARGV[1])
 local k, m = v[2], v[3]
 local now = k > 0 and clock(v[1]) or 0
-local deficits = load_deficits(k, now, v, 4, 7)
+local deficits, expiries = load_buckets(k, now, v, 4, 7)
 for i = 1, k do
   local b = 4 + (i - 1) * 7
   local capacity, per_token, reserved, actual = v[b + 2], v[b + 3], v[b + 5], v[b + 6]
@@ -27,7 +27,7 @@ for i = 1, k do
   else
     deficit = math.min(deficit + math.min(actual - reserved, capacity) * per_token, 2 * v[b + 4])
   end
-  store_deficit(KEYS[i], deficit, v[b], now)
+  store_deficit(KEYS[i], deficit, v[b], now, expiries[i])
 end
 local replica = ARGV[2]
 for j = 1, m do

@@ -308,6 +308,7 @@ class _Connection:
         (``by``: the call reading, if a call)."""
         if self.closed:
             return
+        reader, pending = self.reader, self.pending
         try:
             while True:
                 try:
@@ -316,30 +317,28 @@ class _Connection:
                     return
                 if not size:
                     raise trio.BrokenResourceError("Redis closed the connection")
-                self.reader.feed(cast(bytes, self.buffer), 0, size)
-                self._hand_out(by)
+                reader.feed(self.buffer, 0, size)  # type: ignore[arg-type]  # a buffer
+                reply = reader.gets()
+                while reply is not _MISSING:
+                    if not pending:
+                        raise hiredis.ProtocolError("a reply nobody asked for")
+                    call = pending[0]
+                    replies = call.replies
+                    replies.append(reply)
+                    if len(replies) == call.count:
+                        pending.popleft()
+                        call.done = True
+                        self.used = True
+                        # The reader is not waiting for the socket while anyone
+                        # reads: it reads itself, or writes, or has been handed the
+                        # turn and will run.
+                        if call is not by:
+                            call.wake()
+                    reply = reader.gets()
                 if not until_empty:
                     return
         except _LOST as exc:
             self.fail(_LostError(f"Redis connection lost: {exc}"))
-
-    def _hand_out(self, by: _Call | None) -> None:
-        reader, pending = self.reader, self.pending
-        reply = reader.gets()
-        while reply is not _MISSING:
-            if not pending:
-                raise hiredis.ProtocolError("a reply nobody asked for")
-            call = pending[0]
-            call.replies.append(reply)
-            if len(call.replies) == call.count:
-                pending.popleft()
-                call.done = True
-                self.used = True
-                # The reader is not waiting for the socket while anyone reads: it
-                # reads itself, or writes, or has been handed the turn and will run.
-                if call is not by:
-                    call.wake()
-            reply = reader.gets()
 
     def _pass_turn(self) -> None:
         for call in self.pending:
@@ -569,6 +568,8 @@ class RedisClient:
         """An idle connection (the most recently used), else, if the pool is full,
         the one with the fewest calls waiting; None: open another (or wait)."""
         conns = self._conns
+        if conns and not conns[-1].pending:
+            return conns[-1]
         best: _Connection | None = None
         for conn in reversed(conns):
             if not conn.pending:

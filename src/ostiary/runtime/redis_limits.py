@@ -223,7 +223,8 @@ class RedisLimitStore:
             numbers[3] = 1
         keys.append(self._holds_key)
         lease, at = self._lease_ms, self._holds_prefix
-        args = (_doubles(numbers), self.replica, hold_id, lease, at, record)
+        packed = struct.pack(f"<{len(numbers)}d", *numbers)  # _doubles, inlined
+        args = (packed, self.replica, hold_id, lease, at, record)
         self._live.add(hold_id)
         try:
             reply = await self.client.evalsha(ADMIT, keys, args, deadline=deadline)

@@ -64,6 +64,8 @@ __all__ = [
     "RedisReplyError",
     "RedisUnavailableError",
     "Script",
+    "bulk",
+    "evalsha_head",
 ]
 
 log = logging.getLogger("ostiary.redis")
@@ -75,6 +77,21 @@ _MISSING = object()
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 #: What one read takes at most (a reply is a few dozen bytes).
 _READ_SIZE = 65536
+
+
+def bulk(data: bytes) -> bytes:
+    """One command argument as RESP writes it: a piece of a packed command."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def evalsha_head(script: Script, keys: int, args: int) -> bytes:
+    """The start of an EVALSHA of ``script`` with ``keys`` keys then ``args``
+    arguments, each to follow as :func:`bulk` (for :meth:`RedisClient.evalsha_packed`)."""
+    return b"*%d\r\n$7\r\nEVALSHA\r\n%b%b" % (
+        3 + keys + args,
+        bulk(script.sha.encode()),
+        bulk(b"%d" % keys),
+    )
 
 
 class RedisError(Exception):
@@ -477,6 +494,12 @@ class RedisClient:
         both round trips together within the timeout (or by ``deadline``, if
         sooner)."""
         payload = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        return await self.evalsha_packed(script, payload, deadline=deadline)
+
+    async def evalsha_packed(
+        self, script: Script, payload: bytes, *, deadline: float | None = None
+    ) -> Any:
+        """:meth:`evalsha` of a command packed already (see :func:`evalsha_head`)."""
         now = current_time()
         latest = now + self.timeout
         if deadline is None or deadline > latest:

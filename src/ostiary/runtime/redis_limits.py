@@ -65,6 +65,7 @@ or Valkey).
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.resources
 import itertools
 import logging
@@ -85,7 +86,7 @@ from ..protocol.limits import (
     Unit,
     deficit_at,
 )
-from .redis_client import RedisClient, RedisError, Script
+from .redis_client import RedisClient, RedisError, Script, bulk, evalsha_head
 
 __all__ = ["ADMIT", "RELEASE", "SETTLE", "LimiterUnavailableError", "RedisLimitStore"]
 
@@ -104,7 +105,23 @@ SETTLE = _script("bucket", "slots", "settle")
 RELEASE = _script("slots", "release")
 
 
-_TOKENS = Unit.TOKENS
+#: A limit's piece of the admission: its key as packed, per_token, per_ms, full,
+#: span, and whether it counts tokens; a slot's: its key as packed, and its part of
+#: the hold's record, bare and packed as the whole record.
+_PackedLimit = tuple[Limit, bytes, int, int, int, int, bool]
+_PackedSlot = tuple[ConcurrencyLimit, bytes, bytes, bytes]
+#: Limits and slots whose pieces are kept at most (then they are packed afresh).
+_PACKED = 8192
+#: ARGV of the admission: numbers, hold id, record, then the replica's three.
+_ARGS = 6
+_NO_RECORD = bulk(b"")
+
+
+@functools.cache
+def _head(keys: int) -> bytes:
+    return evalsha_head(ADMIT, keys, _ARGS)
+
+
 #: A bucket as Redis stores it: its deficit, stamp and expiry, little-endian doubles.
 _BUCKET = struct.Struct("<ddd")
 
@@ -159,10 +176,37 @@ class RedisLimitStore:
     )
     _holds_prefix: str = attrs.field(init=False)
     _holds_key: str = attrs.field(init=False)
+    #: Pieces of the admission command: this replica's, and each limit's and slot's,
+    #: by id (an entry holds its limit, so the id is not another's meanwhile).
+    _holds_arg: bytes = attrs.field(init=False)
+    _tail: bytes = attrs.field(init=False)
+    _packed: dict[int, _PackedLimit] = attrs.field(factory=dict, init=False)
+    _packed_slots: dict[int, _PackedSlot] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._holds_prefix = f"{self.prefix}holds:{{"
         self._holds_key = f"{self._holds_prefix}{self.replica}}}"
+        self._holds_arg = bulk(self._holds_key.encode())
+        replica, lease, at = self.replica, self._lease_ms, self._holds_prefix
+        self._tail = b"".join(bulk(str(arg).encode()) for arg in (replica, lease, at))
+
+    def _pack_limit(self, limit: Limit) -> _PackedLimit:
+        if len(self._packed) >= _PACKED:
+            self._packed.clear()
+        _, per_token, per_ms, full, span = limit.bucket
+        key = bulk(self.bucket_key(limit).encode())
+        entry = (limit, key, per_token, per_ms, full, span, limit.unit is Unit.TOKENS)
+        self._packed[id(limit)] = entry
+        return entry
+
+    def _pack_slot(self, slot: ConcurrencyLimit) -> _PackedSlot:
+        if len(self._packed_slots) >= _PACKED:
+            self._packed_slots.clear()
+        key = self.slot_key(slot).encode()
+        piece = b"%d:%b" % (len(key), key)
+        entry = (slot, bulk(key), piece, bulk(piece))
+        self._packed_slots[id(slot)] = entry
+        return entry
 
     @property
     def holds_key(self) -> str:
@@ -198,36 +242,53 @@ class RedisLimitStore:
         """Admit a request on every layer at once, or on none (one round trip, by
         ``deadline`` if given, else within the client's timeout)."""
         hold_id = next(self._ids)
-        prefix = self.prefix
-        keys = []
+        # The command is packed here from pieces kept per limit: packing its
+        # arguments one by one cost more than the rest of this method.
+        cache, slot_cache = self._packed, self._packed_slots
+        parts = [b""]  # the head, once the keys are counted
         numbers = [-1 if now_ms is None else now_ms, len(charges), len(slots), 0, -1]
         recorded = bool(slots)
         for i, (limit, cost) in enumerate(charges):
-            keys.append(f"{prefix}{{{limit.layer}}}:{limit.name}")
-            _, per_token, per_ms, full, span = limit.bucket
+            entry = cache.get(id(limit))
+            if entry is None or entry[0] is not limit:
+                entry = self._pack_limit(limit)
+            parts.append(entry[1])
+            _, _, per_token, per_ms, full, span, tokens = entry
             debit = cost * per_token
             if debit > full:  # its cost exceeds its capacity: it can never pass
                 if numbers[4] == -1:
                     numbers[4] = i  # the first such refuses
                 debit = 0  # never used
             numbers += (per_ms, span, full, debit)
-            if limit.unit is _TOKENS:
+            if tokens:
                 recorded = True  # see _recorded
-        record = ""
+        record = _NO_RECORD
         if slots:
-            numbers += [slot.limit for slot in slots]
-            slot_keys = [f"{prefix}{{{slot.layer}}}:concurrent" for slot in slots]
-            keys += slot_keys
-            record = "".join(f"{len(key.encode())}:{key}" for key in slot_keys)
+            pieces = []
+            for slot in slots:
+                packed = slot_cache.get(id(slot))
+                if packed is None or packed[0] is not slot:
+                    packed = self._pack_slot(slot)
+                parts.append(packed[1])
+                pieces.append(packed[2])
+                numbers.append(slot.limit)
+                record = packed[3]  # the whole record, if this is the only slot
+            if len(pieces) > 1:
+                record = bulk(b"".join(pieces))
         if recorded:
             numbers[3] = 1
-        keys.append(self._holds_key)
-        lease, at = self._lease_ms, self._holds_prefix
-        packed = struct.pack(f"<{len(numbers)}d", *numbers)  # _doubles, inlined
-        args = (packed, self.replica, hold_id, lease, at, record)
+        parts.append(self._holds_arg)
+        parts[0] = _head(len(parts) - 1)
+        parts += (
+            bulk(struct.pack(f"<{len(numbers)}d", *numbers)),  # _doubles, inlined
+            bulk(b"%d" % hold_id),
+            record,
+            self._tail,
+        )
+        payload = b"".join(parts)
         self._live.add(hold_id)
         try:
-            reply = await self.client.evalsha(ADMIT, keys, args, deadline=deadline)
+            reply = await self.client.evalsha_packed(ADMIT, payload, deadline=deadline)
         except BaseException as exc:
             # The script may have run before the reply was lost (timeout, cancel):
             # forgotten here, its hold (if any) is released by reconciliation.

@@ -4,7 +4,8 @@
 --   of the hold, 0: it has nothing to settle), never (the 0-based index of the
 --   first charge whose cost exceeds its capacity, or -1), then per bucket per_ms
 --   span full debit (its cost in units), then per concurrency key its limit.
--- ARGV[2..]: replica, hold id, lease ms, holds key prefix, the hold's record.
+-- ARGV[2..]: hold id, the hold's record (its slot keys, each as '<length>:<key>'),
+--   replica, lease ms, holds key prefix.
 -- Returns {1, deficits...} when admitted, else {0, exhausted, full_slot, retry_ms,
 -- never, deficits...} (indices 0-based, -1 for none).
 
@@ -65,11 +66,11 @@ end
 if worst >= 0 then
   return refuse(worst, -1, worst_wait, 0)
 end
-local replica, holds = ARGV[2], KEYS[n + m + 1]
+local replica, holds = ARGV[4], KEYS[n + m + 1]
 local alive = {}
 local limits_at = 5 + n * 4
 for j = 1, m do
-  if live_count(KEYS[n + j], alive, replica, holds, ARGV[4], ARGV[5]) >= v[limits_at + j] then
+  if live_count(KEYS[n + j], alive, replica, holds, ARGV[5], ARGV[6]) >= v[limits_at + j] then
     return refuse(-1, j - 1, -1, 0)
   end
 end
@@ -87,9 +88,9 @@ end
 if v[4] == 1 then
   -- The hold remembers its slots, so that a hold this replica lost track of (its
   -- reply lost) can be released by the heartbeat without being told them.
-  redis.call('HSET', holds, ARGV[3], ARGV[6])
+  redis.call('HSET', holds, ARGV[2], ARGV[3])
   if not alive[replica] then -- not renewed above (or the hash was gone)
-    redis.call('PEXPIRE', holds, ARGV[4])
+    redis.call('PEXPIRE', holds, ARGV[5])
   end
 end
 return out

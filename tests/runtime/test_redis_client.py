@@ -264,3 +264,30 @@ async def test_a_call_with_a_sooner_deadline_is_watched_to_it(
         assert outcome == {"slow": RedisUnavailableError, "quick": RedisUnavailableError}
     assert theirs.recv(1024).count(b"EVALSHA") == 2
     await client.aclose()
+
+
+async def test_a_client_used_again_after_aclose_watches_its_calls_again(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """aclose stops the watchdog at once; a call made right after starts another,
+    which fails it when its deadline passes unanswered."""
+    client = RedisClient(timeout=1.0, pool_size=1)
+    outcome: list[object] = []
+
+    async def ping() -> None:
+        with pytest.raises(RedisUnavailableError) as failed:
+            await client.execute("PING")
+        outcome.append(failed.type)
+
+    for _ in range(2):  # watched by the first watchdog, then by the second
+        _, theirs = fake_redis(client)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping)
+            await trio.testing.wait_all_tasks_blocked()
+            assert theirs.recv(1024) == PING
+            mock_clock.jump(2.0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(outcome) == 1
+        outcome.clear()
+        await client.aclose()
+        assert client._watchdog is None

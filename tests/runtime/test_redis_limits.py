@@ -457,5 +457,6 @@ async def test_the_admission_is_packed_as_hiredis_would_pack_it(
         record = "".join(f"{len(k.encode())}:{k}" for k in keys[len(charges) : -1])
         blob = struct.pack(f"<{len(numbers)}d", *numbers)
         args = (blob, decision.hold.id, record, "r1", 2500, "p:holds:{")
-        expected = hiredis.pack_command(("EVALSHA", ADMIT.sha, len(keys), *keys, *args))
+        command: Any = ("EVALSHA", ADMIT.sha, len(keys), *keys, *args)
+        expected = hiredis.pack_command(command)
         assert client.payloads.pop() == expected

@@ -460,6 +460,7 @@ class RedisClient:
             conn.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
+            self._watchdog = self._alarm = None  # a later call starts another
         await trio.lowlevel.checkpoint()
 
     @property
@@ -549,9 +550,17 @@ class RedisClient:
             if deadline < alarm.deadline:  # noqa: PLR1730
                 alarm.deadline = deadline
         elif self._watchdog is None:
-            self._watchdog = trio.CancelScope()
-            trio.lowlevel.spawn_system_task(self._watch, self._watchdog, name="redis watchdog")
+            self._start_watchdog()
         return conn.wait(call)
+
+    def _start_watchdog(self) -> None:
+        scope = trio.CancelScope()
+        try:
+            trio.lowlevel.spawn_system_task(self._watch, scope, name="redis watchdog")
+        except RuntimeError:  # the run is ending: the caller's own scope must do
+            log.warning("no Redis watchdog: the event loop is shutting down")
+            return
+        self._watchdog = scope
 
     async def _watch(self, scope: trio.CancelScope) -> None:
         """Fail the calls Redis did not answer in time (see :meth:`_Connection.expire`)."""
@@ -568,13 +577,14 @@ class RedisClient:
                     for conn in list(self._conns):
                         try:
                             wake = min(wake, conn.expire(now, self._late))
-                        except Exception:  # a bug here must not end the server
+                        except Exception:  # a bug here must not leave a call hanging
                             log.exception("the Redis watchdog failed; closing the connection")
                             conn.close()
+        except Exception:  # nor end the server (a system task's error would)
+            log.exception("the Redis watchdog failed; the next call starts another")
         finally:
-            self._alarm = None
-            if self._watchdog is scope:
-                self._watchdog = None
+            if self._watchdog is scope:  # not stopped and replaced meanwhile
+                self._watchdog = self._alarm = None
 
     async def _connection(self, deadline: float) -> _Connection:
         with trio.move_on_at(deadline):

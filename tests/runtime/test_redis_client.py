@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from ostiary.runtime.redis_client import RedisClient, RedisUnavailableError, _Connection
+from ostiary.runtime.redis_client import RedisClient, RedisUnavailableError, Script, _Connection
 
 from .redis_server import RedisServer, redis_server
 
@@ -115,9 +115,18 @@ class _Unseen(socket.socket):
 
     def recv(self, size: int, flags: int = 0) -> bytes:
         if self.unseen:
-            data, self.unseen = self.unseen[:size], self.unseen[size:]
+            data = self.unseen[:size]
+            if not flags & socket.MSG_PEEK:
+                self.unseen = self.unseen[size:]
             return data
         return super().recv(size, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self.unseen:
+            data = self.recv(nbytes or len(buffer), flags)
+            buffer[: len(data)] = data
+            return len(data)
+        return super().recv_into(buffer, nbytes, flags)
 
 
 def fake_redis(client: RedisClient) -> tuple[_Unseen, socket.socket]:
@@ -166,9 +175,10 @@ async def test_replies_already_there_when_the_deadlines_pass_are_used(
     await client.aclose()
 
 
-async def test_a_call_that_finds_the_replies_wakes_the_one_reading() -> None:
-    """b, cut short from outside, finds both replies and takes its own; a, waiting for
-    a socket that will not become readable again, is woken with its reply."""
+async def test_a_call_given_up_while_another_waits_for_the_socket_leaves_the_bytes_to_it() -> None:
+    """b, cut short from outside while a waits for the socket, does not read: bytes
+    it took would be bytes a waits to be told of (here: bytes the event loop cannot
+    see). a gets its reply; b's is dropped."""
     client = RedisClient(timeout=GUARD * 10, pool_size=1)
     sock, theirs = fake_redis(client)
     outcome: dict[str, Any] = {}
@@ -176,18 +186,108 @@ async def test_a_call_that_finds_the_replies_wakes_the_one_reading() -> None:
     async def call(name: str, scope: trio.CancelScope) -> None:
         with scope:
             outcome[name] = await client.execute("ECHO", name)
+        outcome.setdefault(name, "given up")
 
     b = trio.CancelScope()
-    with trio.move_on_after(GUARD) as guard:
+    with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(call, "a", trio.CancelScope())
             await trio.testing.wait_all_tasks_blocked()  # a holds the read turn
             nursery.start_soon(call, "b", b)
             await trio.testing.wait_all_tasks_blocked()
-            sock.unseen = b"$1\r\na\r\n$1\r\nb\r\n"
+            sock.unseen = b"$1\r\na\r\n"
             b.cancel()
-    assert not guard.cancel_called  # a was woken, not rescued by the guard
-    assert outcome == {"a": b"a", "b": b"b"}
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcome == {"b": "given up"}
+            assert sock.unseen  # left where it was
+            sock.unseen = b""
+            theirs.sendall(b"$1\r\na\r\n$1\r\nb\r\n")
+    assert outcome == {"a": b"a", "b": "given up"}
     assert theirs.recv(1024).count(b"ECHO") == 2
     assert client.in_flight == 0
     await client.aclose()
+
+
+async def test_a_writer_redis_does_not_read_from_fails_at_its_deadline(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A payload too large for the socket's buffers, and Redis reading none of it:
+    the call fails when its deadline passes, and the connection is closed."""
+    client = RedisClient(timeout=1.0, pool_size=1)
+    _, theirs = fake_redis(client)
+    outcome: list[object] = []
+
+    async def big() -> None:
+        try:
+            await client.execute("SET", "k", b"x" * (8 << 20))
+        except RedisUnavailableError as exc:
+            outcome.append(type(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(big)
+        await trio.testing.wait_all_tasks_blocked()
+        assert client._conns[0].writer is not None  # still writing
+        mock_clock.jump(2.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == [RedisUnavailableError]
+    assert not client._conns
+    theirs.close()
+    await client.aclose()
+
+
+async def test_a_call_with_a_sooner_deadline_is_watched_to_it(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The watchdog sleeps until the earliest deadline it knows of; a call with a
+    sooner one (the admission's own timeout) wakes it sooner."""
+    client = RedisClient(timeout=100.0, pool_size=1)
+    _, theirs = fake_redis(client)
+    script = Script("return 1")
+    outcome: dict[str, object] = {}
+
+    async def call(name: str, deadline: float | None) -> None:
+        try:
+            outcome[name] = await client.evalsha(script, [], [], deadline=deadline)
+        except RedisUnavailableError as exc:
+            outcome[name] = type(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "slow", None)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "quick", trio.current_time() + 1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == {}
+        mock_clock.jump(0.6)  # past the quick one's deadline only
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == {"slow": RedisUnavailableError, "quick": RedisUnavailableError}
+    assert theirs.recv(1024).count(b"EVALSHA") == 2
+    await client.aclose()
+
+
+async def test_a_client_used_again_after_aclose_watches_its_calls_again(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """aclose stops the watchdog at once; a call made right after starts another,
+    which fails it when its deadline passes unanswered."""
+    client = RedisClient(timeout=1.0, pool_size=1)
+    outcome: list[object] = []
+
+    async def ping() -> None:
+        with pytest.raises(RedisUnavailableError) as failed:
+            await client.execute("PING")
+        outcome.append(failed.type)
+
+    for _ in range(2):  # watched by the first watchdog, then by the second
+        _, theirs = fake_redis(client)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping)
+            await trio.testing.wait_all_tasks_blocked()
+            assert theirs.recv(1024) == PING
+            mock_clock.jump(2.0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(outcome) == 1
+        outcome.clear()
+        await client.aclose()
+        assert client._watchdog is None

@@ -9,9 +9,15 @@ which replaces Redis' clock; nothing else does.
 
 Keys (``prefix`` defaults to ``ostiary:``):
 
-- ``{prefix}{<layer>}:<name>``: a bucket, the string ``<deficit>:<stamp>``, expiring
-  once it is full again, so Redis holds only buckets below full (one MGET reads an
-  admission's buckets, one SET with PX writes each);
+- ``{prefix}{<layer>}:<name>``: a bucket, 24 bytes: its deficit, its stamp and
+  its key's expiry as little-endian doubles (exact: every figure is an integer
+  below 2**53), expiring a second or two after it is full again, so Redis holds
+  only buckets below full (one MGET reads an admission's buckets, one SET writes
+  each, with a new expiry only when the one it has falls short: about once a
+  second for a busy bucket; see ``lua/bucket.lua``). Binary, not decimal: Redis'
+  Lua parses and prints decimals through strtod and printf, which cost more than
+  the rest of the script; the numbers a script is given travel the same way, in one
+  argument;
 - ``{prefix}{<layer>}:concurrent``: the requests in flight of a layer, a hash of
   replica id to count;
 - ``{prefix}holds:{<replica>}``: the replica's open holds, hold id to the hold's slot
@@ -59,9 +65,11 @@ or Valkey).
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.resources
 import itertools
 import logging
+import struct
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -78,21 +86,50 @@ from ..protocol.limits import (
     Unit,
     deficit_at,
 )
-from .redis_client import RedisClient, RedisError, Script
+from .redis_client import RedisClient, RedisError, Script, bulk, evalsha_head
 
 __all__ = ["ADMIT", "RELEASE", "SETTLE", "LimiterUnavailableError", "RedisLimitStore"]
 
 log = logging.getLogger("ostiary.limits")
 
 
-def _script(name: str) -> Script:
+def _script(*names: str) -> Script:
     lua = importlib.resources.files("ostiary.runtime") / "lua"
-    return Script((lua / "bucket.lua").read_text() + (lua / f"{name}.lua").read_text())
+    return Script("".join((lua / f"{name}.lua").read_text() for name in names))
 
 
-ADMIT = _script("admit")
-SETTLE = _script("settle")
-RELEASE = _script("release")
+# Each script is its helpers and its body: helpers a script does not use would be
+# defined on every call for nothing.
+ADMIT = _script("bucket", "admit")
+SETTLE = _script("bucket", "slots", "settle")
+RELEASE = _script("slots", "release")
+
+
+#: A limit's piece of the admission: its key as packed, per_token, per_ms, full,
+#: span, and whether it counts tokens; a slot's: its key as packed, and its part of
+#: the hold's record, bare and packed as the whole record.
+_PackedLimit = tuple[Limit, bytes, int, int, int, int, bool]
+_PackedSlot = tuple[ConcurrencyLimit, bytes, bytes, bytes]
+#: Limits and slots whose pieces are kept at most (then they are packed afresh).
+_PACKED = 8192
+#: ARGV of the admission: numbers, hold id, record, then the replica's three.
+_ARGS = 6
+_NO_RECORD = bulk(b"")
+
+
+@functools.cache
+def _head(keys: int) -> bytes:
+    return evalsha_head(ADMIT, keys, _ARGS)
+
+
+#: A bucket as Redis stores it: its deficit, stamp and expiry, little-endian doubles.
+_BUCKET = struct.Struct("<ddd")
+
+
+def _doubles(numbers: list[int]) -> bytes:
+    """A script's numbers as it reads them (``ARGV[1]``): little-endian doubles, exact
+    below 2**53, which :class:`~ostiary.protocol.limits.BucketSpec` sees to."""
+    return struct.pack(f"<{len(numbers)}d", *numbers)
 
 
 def _recorded(charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit]) -> bool:
@@ -137,14 +174,43 @@ class RedisLimitStore:
     _pending: collections.deque[tuple[Hold, int]] = attrs.field(
         factory=collections.deque, init=False
     )
+    _holds_prefix: str = attrs.field(init=False)
+    _holds_key: str = attrs.field(init=False)
+    #: Pieces of the admission command: this replica's, and each limit's and slot's,
+    #: by id (an entry holds its limit, so the id is not another's meanwhile).
+    _holds_arg: bytes = attrs.field(init=False)
+    _tail: bytes = attrs.field(init=False)
+    _packed: dict[int, _PackedLimit] = attrs.field(factory=dict, init=False)
+    _packed_slots: dict[int, _PackedSlot] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._holds_prefix = f"{self.prefix}holds:{{"
+        self._holds_key = f"{self._holds_prefix}{self.replica}}}"
+        self._holds_arg = bulk(self._holds_key.encode())
+        replica, lease, at = self.replica, self._lease_ms, self._holds_prefix
+        self._tail = b"".join(bulk(str(arg).encode()) for arg in (replica, lease, at))
+
+    def _pack_limit(self, limit: Limit) -> _PackedLimit:
+        if len(self._packed) >= _PACKED:
+            self._packed.clear()
+        _, per_token, per_ms, full, span = limit.bucket
+        key = bulk(self.bucket_key(limit).encode())
+        entry = (limit, key, per_token, per_ms, full, span, limit.unit is Unit.TOKENS)
+        self._packed[id(limit)] = entry
+        return entry
+
+    def _pack_slot(self, slot: ConcurrencyLimit) -> _PackedSlot:
+        if len(self._packed_slots) >= _PACKED:
+            self._packed_slots.clear()
+        key = self.slot_key(slot).encode()
+        piece = b"%d:%b" % (len(key), key)
+        entry = (slot, bulk(key), piece, bulk(piece))
+        self._packed_slots[id(slot)] = entry
+        return entry
 
     @property
     def holds_key(self) -> str:
-        return f"{self._holds_prefix}{self.replica}}}"
-
-    @property
-    def _holds_prefix(self) -> str:
-        return f"{self.prefix}holds:{{"
+        return self._holds_key
 
     @property
     def _lease_ms(self) -> int:
@@ -171,36 +237,64 @@ class RedisLimitStore:
         slots: Sequence[ConcurrencyLimit],
         *,
         now_ms: int | None = None,
+        deadline: float | None = None,
     ) -> Decision:
-        """Admit a request on every layer at once, or on none (one round trip)."""
+        """Admit a request on every layer at once, or on none (one round trip, by
+        ``deadline`` if given, else within the client's timeout)."""
         hold_id = next(self._ids)
-        keys = [self.bucket_key(limit) for limit, _ in charges]
-        keys += [self.slot_key(slot) for slot in slots]
-        keys.append(self.holds_key)
-        args: list[str | int] = [
-            "" if now_ms is None else now_ms,
-            self.replica,
-            hold_id,
-            self._lease_ms,
-            self._holds_prefix,
-            len(charges),
-            len(slots),
-            1 if _recorded(charges, slots) else 0,
-            -1,
-        ]
+        # The command is packed here from pieces kept per limit: packing its
+        # arguments one by one cost more than the rest of this method.
+        cache, slot_cache = self._packed, self._packed_slots
+        parts = [b""]  # the head, once the keys are counted
+        numbers = [-1 if now_ms is None else now_ms, len(charges), len(slots), 0, -1]
+        recorded = bool(slots)
         for i, (limit, cost) in enumerate(charges):
-            s = limit.spec
-            if cost > s.capacity and args[8] == -1:
-                args[8] = i  # it can never pass: the first such refuses
-            args += (s.per_ms, s.window_ms, s.full, cost * s.per_token)
-        args += [slot.limit for slot in slots]
+            entry = cache.get(id(limit))
+            if entry is None or entry[0] is not limit:
+                entry = self._pack_limit(limit)
+            parts.append(entry[1])
+            _, _, per_token, per_ms, full, span, tokens = entry
+            debit = cost * per_token
+            if debit > full:  # its cost exceeds its capacity: it can never pass
+                if numbers[4] == -1:
+                    numbers[4] = i  # the first such refuses
+                debit = 0  # never used
+            numbers += (per_ms, span, full, debit)
+            if tokens:
+                recorded = True  # see _recorded
+        record = _NO_RECORD
+        if slots:
+            pieces = []
+            for slot in slots:
+                packed = slot_cache.get(id(slot))
+                if packed is None or packed[0] is not slot:
+                    packed = self._pack_slot(slot)
+                parts.append(packed[1])
+                pieces.append(packed[2])
+                numbers.append(slot.limit)
+                record = packed[3]  # the whole record, if this is the only slot
+            if len(pieces) > 1:
+                record = bulk(b"".join(pieces))
+        if recorded:
+            numbers[3] = 1
+        parts.append(self._holds_arg)
+        parts[0] = _head(len(parts) - 1)
+        parts += (
+            bulk(struct.pack(f"<{len(numbers)}d", *numbers)),  # _doubles, inlined
+            bulk(b"%d" % hold_id),
+            record,
+            self._tail,
+        )
+        payload = b"".join(parts)
         self._live.add(hold_id)
         try:
-            reply = await self._run(ADMIT, keys, args)
-        except BaseException:
+            reply = await self.client.evalsha_packed(ADMIT, payload, deadline=deadline)
+        except BaseException as exc:
             # The script may have run before the reply was lost (timeout, cancel):
             # forgotten here, its hold (if any) is released by reconciliation.
             self._live.discard(hold_id)
+            if isinstance(exc, RedisError):
+                raise LimiterUnavailableError(str(exc)) from exc
             raise
         held = tuple(charges)
         if reply[0] == 1:
@@ -296,7 +390,7 @@ class RedisLimitStore:
         (stored,) = await self._call(("GET", self.bucket_key(limit)))
         if stored is None:
             return 0
-        deficit, stamp = stored.split(b":")
+        deficit, stamp, _ = _BUCKET.unpack(stored)
         return deficit_at(limit.spec, int(deficit), int(stamp), now_ms)
 
     async def in_flight(self, slot: ConcurrencyLimit) -> int:
@@ -315,23 +409,24 @@ class RedisLimitStore:
         keys = [self.bucket_key(limit) for limit, _ in settled]
         keys += [self.slot_key(slot) for slot in hold.slots]
         keys.append(self.holds_key)
-        args: list[str | int] = [
-            "" if now_ms is None else now_ms,
-            self.replica,
-            hold.id,
-            len(settled),
-            len(hold.slots),
-        ]
+        numbers = [-1 if now_ms is None else now_ms, len(settled), len(hold.slots)]
         for limit, reserved in settled:
             s = limit.spec
-            args += (s.capacity, s.per_token, s.per_ms, s.full, s.window_ms, reserved, actual)
-        await self._run(SETTLE, keys, args)
+            # Only min(|actual - reserved|, capacity) counts: bounded, it stays exact.
+            used = max(reserved - s.capacity, min(actual, reserved + s.capacity))
+            numbers += (s.per_ms, 2 * s.window_ms, s.capacity, s.per_token, s.full)
+            numbers += (reserved, used)
+        await self._run(SETTLE, keys, (_doubles(numbers), self.replica, hold.id))
 
     async def _run(
-        self, script: Script, keys: list[str], args: Sequence[str | int | bytes]
+        self,
+        script: Script,
+        keys: list[str],
+        args: Sequence[str | int | bytes],
+        deadline: float | None = None,
     ) -> list[int]:
         try:
-            reply = await self.client.evalsha(script, keys, args)
+            reply = await self.client.evalsha(script, keys, args, deadline=deadline)
         except RedisError as exc:
             raise LimiterUnavailableError(str(exc)) from exc
         return reply if isinstance(reply, list) else [reply]

@@ -80,9 +80,12 @@ class SharedLimits:
     _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
     _send: trio.MemorySendChannel[_Work] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[_Work] = attrs.field(init=False)
+    #: The timeout is shorter than the client's: admissions carry their own deadline.
+    _sooner: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[_Work](self.queue)
+        self._sooner = self.timeout < self.store.client.timeout
 
     @classmethod
     def from_settings(
@@ -103,19 +106,11 @@ class SharedLimits:
         self, charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit]
     ) -> Decision | None:
         """The store's decision, or None if it has none within the timeout."""
-        if self.timeout < self.store.client.timeout:
-            with trio.move_on_after(self.timeout):
-                return await self._admit(charges, slots)
-            self.unavailable += 1
-            return None
-        # The usual case: the admission is one client call, which keeps this timeout.
-        return await self._admit(charges, slots)
-
-    async def _admit(
-        self, charges: Sequence[Charge], slots: Sequence[ConcurrencyLimit]
-    ) -> Decision | None:
+        deadline = None  # the client's own timeout, the usual case
+        if self._sooner:
+            deadline = trio.current_time() + self.timeout
         try:
-            return await self.store.admit(charges, slots)
+            return await self.store.admit(charges, slots, deadline=deadline)
         except LimiterUnavailableError:
             self.unavailable += 1
             return None

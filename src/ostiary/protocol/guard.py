@@ -40,7 +40,7 @@ from .auth import ApiKey, KeyTable
 from .client_ip import client_address
 from .credentials import TokenVerifier, looks_like_jwt
 from .errors import InvalidRequestError, PermissionDeniedError, RateLimitError
-from .exchange import Reservation
+from .exchange import Exchange, Reservation
 from .generation import Usage
 from .limits import (
     Charge,
@@ -48,6 +48,7 @@ from .limits import (
     Decision,
     Limit,
     MemoryLimitStore,
+    Plan,
     Unit,
     wait_ms,
 )
@@ -55,7 +56,7 @@ from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .tokens import TokenCodec
 from .visibility import Network
 
-__all__ = ["Guard", "format_reset"]
+__all__ = ["Guard", "format_reset", "rate_headers"]
 
 Header = tuple[bytes, bytes]
 #: Tokens a chat message costs beyond its text (role, separators), as OpenAI counts.
@@ -261,16 +262,50 @@ class Guard:
         cost = prompt + self._output_reservation(call, principal.role, room)
         return shape.charged(cost), shape.slots, prompt
 
+    def take(
+        self,
+        exchange: Exchange,
+        principal: Principal,
+        call: BackendCall,
+        endpoint: Endpoint,
+        now: float,
+    ) -> Decision | None:
+        """Admission in the in-process store, in this same call: :meth:`charges` and
+        :meth:`judge`, then the exchange's reservation and ``x-ratelimit-*`` headers,
+        over the request shape's :class:`~.limits.Plan`. None: admitted (or no limit
+        applies); else the decision for :meth:`refusal`."""
+        plan = self.access.shape(principal, exchange.client, call.model, _ENDPOINT_NAMES[endpoint])
+        if plan.empty:
+            return None
+        capacity = plan.largest_tokens
+        prompt = tokens = 0
+        if capacity:
+            prompt = self._prompt_tokens(call, capacity)
+            tokens = prompt + self._output_reservation(
+                call, principal.role, plan.smallest_tokens - prompt
+            )
+        taken = self.store.take(plan, tokens, now)
+        if taken is None:
+            exchange.prompt_estimate = prompt
+            exchange.limit_slots = plan.slots
+            return self.store.admit(plan.charged(tokens), plan.slots, now)
+        hold, deficits = taken
+        exchange.reservation = Reservation(hold, False, prompt)
+        exchange.rate = rate_headers(plan, deficits)
+        return None
+
     def _prompt_tokens(self, call: BackendCall, limit: int) -> int:
         texts: list[str] = []
         extra = 0
         ids = 0
         if isinstance(call, ChatCompletionRequest):
             for message in call.messages:
-                texts.append(message.text())
-                for tool_call in message.tool_calls or ():
-                    texts.append(tool_call.function.arguments)
-                    texts.append(tool_call.function.name)
+                content = message.content
+                texts.append(content if type(content) is str else message.text())
+                if message.tool_calls:
+                    for tool_call in message.tool_calls:
+                        texts.append(tool_call.function.arguments)
+                        texts.append(tool_call.function.name)
             extra = _PER_MESSAGE * len(call.messages) + 3
         else:
             inputs = call.prompt if isinstance(call, CompletionRequest) else call.input
@@ -430,6 +465,44 @@ _REQUEST_HEADERS, _TOKEN_HEADERS = (
     tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
     for unit in (b"requests", b"tokens")
 )
+
+
+def rate_headers(plan: Plan, deficits: Sequence[int]) -> tuple[Header, ...]:
+    """:meth:`Guard.headers` of an admission through ``plan`` that left its buckets at
+    ``deficits``, read off the plan's minute buckets."""
+    requests, tokens = plan.reports
+    if tokens:
+        rate = _report(_TOKEN_HEADERS, tokens, deficits)
+        return _report(_REQUEST_HEADERS, requests, deficits) + rate if requests else rate
+    return _report(_REQUEST_HEADERS, requests, deficits) if requests else ()
+
+
+def _report(
+    names: tuple[bytes, ...],
+    candidates: tuple[tuple[int, int, int, int, bytes], ...],
+    deficits: Sequence[int],
+) -> tuple[Header, Header, Header]:
+    """The three headers of the tightest of a plan's minute buckets of one unit (the
+    first of the least remaining): what :meth:`Guard.headers` reports for it."""
+    best = candidates[0]
+    index, per_token, full, per_ms, _ = best
+    deficit = deficits[index]
+    level = full - deficit
+    left = level // per_token if level > 0 else 0
+    for row in candidates[1:]:
+        i, per_token, full, _, _ = row
+        d = deficits[i]
+        level = full - d
+        here = level // per_token if level > 0 else 0
+        if here < left:
+            best, left, deficit = row, here, d
+    per_ms = best[3]
+    ms = -(-deficit // per_ms) if deficit > 0 else 0
+    return (
+        (names[0], best[4]),
+        (names[1], b"%d" % left),
+        (names[2], _RESETS.get(ms) or _reset_bytes(ms)),
+    )
 
 
 def _figures(

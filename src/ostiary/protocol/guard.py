@@ -319,7 +319,8 @@ class Guard:
         text = "\n".join(texts)
         counter = self.tokens
         counted = -(-len(text) // 4) if counter is None else counter.count(text, limit + 1)
-        return min(counted + extra + ids, limit + 1)
+        counted += extra + ids
+        return counted if counted <= limit else limit + 1
 
     def _output_reservation(self, call: BackendCall, role: Role, room: int) -> int:
         if isinstance(call, EmbeddingRequest):
@@ -332,8 +333,11 @@ class Guard:
         asked = call.output_limit
         if asked is not None:
             return asked * choices
-        cap = min(role.max_output_tokens or self.max_output_tokens, self.max_output_tokens)
-        return max(1, min(cap * choices, room))
+        most = self.max_output_tokens
+        cap = role.max_output_tokens or most
+        want = (cap if cap < most else most) * choices
+        want = want if want < room else room
+        return want if want > 1 else 1
 
     def judge(
         self, charges: tuple[Charge, ...], slots: tuple[ConcurrencyLimit, ...], now: float
@@ -465,44 +469,38 @@ _REQUEST_HEADERS, _TOKEN_HEADERS = (
     tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
     for unit in (b"requests", b"tokens")
 )
+_UNIT_HEADERS = (_REQUEST_HEADERS, _TOKEN_HEADERS)
 
 
 def rate_headers(plan: Plan, deficits: Sequence[int]) -> tuple[Header, ...]:
     """:meth:`Guard.headers` of an admission through ``plan`` that left its buckets at
-    ``deficits``, read off the plan's minute buckets."""
-    requests, tokens = plan.reports
-    if tokens:
-        rate = _report(_TOKEN_HEADERS, tokens, deficits)
-        return _report(_REQUEST_HEADERS, requests, deficits) + rate if requests else rate
-    return _report(_REQUEST_HEADERS, requests, deficits) if requests else ()
-
-
-def _report(
-    names: tuple[bytes, ...],
-    candidates: tuple[tuple[int, int, int, int, bytes], ...],
-    deficits: Sequence[int],
-) -> tuple[Header, Header, Header]:
-    """The three headers of the tightest of a plan's minute buckets of one unit (the
-    first of the least remaining): what :meth:`Guard.headers` reports for it."""
-    best = candidates[0]
-    index, per_token, full, per_ms, _ = best
-    deficit = deficits[index]
-    level = full - deficit
-    left = level // per_token if level > 0 else 0
-    for row in candidates[1:]:
-        i, per_token, full, _, _ = row
-        d = deficits[i]
-        level = full - d
-        here = level // per_token if level > 0 else 0
-        if here < left:
-            best, left, deficit = row, here, d
-    per_ms = best[3]
-    ms = -(-deficit // per_ms) if deficit > 0 else 0
-    return (
-        (names[0], best[4]),
-        (names[1], b"%d" % left),
-        (names[2], _RESETS.get(ms) or _reset_bytes(ms)),
-    )
+    ``deficits``: for each unit, the first of the plan's minute buckets with the least
+    remaining."""
+    out: tuple[Header, ...] = ()
+    reports = plan.reports
+    for unit in (0, 1):
+        candidates = reports[unit]
+        if not candidates:
+            continue
+        names = _UNIT_HEADERS[unit]
+        best = candidates[0]
+        deficit = deficits[best[0]]
+        level = best[2] - deficit
+        left = level // best[1] if level > 0 else 0
+        for row in candidates[1:]:
+            d = deficits[row[0]]
+            level = row[2] - d
+            here = level // row[1] if level > 0 else 0
+            if here < left:
+                best, left, deficit = row, here, d
+        per_ms = best[3]
+        ms = -(-deficit // per_ms) if deficit > 0 else 0
+        out += (
+            (names[0], best[4]),
+            (names[1], b"%d" % left),
+            (names[2], _RESETS.get(ms) or _reset_bytes(ms)),
+        )
+    return out
 
 
 def _figures(

@@ -476,7 +476,7 @@ class MemoryLimitStore:
         states = []
         deficits = []
         fresh = None
-        for key, per_token, per_ms, full, span, counts_tokens in plan.rows:
+        for key, per_token, per_ms, full, _, counts_tokens in plan.rows:
             state = buckets.get(key)
             if state is None:
                 deficit = per_token * tokens if counts_tokens else per_token
@@ -486,11 +486,14 @@ class MemoryLimitStore:
                 else:
                     fresh.append((key, state))
             else:
-                # deficit_at, inlined: the refill since the state's stamp.
+                # deficit_at, inlined: the refill since the state's stamp. Python's
+                # integers need no cap on the refill (``span``: for the doubles of
+                # Lua): a deficit is at most two buckets, which a refill of ``span``
+                # or more fills up anyway.
                 deficit = state[0]
                 elapsed = t - state[1]
-                if elapsed > 0 and deficit > 0:
-                    refill = per_ms * (elapsed if elapsed < span else span)
+                if elapsed > 0:
+                    refill = per_ms * elapsed
                     deficit = deficit - refill if refill < deficit else 0
                 deficit += per_token * tokens if counts_tokens else per_token
                 if state[2] != per_ms:  # the key's limit changed (a config reload)
@@ -531,7 +534,18 @@ class MemoryLimitStore:
             return False
         plan = hold.plan
         if plan is not None:
-            self._settle_planned(plan, hold.tokens, actual_tokens, now)
+            # The same math as below (deficit_at and settled, inlined) over the
+            # plan's token rows, states updated in place.
+            reserved = hold.tokens
+            if reserved != actual_tokens:
+                self._settle_rows(plan.token_rows, reserved, actual_tokens, now)
+            counts = self._counts
+            for layer, _ in plan.slot_rows:
+                left = counts[layer] - 1
+                if left:
+                    counts[layer] = left
+                else:
+                    del counts[layer]
             return True
         t = int(now * 1000.0 + 0.5)  # to_ms
         buckets = self._buckets
@@ -556,44 +570,39 @@ class MemoryLimitStore:
                 del counts[slot.layer]
         return True
 
-    def _settle_planned(self, plan: Plan, reserved: int, actual: int, now: float) -> None:
-        """:meth:`settle` of a hold taken through ``plan``: the same math (deficit_at
-        and settled, inlined) over its token rows, states updated in place."""
-        if reserved != actual:
-            t = int(now * 1000.0 + 0.5)  # to_ms
-            buckets = self._buckets
-            for key, per_token, per_ms, capacity, full, span in plan.token_rows:
-                state = buckets.get(key)
-                deficit = 0
-                if state is not None:
-                    deficit = state[0]
-                    elapsed = t - state[1]
-                    if elapsed > 0 and deficit > 0:
-                        refill = per_ms * (elapsed if elapsed < span else span)
-                        deficit = deficit - refill if refill < deficit else 0
-                if actual <= reserved:
-                    unused = reserved - actual
-                    credit = (unused if unused < capacity else capacity) * per_token
-                    new = deficit - credit if credit < deficit else 0
-                else:
-                    over = actual - reserved
-                    new = deficit + (over if over < capacity else capacity) * per_token
-                    new = min(new, 2 * full)
-                if not new:
-                    buckets.pop(key, None)
-                elif state is None:
-                    buckets[key] = [new, t, per_ms]
-                else:
-                    state[0] = new
-                    state[1] = t
-                    state[2] = per_ms
-        counts = self._counts
-        for layer, _ in plan.slot_rows:
-            left = counts[layer] - 1
-            if left:
-                counts[layer] = left
+    def _settle_rows(
+        self,
+        rows: tuple[tuple[str, int, int, int, int, int], ...],
+        reserved: int,
+        actual: int,
+        now: float,
+    ) -> None:
+        t = int(now * 1000.0 + 0.5)  # to_ms
+        buckets = self._buckets
+        for key, per_token, per_ms, capacity, full, span in rows:
+            state = buckets.get(key)
+            deficit = 0
+            if state is not None:
+                deficit = state[0]
+                elapsed = t - state[1]
+                if elapsed > 0 and deficit > 0:
+                    refill = per_ms * (elapsed if elapsed < span else span)
+                    deficit = deficit - refill if refill < deficit else 0
+            if actual <= reserved:
+                unused = reserved - actual
+                credit = (unused if unused < capacity else capacity) * per_token
+                new = deficit - credit if credit < deficit else 0
             else:
-                del counts[layer]
+                over = actual - reserved
+                new = min(deficit + (over if over < capacity else capacity) * per_token, 2 * full)
+            if not new:
+                buckets.pop(key, None)
+            elif state is None:
+                buckets[key] = [new, t, per_ms]
+            else:
+                state[0] = new
+                state[1] = t
+                state[2] = per_ms
 
     def refund(self, hold: Hold, now: float) -> bool:
         """End a request that used nothing (cancelled, failed, timed out)."""

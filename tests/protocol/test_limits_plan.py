@@ -83,10 +83,10 @@ class PlannedMachine(RuleBasedStateMachine):
         if taken is None:
             return None
         hold, deficits = taken
+        assert decision.hold is not None
         assert tuple(deficits) == decision.deficits
         assert hold.charges == decision.charges and hold.slots == decision.hold.slots
         assert rate_headers(plan, deficits) == Guard.headers(decision)
-        assert decision.hold is not None
         return decision.hold, hold
 
     @rule(pair=consumes(holds), actual=st.integers(0, 80), step=st.integers(-5, 3000))

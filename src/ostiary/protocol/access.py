@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 
-from .limits import BucketSpec, Charge, ConcurrencyLimit, Limit, Unit
+from .limits import BucketSpec, Charge, ConcurrencyLimit, Limit, Plan, Unit
 
 __all__ = [
     "ADMIN_ENDPOINTS",
@@ -260,8 +260,9 @@ class AccessPolicy:
         self._cache: dict[
             tuple[str, object], tuple[tuple[Limit, ...], ConcurrencyLimit | None]
         ] = {}
-        #: By request shape: every limit and slot it is charged on.
-        self._combined: dict[tuple[str, LimitSet, str, str, str, str], Shape] = {}
+        #: By principal id, client, model and endpoint: the principal's limits and
+        #: role name, and every limit and slot such a request is charged on.
+        self._combined: dict[tuple[str, str, str, str], tuple[LimitSet, str, Shape]] = {}
         #: Whether any request can be limited at all (else admission skips the store).
         self.limited = bool(self.layers) or any(not r.empty for r in table.values())
         #: Whether some limit counts tokens (so prompts must be counted).
@@ -312,13 +313,18 @@ class AccessPolicy:
     def shape(self, principal: Principal, client: str, model: str, endpoint: str) -> Shape:
         """The limits and slots a request of this principal, client, model and
         endpoint is charged on, built once per distinct combination."""
-        key = (principal.id, principal.limits, principal.role.name, client, model, endpoint)
-        shape = self._combined.get(key)
-        if shape is None:
-            if len(self._combined) >= _CACHE_SIZE:
-                self._combined.clear()
-            limits, slots = self._build(principal, client, model, endpoint)
-            shape = self._combined[key] = Shape(limits, slots)
+        key = (principal.id, client, model, endpoint)
+        found = self._combined.get(key)
+        if found is not None:
+            own = principal.limits
+            # The same id with other limits or another role (a key whose overrides
+            # changed) is another shape; compared by identity first (no attrs eq).
+            if (found[0] is own or found[0] == own) and found[1] == principal.role.name:
+                return found[2]
+        if len(self._combined) >= _CACHE_SIZE:
+            self._combined.clear()
+        shape = Shape(*self._build(principal, client, model, endpoint))
+        self._combined[key] = (principal.limits, principal.role.name, shape)
         return shape
 
     def _build(
@@ -380,31 +386,8 @@ class AccessPolicy:
             slots.append(built[1])
 
 
-class Shape:
-    """The limits and slots of one kind of request, with what charging needs read
-    off once: the largest and smallest token bucket (0: none), and the charges of a
-    request that counts no tokens."""
-
-    __slots__ = ("_parts", "largest_tokens", "limits", "slots", "smallest_tokens", "untokened")
-
-    def __init__(self, limits: tuple[Limit, ...], slots: tuple[ConcurrencyLimit, ...]) -> None:
-        self.limits = limits
-        self.slots = slots
-        sizes = [limit.spec.capacity for limit in limits if limit.unit is Unit.TOKENS]
-        self.largest_tokens = max(sizes, default=0)
-        self.smallest_tokens = min(sizes, default=0)
-        self.untokened: tuple[Charge, ...] = tuple((limit, 1) for limit in limits)
-        #: Per limit: the limit, and its charge of 1 if it counts requests (built once).
-        self._parts: tuple[tuple[Limit, Charge | None], ...] = tuple(
-            (limit, None if limit.unit is Unit.TOKENS else charge)
-            for limit, charge in zip(limits, self.untokened, strict=True)
-        )
-
-    def charged(self, tokens: int) -> tuple[Charge, ...]:
-        """The charges of a request that reserves ``tokens`` on token buckets."""
-        if not self.largest_tokens:
-            return self.untokened
-        return tuple([(limit, tokens) if one is None else one for limit, one in self._parts])
+#: The limits and slots of one kind of request (see :class:`~.limits.Plan`).
+Shape = Plan
 
 
 def _pick(override: int | None, default: int | None) -> int | None:

@@ -397,16 +397,19 @@ class Gateway:
         exchange.cost = estimate_cost(call, len(event.body))
         guard = self._guard
         if guard.access.limited:
+            if not guard.shared:
+                # The memory store, in this same call: reserved, or refused.
+                refused = guard.take(exchange, principal, call, endpoint, event.now)
+                if refused is not None:
+                    return self._admit(exchange, refused, target.backend, event.now, shared=False)
+                return self._schedule(exchange, target.backend, event.now)
             charges, slots, prompt = guard.charges(principal, exchange.client, call, endpoint)
             if charges or slots:
                 exchange.prompt_estimate = prompt
                 exchange.limit_slots = slots
-                if guard.shared:
-                    exchange.state = ExchangeState.LIMITING
-                    exchange.backend = target.backend
-                    return [CheckLimits(exchange.request_id, charges, slots)]
-                decision = guard.judge(charges, slots, event.now)
-                return self._admit(exchange, decision, target.backend, event.now, shared=False)
+                exchange.state = ExchangeState.LIMITING
+                exchange.backend = target.backend
+                return [CheckLimits(exchange.request_id, charges, slots)]
         return self._schedule(exchange, target.backend, event.now)
 
     def _on_limits(self, exchange: Exchange, event: LimitsDecided) -> list[Action]:

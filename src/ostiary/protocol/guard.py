@@ -40,7 +40,7 @@ from .auth import ApiKey, KeyTable
 from .client_ip import client_address
 from .credentials import TokenVerifier, looks_like_jwt
 from .errors import InvalidRequestError, PermissionDeniedError, RateLimitError
-from .exchange import Reservation
+from .exchange import Exchange, Reservation
 from .generation import Usage
 from .limits import (
     Charge,
@@ -48,6 +48,7 @@ from .limits import (
     Decision,
     Limit,
     MemoryLimitStore,
+    Plan,
     Unit,
     wait_ms,
 )
@@ -55,7 +56,7 @@ from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .tokens import TokenCodec
 from .visibility import Network
 
-__all__ = ["Guard", "format_reset"]
+__all__ = ["Guard", "format_reset", "rate_headers"]
 
 Header = tuple[bytes, bytes]
 #: Tokens a chat message costs beyond its text (role, separators), as OpenAI counts.
@@ -261,16 +262,50 @@ class Guard:
         cost = prompt + self._output_reservation(call, principal.role, room)
         return shape.charged(cost), shape.slots, prompt
 
+    def take(
+        self,
+        exchange: Exchange,
+        principal: Principal,
+        call: BackendCall,
+        endpoint: Endpoint,
+        now: float,
+    ) -> Decision | None:
+        """Admission in the in-process store, in this same call: :meth:`charges` and
+        :meth:`judge`, then the exchange's reservation and ``x-ratelimit-*`` headers,
+        over the request shape's :class:`~.limits.Plan`. None: admitted (or no limit
+        applies); else the decision for :meth:`refusal`."""
+        plan = self.access.shape(principal, exchange.client, call.model, _ENDPOINT_NAMES[endpoint])
+        if plan.empty:
+            return None
+        capacity = plan.largest_tokens
+        prompt = tokens = 0
+        if capacity:
+            prompt = self._prompt_tokens(call, capacity)
+            tokens = prompt + self._output_reservation(
+                call, principal.role, plan.smallest_tokens - prompt
+            )
+        taken = self.store.take(plan, tokens, now)
+        if taken is None:
+            exchange.prompt_estimate = prompt
+            exchange.limit_slots = plan.slots
+            return self.store.admit(plan.charged(tokens), plan.slots, now)
+        hold, deficits = taken
+        exchange.reservation = Reservation(hold, False, prompt)
+        exchange.rate = rate_headers(plan, deficits)
+        return None
+
     def _prompt_tokens(self, call: BackendCall, limit: int) -> int:
         texts: list[str] = []
         extra = 0
         ids = 0
         if isinstance(call, ChatCompletionRequest):
             for message in call.messages:
-                texts.append(message.text())
-                for tool_call in message.tool_calls or ():
-                    texts.append(tool_call.function.arguments)
-                    texts.append(tool_call.function.name)
+                content = message.content
+                texts.append(content if type(content) is str else message.text())
+                if message.tool_calls:
+                    for tool_call in message.tool_calls:
+                        texts.append(tool_call.function.arguments)
+                        texts.append(tool_call.function.name)
             extra = _PER_MESSAGE * len(call.messages) + 3
         else:
             inputs = call.prompt if isinstance(call, CompletionRequest) else call.input
@@ -284,7 +319,8 @@ class Guard:
         text = "\n".join(texts)
         counter = self.tokens
         counted = -(-len(text) // 4) if counter is None else counter.count(text, limit + 1)
-        return min(counted + extra + ids, limit + 1)
+        counted += extra + ids
+        return counted if counted <= limit else limit + 1
 
     def _output_reservation(self, call: BackendCall, role: Role, room: int) -> int:
         if isinstance(call, EmbeddingRequest):
@@ -297,8 +333,11 @@ class Guard:
         asked = call.output_limit
         if asked is not None:
             return asked * choices
-        cap = min(role.max_output_tokens or self.max_output_tokens, self.max_output_tokens)
-        return max(1, min(cap * choices, room))
+        most = self.max_output_tokens
+        cap = role.max_output_tokens or most
+        want = (cap if cap < most else most) * choices
+        want = want if want < room else room
+        return want if want > 1 else 1
 
     def judge(
         self, charges: tuple[Charge, ...], slots: tuple[ConcurrencyLimit, ...], now: float
@@ -430,6 +469,38 @@ _REQUEST_HEADERS, _TOKEN_HEADERS = (
     tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
     for unit in (b"requests", b"tokens")
 )
+_UNIT_HEADERS = (_REQUEST_HEADERS, _TOKEN_HEADERS)
+
+
+def rate_headers(plan: Plan, deficits: Sequence[int]) -> tuple[Header, ...]:
+    """:meth:`Guard.headers` of an admission through ``plan`` that left its buckets at
+    ``deficits``: for each unit, the first of the plan's minute buckets with the least
+    remaining."""
+    out: tuple[Header, ...] = ()
+    reports = plan.reports
+    for unit in (0, 1):
+        candidates = reports[unit]
+        if not candidates:
+            continue
+        names = _UNIT_HEADERS[unit]
+        best = candidates[0]
+        deficit = deficits[best[0]]
+        level = best[2] - deficit
+        left = level // best[1] if level > 0 else 0
+        for row in candidates[1:]:
+            d = deficits[row[0]]
+            level = row[2] - d
+            here = level // row[1] if level > 0 else 0
+            if here < left:
+                best, left, deficit = row, here, d
+        per_ms = best[3]
+        ms = -(-deficit // per_ms) if deficit > 0 else 0
+        out += (
+            (names[0], best[4]),
+            (names[1], b"%d" % left),
+            (names[2], _RESETS.get(ms) or _reset_bytes(ms)),
+        )
+    return out
 
 
 def _figures(

@@ -48,6 +48,7 @@ __all__ = [
     "Hold",
     "Limit",
     "MemoryLimitStore",
+    "Plan",
     "Refusal",
     "Unit",
     "deficit_at",
@@ -158,13 +159,39 @@ Charge = tuple[Limit, int]
 
 # Hold and Decision are made on every admission: plain slotted classes (attrs'
 # frozen ones set each field through object.__setattr__, about 1 µs a class).
-@attrs.define(eq=False)
 class Hold:
-    """What an admitted request holds until it is settled or refunded (never changed)."""
+    """What an admitted request holds until it is settled or refunded (never changed).
 
-    id: int
-    charges: tuple[Charge, ...]
-    slots: tuple[ConcurrencyLimit, ...]
+    A hold taken through a :class:`Plan` (:meth:`MemoryLimitStore.take`) keeps the plan
+    and the tokens it reserved on each token bucket; its ``charges`` are built from
+    them when asked for."""
+
+    __slots__ = ("_charges", "id", "plan", "slots", "tokens")
+
+    def __init__(
+        self,
+        id: int,
+        charges: tuple[Charge, ...] | None,
+        slots: tuple[ConcurrencyLimit, ...],
+        plan: Plan | None = None,
+        tokens: int = 0,
+    ) -> None:
+        self.id = id
+        self._charges = charges
+        self.slots = slots
+        self.plan = plan
+        self.tokens = tokens
+
+    @property
+    def charges(self) -> tuple[Charge, ...]:
+        charges = self._charges
+        if charges is None:
+            assert self.plan is not None
+            charges = self._charges = self.plan.charged(self.tokens)
+        return charges
+
+    def __repr__(self) -> str:
+        return f"Hold(id={self.id!r}, charges={self.charges!r}, slots={self.slots!r})"
 
 
 @attrs.frozen
@@ -284,6 +311,84 @@ def judge(
     return None
 
 
+class Plan:
+    """The limits and slots of one kind of request, laid out once for the hot path.
+
+    Requests of the same principal, client, model and endpoint are charged on the
+    same buckets and slots (:class:`~.access.AccessPolicy` keeps one plan per such
+    combination), so what admitting, reporting and settling them reads is built here
+    once, as plain tuples: ``rows`` (one per limit: its key, ``per_token``,
+    ``per_ms``, ``full``, the longest refill that counts, and whether it counts
+    tokens), ``token_rows`` (the token buckets, for settling), ``slot_rows`` and
+    ``reports`` (the minute buckets each ``x-ratelimit-*`` unit may report, requests
+    then tokens: index, ``per_token``, ``full``, ``per_ms`` and the capacity in
+    ASCII digits).
+    """
+
+    __slots__ = (
+        "_token_at",
+        "empty",
+        "largest_tokens",
+        "limits",
+        "reports",
+        "rows",
+        "slot_rows",
+        "slots",
+        "smallest_tokens",
+        "token_rows",
+        "untokened",
+    )
+
+    def __init__(self, limits: tuple[Limit, ...], slots: tuple[ConcurrencyLimit, ...]) -> None:
+        self.limits = limits
+        self.slots = slots
+        self.empty = not limits and not slots
+        tokens = Unit.TOKENS
+        sizes = [limit.spec.capacity for limit in limits if limit.unit is tokens]
+        #: The largest and smallest token bucket (0: none).
+        self.largest_tokens = max(sizes, default=0)
+        self.smallest_tokens = min(sizes, default=0)
+        #: The charges of a request that counts no tokens.
+        self.untokened: tuple[Charge, ...] = tuple((limit, 1) for limit in limits)
+        self._token_at = tuple((i, limit) for i, limit in enumerate(limits) if limit.unit is tokens)
+        self.rows = tuple((*limit.bucket, limit.unit is tokens) for limit in limits)
+        self.token_rows = tuple(
+            (
+                limit.key,
+                limit.spec.per_token,
+                limit.spec.per_ms,
+                limit.spec.capacity,
+                limit.spec.full,
+                2 * limit.spec.window_ms,
+            )
+            for _, limit in self._token_at
+        )
+        self.slot_rows = tuple((slot.layer, slot.limit) for slot in slots)
+        self.reports = tuple(
+            tuple(
+                (
+                    i,
+                    limit.spec.per_token,
+                    limit.spec.full,
+                    limit.spec.per_ms,
+                    b"%d" % limit.spec.capacity,
+                )
+                for i, limit in enumerate(limits)
+                if limit.reports == unit
+            )
+            for unit in (0, 1)
+        )
+
+    def charged(self, tokens: int) -> tuple[Charge, ...]:
+        """The charges of a request that reserves ``tokens`` on token buckets."""
+        if not self._token_at:
+            return self.untokened
+        out = list(self.untokened)
+        for i, limit in self._token_at:
+            out[i] = (limit, tokens)
+        return tuple(out)
+
+
 @attrs.define
 class MemoryLimitStore:
     """The math applied to buckets held in this process, in the same call.
@@ -358,6 +463,68 @@ class MemoryLimitStore:
             self._sweep(t)
         return Decision(held, tuple(debited), hold)
 
+    def take(self, plan: Plan, tokens: int, now: float) -> tuple[Hold, list[int]] | None:
+        """:meth:`admit` of ``plan.charged(tokens)`` and ``plan.slots``, when every
+        bucket and slot admits it: the hold, and every bucket's deficit right after
+        the debit (``Decision.deficits``, in ``plan.limits`` order). None, with
+        nothing changed, when one refuses: :meth:`admit` then says why.
+
+        The same math as :meth:`admit`, over the plan's rows, with bucket states
+        updated in place."""
+        t = int(now * 1000.0 + 0.5)  # to_ms
+        buckets = self._buckets
+        states = []
+        deficits = []
+        fresh = None
+        for key, per_token, per_ms, full, _, counts_tokens in plan.rows:
+            state = buckets.get(key)
+            if state is None:
+                deficit = per_token * tokens if counts_tokens else per_token
+                state = [deficit, t, per_ms]
+                if fresh is None:
+                    fresh = [(key, state)]
+                else:
+                    fresh.append((key, state))
+            else:
+                # deficit_at, inlined: the refill since the state's stamp. Python's
+                # integers need no cap on the refill (``span``: for the doubles of
+                # Lua): a deficit is at most two buckets, which a refill of ``span``
+                # or more fills up anyway.
+                deficit = state[0]
+                elapsed = t - state[1]
+                if elapsed > 0:
+                    refill = per_ms * elapsed
+                    deficit = deficit - refill if refill < deficit else 0
+                deficit += per_token * tokens if counts_tokens else per_token
+                if state[2] != per_ms:  # the key's limit changed (a config reload)
+                    state = [deficit, t, per_ms]
+                    if fresh is None:
+                        fresh = [(key, state)]
+                    else:
+                        fresh.append((key, state))
+            if deficit > full:
+                return None
+            states.append(state)
+            deficits.append(deficit)
+        counts = self._counts
+        slot_rows = plan.slot_rows
+        for layer, limit in slot_rows:
+            if counts.get(layer, 0) >= limit:
+                return None
+        for layer, _ in slot_rows:
+            counts[layer] = counts.get(layer, 0) + 1
+        for state, deficit in zip(states, deficits, strict=True):
+            state[0] = deficit
+            state[1] = t
+        if fresh is not None:
+            for key, state in fresh:
+                buckets[key] = state
+        if len(buckets) >= self._sweep_at:
+            self._sweep(t)
+        hold = Hold(next(self._ids), None, plan.slots, plan, tokens)
+        self._open[hold.id] = hold
+        return hold, deficits
+
     def settle(self, hold: Hold, actual_tokens: int, now: float) -> bool:
         """End an admitted request: token buckets get its real usage, slots come back.
 
@@ -365,6 +532,21 @@ class MemoryLimitStore:
         """
         if self._open.pop(hold.id, None) is None:
             return False
+        plan = hold.plan
+        if plan is not None:
+            # The same math as below (deficit_at and settled, inlined) over the
+            # plan's token rows, states updated in place.
+            reserved = hold.tokens
+            if reserved != actual_tokens:
+                self._settle_rows(plan.token_rows, reserved, actual_tokens, now)
+            counts = self._counts
+            for layer, _ in plan.slot_rows:
+                left = counts[layer] - 1
+                if left:
+                    counts[layer] = left
+                else:
+                    del counts[layer]
+            return True
         t = int(now * 1000.0 + 0.5)  # to_ms
         buckets = self._buckets
         tokens = Unit.TOKENS
@@ -387,6 +569,40 @@ class MemoryLimitStore:
             else:
                 del counts[slot.layer]
         return True
+
+    def _settle_rows(
+        self,
+        rows: tuple[tuple[str, int, int, int, int, int], ...],
+        reserved: int,
+        actual: int,
+        now: float,
+    ) -> None:
+        t = int(now * 1000.0 + 0.5)  # to_ms
+        buckets = self._buckets
+        for key, per_token, per_ms, capacity, full, span in rows:
+            state = buckets.get(key)
+            deficit = 0
+            if state is not None:
+                deficit = state[0]
+                elapsed = t - state[1]
+                if elapsed > 0 and deficit > 0:
+                    refill = per_ms * (elapsed if elapsed < span else span)
+                    deficit = deficit - refill if refill < deficit else 0
+            if actual <= reserved:
+                unused = reserved - actual
+                credit = (unused if unused < capacity else capacity) * per_token
+                new = deficit - credit if credit < deficit else 0
+            else:
+                over = actual - reserved
+                new = min(deficit + (over if over < capacity else capacity) * per_token, 2 * full)
+            if not new:
+                buckets.pop(key, None)
+            elif state is None:
+                buckets[key] = [new, t, per_ms]
+            else:
+                state[0] = new
+                state[1] = t
+                state[2] = per_ms
 
     def refund(self, hold: Hold, now: float) -> bool:
         """End a request that used nothing (cancelled, failed, timed out)."""

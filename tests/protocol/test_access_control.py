@@ -320,6 +320,18 @@ def test_a_reservation_over_the_limit_can_never_pass() -> None:
     assert any(isinstance(a, Dispatch) for a in request(gw, "r2", chat_body()))
 
 
+def test_a_prompt_counted_only_up_to_the_limit_needs_at_least_its_cost() -> None:
+    gw = gateway(Role(name="tenant", tokens_per_minute=50))
+    huge = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "word " * 5000}]})
+    status, body, headers = response(request(gw, "r1", huge))
+    assert status == 429 and headers[b"x-should-retry"] == b"false"
+    assert "needs at least " in body["error"]["message"]
+    gw.handle(ResponseSent("r1", 11.0))
+    # Counted whole (asking for too much output), the figure is exact.
+    status, body, _ = response(request(gw, "r2", chat_body(max_tokens=100)))
+    assert status == 429 and "needs at least" not in body["error"]["message"]
+
+
 def test_concurrency_counts_from_admission_to_the_end_and_comes_back() -> None:
     gw = gateway(Role(name="tenant", max_concurrent=1))
     assert any(isinstance(a, Dispatch) for a in request(gw, "r1", chat_body(stream=True)))
@@ -526,6 +538,23 @@ def test_access_replaced_swaps_roles_and_keeps_buckets() -> None:
     assert admission.error is not None and admission.error.status == 403
 
 
+def test_a_shared_refusal_judged_after_a_reload_names_the_layer_it_was_judged_on() -> None:
+    layer = RateLimitLayer(scope=Scope.GLOBAL, requests_per_minute=1)
+    gw = gateway(TENANT, layers=(layer,), shared_limits=True)
+    store = MemoryLimitStore()
+    for rid in ("r1", "r2"):
+        (check,) = request(gw, rid, chat_body(), now=0.0)
+        assert isinstance(check, CheckLimits)
+        decisions = store.admit(check.charges, check.slots, 0.0)
+    # The layers are gone by the time the runtime answers r2's refusal.
+    gw.handle(AccessReplaced(AccessPolicy([TENANT]), None, (), 0.0))
+    actions = gw.handle(LimitsDecided("r2", decisions, 0.0))
+    status, body, _ = response(actions)
+    assert status == 429 and "of rate_limits[0] (global)" in body["error"]["message"]
+    (count,) = [a for a in actions if isinstance(a, Count)]
+    assert count.labels == (("scope", "global"),)
+
+
 # -- JWTs through a verifier ----------------------------------------------------------------
 
 
@@ -567,6 +596,18 @@ def test_jwt_principal_takes_the_first_configured_role_in_claim_order() -> None:
     )
     assert admission.error is not None and admission.error.status == 401
     assert admission.error.code == "invalid_token"
+
+
+def test_a_token_whose_role_lacks_the_endpoint_is_told_so_in_the_endpoint_s_name() -> None:
+    verifier = FakeVerifier({JWT_A: TokenClaims("alice", ("tenant",))})
+    chat_only = Role(name="tenant", endpoints=("chat.completions",))
+    gw = gateway(chat_only, verifier=verifier)
+    admission = gw.admits("GET", "/v1/models/m", bearer(JWT_A), "192.0.2.1", WALL)
+    assert admission.error is not None and admission.error.status == 403
+    assert admission.error.message == "This token's role may not use the models endpoint."
+    admission = gw.admits("GET", "/v1/models/m", bearer(TENANT_SECRET), "192.0.2.1", WALL)
+    assert admission.error is not None
+    assert admission.error.message == "This key's role may not use the models endpoint."
 
 
 def test_unknown_kid_asks_the_runtime_to_refresh() -> None:
@@ -621,6 +662,11 @@ def test_layer_filters() -> None:
     assert not layer.applies("tenant", "m", "embeddings")
     with pytest.raises(ValueError, match="sets no limit"):
         RateLimitLayer(scope=Scope.IP)
+    for never in ("models", "queue", "metrics"):
+        with pytest.raises(ValueError, match="never rate-limited"):
+            RateLimitLayer(scope=Scope.IP, requests_per_minute=1, endpoints=(never,))
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        RateLimitLayer(scope=Scope.IP, requests_per_minute=1, endpoints=("chat",))
 
 
 def test_readiness_with_redis_down_depends_on_on_failure() -> None:

@@ -49,6 +49,9 @@ __all__ = [
 MODEL_ENDPOINTS = ("chat.completions", "completions", "embeddings", "models")
 ADMIN_ENDPOINTS = ("queue", "metrics")
 ENDPOINT_NAMES = frozenset(MODEL_ENDPOINTS + ADMIN_ENDPOINTS)
+#: The endpoints limits count (``[[rate_limits]]`` endpoint filters): listing models
+#: is a static answer, and the admin endpoints are the operator's own.
+LIMITED_ENDPOINTS = ("chat.completions", "completions", "embeddings")
 #: Routes that a role's endpoint name covers beyond its own.
 _ENDPOINT_OF = {"models.retrieve": "models", "queue.live": "queue"}
 
@@ -69,6 +72,17 @@ def _endpoints(_: object, attribute: attrs.Attribute[Any], value: object) -> Non
         if name not in ENDPOINT_NAMES:
             known = ", ".join(sorted(ENDPOINT_NAMES))
             raise ValueError(f"unknown endpoint {name!r} in {attribute.name} (known: {known})")
+
+
+def _limited_endpoints(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _endpoints(instance, attribute, value)
+    assert value is None or isinstance(value, tuple)
+    for name in value or ():
+        if name not in LIMITED_ENDPOINTS:
+            counted = ", ".join(LIMITED_ENDPOINTS)
+            raise ValueError(
+                f"{attribute.name}: {name!r} is never rate-limited (limits count {counted})"
+            )
 
 
 def _globs(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -194,7 +208,7 @@ class RateLimitLayer(LimitSet):
     scope: Scope
     roles: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = attrs.field(default=None, validator=_globs)
-    endpoints: tuple[str, ...] | None = attrs.field(default=None, validator=_endpoints)
+    endpoints: tuple[str, ...] | None = attrs.field(default=None, validator=_limited_endpoints)
     _models_re: re.Pattern[str] | None = attrs.field(init=False, eq=False, repr=False)
 
     @_models_re.default

@@ -446,7 +446,7 @@ class Gateway:
             scope = guard.scope_of(decision, slots)
             return [
                 Count("ostiary_rate_limited_total", (("scope", scope),)),
-                exchange.fail(guard.refusal(decision, slots, principal)),
+                exchange.fail(guard.refusal(decision, slots, principal, exchange.prompt_estimate)),
             ]
         exchange.reservation = Reservation(hold, shared, exchange.prompt_estimate)
         exchange.rate = guard.headers(decision)

@@ -35,7 +35,7 @@ import attrs
 
 from .access import AccessPolicy, Principal, Role, Scope
 from .actions import BackendCall, SettleLimits, ShareFailedAuth
-from .admission import Endpoint
+from .admission import ENDPOINT_LABELS, Endpoint
 from .auth import ApiKey, KeyTable
 from .client_ip import client_address
 from .credentials import TokenVerifier, looks_like_jwt
@@ -211,7 +211,8 @@ class Guard:
     def check_endpoint(principal: Principal, endpoint: Endpoint) -> None:
         if not principal.role.may_use_endpoint(endpoint.value):
             raise PermissionDeniedError(
-                f"This key's role may not use the {endpoint.value} endpoint.",
+                f"This {_kind(principal)}'s role may not use the "
+                f"{ENDPOINT_LABELS[endpoint]} endpoint.",
                 code="permission_denied",
             )
 
@@ -253,7 +254,7 @@ class Guard:
         self, principal: Principal, client: str, call: BackendCall, endpoint: Endpoint
     ) -> tuple[tuple[Charge, ...], tuple[ConcurrencyLimit, ...], int]:
         """Every charge and slot of the request, and its prompt estimate (tokens)."""
-        shape = self.access.shape(principal, client, call.model, _ENDPOINT_NAMES[endpoint])
+        shape = self.access.shape(principal, client, call.model, ENDPOINT_LABELS[endpoint])
         capacity = shape.largest_tokens
         if not capacity:
             return shape.untokened, shape.slots, 0
@@ -274,7 +275,7 @@ class Guard:
         :meth:`judge`, then the exchange's reservation and ``x-ratelimit-*`` headers,
         over the request shape's :class:`~.limits.Plan`. None: admitted (or no limit
         applies); else the decision for :meth:`refusal`."""
-        plan = self.access.shape(principal, exchange.client, call.model, _ENDPOINT_NAMES[endpoint])
+        plan = self.access.shape(principal, exchange.client, call.model, ENDPOINT_LABELS[endpoint])
         if plan.empty:
             return None
         capacity = plan.largest_tokens
@@ -346,9 +347,15 @@ class Guard:
         return self.store.admit(charges, slots, now)
 
     def refusal(
-        self, decision: Decision, slots: Sequence[ConcurrencyLimit], principal: Principal
+        self,
+        decision: Decision,
+        slots: Sequence[ConcurrencyLimit],
+        principal: Principal,
+        prompt: int = 0,
     ) -> RateLimitError:
-        """The 429 of a refused decision: which layer, how long, the headers."""
+        """The 429 of a refused decision: which layer, how long, the headers.
+        ``prompt`` is the request's prompt estimate (counted only up to the largest
+        token limit: past it, the cost is a lower bound)."""
         refusal = decision.refusal
         assert refusal is not None
         headers = list(self.headers(decision, exhausted=refusal.exhausted))
@@ -357,8 +364,13 @@ class Guard:
             what = _DIMENSIONS[limit.name]
             layer = self._layer_name(limit.layer, principal)
             if refusal.never:
+                largest = max(
+                    (c[0].spec.capacity for c in decision.charges if c[0].unit is Unit.TOKENS),
+                    default=0,
+                )
+                needs = "at least " if limit.unit is Unit.TOKENS and prompt > largest else ""
                 message = (
-                    f"This request needs {cost} {what.split()[0]}, more than the limit of "
+                    f"This request needs {needs}{cost} {what.split()[0]}, more than the limit of "
                     f"{limit.spec.capacity} {what} {layer} allows; it can never pass. "
                     "Ask for fewer tokens."
                 )
@@ -391,17 +403,13 @@ class Guard:
         else:
             assert refusal.full_slot is not None
             layer = slots[refusal.full_slot].layer
-        if layer.startswith("principal:"):
-            return "principal"
-        return self.access.layers[int(layer.partition("/")[0]) - 1].scope.value
+        return _scope(layer).value
 
     def _layer_name(self, layer: str, principal: Principal) -> str:
         if layer.startswith("principal:"):
-            kind = "token" if principal.id.startswith("jwt:") else "key"
-            return f"for this {kind} (role '{principal.role.name}')"
-        index = int(layer.partition("/")[0])
-        scope = self.access.layers[index - 1].scope
-        return f"of rate_limits[{index - 1}] ({_SCOPES[scope]})"
+            return f"for this {_kind(principal)} (role '{principal.role.name}')"
+        index = layer.partition("/")[0]
+        return f"of rate_limits[{int(index) - 1}] ({_SCOPES[_scope(layer)]})"
 
     @staticmethod
     def headers(decision: Decision, *, exhausted: int | None = None) -> tuple[Header, ...]:
@@ -464,7 +472,6 @@ class Guard:
 
 
 #: Endpoint names as roles and layers know them (retrieving a model is ``models``).
-_ENDPOINT_NAMES = {e: "models" if e is Endpoint.MODEL else e.value for e in Endpoint}
 _REQUEST_HEADERS, _TOKEN_HEADERS = (
     tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
     for unit in (b"requests", b"tokens")
@@ -523,6 +530,21 @@ _DIMENSIONS = {
     "rpd": "requests per day",
     "tpd": "tokens per day",
 }
+
+
+def _scope(layer: str) -> Scope:
+    """The scope of a limit's or slot's layer, read off its own name (``principal:…``,
+    or ``<index>/<scope>:<value>`` and ``<index>/global`` for ``[[rate_limits]]``):
+    never off the policy in force, which a reload may have changed since."""
+    if layer.startswith("principal:"):
+        return Scope.PRINCIPAL
+    return Scope(layer.partition("/")[2].partition(":")[0])
+
+
+def _kind(principal: Principal) -> str:
+    return "token" if principal.id.startswith("jwt:") else "key"
+
+
 _SCOPES = {
     Scope.IP: "per client address",
     Scope.PRINCIPAL: "per key or token",

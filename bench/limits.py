@@ -24,6 +24,16 @@ client's PING.
 
     python bench/limits.py [--requests 20000] [--url redis://127.0.0.1:6379/0]
 
+The client runs its watchdog (``async with``), as the server's does (in
+``SharedLimits.run``): no cancel scope per call.
+
+``--callgrind`` counts instead the instructions of this process per admission
+through ``SharedLimits.decide`` (valgrind's callgrind, from zero after a warm-up:
+exactly repeatable), also for another checkout's ``src`` (``--pythonpath``), in
+the same run against the same Redis::
+
+    python bench/limits.py --callgrind [--requests 2000] [--pythonpath OTHER/src]
+
 Pinned to one core: ``taskset -c 0 python bench/limits.py`` (the private
 ``redis-server`` inherits the affinity; an existing one does not). On this VM, a
 round trip between processes on two cores costs some 70 µs more than on one, for
@@ -36,10 +46,13 @@ cost of the code rather than of the wake-ups. Real deployments see the unpinned 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -197,6 +210,7 @@ async def trio_ping(sock: socket.socket) -> float:
 
 async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float]]:
     async with RedisClient.from_url(url, timeout=1.0, pool_size=16) as client:
+        assert client._alarm is not None, "the watchdog runs: no cancel scope per call"
         store = RedisLimitStore(client, prefix="bench:")
         for _ in range(200):  # warm up: connections, scripts
             d = await store.admit(charges(700), SLOTS)
@@ -273,11 +287,82 @@ async def through_redis(url: str, requests: int) -> dict[str, tuple[float, float
     }
 
 
+async def decide_when_told(url: str, requests: int) -> None:
+    """Under callgrind: warm up, then ``requests`` admissions between two lines read
+    from stdin (the counters zeroed before, dumped after)."""
+    async with RedisClient.from_url(url, timeout=1.0, pool_size=16) as client:
+        shared = SharedLimits(RedisLimitStore(client, prefix="bench:cg:"), timeout=1.0)
+        for _ in range(200):
+            assert await shared.decide(charges(700), SLOTS) is not None
+        print("ready", flush=True)
+        sys.stdin.readline()  # blocking: nothing else runs meanwhile
+        for _ in range(requests):
+            await shared.decide(charges(700), SLOTS)
+        print("done", flush=True)
+        sys.stdin.readline()
+
+
+def callgrind(url: str, requests: int, pythonpath: str | None) -> float:
+    """Instructions of this process per ``SharedLimits.decide`` (``pythonpath``: the
+    ``src`` to import instead of this checkout's)."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        child = [sys.executable, __file__, "--decide-child", "--url", url]
+        child += ["--requests", str(requests)]
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *child]
+        with subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+            subprocess.run(
+                ["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True
+            )
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "done"
+            subprocess.run(
+                ["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True
+            )
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        dumps = sorted(Path(tmp).glob("callgrind.out*"), key=os.path.getmtime)
+        dump = next(d for d in dumps if d != out)  # the one taken, not the last
+        text = dump.read_text()
+        total = re.search(r"^summary: (\d+)", text, re.M) or re.search(
+            r"^totals: (\d+)", text, re.M
+        )
+        assert total, "no totals in the callgrind dump"
+        return int(total.group(1)) / requests
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--url", help="an existing Redis (default: start a private one)")
+    parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--pythonpath", help="with --callgrind: another checkout's src too")
+    parser.add_argument("--decide-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.decide_child:
+        trio.run(decide_when_told, args.url, args.requests)
+        return
+    if args.callgrind:
+        with nullcontext(args.url) if args.url else redis_server() as server:
+            url = server if isinstance(server, str) else server.url
+            for name in ("this checkout", args.pythonpath):
+                if name is not None:
+                    per = callgrind(url, args.requests, None if name == "this checkout" else name)
+                    print(f"instructions per SharedLimits.decide, {name}: {per:,.0f}")
+        return
     print("in memory, µs per call (median of batches; CPU, wall):")
     for name, (cpu, wall) in (memory(args.requests * 5) | guard_path(args.requests * 5)).items():
         print(f"  {name:45} {cpu:8.2f} {wall:8.2f}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -141,9 +142,36 @@ def fake_redis(client: RedisClient) -> tuple[_Unseen, socket.socket]:
 PING = b"*1\r\n$4\r\nPING\r\n"
 
 
+@asynccontextmanager
+async def watched_or_not(
+    client: RedisClient, monkeypatch: pytest.MonkeyPatch, *, watched: bool
+) -> AsyncIterator[None]:
+    """The client's watchdog running (and no call keeping its own deadline), or not
+    (each call keeping its own)."""
+    if not watched:
+        yield
+        return
+
+    def unwatched(*_: object) -> None:
+        raise AssertionError("a call kept its own deadline while the watchdog ran")
+
+    monkeypatch.setattr(type(client), "_wait_unwatched", unwatched)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+WATCHED = pytest.mark.parametrize("watched", [True, False], ids=["watched", "unwatched"])
+
+
+@WATCHED
 @pytest.mark.parametrize("answered", [True, False])
 async def test_replies_already_there_when_the_deadlines_pass_are_used(
-    mock_clock: trio.testing.MockClock, answered: bool
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    answered: bool,
+    watched: bool,
 ) -> None:
     """The event loop gets round to three pipelined calls only after their deadlines:
     if Redis had answered by then, each gets its reply; if not, each fails, and the
@@ -158,7 +186,7 @@ async def test_replies_already_there_when_the_deadlines_pass_are_used(
         except RedisUnavailableError as exc:
             outcome.append(type(exc))
 
-    async with trio.open_nursery() as nursery:
+    async with watched_or_not(client, monkeypatch, watched=watched), trio.open_nursery() as nursery:
         for _ in range(3):
             nursery.start_soon(ping)
         await trio.testing.wait_all_tasks_blocked()
@@ -166,6 +194,8 @@ async def test_replies_already_there_when_the_deadlines_pass_are_used(
         if answered:
             theirs.sendall(b"+PONG\r\n" * 3)
         mock_clock.jump(2.0)  # every deadline passes before the loop looks again
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(outcome) == 3
     if answered:
         assert outcome == [b"PONG"] * 3
         assert len(client._conns) == 1 and client.in_flight == 0
@@ -208,8 +238,9 @@ async def test_a_call_given_up_while_another_waits_for_the_socket_leaves_the_byt
     await client.aclose()
 
 
+@WATCHED
 async def test_a_writer_redis_does_not_read_from_fails_at_its_deadline(
-    mock_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, watched: bool
 ) -> None:
     """A payload too large for the socket's buffers, and Redis reading none of it:
     the call fails when its deadline passes, and the connection is closed."""
@@ -223,7 +254,7 @@ async def test_a_writer_redis_does_not_read_from_fails_at_its_deadline(
         except RedisUnavailableError as exc:
             outcome.append(type(exc))
 
-    async with trio.open_nursery() as nursery:
+    async with watched_or_not(client, monkeypatch, watched=watched), trio.open_nursery() as nursery:
         nursery.start_soon(big)
         await trio.testing.wait_all_tasks_blocked()
         assert client._conns[0].writer is not None  # still writing
@@ -235,11 +266,13 @@ async def test_a_writer_redis_does_not_read_from_fails_at_its_deadline(
     await client.aclose()
 
 
+@WATCHED
 async def test_a_call_with_a_sooner_deadline_is_watched_to_it(
-    mock_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, watched: bool
 ) -> None:
     """The watchdog sleeps until the earliest deadline it knows of; a call with a
-    sooner one (the admission's own timeout) wakes it sooner."""
+    sooner one (the admission's own timeout) wakes it sooner (or, unwatched, its
+    own scope ends then)."""
     client = RedisClient(timeout=100.0, pool_size=1)
     _, theirs = fake_redis(client)
     script = Script("return 1")
@@ -251,7 +284,7 @@ async def test_a_call_with_a_sooner_deadline_is_watched_to_it(
         except RedisUnavailableError as exc:
             outcome[name] = type(exc)
 
-    async with trio.open_nursery() as nursery:
+    async with watched_or_not(client, monkeypatch, watched=watched), trio.open_nursery() as nursery:
         nursery.start_soon(call, "slow", None)
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(call, "quick", trio.current_time() + 1.0)
@@ -266,28 +299,152 @@ async def test_a_call_with_a_sooner_deadline_is_watched_to_it(
     await client.aclose()
 
 
-async def test_a_client_used_again_after_aclose_watches_its_calls_again(
+@WATCHED
+async def test_a_reply_the_reader_has_yet_to_take_at_a_waiting_calls_deadline_is_in_time(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, watched: bool
+) -> None:
+    """Behind the reader, a call with a sooner deadline: both replies come as that
+    deadline passes, and the loop gets round to the call before the reader has read
+    them (in some rounds: the order of tasks woken together varies), or after."""
+    client = RedisClient(timeout=100.0, pool_size=1)
+    script = Script("return 1")
+    outcome: dict[str, object] = {}
+
+    async def call(name: str, deadline: float | None) -> None:
+        try:
+            outcome[name] = await client.evalsha(script, [], [], deadline=deadline)
+        except RedisUnavailableError as exc:
+            outcome[name] = type(exc)
+
+    async with watched_or_not(client, monkeypatch, watched=watched):
+        for _ in range(12):
+            _, theirs = fake_redis(client)
+            outcome.clear()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "reader", None)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(call, "quick", trio.current_time() + 1.0)
+                await trio.testing.wait_all_tasks_blocked()
+                assert theirs.recv(1024).count(b"EVALSHA") == 2
+                theirs.sendall(b":1\r\n:2\r\n")
+                mock_clock.jump(1.0)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(outcome) == 2
+            assert outcome == {"reader": 1, "quick": 2}
+            assert client.in_flight == 0
+            client._conns[0].close()
+            theirs.close()
+
+
+async def test_calls_made_with_no_watchdog_keep_their_own_deadlines(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    """aclose stops the watchdog at once; a call made right after starts another,
-    which fails it when its deadline passes unanswered."""
+    """Before the watchdog starts, after it has stopped: no call waits past its
+    deadline. Stopped, the watchdog still fails, at its deadline, a call it was
+    watching (which has no scope of its own)."""
+    client = RedisClient(timeout=1.0, pool_size=2)
+    (_, before), (_, watched), (_, after) = (fake_redis(client) for _ in range(3))
+    outcome: list[str] = []
+
+    async def ping(name: str) -> None:
+        with pytest.raises(RedisUnavailableError, match="within"):
+            await client.execute("PING")
+        outcome.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ping, "before")
+        await trio.testing.wait_all_tasks_blocked()
+        watchdog = trio.CancelScope()
+
+        async def watch(task_status: trio.TaskStatus[None]) -> None:
+            with watchdog:
+                await client.run(task_status=task_status)
+
+        await nursery.start(watch)
+        nursery.start_soon(ping, "watched")
+        await trio.testing.wait_all_tasks_blocked()
+        watchdog.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ping, "after")
+        await trio.testing.wait_all_tasks_blocked()
+        assert [c.recv(1024) for c in (before, watched, after)] == [PING] * 3
+        mock_clock.jump(0.9)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []
+        mock_clock.jump(0.2)  # every deadline passes
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(outcome) == ["after", "before", "watched"]
+        assert not client._conns
+    assert client._alarm is None
+
+
+async def test_async_with_runs_the_watchdog_in_a_nursery_of_its_own(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside ``async with``, calls are watched; on leaving, the watchdog stops and
+    what the body raised comes out as it was raised."""
     client = RedisClient(timeout=1.0, pool_size=1)
-    outcome: list[object] = []
+    with pytest.raises(KeyError, match="mine"):
+        async with client:
+            assert client._alarm is not None
+            with pytest.raises(RuntimeError, match="already"):
+                await client.run()
+            with pytest.raises(RuntimeError, match="already"):
+                await client.__aenter__()
+            monkeypatch.setattr(RedisClient, "_wait_unwatched", None)  # not called
+            _, theirs = fake_redis(client)
+            failed: list[object] = []
+
+            async def ping() -> None:
+                with pytest.raises(RedisUnavailableError, match="within") as raised:
+                    await client.execute("PING")
+                failed.append(raised.type)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ping)
+                await trio.testing.wait_all_tasks_blocked()
+                assert theirs.recv(1024) == PING
+                mock_clock.jump(1.0)
+                await trio.testing.wait_all_tasks_blocked()
+                assert failed == [RedisUnavailableError]
+            raise KeyError("mine")
+    assert client._alarm is None
+    monkeypatch.undo()
+    async with client:  # again
+        assert client._alarm is not None
+
+
+@WATCHED
+async def test_a_failure_judging_a_deadline_closes_the_connection_and_nothing_more(
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    watched: bool,
+) -> None:
+    """A bug in judging lateness leaves no call hanging past its deadline, and does
+    not end the watchdog (nor its owner's nursery)."""
+    client = RedisClient(timeout=1.0, pool_size=1)
+    _, theirs = fake_redis(client)
+
+    def broken(*_: object) -> float:
+        raise ZeroDivisionError
+
+    failed: list[str] = []
 
     async def ping() -> None:
-        with pytest.raises(RedisUnavailableError) as failed:
+        with pytest.raises(RedisUnavailableError, match="closed") as raised:
             await client.execute("PING")
-        outcome.append(failed.type)
+        failed.append(str(raised.value))
 
-    for _ in range(2):  # watched by the first watchdog, then by the second
-        _, theirs = fake_redis(client)
+    async with watched_or_not(client, monkeypatch, watched=watched):
+        monkeypatch.setattr(_Connection, "expire", broken)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ping)
             await trio.testing.wait_all_tasks_blocked()
             assert theirs.recv(1024) == PING
-            mock_clock.jump(2.0)
+            mock_clock.jump(1.0)
             await trio.testing.wait_all_tasks_blocked()
-            assert len(outcome) == 1
-        outcome.clear()
-        await client.aclose()
-        assert client._watchdog is None
+            assert len(failed) == 1
+        assert not client._conns
+        assert (client._alarm is not None) is watched
+    assert "closing the connection" in caplog.text

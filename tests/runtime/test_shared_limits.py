@@ -62,8 +62,22 @@ async def running(shared: SharedLimits) -> AsyncIterator[SharedLimits]:
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def watched_if(client: RedisClient, *, watched: bool) -> AsyncIterator[None]:
+    """The client's watchdog running, or each call keeping its own deadline."""
+    async with trio.open_nursery() as nursery:
+        if watched:
+            await nursery.start(client.run)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+WATCHED = pytest.mark.parametrize("watched", [True, False], ids=["watched", "unwatched"])
+
+
 async def test_decisions_and_settlements_through_the_settlers(redis: RedisServer) -> None:
     async with running(shared_for(redis)) as shared:
+        assert shared.store.client._alarm is not None  # its watchdog runs there
         first = await shared.decide([(RPM, 1), (TPM, 400)], [SLOT])
         second = await shared.decide([(RPM, 1), (TPM, 400)], [SLOT])
         assert first is not None and first.hold is not None and first.remaining(1) == 600
@@ -78,6 +92,7 @@ async def test_decisions_and_settlements_through_the_settlers(redis: RedisServer
         after = await shared.decide([(TPM, 1)], [])
         assert after is not None and after.remaining(0) == 1000 - 100 - 1
         assert shared.unavailable == 0
+    assert shared.store.client._alarm is None
 
 
 async def test_a_killed_redis_gives_none_then_a_restart_is_recovered(redis: RedisServer) -> None:
@@ -111,14 +126,16 @@ async def test_script_flush_costs_no_decision(redis: RedisServer) -> None:
     await shared.store.client.aclose()
 
 
+@WATCHED
 async def test_a_hung_redis_gives_none_within_the_timeout_and_the_lost_hold_is_released(
-    redis: RedisServer,
+    redis: RedisServer, watched: bool
 ) -> None:
     shared = shared_for(redis, timeout=0.2)
     assert await shared.decide([], [SLOT]) is not None  # a pooled connection
-    with redis.paused(), trio.fail_after(GUARD):
-        assert await shared.decide([], [SLOT]) is None
-        assert await shared.failures() == (("redis", "unreachable"),)
+    async with watched_if(shared.store.client, watched=watched):
+        with redis.paused(), trio.fail_after(GUARD):
+            assert await shared.decide([], [SLOT]) is None
+            assert await shared.failures() == (("redis", "unreachable"),)
     # Redis, resumed, may run the admission it had read: nobody holds that slot.
     await shared.store.heartbeat()
     assert await shared.store.in_flight(SLOT) == 1  # the first one's, still open
@@ -142,8 +159,9 @@ def hold_loop_until_answered(sock: socket.socket, replies: int) -> None:
             return
 
 
+@WATCHED
 async def test_admissions_the_loop_gets_back_to_late_are_decided_if_redis_answered(
-    redis: RedisServer, mock_clock: trio.testing.MockClock
+    redis: RedisServer, mock_clock: trio.testing.MockClock, watched: bool
 ) -> None:
     """Twenty admissions pipelined at once; the event loop gets round to them only
     after their deadline, Redis having answered each in time: each is decided."""
@@ -156,7 +174,7 @@ async def test_admissions_the_loop_gets_back_to_late_are_decided_if_redis_answer
     async def admit() -> None:
         decisions.append(await shared.decide([(many, 1)], []))
 
-    async with trio.open_nursery() as nursery:
+    async with watched_if(client, watched=watched), trio.open_nursery() as nursery:
         with redis.paused():
             for _ in range(20):
                 nursery.start_soon(admit)

@@ -12,16 +12,19 @@ It does what the limit store needs and no more:
   order and whichever waiting call holds the read turn reads them all and hands them
   out, so no call waits in line for a connection and no task switch stands between
   a reply and its caller;
-- a deadline on every call (``timeout``, connect included), kept by a watchdog (one
-  system task per client, asleep until the earliest deadline of the calls in
-  flight) rather than by a cancel scope per call, which cost as much as the rest of
-  the call. When a deadline passes with the call unanswered, the socket is looked
-  at first: a reply already there was in time (the deadline measures Redis, not how
-  late this event loop got round to the reply), and the reader is left to take it.
-  Otherwise the call's connection, on which Redis did not answer within
-  ``timeout``, is closed, failing the calls written after it too (Redis not
-  answering within ``timeout`` counts as down) with :class:`RedisUnavailableError`.
-  A call cancelled from outside is given up; its reply is dropped when it comes;
+- a deadline on every call (``timeout``, connect included), kept by a watchdog
+  (:meth:`RedisClient.run`, a task in its owner's nursery, asleep until the earliest
+  deadline of the calls in flight; ``async with`` runs one in a nursery of its own)
+  rather than by a cancel scope per call, which cost as much as the rest of the
+  call. A call made while no watchdog runs keeps its deadline with a cancel scope of
+  its own, the same way. When a deadline passes with the call unanswered, the
+  socket is looked at first: a reply already there was in time (the deadline
+  measures Redis, not how late this event loop got round to the reply), and the
+  reader is left to take it. Otherwise the call's connection, on which Redis did not
+  answer within ``timeout``, is closed, failing the calls written after it too
+  (Redis not answering within ``timeout`` counts as down) with
+  :class:`RedisUnavailableError`. A call cancelled from outside is given up; its
+  reply is dropped when it comes;
 - reconnection with exponential backoff: after a failed connect, calls fail at once
   until the backoff has passed, so a dead Redis costs no time and gets no storm;
 - a connection found dead on reuse (Redis restarted) is replaced once, at once, and
@@ -263,8 +266,9 @@ class _Connection:
             self.writer = call
         return call
 
-    async def flush(self) -> None:
-        """Write the queued bytes; cut short, the connection cannot be used again."""
+    async def flush(self, own: trio.CancelScope | None) -> None:
+        """Write the queued bytes; cut short (but by ``own``: see :meth:`wait`), the
+        connection cannot be used again."""
         try:
             while self.outbuf and not self.closed:
                 await trio.lowlevel.wait_writable(self.fd)
@@ -274,10 +278,11 @@ class _Connection:
         except _LOST as exc:
             self.fail(_LostError(f"Redis connection lost: {exc}"))
         except BaseException:
-            self.fail(RedisUnavailableError("a write to Redis was cut short"))
+            if own is None or not own.cancel_called:
+                self.fail(RedisUnavailableError("a write to Redis was cut short"))
             raise
 
-    async def wait(self, call: _Call) -> list[Any]:
+    async def wait(self, call: _Call, own: trio.CancelScope | None = None) -> list[Any]:
         """``call``'s replies; an error reply is returned in place.
 
         Cut short from outside, the call takes its replies if they are already there
@@ -285,10 +290,13 @@ class _Connection:
         they are the reader's to take); the cancellation is raised again at the
         caller's next checkpoint. If not, the call is given up and its replies are
         dropped when they come. Its deadline is the watchdog's business
-        (:meth:`expire`).
+        (:meth:`expire`), or, with no watchdog, its caller's: ``own``, the scope
+        keeping it, is let through with the call kept as it was, for the caller to
+        judge as the watchdog would (or to give up, if it was cut short from
+        outside too).
         """
         if self.writer is call:
-            await self.flush()
+            await self.flush(own)
         try:
             while not call.done:
                 if call.turn:
@@ -304,10 +312,8 @@ class _Connection:
             if not self.waiting:
                 self.read(call, until_empty=True)
             if not call.done:
-                call.abandoned = True
-                if call.turn:
-                    call.turn = False
-                    self._pass_turn()
+                if own is None or not own.cancel_called:
+                    self.give_up(call)
                 raise
         except _LOST as exc:  # closed under the reader by another call, or broke
             self.fail(_LostError(f"Redis connection lost: {exc}"))
@@ -357,6 +363,17 @@ class _Connection:
         except _LOST as exc:
             self.fail(_LostError(f"Redis connection lost: {exc}"))
 
+    def give_up(self, call: _Call) -> None:
+        """``call`` is cut short from outside: its replies are dropped when they come."""
+        if call.done or call.abandoned:
+            return
+        call.abandoned = True
+        if self.writer is call:  # its bytes are half written
+            self.fail(RedisUnavailableError("a write to Redis was cut short"))
+        elif call.turn:
+            call.turn = False
+            self._pass_turn()
+
     def _pass_turn(self) -> None:
         for call in self.pending:
             if not call.abandoned:
@@ -366,11 +383,11 @@ class _Connection:
         self.reading = False
 
     def expire(self, now: float, late: Callable[[], RedisError]) -> float:
-        """The watchdog's look at the connection at ``now``: if a call's deadline has
-        passed unanswered and no reply waits in the socket, Redis did not answer in
-        time: the connection is closed, failing every call on it with ``late()``.
-        Returns when to
-        look again (``now``: at once, the reader having replies to take)."""
+        """The watchdog's look at the connection at ``now`` (or an unwatched call's,
+        at its deadline): if a call's deadline has passed unanswered and no reply
+        waits in the socket, Redis did not answer in time: the connection is closed,
+        failing every call on it with ``late()``. Returns when to look again
+        (``now``: at once, the reader having replies to take)."""
         overdue = any(c.deadline <= now for c in self.pending if not c.abandoned)
         if overdue and not self.waiting:
             self.read(None, until_empty=True)  # nobody else would read them now
@@ -420,8 +437,11 @@ class RedisClient:
     """A pooled, pipelining Redis client; a call not answered within ``timeout``
     seconds fails (see :meth:`_Connection.expire` for what counts as answered).
 
-    Call :meth:`aclose` (or use ``async with``) to close the pooled connections and
-    stop the watchdog.
+    Its owner runs its watchdog, :meth:`run`, in a nursery (``await
+    nursery.start(client.run)``), or uses it as ``async with client:``, which runs
+    one in a nursery of its own; calls made while no watchdog runs keep their
+    deadlines themselves, at the cost of a cancel scope each. Call :meth:`aclose`
+    (``async with`` does) to close the pooled connections.
     """
 
     address: RedisAddress = attrs.field(factory=RedisAddress)
@@ -439,28 +459,52 @@ class RedisClient:
     _opened: trio.Event = attrs.field(factory=trio.Event, init=False)
     _backoff: float = attrs.field(default=0.0, init=False)
     _down_until: float = attrs.field(default=float("-inf"), init=False)
-    #: The watchdog's sleep, ending at the earliest deadline it knows of (None: it
-    #: is awake, and looks at every call before it sleeps again); and the scope that
-    #: stops it (None: not running).
+    #: The watchdog's sleep, ending at the earliest deadline it knows of (None: no
+    #: watchdog runs, and each call keeps its own deadline).
     _alarm: trio.CancelScope | None = attrs.field(default=None, init=False)
-    _watchdog: trio.CancelScope | None = attrs.field(default=None, init=False)
+    #: What ``async with`` opened: the nursery its watchdog runs in.
+    _nursery: contextlib.AbstractAsyncContextManager[trio.Nursery] | None = attrs.field(
+        default=None, init=False
+    )
+    _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisClient:
         return cls(RedisAddress.from_url(url), **kwargs)
 
     async def __aenter__(self) -> RedisClient:
+        """Run the watchdog in a nursery of the client's own, until ``__aexit__``."""
+        if self._nursery is not None:
+            raise RuntimeError("this Redis client is entered already")
+        manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
+        try:
+            await nursery.start(self.run)
+        except BaseException:
+            nursery.cancel_scope.cancel()
+            await manager.__aexit__(None, None, None)
+            raise
+        self._nursery, self._scope = manager, nursery.cancel_scope
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        """Close the connections and stop the watchdog. What the body raised is not
+        the nursery's (only the watchdog runs there): it leaves as it came, not in
+        an exception group."""
+        manager, scope = self._nursery, self._scope
+        assert manager is not None and scope is not None, "not entered"
+        self._nursery = self._scope = None
+        try:
+            await self.aclose()
+        finally:
+            scope.cancel()
+            await manager.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
+        """Close the pooled connections (failing the calls waiting on them); the
+        client may be used again, and connects anew."""
         for conn in list(self._conns):
             conn.close()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = self._alarm = None  # a later call starts another
         await trio.lowlevel.checkpoint()
 
     @property
@@ -545,46 +589,67 @@ class RedisClient:
         """Write the call, have its deadline watched; the wait for its replies."""
         call = conn.send(payload, count, deadline)
         alarm = self._alarm
-        if alarm is not None:
-            # Set only when sooner: setting a scope's deadline re-files it.
-            if deadline < alarm.deadline:  # noqa: PLR1730
-                alarm.deadline = deadline
-        elif self._watchdog is None:
-            self._start_watchdog()
+        if alarm is None:
+            return self._wait_unwatched(conn, call)
+        # Set only when sooner: setting a scope's deadline re-files it.
+        if deadline < alarm.deadline:  # noqa: PLR1730
+            alarm.deadline = deadline
         return conn.wait(call)
 
-    def _start_watchdog(self) -> None:
-        scope = trio.CancelScope()
-        try:
-            trio.lowlevel.spawn_system_task(self._watch, scope, name="redis watchdog")
-        except RuntimeError:  # the run is ending: the caller's own scope must do
-            log.warning("no Redis watchdog: the event loop is shutting down")
-            return
-        self._watchdog = scope
+    async def _wait_unwatched(self, conn: _Connection, call: _Call) -> list[Any]:
+        """:meth:`_Connection.wait`, keeping the call's deadline itself: when it
+        passes, the call is judged as the watchdog would judge it."""
+        while True:
+            try:
+                with trio.CancelScope(deadline=call.deadline) as own:
+                    return await conn.wait(call, own)
+            except BaseException:  # cut short from outside (its deadline may be past too)
+                conn.give_up(call)  # (nothing to give up if it has failed)
+                raise
+            # Only the deadline: unanswered, unless the reader has the reply to take
+            # (then look again once it has run).
+            self._expire_one(conn, current_time())
 
-    async def _watch(self, scope: trio.CancelScope) -> None:
-        """Fail the calls Redis did not answer in time (see :meth:`_Connection.expire`)."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The watchdog, until cancelled: fail the calls Redis did not answer in time
+        (see :meth:`_Connection.expire`). Cancelled, it keeps watching the calls it
+        was watching until their deadlines (the calls made from then on keep their
+        own), then returns."""
+        if self._alarm is not None:
+            raise RuntimeError("a watchdog runs for this Redis client already")
+        alarm = self._alarm = trio.CancelScope(deadline=self._expire(current_time()))
+        task_status.started()
         try:
-            with scope:
-                wake = min((c.next_deadline() for c in self._conns), default=math.inf)
-                while True:
-                    with trio.CancelScope(deadline=wake) as alarm:
-                        self._alarm = alarm
-                        await trio.sleep_forever()
-                    self._alarm = None
-                    wake = math.inf
-                    now = current_time()
-                    for conn in list(self._conns):
-                        try:
-                            wake = min(wake, conn.expire(now, self._late))
-                        except Exception:  # a bug here must not leave a call hanging
-                            log.exception("the Redis watchdog failed; closing the connection")
-                            conn.close()
-        except Exception:  # nor end the server (a system task's error would)
-            log.exception("the Redis watchdog failed; the next call starts another")
+            while True:
+                with alarm:
+                    await trio.sleep_forever()
+                # No checkpoint until the next sleep: no call is sent unwatched.
+                alarm = self._alarm = trio.CancelScope(deadline=self._expire(current_time()))
         finally:
-            if self._watchdog is scope:  # not stopped and replaced meanwhile
-                self._watchdog = self._alarm = None
+            self._alarm = None
+            watched = max(
+                (c.deadline for conn in self._conns for c in conn.pending if c.deadline < math.inf),
+                default=-math.inf,
+            )
+            with trio.CancelScope(shield=True):
+                while (wake := self._expire(current_time())) <= watched:
+                    with trio.move_on_at(wake):
+                        await trio.sleep_forever()
+
+    def _expire(self, now: float) -> float:
+        """Every connection's :meth:`_Connection.expire`; when to look again."""
+        wake = math.inf
+        for conn in list(self._conns):
+            wake = min(wake, self._expire_one(conn, now))
+        return wake
+
+    def _expire_one(self, conn: _Connection, now: float) -> float:
+        try:
+            return conn.expire(now, self._late)
+        except Exception:  # a bug here must not leave a call hanging, nor end the run
+            log.exception("judging Redis' lateness failed; closing the connection")
+            conn.close()
+            return math.inf
 
     async def _connection(self, deadline: float) -> _Connection:
         with trio.move_on_at(deadline):

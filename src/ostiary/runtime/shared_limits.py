@@ -21,8 +21,9 @@
   silently, and memory is bounded by ``max_pending_settlements`` twice.
 - :meth:`run` is the replica's heartbeat (renews its lease, retries settlements
   that failed, reconciles holds; every third of the lease, every second while
-  something is waiting) and the settlers, in the server's nursery. Outages and
-  recoveries are logged once each, not per request.
+  something is waiting), the settlers and the Redis client's watchdog (which keeps
+  every call's deadline without a cancel scope per call), in the server's nursery.
+  Outages and recoveries are logged once each, not per request.
 - :meth:`count_failure` takes a ``ShareFailedAuth`` the same way (never awaits): a
   401 charged to the client address' failed-authentication bucket in Redis by a
   settler, and that bucket's shared deficit reported back to the core, so that an
@@ -150,9 +151,11 @@ class SharedLimits:
         return (("redis", "unreachable"),)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Heartbeat and settlers until cancelled; then settle what is left, briefly."""
+        """The client's watchdog, heartbeat and settlers until cancelled; then settle
+        what is left, briefly."""
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.store.client.run)
                 for _ in range(self.settlers):
                     nursery.start_soon(self._settler)
                 nursery.start_soon(self._heartbeat)

@@ -210,7 +210,8 @@ def limits(
     connections: list[int],
 ) -> list[tuple[str, float, str]]:
     """Every configuration served at once; ``rounds`` runs of each, interleaved (none,
-    memory, [Redis], none, ...), so a busy machine weighs on all alike. The figure is
+    memory, [Redis], then the other way round, ...), so a busy machine weighs on all
+    alike. The figure is
     the median round; the share of each round is against that round's no-limits run.
     The server's own CPU time per request (µs) is less at the mercy of a busy machine
     than its requests per second."""
@@ -231,8 +232,11 @@ def limits(
             wrk(*urls[-1], CHAT % ("s", ""), 16, 2)  # warm-up
         # results[config][load]: one run per round
         results: list[list[list[dict[str, float]]]] = [[[] for _ in connections] for _ in runs]
-        for _ in range(rounds):
-            for (url, key), pid, out in zip(urls, pids, results, strict=True):
+        order = list(zip(urls, pids, results, strict=True))
+        for round_ in range(rounds):
+            # ABBA: every other round runs the configurations the other way round, so
+            # that a machine speeding up or slowing down within a round favours none.
+            for (url, key), pid, out in order if round_ % 2 == 0 else order[::-1]:
                 for conns, runs_here in zip(connections, out, strict=True):
                     before = cpu_seconds(pid)
                     r = wrk(url, key, CHAT % ("s", ""), conns, seconds)

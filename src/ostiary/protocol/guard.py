@@ -61,6 +61,11 @@ __all__ = ["Guard", "format_reset", "rate_headers"]
 Header = tuple[bytes, bytes]
 #: Tokens a chat message costs beyond its text (role, separators), as OpenAI counts.
 _PER_MESSAGE = 4
+#: Texts of at most this many characters have their counts remembered, at most
+#: ``_MEMO_SIZE`` of them (8 MB of ASCII text at most, 32 MB of any; see
+#: :meth:`Guard._count`).
+_MEMO_CHARS = 2048
+_MEMO_SIZE = 4096
 
 
 def format_reset(ms: int) -> str:
@@ -121,6 +126,8 @@ class Guard:
         #: monotonic time); always in this process.
         self.failures = MemoryLimitStore(max_buckets=65_536)
         self._principals: dict[str, tuple[ApiKey, Principal]] = {}
+        #: Token counts by principal and text (see :meth:`_count`).
+        self._memo: dict[tuple[str, str], int] = {}
 
     def replace(
         self,
@@ -258,7 +265,7 @@ class Guard:
         capacity = shape.largest_tokens
         if not capacity:
             return shape.untokened, shape.slots, 0
-        prompt = self._prompt_tokens(call, capacity)
+        prompt = self._prompt_tokens(call, capacity, principal.id)
         room = shape.smallest_tokens - prompt
         cost = prompt + self._output_reservation(call, principal.role, room)
         return shape.charged(cost), shape.slots, prompt
@@ -281,7 +288,7 @@ class Guard:
         capacity = plan.largest_tokens
         prompt = tokens = 0
         if capacity:
-            prompt = self._prompt_tokens(call, capacity)
+            prompt = self._prompt_tokens(call, capacity, principal.id)
             tokens = prompt + self._output_reservation(
                 call, principal.role, plan.smallest_tokens - prompt
             )
@@ -295,33 +302,66 @@ class Guard:
         exchange.rate = rate_headers(plan, deficits)
         return None
 
-    def _prompt_tokens(self, call: BackendCall, limit: int) -> int:
-        texts: list[str] = []
-        extra = 0
-        ids = 0
+    def _prompt_tokens(self, call: BackendCall, limit: int, who: str) -> int:
+        """The prompt's tokens, counted text by text (a chat message's content, its
+        tool calls' arguments and names; each string of a prompt or input list) as far
+        as ``limit`` needs: past it, ``limit + 1``. Text by text, as OpenAI counts a
+        chat's messages, so that a conversation's earlier turns, sent again with each
+        new one, are the same texts again for the counter's memo."""
+        count = self._count
+        total = 0
         if isinstance(call, ChatCompletionRequest):
+            total = _PER_MESSAGE * len(call.messages) + 3
             for message in call.messages:
+                if total > limit:
+                    break
                 content = message.content
-                texts.append(content if type(content) is str else message.text())
+                text = content if type(content) is str else message.text()
+                total += count(text, limit - total, who)
                 if message.tool_calls:
                     for tool_call in message.tool_calls:
-                        texts.append(tool_call.function.arguments)
-                        texts.append(tool_call.function.name)
-            extra = _PER_MESSAGE * len(call.messages) + 3
+                        total += count(tool_call.function.arguments, limit - total, who)
+                        total += count(tool_call.function.name, limit - total, who)
         else:
             inputs = call.prompt if isinstance(call, CompletionRequest) else call.input
             for item in (inputs,) if isinstance(inputs, str) else inputs:
+                if total > limit:
+                    break
                 if isinstance(item, str):
-                    texts.append(item)
+                    total += count(item, limit - total, who)
                 elif isinstance(item, int):
-                    ids += 1
+                    total += 1
                 else:
-                    ids += len(item)
-        text = "\n".join(texts)
+                    total += len(item)
+        return total if total <= limit else limit + 1
+
+    def _count(self, text: str, limit: int, who: str) -> int:
+        """Tokens of ``text`` up to ``limit`` (past it, more), by the counter; without
+        one, its length / 4. A negative ``limit`` (spent already) counts nothing.
+
+        Exact counts of short texts are remembered per principal (``who``), in a
+        bounded memo that starts over when full: a chat sends its system prompt and
+        earlier turns again with every new turn, and a lookup costs a fraction of a
+        count. Per principal, so that how fast a text is counted never tells one
+        tenant what another sent."""
+        if limit < 0 or not text:
+            return 0
         counter = self.tokens
-        counted = -(-len(text) // 4) if counter is None else counter.count(text, limit + 1)
-        counted += extra + ids
-        return counted if counted <= limit else limit + 1
+        if counter is None:
+            return -(-len(text) // 4)
+        if len(text) > _MEMO_CHARS:
+            return counter.count(text, limit)
+        memo = self._memo
+        key = (who, text)
+        known = memo.get(key)
+        if known is None:
+            counted = counter.count(text, limit)
+            if counted > limit:
+                return counted
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            known = memo[key] = counted
+        return known if known <= limit else limit + 1
 
     def _output_reservation(self, call: BackendCall, role: Role, room: int) -> int:
         if isinstance(call, EmbeddingRequest):

@@ -511,7 +511,7 @@ class Guard:
         return None
 
 
-#: Endpoint names as roles and layers know them (retrieving a model is ``models``).
+#: The ``x-ratelimit-*`` header names of each unit.
 _REQUEST_HEADERS, _TOKEN_HEADERS = (
     tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
     for unit in (b"requests", b"tokens")

@@ -416,7 +416,8 @@ def test_with_a_shared_store_failed_authentications_are_shared_and_merged_back()
     peer = "198.51.100.7"
     actions = request(gw, "bad", chat_body(), secret="ost_wrong", peer=peer)
     (share,) = [a for a in actions if isinstance(a, ShareFailedAuth)]
-    assert share.limit.key == f"auth:{peer}:failed"
+    assert share.limit.key == f"auth:{peer}:failed:3/60000"
+    assert gw.guard.access.failed_auth_key(peer) == share.limit.key
     gw.handle(ResponseSent("bad", 10.0))
     spec = share.limit.spec
     # Another replica's view, smaller than this one's: nothing changes.
@@ -536,6 +537,28 @@ def test_access_replaced_swaps_roles_and_keeps_buckets() -> None:
     gw.handle(AccessReplaced(stricter, None, (), 10.0))
     admission = gw.admits("POST", "/v1/chat/completions", bearer(TENANT_SECRET), "192.0.2.1", WALL)
     assert admission.error is not None and admission.error.status == 403
+
+
+def test_a_limit_changed_by_a_reload_is_a_new_bucket_that_starts_full() -> None:
+    """A deficit is counted in units of its limit: read under another limit it would
+    mean another level (7 rpm -> 6 rpm: an empty bucket read as refilling for hours
+    in one path, and a full one read as six requests over in another)."""
+    gw = gateway(Role(name="tenant", requests_per_minute=7))
+
+    def status(rid: str) -> int:
+        actions = request(gw, rid, chat_body(), now=0.0)
+        refused = [a for a in actions if isinstance(a, Respond)]
+        if refused:
+            gw.handle(ResponseSent(rid, 0.0))
+            return refused[0].status
+        finish(gw, rid, now=0.0)
+        return 200
+
+    assert [status(f"a{i}") for i in range(8)] == [200] * 7 + [429]
+    gw.handle(
+        AccessReplaced(AccessPolicy([Role(name="tenant", requests_per_minute=6)]), None, (), 0.0)
+    )
+    assert [status(f"b{i}") for i in range(7)] == [200] * 6 + [429]
 
 
 def test_a_shared_refusal_judged_after_a_reload_names_the_layer_it_was_judged_on() -> None:

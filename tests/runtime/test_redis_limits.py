@@ -147,6 +147,23 @@ async def test_redis_clock_is_used_without_an_explicit_now(shared_redis: RedisSe
         assert 61_000 <= ttl <= 62_000  # gone once full again (a second or two)
 
 
+async def test_a_limit_changed_by_a_reload_is_a_new_bucket_as_in_memory(
+    shared_redis: RedisServer,
+) -> None:
+    before = Limit("principal:key:a", "rpm", BucketSpec.per(7, 60), Unit.REQUESTS)
+    after = Limit("principal:key:a", "rpm", BucketSpec.per(6, 60), Unit.REQUESTS)
+    memory = MemoryLimitStore()
+    async with client_for(shared_redis) as client:
+        redis = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
+        assert redis.bucket_key(before) != redis.bucket_key(after)
+        for limit, passes in ((before, 7), (after, 6)):
+            for i in range(passes + 1):
+                m = memory.admit([(limit, 1)], [], T0 / 1000)
+                r = await redis.admit([(limit, 1)], [], now_ms=T0)
+                same(m, r)
+                assert m.allowed == (i < passes)
+
+
 async def test_script_flush_mid_run_reloads_the_scripts(shared_redis: RedisServer) -> None:
     rpm = Limit("p", "rpm", BucketSpec.per(10, 60), Unit.REQUESTS)
     tpm = Limit("p", "tpm", BucketSpec.per(100, 60), Unit.TOKENS)

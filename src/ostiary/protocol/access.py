@@ -304,6 +304,12 @@ class AccessPolicy:
             )
         return Principal(id, role, limits, label)
 
+    def failed_auth_key(self, client: str) -> str | None:
+        """The key of ``client``'s failed-authentication bucket (None: off), without
+        building its :class:`Limit` (what :meth:`MemoryLimitStore.tracks` takes)."""
+        base = self._failed
+        return None if base is None else f"auth:{client}{base.key[len('auth') :]}"
+
     def failed_auth_limit(self, client: str) -> Limit | None:
         """The bucket that counts ``client``'s failed authentications (None: off)."""
         base = self._failed

@@ -151,9 +151,10 @@ class Guard:
     ) -> Principal:
         """The principal ``credentials`` (an ``Authorization`` value) name (raises
         429, 401 or 403)."""
+        key = self.access.failed_auth_key(client) if client else None
         limit = (
             self.access.failed_auth_limit(client)
-            if client and self.failures.tracks(f"auth:{client}:failed")
+            if key is not None and self.failures.tracks(key)
             else None
         )
         if limit is not None:

@@ -114,7 +114,7 @@ class Limit:
 
     ``layer`` names the layer and the value it counts (``principal:key:abc``,
     ``ip:10.0.0.1``, ``global``); ``name`` the dimension (``rpm``, ``tpd``...).
-    Requests sharing a ``(layer, name)`` share a bucket.
+    Requests sharing a ``(layer, name)`` and its spec share a bucket.
     """
 
     layer: str
@@ -131,7 +131,10 @@ class Limit:
 
     @key.default
     def _key(self) -> str:
-        return f"{self.layer}:{self.name}"
+        # The spec is part of the key: a deficit is counted in units of the spec, so
+        # a limit changed by a reload is another bucket (starting full), never the
+        # old state read in the wrong units.
+        return f"{self.layer}:{self.name}:{self.spec.capacity}/{self.spec.window_ms}"
 
     @reports.default
     def _reports(self) -> int:

@@ -9,7 +9,9 @@ which replaces Redis' clock; nothing else does.
 
 Keys (``prefix`` defaults to ``ostiary:``):
 
-- ``{prefix}{<layer>}:<name>``: a bucket, 24 bytes: its deficit, its stamp and
+- ``{prefix}{<layer>}:<name>:<capacity>/<window_ms>``: a bucket (the limit's value
+  is in the key, as in :attr:`Limit.key`: a deficit counts in its units, so a limit
+  changed by a reload is another bucket), 24 bytes: its deficit, its stamp and
   its key's expiry as little-endian doubles (exact: every figure is an integer
   below 2**53), expiring a second or two after it is full again, so Redis holds
   only buckets below full (one MGET reads an admission's buckets, one SET writes
@@ -217,7 +219,8 @@ class RedisLimitStore:
         return int(self.lease * 1000)
 
     def bucket_key(self, limit: Limit) -> str:
-        return f"{self.prefix}{{{limit.layer}}}:{limit.name}"
+        spec = limit.spec
+        return f"{self.prefix}{{{limit.layer}}}:{limit.name}:{spec.capacity}/{spec.window_ms}"
 
     def slot_key(self, slot: ConcurrencyLimit) -> str:
         return f"{self.prefix}{{{slot.layer}}}:concurrent"

@@ -271,6 +271,8 @@ class AccessPolicy:
             if failed_auth_per_minute > 0
             else None
         )
+        #: What follows ``auth:<client>`` in a failed-authentication bucket's key.
+        self._failed_suffix = None if self._failed is None else self._failed.key[len("auth") :]
         self._cache: dict[
             tuple[str, object], tuple[tuple[Limit, ...], ConcurrencyLimit | None]
         ] = {}
@@ -307,8 +309,8 @@ class AccessPolicy:
     def failed_auth_key(self, client: str) -> str | None:
         """The key of ``client``'s failed-authentication bucket (None: off), without
         building its :class:`Limit` (what :meth:`MemoryLimitStore.tracks` takes)."""
-        base = self._failed
-        return None if base is None else f"auth:{client}{base.key[len('auth') :]}"
+        suffix = self._failed_suffix
+        return None if suffix is None else f"auth:{client}{suffix}"
 
     def failed_auth_limit(self, client: str) -> Limit | None:
         """The bucket that counts ``client``'s failed authentications (None: off)."""

@@ -499,12 +499,6 @@ class MemoryLimitStore:
                     refill = per_ms * elapsed
                     deficit = deficit - refill if refill < deficit else 0
                 deficit += per_token * tokens if counts_tokens else per_token
-                if state[2] != per_ms:  # the key's limit changed (a config reload)
-                    state = [deficit, t, per_ms]
-                    if fresh is None:
-                        fresh = [(key, state)]
-                    else:
-                        fresh.append((key, state))
             if deficit > full:
                 return None
             states.append(state)

@@ -379,9 +379,9 @@ class LossyClient(RedisClient):
     lose_next = False
 
     async def evalsha_packed(
-        self, script: Script, payload: bytes, *, deadline: float | None = None
+        self, script: Script, payload: bytes, *, deadline: float | None = None, resend: bool = True
     ) -> Any:
-        reply = await super().evalsha_packed(script, payload, deadline=deadline)
+        reply = await super().evalsha_packed(script, payload, deadline=deadline, resend=resend)
         if self.lose_next:
             self.lose_next = False
             raise RedisUnavailableError("the reply was lost")
@@ -424,6 +424,74 @@ async def test_a_redis_restart_between_calls_costs_no_failed_call(own_redis: Red
         assert await client.execute("PING") == b"PONG"
 
 
+class ReplyDroppingProxy:
+    """A TCP relay to Redis that, when told, lets Redis carry out the next command
+    and then breaks the client's connection instead of passing the reply on (as a
+    link that fails at the worst moment)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.drop_next = False
+        self.dropped = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        redis = await trio.open_tcp_stream("127.0.0.1", self.target)
+        async with client, redis, trio.open_nursery() as nursery:
+
+            async def up() -> None:
+                async for data in client:
+                    await redis.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            async def down() -> None:
+                async for data in redis:
+                    if self.drop_next:
+                        self.drop_next = False
+                        self.dropped += 1
+                        break  # Redis has answered; the client never hears it
+                    await client.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(up)
+            nursery.start_soon(down)
+
+
+@pytest.mark.parametrize("kept", [True, False])
+async def test_an_admission_sent_again_after_a_broken_link_counts_once(
+    shared_redis: RedisServer, kept: bool
+) -> None:
+    """A pooled connection breaks after Redis admitted the request: the client sends
+    it again on a fresh one, and a kept hold (its slot) is not taken twice. A hold of
+    request buckets alone has no record to find: its request may count twice."""
+    rpm = Limit("p", "rpm", BucketSpec.per(10, 60), Unit.REQUESTS)
+    slot = ConcurrencyLimit("p", 5)
+    proxy = ReplyDroppingProxy(shared_redis.port)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with RedisClient(RedisAddress(port=port), timeout=2.0, pool_size=1) as client:
+            store = RedisLimitStore(client, prefix=f"t{next(PREFIXES)}:")
+            warm = await store.admit([], [ConcurrencyLimit("other", 1)], now_ms=T0)
+            assert warm.hold is not None  # the script is loaded, the connection used
+            assert await store.refund(warm.hold, now_ms=T0)
+            proxy.drop_next = True
+            decision = await store.admit([(rpm, 1)], [slot] if kept else [], now_ms=T0)
+            assert proxy.dropped == 1
+            assert decision.allowed and decision.hold is not None
+            assert decision.remaining(0) == (9 if kept else 8)
+            if kept:
+                assert await store.in_flight(slot) == 1
+                assert await store.refund(decision.hold, now_ms=T0)
+                assert await store.in_flight(slot) == 0
+            await store.heartbeat()  # nothing is left to reconcile
+            assert store.released == 0
+        nursery.cancel_scope.cancel()
+
+
 class PayloadClient(RedisClient):
     """Keeps the admission commands as packed, and answers as if admitted."""
 
@@ -432,7 +500,7 @@ class PayloadClient(RedisClient):
         self.payloads: list[bytes] = []
 
     async def evalsha_packed(
-        self, script: Script, payload: bytes, *, deadline: float | None = None
+        self, script: Script, payload: bytes, *, deadline: float | None = None, resend: bool = True
     ) -> Any:
         self.payloads.append(payload)
         return [1, 0, 0, 0]

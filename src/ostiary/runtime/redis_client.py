@@ -64,6 +64,7 @@ __all__ = [
     "RedisAddress",
     "RedisClient",
     "RedisError",
+    "RedisMaybeRanError",
     "RedisReplyError",
     "RedisUnavailableError",
     "Script",
@@ -189,6 +190,12 @@ _LOST = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, hiredis.Pr
 
 class _LostError(RedisUnavailableError):
     """The connection broke under the call."""
+
+
+class RedisMaybeRanError(RedisUnavailableError):
+    """A call made with ``resend=False`` was cut off by a pooled connection that
+    broke: Redis may or may not have carried it out. The caller decides whether
+    to send it again (as it is, or in a form that is safe to repeat)."""
 
 
 class _Connection:
@@ -542,27 +549,43 @@ class RedisClient:
         return await self.evalsha_packed(script, payload, deadline=deadline)
 
     async def evalsha_packed(
-        self, script: Script, payload: bytes, *, deadline: float | None = None
+        self,
+        script: Script,
+        payload: bytes,
+        *,
+        deadline: float | None = None,
+        resend: bool = True,
     ) -> Any:
-        """:meth:`evalsha` of a command packed already (see :func:`evalsha_head`)."""
+        """:meth:`evalsha` of a command packed already (see :func:`evalsha_head`).
+        ``resend``: see :meth:`_call`."""
         now = current_time()
         latest = now + self.timeout
         if deadline is None or deadline > latest:
             deadline = latest
         elif deadline <= now:
             raise self._late()
-        (reply,) = await self._call(payload, 1, deadline)
+        (reply,) = await self._call(payload, 1, deadline, resend)
         if isinstance(reply, RedisReplyError):
             if str(reply).startswith("NOSCRIPT"):
                 if current_time() >= deadline:
                     raise self._late()
                 load = _pack(("SCRIPT", "LOAD", script.source))
-                _, reply = await self._call(load + payload, 2, deadline)
+                _, reply = await self._call(load + payload, 2, deadline, resend)
             if isinstance(reply, RedisReplyError):
                 raise reply
         return reply
 
-    async def _call(self, payload: bytes, count: int, deadline: float | None = None) -> list[Any]:
+    async def _call(
+        self, payload: bytes, count: int, deadline: float | None = None, resend: bool = True
+    ) -> list[Any]:
+        """Send ``payload`` (``count`` commands) and wait for the replies.
+
+        A pooled connection that breaks under the call most likely died while idle
+        (Redis restarted): the other idle ones are dropped, as dead, and the call is
+        sent again once on a fresh connection. It may, though, have broken after
+        Redis carried the commands out; with ``resend=False`` (commands that must
+        not run twice) :class:`RedisMaybeRanError` is raised instead, and the
+        caller sends again what is safe to repeat."""
         await checkpoint_if_cancelled()  # nothing is sent once cut short
         if deadline is None:
             deadline = current_time() + self.timeout
@@ -571,13 +594,12 @@ class RedisClient:
             conn = await self._connection(deadline)
         try:
             return await self._send(conn, payload, count, deadline)
-        except _LostError:
+        except _LostError as exc:
             if not conn.used:
                 raise
-        # A pooled connection that died while idle (Redis restarted): the command
-        # never reached a live server, so try a fresh connection once, and drop the
-        # other idle ones, which are as dead.
-        self._drop_idle()
+            self._drop_idle()
+            if not resend:
+                raise RedisMaybeRanError(str(exc)) from exc
         return await self._send(await self._connection(deadline), payload, count, deadline)
 
     def _late(self) -> RedisUnavailableError:

@@ -47,7 +47,10 @@ Redis carried out, or a settlement given up because too many were waiting
 (``max_pending``). Their slots come back, their token reservations count as used.
 So nothing is lost silently and memory stays bounded by the requests in flight plus
 ``max_pending``. Settlements are idempotent: a hold's field is deleted once, and
-only the call that deletes it changes a counter.
+only the call that deletes it changes a counter. Admissions are not idempotent,
+so the client never sends one again by itself when a connection breaks under it
+(Redis may have run it): the store sends it again flagged, and the script first
+looks for the hold's record, so an admission Redis carried out is not counted twice.
 
 Redis Cluster. Every key carries a hash tag: all buckets and the counter of one
 layer value share a slot (``{principal:key:abc}``), and each replica's holds its own.
@@ -88,7 +91,14 @@ from ..protocol.limits import (
     Unit,
     deficit_at,
 )
-from .redis_client import RedisClient, RedisError, Script, bulk, evalsha_head
+from .redis_client import (
+    RedisClient,
+    RedisError,
+    RedisMaybeRanError,
+    Script,
+    bulk,
+    evalsha_head,
+)
 
 __all__ = ["ADMIT", "RELEASE", "SETTLE", "LimiterUnavailableError", "RedisLimitStore"]
 
@@ -291,7 +301,21 @@ class RedisLimitStore:
         payload = b"".join(parts)
         self._live.add(hold_id)
         try:
-            reply = await self.client.evalsha_packed(ADMIT, payload, deadline=deadline)
+            try:
+                reply = await self.client.evalsha_packed(
+                    ADMIT, payload, deadline=deadline, resend=False
+                )
+            except RedisMaybeRanError:
+                # The connection broke under the call, maybe after Redis admitted
+                # it: sent again, a kept hold is first looked for, and an admission
+                # found is not counted twice (flag 2). A hold not kept (request
+                # buckets alone) cannot be looked for; sent again, its requests may
+                # count twice: the safe side, and only when a connection breaks.
+                if recorded:
+                    numbers[3] = 2
+                    parts[-4] = bulk(struct.pack(f"<{len(numbers)}d", *numbers))
+                    payload = b"".join(parts)
+                reply = await self.client.evalsha_packed(ADMIT, payload, deadline=deadline)
         except BaseException as exc:
             # The script may have run before the reply was lost (timeout, cancel):
             # forgotten here, its hold (if any) is released by reconciliation.

@@ -1,7 +1,9 @@
 -- Admission across every layer at once, or none.
 -- KEYS: n bucket keys, m concurrency keys, this replica's holds hash.
 -- ARGV[1], numbers: now_ms (negative: Redis' clock), n, m, record (1: keep a record
---   of the hold, 0: it has nothing to settle), never (the 0-based index of the
+--   of the hold, 0: it has nothing to settle, 2: keep one, and this admission is
+--   sent again after a connection broke: if the hold is recorded already, the first
+--   sending admitted it, and it is not counted again), never (the 0-based index of the
 --   first charge whose cost exceeds its capacity, or -1), then per bucket per_ms
 --   span full debit (its cost in units), then per concurrency key its limit.
 -- ARGV[2..]: hold id, the hold's record (its slot keys, each as '<length>:<key>'),
@@ -40,6 +42,14 @@ local v = numbers(ARGV[1])
 local n, m = v[2], v[3]
 local now = n > 0 and clock(v[1]) or 0
 local deficits, expiries = load_buckets(n, now, v, 6, 4)
+
+if v[4] == 2 and redis.call('HEXISTS', KEYS[n + m + 1], ARGV[2]) == 1 then
+  local out = {1}
+  for i = 1, n do
+    out[1 + i] = deficits[i]
+  end
+  return out
+end
 
 local function refuse(exhausted, full_slot, retry, never)
   local out = {0, exhausted, full_slot, retry, never}
@@ -85,7 +95,7 @@ end
 for j = 1, m do
   redis.call('HINCRBY', KEYS[n + j], replica, '1')
 end
-if v[4] == 1 then
+if v[4] >= 1 then
   -- The hold remembers its slots, so that a hold this replica lost track of (its
   -- reply lost) can be released by the heartbeat without being told them.
   redis.call('HSET', holds, ARGV[2], ARGV[3])

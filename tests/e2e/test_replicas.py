@@ -292,8 +292,15 @@ async def test_redis_killed_and_restarted(cluster: Cluster) -> None:
     assert_refused_properly(results)
     ok = sum(1 for status, _, _ in results if status == 200)
     assert RPM <= ok <= most_admitted(RPM, span)  # counted in that process alone
-    ready = [(await request(r.port, "GET", "/readyz", ""))[0] for r in cluster.replicas]
-    assert ready == [503, 503, 200]  # "local" still serves: degraded, not out
+    ready = [await request(r.port, "GET", "/readyz", "") for r in cluster.replicas]
+    assert [status for status, _, _ in ready] == [503, 503, 200]  # "local": degraded, not out
+    for _, headers, body in ready[:2]:
+        assert orjson.loads(body) == {"status": "unavailable", "redis": "unavailable"}
+        assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) >= 1
+    assert orjson.loads(ready[2][2]) == {
+        "status": "degraded",
+        "redis": "unavailable, limits counted locally",
+    }
 
     cluster.redis.restart()  # empty: the key's bucket is full again, and shared
     await wait_ready(cluster)

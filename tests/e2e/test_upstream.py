@@ -264,9 +264,13 @@ def test_readyz_names_the_unavailable_backend(relay_api: Api) -> None:
     response = relay_api.http.get(relay_api.server.root_url + "/readyz")
     relay_api.check_common(relay_api.last)
     assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
     backends = response.json()["backends"]
     assert "down" in backends
     assert "relay" not in backends
+    assert set(backends.values()) == {"unavailable"}  # never the upstream's error text
+    assert int(response.headers["retry-after"]) >= 1
+    assert int(response.headers["retry-after-ms"]) >= 1
 
 
 def test_relay_still_serves_after_failures(relay_api: Api) -> None:

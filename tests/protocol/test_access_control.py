@@ -699,10 +699,10 @@ def test_readiness_with_redis_down_depends_on_on_failure() -> None:
         gw = gateway(shared_limits=True, on_limits_failure=on_failure)
         request(gw, "r1", target="/readyz", method="GET")
         status, body, _ = response(
-            gw.handle(ReadinessChecked("r1", (("redis", "unreachable"),), 1.0))
+            gw.handle(ReadinessChecked("r1", (), 1.0, redis_unreachable=True))
         )
         assert status == expected, body
         gw2 = gateway(shared_limits=True, on_limits_failure=on_failure)
         request(gw2, "r2", target="/readyz", method="GET")
-        failures = (("redis", "unreachable"), ("b1", "down"))
-        assert response(gw2.handle(ReadinessChecked("r2", failures, 1.0)))[0] == 503
+        checked = ReadinessChecked("r2", (("b1", "down"),), 1.0, redis_unreachable=True)
+        assert response(gw2.handle(checked))[0] == 503

@@ -315,6 +315,24 @@ async def test_readiness(autojump_clock: trio.testing.MockClock) -> None:
             assert orjson.loads(body)["backends"] == {"faulty": "unavailable"}
 
 
+async def test_a_cached_503_asks_to_retry_when_the_cache_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The runtime checks at most once per ``ready_cache``: asked sooner, the answer
+    is the same, so the 503's retry-after is the time left until the next check."""
+    async with running(ready_cache=5.0) as (connect, _, backends):
+        backends["faulty"].ready_error = BackendUnavailableError("down")
+        client = await connect()
+        waits = []
+        for pause in (0.0, 2.0, 2.5):
+            await trio.sleep(pause)
+            await client.request(method="GET", target="/readyz")
+            status, headers, _ = await client.response()
+            assert status == 503
+            waits.append((headers[b"retry-after"], headers[b"retry-after-ms"]))
+        assert waits == [(b"5", b"5000"), (b"3", b"3000"), (b"1", b"500")]
+
+
 async def test_readiness_timeout(autojump_clock: trio.testing.MockClock) -> None:
     async with running() as (connect, _, backends):
 

@@ -205,9 +205,11 @@ async def test_readyz_is_unavailable_until_a_key_set_is_loaded(
     async with serving(verifier) as (connect, _):
         client = await connect()
         await client.request("GET", "/readyz")
-        status, _, body = await client.response()
+        status, headers, body = await client.response()
         assert status == 503
-        assert orjson.loads(body)["backends"] == {"jwt": "unavailable"}
+        assert orjson.loads(body) == {"status": "unavailable", "jwt": "no key set loaded"}
+        # Asked again within the readiness cache's second, the answer is the same.
+        assert (headers[b"retry-after"], headers[b"retry-after-ms"]) == (b"1", b"1000")
         verifier.document = jwks(RSA)
         await verifier.load()
         await trio.sleep(2)  # past the readiness cache (mock clock)

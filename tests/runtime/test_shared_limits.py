@@ -297,12 +297,51 @@ async def test_readyz_names_redis_while_it_is_unreachable(redis: RedisServer) ->
         redis.kill()
         with trio.fail_after(GUARD):
             await client.request(method="GET", target="/readyz")
-            status, _, body = await client.response()
+            status, headers, body = await client.response()
         assert status == 503
-        assert orjson.loads(body)["backends"] == {"redis": "unavailable"}
+        # Named as what it is (not a backend), without its error's text.
+        assert orjson.loads(body) == {"status": "unavailable", "redis": "unavailable"}
+        assert int(headers[b"retry-after"]) >= 1 and int(headers[b"retry-after-ms"]) >= 1
         redis.restart()
         await client.request(method="GET", target="/readyz")
         assert (await client.response())[0] == 200
+
+
+async def test_readyz_polled_while_redis_is_down_logs_the_change_once(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load balancer polls /readyz (uncached here); with "local" and Redis down
+    every answer is 200 degraded, and the change is logged once each way."""
+    backend = ScriptedBackend(ScriptedSettings(models=("s",)))
+    gateway = Gateway(
+        routes=[ModelRoute("s", "scripted", capabilities=backend._settings.capabilities("s"))],
+        keys=key_table(),
+        backends=[BackendPolicy(name="scripted")],
+        shared_limits=True,
+        on_limits_failure="local",
+    )
+    shared = shared_for(redis, timeout=0.2)
+    driver = Driver(gateway, {"scripted": backend}, ready_cache=0.0, shared_limits=shared)
+
+    def readiness_logs() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "ostiary.driver"]
+
+    caplog.set_level("INFO", logger="ostiary.driver")
+    async with in_memory(driver) as connect, running(shared):
+        client = await connect()
+        redis.kill()
+        for _ in range(5):
+            with trio.fail_after(GUARD):
+                await client.request(method="GET", target="/readyz")
+                status, _, body = await client.response()
+            assert status == 200
+            assert orjson.loads(body)["status"] == "degraded"
+        assert readiness_logs() == ["redis unavailable; limits counted locally"]
+        redis.restart()
+        for _ in range(3):
+            await client.request(method="GET", target="/readyz")
+            assert (await client.response())[0] == 200
+        assert readiness_logs() == ["redis unavailable; limits counted locally", "ready again"]
 
 
 async def test_failed_authentications_are_counted_across_replicas(redis: RedisServer) -> None:

@@ -126,11 +126,18 @@ class ResponseSent:
 
 @attrs.define
 class ReadinessChecked:
-    """Result of checking every backend for ``/readyz``: (backend, problem) pairs."""
+    """Result of the runtime's checks for ``/readyz``: ``failures`` are (backend,
+    problem) pairs, backends only (a backend may be named "redis");
+    ``redis_unreachable``: the shared limit store did not answer; ``jwks_missing``:
+    no JWKS key set is loaded yet. ``retry_after``: seconds until the runtime checks
+    again (it caches its answer), the 503's ``retry-after``; None: the default."""
 
     request_id: str
     failures: tuple[tuple[str, str], ...]
     now: float
+    redis_unreachable: bool = False
+    jwks_missing: bool = False
+    retry_after: float | None = None
 
 
 @attrs.define

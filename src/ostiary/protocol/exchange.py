@@ -138,14 +138,20 @@ class Exchange:
     prompt_estimate: int = 0
 
     def respond(
-        self, status: int, body: bytes, content_type: tuple[bytes, bytes] = JSON_CONTENT
+        self,
+        status: int,
+        body: bytes,
+        content_type: tuple[bytes, bytes] = JSON_CONTENT,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> Respond:
-        """The exchange's final, whole response (JSON unless told otherwise)."""
+        """The exchange's final, whole response (JSON unless told otherwise), with
+        ``extra`` headers."""
         self.state = ExchangeState.SENDING
         self.status = status
         headers = (
             content_type,
             (b"x-request-id", self.request_id.encode()),
+            *extra,
             *self.rate,
             *self.cors,
         )

@@ -96,6 +96,7 @@ from .responses import (
     encode_embeddings,
     encode_model,
     encode_models,
+    retry_after_headers,
 )
 from .scheduler import Scheduler, Submitted
 from .slots import Backends
@@ -226,6 +227,8 @@ class Gateway:
         self._viewers = Viewers(live if live is not None else LiveSettings())
         self._assets = assets if assets is not None else Assets()
         self._shutting_down = False
+        #: What the last ``/readyz`` found (its changes are logged).
+        self._readiness = _READY
         #: The last requests that ended, newest last (for the dashboard).
         self._recent: deque[tuple[object, ...]] = deque(maxlen=RECENT)
         #: Whether an exchange's end brings its access-log record (``Log`` "request"):
@@ -665,31 +668,34 @@ class Gateway:
         return []
 
     def _on_readiness(self, exchange: Exchange, event: ReadinessChecked) -> list[Action]:
-        failures = event.failures
-        if (
-            failures
-            and self._guard.on_failure == "local"
-            and all(n == "redis" for n, _ in failures)
-        ):
-            # Limits are counted in this process until Redis is back: still serving,
-            # so a load balancer should keep sending (every replica would go at once).
-            body = b'{"status":"degraded","redis":"unavailable, limits counted locally"}'
-            return [
-                exchange.respond(200, body),
-                Log("warning", "redis unavailable; limits counted locally", {}),
-            ]
-        if failures:
-            body = orjson.dumps(
-                {
-                    "status": "unavailable",
-                    "backends": {name: "unavailable" for name, _ in event.failures},
-                }
-            )
-            return [
-                exchange.respond(503, body),
-                Log("warning", "backends not ready", {"failures": dict(event.failures)}),
-            ]
-        return [exchange.respond(200, b'{"status":"ready"}')]
+        backends = tuple(sorted({name for name, _ in event.failures}))
+        redis, jwt = event.redis_unreachable, event.jwks_missing
+        # With "local", limits are counted in this process until Redis is back: still
+        # serving, so a load balancer should keep sending (every replica would go at once).
+        local = self._guard.on_failure == "local"
+        if backends or jwt or (redis and not local):
+            status = "unavailable"
+        else:
+            status = "degraded" if redis else "ready"
+        # Anyone may ask: components by name and state, never their error text.
+        body: dict[str, object] = {"status": status}
+        if backends:
+            body["backends"] = dict.fromkeys(backends, "unavailable")
+        if redis:
+            body["redis"] = "unavailable, limits counted locally" if local else "unavailable"
+        if jwt:
+            body["jwt"] = "no key set loaded"
+        if status == "unavailable":
+            wait = retry_after_headers(event.retry_after)
+            actions: list[Action] = [exchange.respond(503, orjson.dumps(body), extra=wait)]
+        else:
+            actions = [exchange.respond(200, orjson.dumps(body))]
+        # Logged on a change only: a load balancer polls every second.
+        readiness = (status, backends, redis, jwt)
+        if readiness != self._readiness:
+            actions.append(_readiness_log(self._readiness[0], readiness, event))
+            self._readiness = readiness
+        return actions
 
     # -- endings ---------------------------------------------------------------------
 
@@ -751,6 +757,28 @@ class Gateway:
             if settle is not None:
                 actions.append(settle)
         return actions
+
+
+#: What ``/readyz`` last found: (status, failing backends, Redis down, no JWKS).
+_Readiness = tuple[str, tuple[str, ...], bool, bool]
+_READY: _Readiness = ("ready", (), False, False)
+
+
+def _readiness_log(was: str, now: _Readiness, event: ReadinessChecked) -> Log:
+    """The record of a change of readiness: the problems in full (for operators)."""
+    status, backends, redis, jwt = now
+    if status == "ready":
+        return Log("info", "ready again", {"was": was})
+    if status == "degraded":
+        return Log("warning", "redis unavailable; limits counted locally", {"was": was})
+    fields: dict[str, object] = {"was": was}
+    if backends:
+        fields["backends"] = dict(event.failures)
+    if redis:
+        fields["redis"] = "unreachable"
+    if jwt:
+        fields["jwt"] = "no JWKS key set loaded yet"
+    return Log("warning", "not ready", fields)
 
 
 def _shutting_down() -> ServiceUnavailableError:

@@ -141,6 +141,10 @@ class _Context:
         return actions
 
 
+#: What ``/readyz`` found: backends' (name, problem), Redis unreachable, no JWKS.
+_Checks = tuple[tuple[tuple[str, str], ...], bool, bool]
+
+
 class Driver:
     """The HTTP handler that runs requests through ``gateway`` and ``backends``.
 
@@ -177,7 +181,7 @@ class Driver:
         self._exposition = Exposition(self.metrics, gateway)
         self._ready_lock = trio.Lock()
         self._ready_until = -math.inf
-        self._ready_failures: tuple[tuple[str, str], ...] = ()
+        self._ready_checks: _Checks = ((), False, False)
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
         self._contexts: dict[str, _Context] = {}
@@ -391,8 +395,11 @@ class Driver:
                 elif isinstance(action, Dispatch):
                     await self._dispatch(ctx, action)
                 elif isinstance(action, CheckReadiness):
-                    failures = await self._check_ready()
-                    event = ReadinessChecked(rid, failures, trio.current_time())
+                    failures, redis, jwks = await self._check_ready()
+                    now = trio.current_time()
+                    # Asked again before the cached answer expires, it is the same.
+                    wait = self._ready_until - now
+                    event = ReadinessChecked(rid, failures, now, redis, jwks, wait)
                     await self._run(ctx, self._feed(event))
                 elif isinstance(action, CheckLimits):
                     await self._check_limits(ctx, action)
@@ -519,17 +526,21 @@ class Driver:
 
     # -- readiness -------------------------------------------------------------------
 
-    async def _check_ready(self) -> tuple[tuple[str, str], ...]:
-        """Check every backend at most once per ``ready_cache`` seconds, however
-        often ``/readyz`` is asked (anyone may ask it: no amplification)."""
+    async def _check_ready(self) -> _Checks:
+        """Check every backend, Redis and the JWKS at most once per ``ready_cache``
+        seconds, however often ``/readyz`` is asked (anyone may ask it: no
+        amplification)."""
         async with self._ready_lock:
             if trio.current_time() >= self._ready_until:
-                self._ready_failures = await self._check_backends()
+                self._ready_checks = await self._check_components()
                 self._ready_until = trio.current_time() + self._ready_cache
-            return self._ready_failures
+            return self._ready_checks
 
-    async def _check_backends(self) -> tuple[tuple[str, str], ...]:
+    async def _check_components(self) -> _Checks:
+        """The backends' failures (name, problem), whether Redis is unreachable, and
+        whether the JWT verifier still lacks a key set."""
         failures: list[tuple[str, str]] = []
+        redis = False
 
         async def check(name: str, backend: Backend) -> None:
             try:
@@ -543,7 +554,8 @@ class Driver:
                 failures.append((name, type(exc).__name__))
 
         async def check_redis(shared: SharedLimits) -> None:
-            failures.extend(await shared.failures())
+            nonlocal redis
+            redis = bool(await shared.failures())
 
         async with trio.open_nursery() as nursery:
             for name, backend in self._backends.items():
@@ -551,6 +563,5 @@ class Driver:
             if self.shared_limits is not None:
                 nursery.start_soon(check_redis, self.shared_limits)
         # A JWKS URL not fetched yet (start-up retries it): every JWT would get 401.
-        if self.verifier is not None and not self.verifier.ready:
-            failures.append(("jwt", "no JWKS key set loaded yet"))
-        return tuple(sorted(failures))
+        jwks = self.verifier is not None and not self.verifier.ready
+        return tuple(sorted(failures)), redis, jwks

@@ -30,7 +30,7 @@
   address guessing keys across replicas is refused by each replica once it fails
   there after the shared budget is spent. Bounded by the same channel; when it is
   full the 401 is counted in this replica only.
-- :meth:`failures` is what ``/readyz`` adds: ``("redis", "unreachable")``.
+- :meth:`failures` says whether Redis answers, for ``/readyz`` (its ``redis`` entry).
 """
 
 from __future__ import annotations

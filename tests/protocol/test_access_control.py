@@ -397,6 +397,28 @@ def test_wrong_keys_from_one_ip_are_slowed_while_another_ip_is_not() -> None:
     assert any(isinstance(a, Dispatch) for a in later)
 
 
+def test_refusals_of_the_failed_auth_budget_are_counted_as_rate_limited() -> None:
+    """They are 429 rate_limit_exceeded like any other limit's, but were missing from
+    ``ostiary_rate_limited_total``: key guessing being throttled did not show."""
+    gw = gateway(failed=1)
+    request(gw, "bad", chat_body(), secret="ost_wrong", peer="198.51.100.7")
+    sent = gw.handle(ResponseSent("bad", 10.0))
+    assert not [a for a in sent if isinstance(a, Count) and a.name == "ostiary_rate_limited_total"]
+    status, _, _ = response(request(gw, "x", chat_body(), secret=USER_SECRET, peer="198.51.100.7"))
+    assert status == 429
+    sent = gw.handle(ResponseSent("x", 10.0))
+    counts = [a for a in sent if isinstance(a, Count) and a.name == "ostiary_rate_limited_total"]
+    assert [c.labels for c in counts] == [(("scope", "failed_auth"),)]
+    # A limit judged after authentication is counted once, when it is judged.
+    gw = gateway(layers=(RateLimitLayer(scope=Scope.GLOBAL, requests_per_minute=1),))
+    request(gw, "r1", chat_body(), secret=USER_SECRET)
+    refused = request(gw, "r2", chat_body(), secret=USER_SECRET) + gw.handle(
+        ResponseSent("r2", 10.0)
+    )
+    counts = [a for a in refused if isinstance(a, Count) and a.name == "ostiary_rate_limited_total"]
+    assert [c.labels for c in counts] == [(("scope", "global"),)]
+
+
 def test_failed_authentications_leave_nothing_open_behind() -> None:
     """A 401 is a debit of the address' budget, not a request in flight: memory stays
     bounded however many addresses fail."""

@@ -135,6 +135,45 @@ def test_config_errors_name_file_and_key(text: str, words: str) -> None:
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://127.0.0.1:abc/0", "Port could not be cast"),
+        ("redis://[::1/0", "Invalid IPv6 URL"),
+        ("rediss://h/0", "not 'rediss://h/0'"),
+        ("redis://h:6379/0?db=1", "not 'redis://h:6379/0?db=1'"),
+    ],
+)
+def test_a_redis_url_that_serve_could_not_use_is_refused_clearly(url: str, words: str) -> None:
+    """``config check`` used to pass a port out of range (``serve`` then died with a
+    traceback), and attrs' validators printed their whole ``Attribute`` repr."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[redis]\nurl = "{url}"\n' + SCRIPTED, "my.toml")
+    message = str(info.value)
+    assert message.startswith("my.toml: invalid value for 'redis': url must look like redis://")
+    assert words in message and "Attribute(" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            "[server]\nlog_level = 'loud'\n",
+            "'log_level' must be in ('debug', 'info', 'warning', 'error') (got 'loud')",
+        ),
+        (
+            "[redis]\nurl = 'redis://h/0'\non_failure = 'x'\n",
+            "'on_failure' must be in ('refuse', 'local') (got 'x')",
+        ),
+    ],
+)
+def test_a_choice_outside_its_options_reads_as_one_sentence(text: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text + SCRIPTED, "my.toml")
+    assert str(info.value).endswith(words)
+
+
 def test_load_config_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "none.toml")

@@ -593,7 +593,9 @@ def test_any_credential_is_either_verified_or_refused_with_a_401(token: str) -> 
         assert error.status == 401 and error.message
 
 
-async def test_reconfigure_to_an_unreachable_url_changes_nothing(tmp_path: Path) -> None:
+async def test_reconfigure_to_an_unreachable_url_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     verifier = await loaded(tmp_path, RSA)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
@@ -604,3 +606,5 @@ async def test_reconfigure_to_an_unreachable_url_changes_nothing(tmp_path: Path)
         )
     assert verifier.settings.issuer == ISSUER
     assert verifier.verify(mint(RSA, "RS256"), NOW).subject == "alice"
+    # The old keys stay in force: no claim that JWTs are refused now.
+    assert "JWTs are refused" not in caplog.text

@@ -76,3 +76,42 @@ async def test_reload_keeps_the_command_lines_host_and_port(
     path.write_text("[server]\nsend_timeout = 5.0\n" + BACKEND)
     assert await reload_access(reloaded, driver) is not None
     assert "need a restart" in caplog.text
+
+
+async def test_reload_names_every_part_it_does_not_apply_and_keeps_it_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """[limits] and [redis] changes used to be dropped without a word, and a
+    [[backends]] change was kept in the config returned though not served, so
+    putting the file back was reported as a change needing a restart again."""
+    path = tmp_path / "ostiary.toml"
+    path.write_text(BACKEND)
+    config = load_config(path)
+    driver = driver_for(path)
+    path.write_text(
+        "[limits]\nmax_n = 2\n"
+        '[redis]\nurl = "redis://127.0.0.1:1/0"\n'
+        "[auth]\nkey_reload_interval = 9.0\n" + BACKEND.replace('"s"', '"t"')
+    )
+    with caplog.at_level("WARNING"):
+        reloaded = await reload_access(config, driver)
+    assert reloaded is not None
+    (record,) = [r for r in caplog.records if "need a restart" in r.getMessage()]
+    assert record.fields["sections"] == [  # type: ignore[attr-defined]
+        "[[backends]]",
+        "[limits]",
+        "[redis]",
+        "[auth] keys_db / key_reload_interval",
+    ]
+    # The config in force is still the running one for what was not applied...
+    assert (reloaded.limits, reloaded.redis, reloaded.backends) == (
+        config.limits,
+        None,
+        config.backends,
+    )
+    assert reloaded.auth.key_reload_interval == config.auth.key_reload_interval
+    # ...so the file put back as it was is no change at all.
+    caplog.clear()
+    path.write_text(BACKEND)
+    assert await reload_access(reloaded, driver) is not None
+    assert "need a restart" not in caplog.text

@@ -748,6 +748,10 @@ class Gateway:
         if status == 401 and error is not None:
             counted.auth_failure = error.code or "unknown"
         actions: list[Action] = [counted]
+        if status == 429 and principal is None:
+            # Refused before its credentials were read: the failed-authentication
+            # budget of its address (every other 429 is counted when it is judged).
+            actions.append(Count("ostiary_rate_limited_total", (("scope", "failed_auth"),)))
         if self.access_records:
             level = "error" if status >= 500 and status != CLIENT_GONE else "info"
             actions.insert(0, Log(level, "request", exchange.access_fields(now)))

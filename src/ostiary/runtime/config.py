@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +185,26 @@ class AuthSettings:
     jwt: JwtSettings | None = None
 
 
+_REDIS_URL = re.compile(r"redis://[^/\s]+(/[0-9]{1,2})?")
+
+
+def _check_redis_url(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    """``redis://[[user]:password@]host[:port][/db]``, its port a number in range, so
+    that a URL ``config check`` accepts is one ``serve`` can use."""
+    message = f"url must look like redis://[[user]:password@]host[:port][/db], not {value!r}"
+    if not _REDIS_URL.fullmatch(value):
+        raise ValueError(message)
+    try:
+        urllib.parse.urlsplit(value).port  # noqa: B018 (parsing it is the check)
+    except ValueError as exc:
+        raise ValueError(f"{message}: {exc}") from None
+
+
 @attrs.frozen(kw_only=True)
 class RedisSettings:
     """``[redis]``: every limit moves to Redis, shared by the replicas using it."""
 
-    url: str = attrs.field(validator=attrs.validators.matches_re(r"redis://[^/\s]+(/[0-9]{1,2})?"))
+    url: str = attrs.field(validator=_check_redis_url)
     #: When Redis is down or slower than ``timeout``: "refuse" (503
     #: ``rate_limiter_unavailable``) or "local" (count in this process until it is back).
     on_failure: str = attrs.field(
@@ -323,6 +339,10 @@ def _describe(exc: BaseException, source: str, data: dict[str, Any]) -> str:
         return f"{source}: unknown key '{where}'"
     if isinstance(leaf, KeyError):
         return f"{source}: missing required key '{path}'"
+    if isinstance(leaf, ValueError) and len(leaf.args) > 1 and isinstance(leaf.args[0], str):
+        # attrs' own validators (in_, matches_re) add the attribute and the options
+        # to the exception's args; the first one is the message.
+        return f"{source}: invalid value for '{path}': {leaf.args[0]}"
     return f"{source}: invalid value for '{path}': {leaf}"
 
 

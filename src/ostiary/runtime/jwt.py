@@ -251,8 +251,11 @@ class JwtVerifier:
         loaded first, and only if that works are settings and keys swapped in
         together; otherwise :class:`JwksError`, and nothing changes."""
         fresh = JwtVerifier(settings, file_poll=self._file_poll)
-        await fresh.load()
-        if not fresh.ready:
+        if settings.jwks_file is not None:
+            await fresh.load()
+        elif not await fresh.refresh():
+            # Not load(): its "JWTs are refused until it is" is the start-up's story;
+            # here the running keys stay in force.
             raise JwksError(f"{fresh.source}: cannot be fetched")
         self._configure(settings)
         self._file_stamp = fresh._file_stamp

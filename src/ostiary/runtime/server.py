@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
+import attrs
 import trio
 
 from ostiary.backends import Backend, create_backend
@@ -116,12 +117,29 @@ def _shared_limits(config: Config) -> SharedLimits | None:
     )
 
 
+def _restart_only(old: Config, new: Config) -> list[tuple[str, bool]]:
+    """The parts of the config a SIGHUP does not apply, and whether each changed."""
+    return [
+        ("[server]", new.server != old.server),
+        ("[[backends]]", new.backends != old.backends),
+        ("[limits]", new.limits != old.limits),
+        ("[redis]", new.redis != old.redis),
+        (
+            "[auth] keys_db / key_reload_interval",
+            (new.auth.keys_db, new.auth.key_reload_interval)
+            != (old.auth.keys_db, old.auth.key_reload_interval),
+        ),
+    ]
+
+
 async def reload_access(config: Config, driver: Driver) -> Config | None:
     """Reload roles, limits and trusted proxies from ``config``'s file (SIGHUP).
 
     A file that cannot be used is refused with the old config kept, and logged;
-    listeners and backends are not reloaded (a change to them is logged as needing a
-    restart). Returns the config now in force, or None when it was refused.
+    ``[server]``, ``[[backends]]``, ``[limits]``, ``[redis]`` and the key store's
+    settings are not reloaded (a change to them is logged as needing a restart, and
+    the running values are kept in the config returned). Returns the config now in
+    force, or None when it was refused.
     """
     if not config.source or config.source.startswith("("):
         log.warning("SIGHUP: no config file to reload (built-in default)")
@@ -134,11 +152,26 @@ async def reload_access(config: Config, driver: Driver) -> Config | None:
         )
         return None
     new = new.with_server_overrides(**dict(config.server_overrides))
-    if new.backends != config.backends or new.server != config.server:
+    changed = [name for name, differs in _restart_only(config, new) if differs]
+    if changed:
         log.warning(
-            "config reload: [server] and [[backends]] changes need a restart; not applied",
-            extra={"fields": {"source": config.source}},
+            "config reload: some changes need a restart; not applied",
+            extra={"fields": {"source": config.source, "sections": changed}},
         )
+    # What is not reloaded stays as it runs, so that the config returned is the one
+    # in force, and a file put back as it was is not taken for a new change.
+    new = attrs.evolve(
+        new,
+        server=config.server,
+        backends=config.backends,
+        limits=config.limits,
+        redis=config.redis,
+        auth=attrs.evolve(
+            new.auth,
+            keys_db=config.auth.keys_db,
+            key_reload_interval=config.auth.key_reload_interval,
+        ),
+    )
     guard = driver.gateway.guard
     access = new.access_policy()
     if access.counts_tokens and guard.tokens is None:

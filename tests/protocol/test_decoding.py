@@ -70,7 +70,7 @@ def test_full_chat_request() -> None:
         stream=True,
         stream_options={"include_usage": True},
         max_completion_tokens=10,
-        max_tokens=20,
+        max_tokens=10,  # both may be sent if they agree
         n=2,
         temperature=0,
         top_p=0.5,
@@ -450,6 +450,11 @@ def test_range_errors_show_the_exact_value() -> None:
             chat(messages=[{"role": "function", "content": "42"}]),
             "messages[0].name",
             "missing_required_parameter",
+        ),
+        (
+            chat(max_tokens=5000, max_completion_tokens=5),  # either may slip past a cap
+            "max_tokens",
+            "invalid_parameter_combination",
         ),
         (chat(logit_bias={"AI": 1}), "logit_bias.AI", "invalid_value"),
         (chat(logit_bias={"-1": 1}), "logit_bias.-1", "invalid_value"),

@@ -233,6 +233,15 @@ def decode_chat(
         _check_message(i, message, limits)
     _check_sampling(req, limits)
     _check_range("max_completion_tokens", req.max_completion_tokens, 1, limits.max_output_tokens)
+    if req.max_tokens is not None and req.max_completion_tokens not in (None, req.max_tokens):
+        # Which one an upstream obeys varies: the cap checked and the tokens
+        # reserved would not be those it generates to. OpenAI refuses both at once.
+        raise InvalidRequestError(
+            "Invalid 'max_tokens': 'max_tokens' and 'max_completion_tokens' differ; "
+            "set only one (max_tokens is deprecated).",
+            param="max_tokens",
+            code="invalid_parameter_combination",
+        )
     if req.metadata is not None:
         _check_metadata(req.metadata)
     _check_range("top_logprobs", req.top_logprobs, 0, 20)

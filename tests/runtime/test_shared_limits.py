@@ -7,7 +7,7 @@ import itertools
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import hiredis
@@ -210,6 +210,56 @@ async def test_an_admission_cancelled_mid_flight_takes_no_slot_for_good(
         assert shared.store.released == 1
         assert await admin.execute("HLEN", shared.store.holds_key) == 1  # the first
     await shared.store.client.aclose()
+
+
+async def test_a_short_stall_of_redis_costs_a_slot_about_a_second_not_a_third_of_the_lease(
+    redis: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """Redis stalls while a request ends: its settlement fails and waits in the
+    store. The heartbeat, asleep for a third of the lease (100 s here), beats
+    within a second instead; so does it after an admission whose reply was lost."""
+    client = RedisClient.from_url(redis.url, timeout=0.05, backoff_min=1e-3, backoff_max=1e-3)
+    store = RedisLimitStore(client, prefix=f"s{next(PREFIXES)}:", lease=300.0)
+    shared = SharedLimits(store, timeout=0.05, settlers=1)
+
+    async def until(done: Callable[[], object]) -> None:
+        # The beat talks to a real Redis: let the loop run until it has (the mock
+        # clock stands still, so a deadline would never fire: bounded instead).
+        for _ in range(100_000):
+            if done():
+                return
+            await trio.testing.wait_all_tasks_blocked()
+        raise AssertionError("never happened")
+
+    async def napping() -> trio.CancelScope:
+        await until(lambda: shared._nap is not None)
+        assert shared._nap is not None
+        return shared._nap
+
+    async with running(shared):
+        decision = await shared.decide([], [SLOT])
+        assert decision is not None and decision.hold is not None
+        assert (await napping()).deadline == trio.current_time() + 100
+        with redis.paused():
+            shared.settle(decision.hold, 0)
+            await trio.testing.wait_all_tasks_blocked()  # written, waiting for Redis
+            mock_clock.jump(0.06)  # past the timeout: the settlement fails
+            await until(lambda: store.pending)
+            assert (await napping()).deadline == trio.current_time() + 1
+        mock_clock.jump(1)  # the beat settles it
+        await until(lambda: not store.pending)
+        assert await store.in_flight(SLOT) == 0
+        assert (await napping()).deadline == trio.current_time() + 100  # calm again
+        with redis.paused():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(shared.decide, [], [SLOT])
+                await trio.testing.wait_all_tasks_blocked()
+                mock_clock.jump(0.06)  # its reply is lost: Redis may have the hold
+        assert shared.unavailable == 1
+        assert (await napping()).deadline == trio.current_time() + 1
+        mock_clock.jump(1)  # the beat releases the hold the admission left
+        await until(lambda: store.released)
+        assert await store.in_flight(SLOT) == 0
 
 
 async def test_overflowing_settlements_are_bounded_and_still_return_their_slots(

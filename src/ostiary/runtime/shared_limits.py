@@ -20,8 +20,8 @@
   counts its reservation as used. Each step is counted and logged: none is lost
   silently, and memory is bounded by ``max_pending_settlements`` twice.
 - :meth:`run` is the replica's heartbeat (renews its lease, retries settlements
-  that failed, reconciles holds; every third of the lease, every second while
-  something is waiting), the settlers and the Redis client's watchdog (which keeps
+  that failed, reconciles holds; every third of the lease, and within a second
+  once something waits for it), the settlers and the Redis client's watchdog (which keeps
   every call's deadline without a cancel scope per call), in the server's nursery.
   Outages and recoveries are logged once each, not per request.
 - :meth:`count_failure` takes a ``ShareFailedAuth`` the same way (never awaits): a
@@ -83,6 +83,8 @@ class SharedLimits:
     _receive: trio.MemoryReceiveChannel[_Work] = attrs.field(init=False)
     #: The timeout is shorter than the client's: admissions carry their own deadline.
     _sooner: bool = attrs.field(init=False)
+    #: The heartbeat's sleep between beats, while it sleeps.
+    _nap: trio.CancelScope | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[_Work](self.queue)
@@ -114,12 +116,17 @@ class SharedLimits:
             return await self.store.admit(charges, slots, deadline=deadline)
         except LimiterUnavailableError:
             self.unavailable += 1
+            self._beat_soon()  # Redis may have admitted it: a hold to reconcile
             return None
+        except BaseException:
+            self._beat_soon()  # cut short (the client left): the same
+            raise
 
     def settle(self, hold: Hold, actual_tokens: int) -> None:
         """Queue a settlement for the settlers, or for the heartbeat if they lag."""
         if not self._queue((hold, actual_tokens)):
             self.store.settle_later(hold, actual_tokens)
+            self._beat_soon()
 
     def count_failure(self, limit: Limit, report: Callable[[Limit, int], None]) -> None:
         """Queue a failed authentication for the settlers: charged to ``limit`` in
@@ -170,9 +177,10 @@ class SharedLimits:
             try:
                 if isinstance(work[0], Hold):
                     hold, actual = work
-                    # A failed one is kept by the store for the heartbeat.
-                    with contextlib.suppress(LimiterUnavailableError):
+                    try:
                         await self.store.settle(hold, actual)
+                    except LimiterUnavailableError:
+                        self._beat_soon()  # the store keeps it for the heartbeat
                 else:
                     await self._count_failure(*work)
             finally:
@@ -201,9 +209,21 @@ class SharedLimits:
             else:
                 self._went(up=True)
             calm = self._up and not self.store.pending
-            await trio.sleep(
-                self.store.lease / 3 if calm else min(_RETRY_EVERY, self.store.lease / 3)
-            )
+            every = self.store.lease / 3
+            with trio.move_on_after(every if calm else min(_RETRY_EVERY, every)) as nap:
+                self._nap = nap
+                await trio.sleep_forever()
+            self._nap = None
+
+    def _beat_soon(self) -> None:
+        """Something waits for the heartbeat (a settlement to retry, a hold Redis may
+        have that this replica lost track of): the next beat comes within
+        ``_RETRY_EVERY``, not a third of the lease later, so a slot that a short
+        stall of Redis left taken comes back within about a second."""
+        nap = self._nap
+        if nap is not None:
+            soon = trio.current_time() + min(_RETRY_EVERY, self.store.lease / 3)
+            nap.deadline = min(nap.deadline, soon)
 
     def _went(self, *, up: bool, why: str = "") -> None:
         if up == self._up:

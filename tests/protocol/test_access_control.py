@@ -316,8 +316,12 @@ def test_a_reservation_over_the_limit_can_never_pass() -> None:
     assert "can never pass" in body["error"]["message"]
     assert headers[b"x-ratelimit-remaining-tokens"] == b"0"
     gw.handle(ResponseSent("r1", 11.0))
-    # A small request without max_tokens still passes a small limit.
+    # A small request without max_tokens still passes a small limit, clamped to
+    # the whole bucket: the next one waits for it, and is told what it reserves.
     assert any(isinstance(a, Dispatch) for a in request(gw, "r2", chat_body()))
+    status, body, _ = response(request(gw, "r3", chat_body()))
+    assert status == 429 and "can never pass" not in body["error"]["message"]
+    assert "This request reserves 50 tokens" in body["error"]["message"]
 
 
 def test_a_prompt_counted_only_up_to_the_limit_needs_at_least_its_cost() -> None:

@@ -418,10 +418,15 @@ class Guard:
                 headers.append((b"x-should-retry", b"false"))
                 retry = None
             else:
-                message = (
-                    f"Rate limit reached for {what} {layer} (limit {limit.spec.capacity}). "
-                    "Retry after the time in retry-after."
-                )
+                message = f"Rate limit reached for {what} {layer} (limit {limit.spec.capacity}). "
+                if limit.unit is Unit.TOKENS:
+                    # A request that sets no max_tokens reserves the output cap: say
+                    # so, as it is what keeps such requests from running side by side.
+                    message += (
+                        f"This request reserves {cost} tokens: its prompt and its "
+                        "max_tokens, or the output cap if it sets none. "
+                    )
+                message += "Retry after the time in retry-after."
                 retry = (refusal.retry_after_ms or 1) / 1000
         else:
             assert refusal.full_slot is not None

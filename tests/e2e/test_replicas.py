@@ -7,7 +7,8 @@ lasting ``d`` seconds at most ``capacity + floor(d * capacity / 60) + 1`` reques
 can pass (the +1: the burst's measured start is after the bucket's last refill
 began). The refused ones are 429 with ``retry-after``. Then Redis is killed: the
 replicas configured ``refuse`` answer 503 ``rate_limiter_unavailable`` (with
-``retry-after``), the one configured ``local`` counts in process; none answers 500.
+``retry-after``), the one configured ``local`` counts in process; none answers 500,
+whether Redis dies between bursts or in the middle of one.
 Restarted (empty), Redis is found again by every replica without restarting it, and
 a new burst is shared again.
 """
@@ -138,7 +139,7 @@ class Cluster:
 
 
 #: The keys the tests use, by name, and their roles.
-KEYS = {"rpm": "tenant", "tpm": "metered", "outage": "tenant"}
+KEYS = {"rpm": "tenant", "tpm": "metered", "midburst": "tenant", "outage": "tenant"}
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +278,51 @@ async def test_tokens_per_minute_are_shared_within_one_estimate(cluster: Cluster
     assert MAX_TOKENS < estimate < MAX_TOKENS + 50
     held = len(admitted) * estimate
     assert TPM - estimate < held <= most_admitted(TPM, span) + estimate, (held, span)
+
+
+async def test_redis_killed_in_the_middle_of_a_burst(cluster: Cluster) -> None:
+    """A stream of requests, 30 in flight at a time; Redis dies once a third are
+    answered: every answer is still a 200, a 429 or (from the replicas that refuse) a
+    503 with retry-after; the one counting locally never answers 503; none answers
+    500 or hangs."""
+    key = cluster.keys["midburst"]
+    results: list[tuple[int, int, dict[str, str], bytes]] = []
+    third = trio.Event()
+    in_flight = trio.CapacityLimiter(30)
+
+    async def one(i: int) -> None:
+        replica = i % len(cluster.replicas)
+        port = cluster.replicas[replica].port
+        async with in_flight:
+            answer = await request(port, "POST", "/v1/chat/completions", key, chat())
+        results.append((replica, *answer))
+        if len(results) >= BURST // 3:
+            third.set()
+
+    async def kill() -> None:
+        await third.wait()
+        cluster.redis.kill()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill)
+            for i in range(BURST):
+                nursery.start_soon(one, i)
+        assert len(results) == BURST
+        unavailable = 0
+        for replica, status, headers, body in results:
+            if replica < 2 and status == 503:
+                unavailable += 1
+                assert orjson.loads(body)["error"]["code"] == "rate_limiter_unavailable"
+                assert int(headers["retry-after"]) >= 1
+            else:
+                assert_refused_properly([(status, headers, body)])
+        assert unavailable > 0  # the kill came while the refusing replicas still asked
+        admitted = sum(1 for _, status, _, _ in results if status == 200)
+        assert admitted >= RPM  # the shared budget, then the local replica's own
+    finally:
+        cluster.redis.restart()
+    await wait_ready(cluster)
 
 
 async def test_redis_killed_and_restarted(cluster: Cluster) -> None:

@@ -188,7 +188,13 @@ class AuthSettings:
 class RedisSettings:
     """``[redis]``: every limit moves to Redis, shared by the replicas using it."""
 
-    url: str = attrs.field(validator=attrs.validators.matches_re(r"redis://[^/\s]+(/[0-9]{1,2})?"))
+    #: ``redis://[[user]:password@]host[:port][/db]``, or a Unix socket on this host:
+    #: ``unix://[[user]:password@]/path/to/redis.sock[?db=N]`` (or ``redis+unix://``).
+    url: str = attrs.field(
+        validator=attrs.validators.matches_re(
+            r"redis://[^/\s]+(/[0-9]{1,2})?|(redis\+)?unix://([^/\s]*@)?/[^?\s]+(\?db=[0-9]{1,2})?"
+        )
+    )
     #: When Redis is down or slower than ``timeout``: "refuse" (503
     #: ``rate_limiter_unavailable``) or "local" (count in this process until it is back).
     on_failure: str = attrs.field(

@@ -75,8 +75,16 @@ class _Log:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1; may be killed and started again."""
 
-    def __init__(self, port: int | None = None, *, executable: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        executable: str | None = None,
+        unix_socket: str | None = None,
+    ) -> None:
         self._fixed = port is not None
+        #: A Unix socket to listen on too (``unix_url``).
+        self.unix_socket = unix_socket
         self.port = port or free_port()
         #: ``$OSTIARY_REDIS_SERVER`` runs the tests against another server (Valkey).
         self.executable = executable or os.environ.get("OSTIARY_REDIS_SERVER", "redis-server")
@@ -86,6 +94,11 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        assert self.unix_socket is not None, "not listening on a Unix socket"
+        return f"unix://{self.unix_socket}"
 
     @property
     def pid(self) -> int:
@@ -114,6 +127,8 @@ class RedisServer:
         command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--loglevel", "notice"]
         command += ["--dir", os.environ.get("TMPDIR", "/tmp")]
+        if self.unix_socket is not None:
+            command += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -168,8 +183,8 @@ class RedisServer:
 
 
 @contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
+def redis_server(*, unix_socket: str | None = None) -> Iterator[RedisServer]:
+    server = RedisServer(unix_socket=unix_socket)
     server.start()
     try:
         yield server

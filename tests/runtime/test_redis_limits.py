@@ -7,6 +7,7 @@ import os
 import signal
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import hiredis
@@ -25,6 +26,7 @@ from ostiary.protocol.limits import (
     Unit,
 )
 from ostiary.runtime import redis_limits
+from ostiary.runtime.config import RedisSettings
 from ostiary.runtime.redis_client import (
     RedisAddress,
     RedisClient,
@@ -36,6 +38,7 @@ from ostiary.runtime.redis_limits import ADMIT, LimiterUnavailableError, RedisLi
 
 from .redis_server import RedisServer, free_port, redis_server
 
+GUARD = 10  # seconds: a guard against hangs, never a timing assertion
 T0 = 1_700_000_000_000  # a realistic Redis clock, in ms
 PREFIXES = itertools.count()
 
@@ -316,16 +319,56 @@ async def test_pipelines_scripts_and_error_replies(shared_redis: RedisServer) ->
         ("redis://127.0.0.1:6380/2", RedisAddress("127.0.0.1", 6380, 2)),
         ("redis://:s%40cret@db.local", RedisAddress("db.local", 6379, 0, None, "s@cret")),
         ("redis://me:pw@h:1/0", RedisAddress("h", 1, 0, "me", "pw")),
+        ("unix:///run/redis.sock", RedisAddress(path="/run/redis.sock")),
+        (
+            "unix://:pw@/run/redis%20x.sock?db=3",
+            RedisAddress(db=3, password="pw", path="/run/redis x.sock"),
+        ),
+        (
+            "redis+unix://me:pw@/r.sock?db=0",
+            RedisAddress(username="me", password="pw", path="/r.sock"),
+        ),
     ],
 )
 def test_urls(url: str, address: RedisAddress) -> None:
     assert RedisAddress.from_url(url) == address
+    assert RedisSettings(url=url).url == url  # the config takes what the client takes
 
 
-@pytest.mark.parametrize("url", ["http://h", "redis://h/x"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://h",
+        "redis://h/x",
+        "unix://run/redis.sock",  # a host, not a path
+        "unix:///r.sock?db=x",
+        "unix:///r.sock?timeout=1",
+        "unix:///r.sock?db=1&db=2",
+    ],
+)
 def test_bad_urls(url: str) -> None:
     with pytest.raises(ValueError, match="Redis URL"):
         RedisAddress.from_url(url)
+    with pytest.raises(ValueError, match="url must look like"):
+        RedisSettings(url=url)
+
+
+async def test_a_unix_socket_is_spoken_to_as_tcp_is(tmp_path: Path) -> None:
+    """Database and password carried over a Unix socket as over TCP; a socket
+    nobody listens on is Redis being down."""
+    sock = str(tmp_path / "redis.sock")
+    with redis_server(unix_socket=sock) as server:
+        async with RedisClient.from_url(server.unix_url, timeout=GUARD) as client:
+            await client.execute("CONFIG", "SET", "requirepass", "pw")
+        async with RedisClient.from_url(f"unix://:pw@{sock}?db=2", timeout=GUARD) as client:
+            assert await client.execute("SET", "u", 1) == b"OK"
+            info = (await client.execute("CLIENT", "INFO")).decode()
+            assert f"addr={sock}:" in info and " db=2 " in info
+        async with RedisClient.from_url(f"redis://:pw@127.0.0.1:{server.port}/2") as client:
+            assert await client.execute("GET", "u") == b"1"  # the same database
+    async with RedisClient.from_url(f"unix://{sock}", timeout=GUARD) as client:
+        with pytest.raises(RedisUnavailableError, match="cannot connect"):
+            await client.execute("PING")
 
 
 async def test_a_password_is_sent_on_connect(own_redis: RedisServer) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import tomllib
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from ostiary.protocol.structuring import first_structure_error
 from ostiary.protocol.visibility import parse_networks
 
 from .http import HttpSettings
+from .redis_client import RedisAddress
 
 __all__ = [
     "AuthSettings",
@@ -185,17 +185,23 @@ class AuthSettings:
     jwt: JwtSettings | None = None
 
 
-_REDIS_URL = re.compile(r"redis://[^/\s]+(/[0-9]{1,2})?")
+_REDIS_URL = re.compile(
+    r"redis://[^/\s]+(/[0-9]{1,2})?|(redis\+)?unix://([^/\s]*@)?/[^?\s]+(\?db=[0-9]{1,2})?"
+)
 
 
 def _check_redis_url(_: object, attribute: attrs.Attribute[str], value: str) -> None:
-    """``redis://[[user]:password@]host[:port][/db]``, its port a number in range, so
-    that a URL ``config check`` accepts is one ``serve`` can use."""
-    message = f"url must look like redis://[[user]:password@]host[:port][/db], not {value!r}"
+    """``redis://[[user]:password@]host[:port][/db]`` (its port a number in range) or
+    ``unix:///path/redis.sock[?db=N]``, as the client parses it: a URL ``config
+    check`` accepts is one ``serve`` can use."""
+    message = (
+        "url must look like redis://[[user]:password@]host[:port][/db] or "
+        f"unix:///path/redis.sock[?db=N], not {value!r}"
+    )
     if not _REDIS_URL.fullmatch(value):
         raise ValueError(message)
     try:
-        urllib.parse.urlsplit(value).port  # noqa: B018 (parsing it is the check)
+        RedisAddress.from_url(value)
     except ValueError as exc:
         raise ValueError(f"{message}: {exc}") from None
 
@@ -204,6 +210,8 @@ def _check_redis_url(_: object, attribute: attrs.Attribute[str], value: str) -> 
 class RedisSettings:
     """``[redis]``: every limit moves to Redis, shared by the replicas using it."""
 
+    #: ``redis://[[user]:password@]host[:port][/db]``, or a Unix socket on this host:
+    #: ``unix://[[user]:password@]/path/to/redis.sock[?db=N]`` (or ``redis+unix://``).
     url: str = attrs.field(validator=_check_redis_url)
     #: When Redis is down or slower than ``timeout``: "refuse" (503
     #: ``rate_limiter_unavailable``) or "local" (count in this process until it is back).

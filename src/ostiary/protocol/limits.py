@@ -338,7 +338,8 @@ class Plan:
     combination), so what admitting, reporting and settling them reads is built here
     once, as plain tuples: ``rows`` (one per limit: its index, key, ``per_token``,
     ``per_ms``, ``full``, and whether it counts tokens), ``token_rows`` (the token
-    buckets, for settling), ``slot_rows`` and
+    buckets, for settling: key, ``per_token``, ``per_ms``, capacity and the deepest
+    deficit, a debt of one window), ``slot_rows`` and
     ``reports`` (the minute buckets each ``x-ratelimit-*`` unit may report, requests
     then tokens: index, ``per_token``, ``full``, ``per_ms`` and the capacity in
     ASCII digits); ``report_units`` lays ``reports`` out for
@@ -391,8 +392,7 @@ class Plan:
                 limit.spec.per_token,
                 limit.spec.per_ms,
                 limit.spec.capacity,
-                limit.spec.full,
-                2 * limit.spec.window_ms,
+                2 * limit.spec.full,
             )
             for _, limit in self._token_at
         )
@@ -577,10 +577,36 @@ class MemoryLimitStore:
         plan = hold.plan
         if plan is not None:
             # The same math as below (deficit_at and settled, inlined) over the
-            # plan's token rows, states updated in place.
+            # plan's token rows, states updated in place (a state's ``per_ms`` is its
+            # key's, so it stays). No cap on the refill: as in take, none is needed.
             reserved = hold.tokens
             if reserved != actual_tokens:
-                self._settle_rows(plan.token_rows, reserved, actual_tokens, now)
+                t = int(now * 1000.0 + 0.5)  # to_ms
+                buckets = self._buckets
+                for key, per_token, per_ms, capacity, most in plan.token_rows:
+                    state = buckets.get(key)
+                    deficit = 0
+                    if state is not None:
+                        deficit = state[0]
+                        elapsed = t - state[1]
+                        if elapsed > 0 and deficit > 0:
+                            refill = per_ms * elapsed
+                            deficit = deficit - refill if refill < deficit else 0
+                    if actual_tokens <= reserved:
+                        unused = reserved - actual_tokens
+                        credit = (unused if unused < capacity else capacity) * per_token
+                        new = deficit - credit if credit < deficit else 0
+                    else:
+                        over = actual_tokens - reserved
+                        new = deficit + (over if over < capacity else capacity) * per_token
+                        new = new if new < most else most
+                    if not new:
+                        buckets.pop(key, None)
+                    elif state is None:
+                        buckets[key] = [new, t, per_ms]
+                    else:
+                        state[0] = new
+                        state[1] = t
             counts = self._counts
             for layer, _ in plan.slot_rows:
                 left = counts[layer] - 1
@@ -611,40 +637,6 @@ class MemoryLimitStore:
             else:
                 del counts[slot.layer]
         return True
-
-    def _settle_rows(
-        self,
-        rows: tuple[tuple[str, int, int, int, int, int], ...],
-        reserved: int,
-        actual: int,
-        now: float,
-    ) -> None:
-        t = int(now * 1000.0 + 0.5)  # to_ms
-        buckets = self._buckets
-        for key, per_token, per_ms, capacity, full, span in rows:
-            state = buckets.get(key)
-            deficit = 0
-            if state is not None:
-                deficit = state[0]
-                elapsed = t - state[1]
-                if elapsed > 0 and deficit > 0:
-                    refill = per_ms * (elapsed if elapsed < span else span)
-                    deficit = deficit - refill if refill < deficit else 0
-            if actual <= reserved:
-                unused = reserved - actual
-                credit = (unused if unused < capacity else capacity) * per_token
-                new = deficit - credit if credit < deficit else 0
-            else:
-                over = actual - reserved
-                new = min(deficit + (over if over < capacity else capacity) * per_token, 2 * full)
-            if not new:
-                buckets.pop(key, None)
-            elif state is None:
-                buckets[key] = [new, t, per_ms]
-            else:
-                state[0] = new
-                state[1] = t
-                state[2] = per_ms
 
     def refund(self, hold: Hold, now: float) -> bool:
         """End a request that used nothing (cancelled, failed, timed out)."""

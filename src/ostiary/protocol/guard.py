@@ -313,13 +313,20 @@ class Guard:
         count = self._count
         total = 0
         if isinstance(call, ChatCompletionRequest):
+            memo = self._memo
             total = _PER_MESSAGE * len(call.messages) + 3
             for message in call.messages:
                 if total > limit:
                     break
                 content = message.content
                 text = content if type(content) is str else message.text()
-                total += count(text, limit - total, who)
+                # A remembered count that fits, looked up here (what _count would
+                # return, without the call).
+                known = memo.get((who, text))
+                if known is not None and known <= limit - total:
+                    total += known
+                else:
+                    total += count(text, limit - total, who)
                 if message.tool_calls:
                     for tool_call in message.tool_calls:
                         total += count(tool_call.function.arguments, limit - total, who)
@@ -366,14 +373,17 @@ class Guard:
         return known if known <= limit else limit + 1
 
     def _output_reservation(self, call: BackendCall, role: Role, room: int) -> int:
-        if isinstance(call, EmbeddingRequest):
+        if isinstance(call, ChatCompletionRequest):
+            choices = call.n or 1
+            # output_limit, inlined (a property's frame): max_completion_tokens wins.
+            asked = call.max_completion_tokens
+            if asked is None:
+                asked = call.max_tokens
+        elif isinstance(call, EmbeddingRequest):
             return 0
-        choices = (
-            (call.n or 1)
-            if isinstance(call, ChatCompletionRequest)
-            else max(call.n or 1, call.best_of or 1)
-        )
-        asked = call.output_limit
+        else:
+            choices = max(call.n or 1, call.best_of or 1)
+            asked = call.output_limit
         if asked is not None:
             return asked * choices
         most = self.max_output_tokens

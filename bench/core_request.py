@@ -6,16 +6,28 @@ with the scripted backend's reply captured once beforehand. What is left is the
 core's own Python per request (admission, decoding, scheduling, output, counts).
 
     python bench/core_request.py [--requests 30000] [--limits]
+                                 [--callgrind [--pythonpath OTHER/src]]
 
 ``--limits`` adds a realistic set of limits in the memory store (the principal's
 requests and tokens per minute and per day and its concurrency, an IP layer and a
 model layer; none refuses), prompts counted with cl100k as ``ostiary serve`` does.
+
+``--callgrind`` counts instead the instructions per request under valgrind's
+callgrind (from zero after a warm-up: repeatable to a fraction of a percent), with
+and without ``--limits`` — what the limits cost the core — for this checkout and,
+with ``--pythonpath``, another checkout's ``src`` in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -98,13 +110,67 @@ async def reply(gateway: Gateway) -> tuple[Delta | Usage, ...]:
     return pieces
 
 
+def callgrind(requests: int, limits: bool, pythonpath: str | None) -> float:
+    """Instructions per request of a child run under callgrind (``pythonpath``: the
+    ``src`` it imports instead of this checkout's)."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    with tempfile.TemporaryDirectory() as tmp:
+        child = [sys.executable, __file__, "--child", "--requests", str(requests)]
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/callgrind.out",
+                *child,
+                *(["--limits"] if limits else []),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        dump = next(Path(tmp).glob("callgrind.out.*"))  # the one the child took
+        total = re.search(r"^summary: (\d+)", dump.read_text(), re.M)
+        assert total, "no totals in the callgrind dump"
+        return int(total.group(1)) / requests
+
+
+def control(command: str) -> None:
+    """Zero (``-z``) or dump (``-d``) this process' callgrind counters."""
+    subprocess.run(
+        ["callgrind_control", command, str(os.getpid())], check=True, capture_output=True
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=30000)
     parser.add_argument("--limits", action="store_true")
+    parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--pythonpath", help="with --callgrind: another checkout's src too")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.callgrind:
+        for name in ("this checkout", args.pythonpath):
+            if name is not None:
+                path = None if name == "this checkout" else name
+                plain, limited = (callgrind(args.requests, x, path) for x in (False, True))
+                print(
+                    f"instructions per request, {name}: {plain:,.0f} without limits, "
+                    f"{limited:,.0f} with ({limited - plain:+,.0f})"
+                )
+        return
     gateway = build(args.limits)
     pieces = trio.run(reply, gateway)
+    if args.child:  # under callgrind: a warm-up, then the requests counted
+        for i in range(500):
+            one(gateway, f"w{i}", i * 1e-3, pieces)
+        control("-z")
+        for i in range(args.requests):
+            one(gateway, f"r{i}", 1.0 + i * 1e-3, pieces)
+        control("-d")
+        return
     started = time.process_time()
     for i in range(args.requests):
         one(gateway, f"r{i}", i * 1e-3, pieces)

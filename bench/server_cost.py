@@ -9,12 +9,13 @@ alone, for exactly ``--requests`` requests after a warm-up:
   sockets and epoll included, and far less sensitive than requests/s to what other
   processes of a busy machine do, though not immune to it (caches, frequency);
 - with ``--callgrind``, its instructions (user space) under valgrind, counted from
-  zero after the warm-up (``callgrind_control``): exactly repeatable.
+  zero after the warm-up (``callgrind_control``): exactly repeatable; with
+  ``--cache-sim`` also its L1 instruction-cache misses (valgrind's simulated cache).
 
 ``--pythonpath DIR`` serves another checkout's ``src``, so that two versions are
 compared in one run (``--rounds`` alternates them)::
 
-    python bench/server_cost.py [--requests 4000] [--connections 16] [--callgrind]
+    python bench/server_cost.py [--requests 4000] [--connections 16] [--callgrind [--cache-sim]]
                                 [--pythonpath OTHER/src] [--rounds 3] [--limits]
                                 [--access-log true|false]
 """
@@ -104,6 +105,7 @@ def measure(args: argparse.Namespace, pythonpath: str | None) -> float:
                 "valgrind",
                 "--tool=callgrind",
                 f"--callgrind-out-file={out}",
+                *(["--cache-sim=yes"] if args.cache_sim else []),
                 *serve,
             ]
         with running(serve, cwd=ROOT, env=env, timeout=600) as (proc, port):
@@ -126,11 +128,18 @@ def measure(args: argparse.Namespace, pythonpath: str | None) -> float:
                 text = dumps[-1].read_text()
                 if args.keep:  # for callgrind_annotate
                     Path(args.keep).write_text(text)
-                total = re.search(r"^summary: (\d+)", text, re.M) or re.search(
-                    r"^totals: (\d+)", text, re.M
+                total = re.search(r"^summary: ([\d ]+)", text, re.M) or re.search(
+                    r"^totals: ([\d ]+)", text, re.M
                 )
-                assert total, "no totals in the callgrind dump"
-                return float(int(total.group(1)) / args.requests)
+                events = re.search(r"^events: (.*)", text, re.M)
+                assert total and events, "no totals in the callgrind dump"
+                counts = dict(
+                    zip(events.group(1).split(), map(int, total.group(1).split()), strict=True)
+                )
+                if args.cache_sim:
+                    misses = counts["I1mr"] / args.requests
+                    print(f"    I1 misses per request: {misses:,.1f}", flush=True)
+                return float(counts["Ir"] / args.requests)
         return float((after - before) / args.requests * 1e6)
 
 
@@ -143,6 +152,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--limits", action="store_true", help="the gateway_load limit set")
     parser.add_argument("--access-log", choices=["true", "false"], default="true")
+    parser.add_argument(
+        "--cache-sim", action="store_true", help="with --callgrind: also count I1 misses"
+    )
     parser.add_argument("--keep", metavar="FILE", help="with --callgrind: keep the dump here")
     args = parser.parse_args()
     unit = "instructions" if args.callgrind else "CPU µs"

@@ -43,6 +43,7 @@ from .errors import InvalidRequestError, PermissionDeniedError, RateLimitError
 from .exchange import Exchange, Reservation
 from .generation import Usage
 from .limits import (
+    RATE_HEADER_NAMES,
     Charge,
     ConcurrencyLimit,
     Decision,
@@ -312,13 +313,20 @@ class Guard:
         count = self._count
         total = 0
         if isinstance(call, ChatCompletionRequest):
+            memo = self._memo
             total = _PER_MESSAGE * len(call.messages) + 3
             for message in call.messages:
                 if total > limit:
                     break
                 content = message.content
                 text = content if type(content) is str else message.text()
-                total += count(text, limit - total, who)
+                # A remembered count that fits, looked up here (what _count would
+                # return, without the call).
+                known = memo.get((who, text))
+                if known is not None and known <= limit - total:
+                    total += known
+                else:
+                    total += count(text, limit - total, who)
                 if message.tool_calls:
                     for tool_call in message.tool_calls:
                         total += count(tool_call.function.arguments, limit - total, who)
@@ -365,14 +373,17 @@ class Guard:
         return known if known <= limit else limit + 1
 
     def _output_reservation(self, call: BackendCall, role: Role, room: int) -> int:
-        if isinstance(call, EmbeddingRequest):
+        if isinstance(call, ChatCompletionRequest):
+            choices = call.n or 1
+            # output_limit, inlined (a property's frame): max_completion_tokens wins.
+            asked = call.max_completion_tokens
+            if asked is None:
+                asked = call.max_tokens
+        elif isinstance(call, EmbeddingRequest):
             return 0
-        choices = (
-            (call.n or 1)
-            if isinstance(call, ChatCompletionRequest)
-            else max(call.n or 1, call.best_of or 1)
-        )
-        asked = call.output_limit
+        else:
+            choices = max(call.n or 1, call.best_of or 1)
+            asked = call.output_limit
         if asked is not None:
             return asked * choices
         most = self.max_output_tokens
@@ -517,12 +528,7 @@ class Guard:
         return None
 
 
-#: The ``x-ratelimit-*`` header names of each unit.
-_REQUEST_HEADERS, _TOKEN_HEADERS = (
-    tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
-    for unit in (b"requests", b"tokens")
-)
-_UNIT_HEADERS = (_REQUEST_HEADERS, _TOKEN_HEADERS)
+_REQUEST_HEADERS, _TOKEN_HEADERS = RATE_HEADER_NAMES
 
 
 def rate_headers(plan: Plan, deficits: Sequence[int]) -> tuple[Header, ...]:
@@ -530,29 +536,26 @@ def rate_headers(plan: Plan, deficits: Sequence[int]) -> tuple[Header, ...]:
     ``deficits``: for each unit, the first of the plan's minute buckets with the least
     remaining."""
     out: tuple[Header, ...] = ()
-    reports = plan.reports
-    for unit in (0, 1):
-        candidates = reports[unit]
-        if not candidates:
-            continue
-        names = _UNIT_HEADERS[unit]
-        best = candidates[0]
-        deficit = deficits[best[0]]
-        level = best[2] - deficit
-        left = level // best[1] if level > 0 else 0
-        for row in candidates[1:]:
+    for first, rest, remaining, reset in plan.report_units:
+        best = first
+        deficit = deficits[first[0]]
+        # What is left of each bucket, unclamped (below zero when in debt): a bucket
+        # wins with less left, and none wins over a bucket at or below zero, whose
+        # figure is 0 (as Guard.headers clamps each before comparing).
+        left = (first[2] - deficit) // first[1]
+        for row in rest:
             d = deficits[row[0]]
-            level = row[2] - d
-            here = level // row[1] if level > 0 else 0
-            if here < left:
+            here = (row[2] - d) // row[1]
+            if here < left and left > 0:
                 best, left, deficit = row, here, d
-        per_ms = best[3]
-        ms = -(-deficit // per_ms) if deficit > 0 else 0
-        out += (
-            (names[0], best[4]),
-            (names[1], b"%d" % left),
-            (names[2], _RESETS.get(ms) or _reset_bytes(ms)),
+        left = left if left > 0 else 0
+        ms = -(-deficit // best[3]) if deficit > 0 else 0
+        figures: tuple[Header, Header, Header] = (
+            best[4],
+            (remaining, b"%d" % left),
+            (reset, _RESETS.get(ms) or _reset_bytes(ms)),
         )
+        out += figures
     return out
 
 

@@ -41,6 +41,7 @@ import attrs
 
 __all__ = [
     "MAX_EXACT",
+    "RATE_HEADER_NAMES",
     "BucketSpec",
     "Charge",
     "ConcurrencyLimit",
@@ -156,8 +157,23 @@ class ConcurrencyLimit:
     limit: int = attrs.field(validator=attrs.validators.ge(1))
 
 
+#: The ``x-ratelimit-{limit,remaining,reset}-*`` header names of each unit, requests
+#: then tokens.
+RATE_HEADER_NAMES = tuple(
+    tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
+    for unit in (b"requests", b"tokens")
+)
+
 #: A limit and what one request costs it (1 for requests, the estimate for tokens).
 Charge = tuple[Limit, int]
+#: A minute bucket as a unit's ``x-ratelimit-*`` headers read it: its index,
+#: ``per_token``, ``full``, ``per_ms`` and its ``limit`` header.
+ReportRow = tuple[int, int, int, int, tuple[bytes, bytes]]
+#: A unit's first report row, its other rows, and its remaining and reset header names.
+ReportUnit = tuple[ReportRow, tuple[ReportRow, ...], bytes, bytes]
+
+#: What a list of bucket states is filled with before each place is set.
+_NO_STATE: list[int] = []
 
 
 # Hold and Decision are made on every admission: plain slotted classes (attrs'
@@ -320,12 +336,16 @@ class Plan:
     Requests of the same principal, client, model and endpoint are charged on the
     same buckets and slots (:class:`~.access.AccessPolicy` keeps one plan per such
     combination), so what admitting, reporting and settling them reads is built here
-    once, as plain tuples: ``rows`` (one per limit: its key, ``per_token``,
-    ``per_ms``, ``full``, the longest refill that counts, and whether it counts
-    tokens), ``token_rows`` (the token buckets, for settling), ``slot_rows`` and
+    once, as plain tuples: ``rows`` (one per limit: its index, key, ``per_token``,
+    ``per_ms``, ``full``, and whether it counts tokens), ``token_rows`` (the token
+    buckets, for settling: key, ``per_token``, ``per_ms``, capacity and the deepest
+    deficit, a debt of one window), ``slot_rows`` and
     ``reports`` (the minute buckets each ``x-ratelimit-*`` unit may report, requests
     then tokens: index, ``per_token``, ``full``, ``per_ms`` and the capacity in
-    ASCII digits).
+    ASCII digits); ``report_units`` lays ``reports`` out for
+    :func:`~.guard.rate_headers`: for each unit that has some, its first row, the
+    others, and the names of its ``remaining`` and ``reset`` headers, each row
+    ending with its whole ``limit`` header instead of the digits.
     """
 
     __slots__ = (
@@ -333,6 +353,7 @@ class Plan:
         "empty",
         "largest_tokens",
         "limits",
+        "report_units",
         "reports",
         "rows",
         "slot_rows",
@@ -354,15 +375,24 @@ class Plan:
         #: The charges of a request that counts no tokens.
         self.untokened: tuple[Charge, ...] = tuple((limit, 1) for limit in limits)
         self._token_at = tuple((i, limit) for i, limit in enumerate(limits) if limit.unit is tokens)
-        self.rows = tuple((*limit.bucket, limit.unit is tokens) for limit in limits)
+        self.rows = tuple(
+            (
+                i,
+                limit.key,
+                limit.spec.per_token,
+                limit.spec.per_ms,
+                limit.spec.full,
+                limit.unit is tokens,
+            )
+            for i, limit in enumerate(limits)
+        )
         self.token_rows = tuple(
             (
                 limit.key,
                 limit.spec.per_token,
                 limit.spec.per_ms,
                 limit.spec.capacity,
-                limit.spec.full,
-                2 * limit.spec.window_ms,
+                2 * limit.spec.full,
             )
             for _, limit in self._token_at
         )
@@ -381,6 +411,17 @@ class Plan:
             )
             for unit in (0, 1)
         )
+        units = []
+        for reports, (limit_name, remaining_name, reset_name) in zip(
+            self.reports, RATE_HEADER_NAMES, strict=True
+        ):
+            if reports:
+                # The limit header is built once here, not per response.
+                rows = tuple(
+                    (i, pt, full, pms, (limit_name, cap)) for i, pt, full, pms, cap in reports
+                )
+                units.append((rows[0], rows[1:], remaining_name, reset_name))
+        self.report_units: tuple[ReportUnit, ...] = tuple(units)
 
     def charged(self, tokens: int) -> tuple[Charge, ...]:
         """The charges of a request that reserves ``tokens`` on token buckets."""
@@ -476,10 +517,12 @@ class MemoryLimitStore:
         updated in place."""
         t = int(now * 1000.0 + 0.5)  # to_ms
         buckets = self._buckets
-        states = []
-        deficits = []
+        # Filled by index, not appended: a store into a list costs a third of a call
+        # to append.
+        states: list[list[int]] = [_NO_STATE] * len(plan.rows)
+        deficits = [0] * len(states)
         fresh = None
-        for key, per_token, per_ms, full, _, counts_tokens in plan.rows:
+        for i, key, per_token, per_ms, full, counts_tokens in plan.rows:
             state = buckets.get(key)
             if state is None:
                 deficit = per_token * tokens if counts_tokens else per_token
@@ -501,8 +544,8 @@ class MemoryLimitStore:
                 deficit += per_token * tokens if counts_tokens else per_token
             if deficit > full:
                 return None
-            states.append(state)
-            deficits.append(deficit)
+            states[i] = state
+            deficits[i] = deficit
         counts = self._counts
         slot_rows = plan.slot_rows
         for layer, limit in slot_rows:
@@ -510,9 +553,11 @@ class MemoryLimitStore:
                 return None
         for layer, _ in slot_rows:
             counts[layer] = counts.get(layer, 0) + 1
-        for state, deficit in zip(states, deficits, strict=True):
-            state[0] = deficit
+        i = 0
+        for state in states:
+            state[0] = deficits[i]
             state[1] = t
+            i += 1  # noqa: SIM113 (a counter costs less than enumerate's or zip's pairs)
         if fresh is not None:
             for key, state in fresh:
                 buckets[key] = state
@@ -532,10 +577,36 @@ class MemoryLimitStore:
         plan = hold.plan
         if plan is not None:
             # The same math as below (deficit_at and settled, inlined) over the
-            # plan's token rows, states updated in place.
+            # plan's token rows, states updated in place (a state's ``per_ms`` is its
+            # key's, so it stays). No cap on the refill: as in take, none is needed.
             reserved = hold.tokens
             if reserved != actual_tokens:
-                self._settle_rows(plan.token_rows, reserved, actual_tokens, now)
+                t = int(now * 1000.0 + 0.5)  # to_ms
+                buckets = self._buckets
+                for key, per_token, per_ms, capacity, most in plan.token_rows:
+                    state = buckets.get(key)
+                    deficit = 0
+                    if state is not None:
+                        deficit = state[0]
+                        elapsed = t - state[1]
+                        if elapsed > 0 and deficit > 0:
+                            refill = per_ms * elapsed
+                            deficit = deficit - refill if refill < deficit else 0
+                    if actual_tokens <= reserved:
+                        unused = reserved - actual_tokens
+                        credit = (unused if unused < capacity else capacity) * per_token
+                        new = deficit - credit if credit < deficit else 0
+                    else:
+                        over = actual_tokens - reserved
+                        new = deficit + (over if over < capacity else capacity) * per_token
+                        new = new if new < most else most
+                    if not new:
+                        buckets.pop(key, None)
+                    elif state is None:
+                        buckets[key] = [new, t, per_ms]
+                    else:
+                        state[0] = new
+                        state[1] = t
             counts = self._counts
             for layer, _ in plan.slot_rows:
                 left = counts[layer] - 1
@@ -566,40 +637,6 @@ class MemoryLimitStore:
             else:
                 del counts[slot.layer]
         return True
-
-    def _settle_rows(
-        self,
-        rows: tuple[tuple[str, int, int, int, int, int], ...],
-        reserved: int,
-        actual: int,
-        now: float,
-    ) -> None:
-        t = int(now * 1000.0 + 0.5)  # to_ms
-        buckets = self._buckets
-        for key, per_token, per_ms, capacity, full, span in rows:
-            state = buckets.get(key)
-            deficit = 0
-            if state is not None:
-                deficit = state[0]
-                elapsed = t - state[1]
-                if elapsed > 0 and deficit > 0:
-                    refill = per_ms * (elapsed if elapsed < span else span)
-                    deficit = deficit - refill if refill < deficit else 0
-            if actual <= reserved:
-                unused = reserved - actual
-                credit = (unused if unused < capacity else capacity) * per_token
-                new = deficit - credit if credit < deficit else 0
-            else:
-                over = actual - reserved
-                new = min(deficit + (over if over < capacity else capacity) * per_token, 2 * full)
-            if not new:
-                buckets.pop(key, None)
-            elif state is None:
-                buckets[key] = [new, t, per_ms]
-            else:
-                state[0] = new
-                state[1] = t
-                state[2] = per_ms
 
     def refund(self, hold: Hold, now: float) -> bool:
         """End a request that used nothing (cancelled, failed, timed out)."""

@@ -9,8 +9,14 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_secret
+
+# Hypothesis judges examples, not their speed: on a loaded CI machine its per-example
+# deadline and its too-slow health check fail tests that are right.
+settings.register_profile("ostiary", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ostiary")
 
 ADMIN_SECRET = format_secret("a" * 12, "A" * 43)
 USER_SECRET = format_secret("b" * 12, "B" * 43)

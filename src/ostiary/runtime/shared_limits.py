@@ -21,8 +21,9 @@
   silently, and memory is bounded by ``max_pending_settlements`` twice.
 - :meth:`run` is the replica's heartbeat (renews its lease, retries settlements
   that failed, reconciles holds; every third of the lease, and within a second
-  once something waits for it), the settlers and the Redis client's watchdog (which keeps
-  every call's deadline without a cancel scope per call), in the server's nursery.
+  once something waits for it), the settlers and the Redis client's watchdog
+  (which keeps every call's deadline without a cancel scope per call), in the
+  server's nursery.
   Outages and recoveries are logged once each, not per request.
 - :meth:`count_failure` takes a ``ShareFailedAuth`` the same way (never awaits): a
   401 charged to the client address' failed-authentication bucket in Redis by a
@@ -209,8 +210,7 @@ class SharedLimits:
             else:
                 self._went(up=True)
             calm = self._up and not self.store.pending
-            every = self.store.lease / 3
-            with trio.move_on_after(every if calm else min(_RETRY_EVERY, every)) as nap:
+            with trio.move_on_after(self.store.lease / 3 if calm else self._retry) as nap:
                 self._nap = nap
                 await trio.sleep_forever()
             self._nap = None
@@ -222,8 +222,12 @@ class SharedLimits:
         stall of Redis left taken comes back within about a second."""
         nap = self._nap
         if nap is not None:
-            soon = trio.current_time() + min(_RETRY_EVERY, self.store.lease / 3)
-            nap.deadline = min(nap.deadline, soon)
+            nap.deadline = min(nap.deadline, trio.current_time() + self._retry)
+
+    @property
+    def _retry(self) -> float:
+        """Seconds between beats while something waits for one."""
+        return min(_RETRY_EVERY, self.store.lease / 3)
 
     def _went(self, *, up: bool, why: str = "") -> None:
         if up == self._up:

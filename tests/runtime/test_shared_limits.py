@@ -116,6 +116,32 @@ async def test_a_killed_redis_gives_none_then_a_restart_is_recovered(redis: Redi
         assert shared.store.pending == 0
 
 
+async def test_start_up_opens_the_pool_and_loads_the_scripts(redis: RedisServer) -> None:
+    """A replica's first burst finds its connections open and the scripts in Redis:
+    neither falls inside the first admissions' timeout (a fresh replica answered
+    its first requests 503 for it)."""
+    from ostiary.runtime.redis_limits import ADMIT, RELEASE, SETTLE
+
+    async with RedisClient.from_url(redis.url) as admin:
+        assert await admin.execute("SCRIPT", "FLUSH") == b"OK"
+        shared = shared_for(redis)
+        assert not shared.store.client._conns
+        with trio.fail_after(GUARD):
+            async with running(shared):
+                assert len(shared.store.client._conns) >= shared.settlers
+                shas = [s.sha for s in (ADMIT, SETTLE, RELEASE)]
+                assert await admin.execute("SCRIPT", "EXISTS", *shas) == [1, 1, 1]
+
+
+async def test_start_up_goes_on_without_redis(redis: RedisServer) -> None:
+    redis.kill()
+    shared = shared_for(redis)
+    with trio.fail_after(GUARD):
+        async with running(shared):
+            assert not shared._up
+            assert await shared.decide([(RPM, 1)], []) is None
+
+
 async def test_script_flush_costs_no_decision(redis: RedisServer) -> None:
     shared = shared_for(redis)
     assert await shared.decide([(RPM, 1)], []) is not None

@@ -80,6 +80,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import trio
 
 from ..protocol.limits import (
     Charge,
@@ -404,6 +405,32 @@ class RedisLimitStore:
         if stale:
             reply = await self._run(RELEASE, [self.holds_key], [self.replica, *stale])
             self.released += reply[0]
+
+    async def warm(self, connections: int) -> None:
+        """Open ``connections`` of the client's pool and load the scripts: work that
+        otherwise falls to the first admissions, inside their timeout (a replica's
+        first burst would be refused for it). Raises LimiterUnavailableError."""
+        failed: list[RedisError] = []
+
+        async def ping() -> None:
+            try:
+                await self.client.execute("PING")
+            except RedisError as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+                nursery.start_soon(ping)
+        if failed:
+            raise LimiterUnavailableError(str(failed[0]))
+        scripts = [("SCRIPT", "LOAD", s.source) for s in (ADMIT, SETTLE, RELEASE)]
+        try:
+            replies = await self.client.pipeline(scripts)
+        except RedisError as exc:
+            raise LimiterUnavailableError(str(exc)) from exc
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise LimiterUnavailableError(str(reply))
 
     async def ping(self) -> bool:
         """Whether Redis answers now (within the client's timeout)."""

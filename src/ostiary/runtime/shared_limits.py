@@ -56,6 +56,8 @@ log = logging.getLogger("ostiary.limits")
 _RETRY_EVERY = 1.0
 #: Seconds the settlements left at shutdown may take.
 _FLUSH_TIMEOUT = 2.0
+#: Seconds start-up waits for Redis' connections and scripts (:meth:`SharedLimits._warm`).
+_WARM_TIMEOUT = 2.0
 
 
 #: What the settlers carry: a settlement (hold, tokens used), or a failed
@@ -164,6 +166,7 @@ class SharedLimits:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.store.client.run)
+                await self._warm()
                 for _ in range(self.settlers):
                     nursery.start_soon(self._settler)
                 nursery.start_soon(self._heartbeat)
@@ -172,6 +175,16 @@ class SharedLimits:
             with trio.CancelScope(shield=True), trio.move_on_after(_FLUSH_TIMEOUT):
                 await self._flush()
             await self.store.client.aclose()
+
+    async def _warm(self) -> None:
+        """Before the first request: the pool open and the scripts loaded, within
+        ``_WARM_TIMEOUT``. Redis unreachable, the server starts all the same (and
+        ``on_failure`` applies until Redis is back)."""
+        with trio.move_on_after(_WARM_TIMEOUT):
+            try:
+                await self.store.warm(self.settlers)
+            except LimiterUnavailableError as exc:
+                self._went(up=False, why=str(exc))
 
     async def _settler(self) -> None:
         async for work in self._receive:

@@ -436,6 +436,11 @@ def test_example_configs_are_valid() -> None:
     assert len(examples) >= 6
     for path in examples:
         assert load_config(path).backends, path
+        # An embedding model an example names can create embeddings with it.
+        for backend in load_config(path).backends:
+            for model in backend.models:
+                if "embed" in model:
+                    assert model in backend.embedding_models, (path, model)
 
 
 def test_cors_origins_must_be_origins(tmp_path: Path) -> None:

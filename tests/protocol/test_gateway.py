@@ -633,7 +633,10 @@ def test_cors_for_listed_origins_and_preflights() -> None:
     _, _, headers = json_of(gw.handle(request(gw, method="GET", target="/v1/models", headers=good)))
     assert headers[b"access-control-allow-origin"] == b"https://app.example"
     assert headers[b"vary"] == b"origin"
-    assert b"x-request-id" in headers[b"access-control-expose-headers"]
+    exposed = headers[b"access-control-expose-headers"].split(b", ")
+    # Every header a page may act on: the id, when to retry, whether to, the budgets.
+    assert {b"x-request-id", b"retry-after", b"retry-after-ms", b"x-should-retry"} <= set(exposed)
+    assert {b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-tokens"} <= set(exposed)
     # Errors carry them too, or the browser hides the error from the page.
     status, _, headers = json_of(
         gw.handle(request(gw, "r2", body=chat_body(model="nope"), headers=good))

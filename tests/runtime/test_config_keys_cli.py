@@ -247,6 +247,22 @@ def test_bootstrap_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     assert len(SqliteKeyStore(config.keys_db).list()) == 1
 
 
+def test_a_bootstrap_key_that_cannot_be_written_is_revoked(tmp_path: Path) -> None:
+    """If ``admin.key`` cannot be written (here a symlink, refused), start-up stops
+    naming the path, and the key it created is not left active with nobody holding
+    its secret."""
+    from ostiary.runtime.server import StartupError
+
+    config = load_config(write_config(tmp_path))
+    (tmp_path / "st").mkdir(mode=0o700)
+    (tmp_path / "st" / "admin.key").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StartupError, match=r"admin\.key.*revoked.*keys create"):
+        bootstrap_keys(config)
+    assert not (tmp_path / "elsewhere").exists()
+    (info,) = SqliteKeyStore(config.keys_db).list()
+    assert info.revoked_at is not None
+
+
 def test_replicas_starting_together_create_one_bootstrap_key(tmp_path: Path) -> None:
     """Several processes on one empty store: exactly one insert finds it empty (the
     write lock is taken before the count is read), whatever the interleaving."""

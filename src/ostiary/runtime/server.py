@@ -54,9 +54,19 @@ def bootstrap_keys(config: Config) -> KeyStore:
     # found it empty writes the file.
     created = store.create_first("bootstrap-admin", "admin")
     if created is not None:
-        _, secret = created
+        info, secret = created
         path = config.state_dir / "admin.key"
-        write_bootstrap_key(path, secret)
+        try:
+            write_bootstrap_key(path, secret)
+        except OSError as exc:
+            # A key nobody holds must not stay active: revoked, and the operator told
+            # how to get one.
+            store.revoke(info.id)
+            raise StartupError(
+                f"cannot write the bootstrap admin key to {path}: {exc.strerror or exc}; "
+                "the key was revoked. Fix the path, or create an admin key with "
+                "`ostiary keys create --name admin --role admin`"
+            ) from exc
         where = str(path.resolve())
         log.warning("created a bootstrap admin key in %s", where, extra={"fields": {"path": where}})
     return store

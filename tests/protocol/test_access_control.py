@@ -210,6 +210,22 @@ def test_output_cap_refuses_more_and_fills_in_a_missing_one() -> None:
     assert call.output_limit == 50
 
 
+def test_a_legacy_completion_that_sets_no_max_gets_openai_s_default_of_16() -> None:
+    """As OpenAI does: without it, a model runs to its context's end (minutes on the
+    embedded one), and a token limit reserves the whole output cap for it."""
+    body = orjson.dumps({"model": "m", "prompt": "Say hi"})
+    gw = gateway(Role(name="tenant", endpoints=("completions",)))
+    call = call_of(request(gw, "r1", body, target="/v1/completions"))
+    assert call.max_tokens == 16 and call.raw["max_tokens"] == 16
+    asked = orjson.dumps({"model": "m", "prompt": "Say hi", "max_tokens": 300})
+    assert call_of(request(gw, "r2", asked, target="/v1/completions")).max_tokens == 300
+    # A role's smaller cap wins; a chat is not given the completion default.
+    small = gateway(Role(name="tenant", max_output_tokens=8))
+    assert call_of(request(small, "r1", body, target="/v1/completions")).max_tokens == 8
+    open_role = gateway(Role(name="tenant"))
+    assert call_of(request(open_role, "r3", chat_body())).output_limit is None
+
+
 def test_output_cap_is_the_smaller_of_role_and_limits() -> None:
     from ostiary.protocol.request_limits import RequestLimits
 

@@ -62,6 +62,8 @@ __all__ = ["Guard", "format_reset", "rate_headers"]
 Header = tuple[bytes, bytes]
 #: Tokens a chat message costs beyond its text (role, separators), as OpenAI counts.
 _PER_MESSAGE = 4
+#: ``max_tokens`` of a legacy completion that sets none: OpenAI's documented default.
+COMPLETION_MAX_TOKENS = 16
 #: Texts of at most this many characters have their counts remembered, at most
 #: ``_MEMO_SIZE`` of them (8 MB of ASCII text at most, 32 MB of any; see
 #: :meth:`Guard._count`).
@@ -230,14 +232,16 @@ class Guard:
         return principal is None or principal.role.may_use_model(model)
 
     def cap_output(self, call: BackendCall, role: Role) -> BackendCall:
-        """Refuse a request asking for more output than ``role`` allows; send one
-        that asks for nothing with the smaller of the two caps."""
-        cap = role.max_output_tokens
-        if cap is None or isinstance(call, EmbeddingRequest):
+        """Refuse a request asking for more output than ``role`` allows; send a chat
+        that asks for nothing with the smaller of the two caps, and a legacy
+        completion that asks for nothing with OpenAI's default of 16 (or the role's
+        cap, if smaller)."""
+        if isinstance(call, EmbeddingRequest):
             return call
+        cap = role.max_output_tokens
         asked = call.output_limit
         if asked is not None:
-            if asked > cap:
+            if cap is not None and asked > cap:
                 param = (
                     "max_completion_tokens"
                     if isinstance(call, ChatCompletionRequest)
@@ -250,7 +254,14 @@ class Guard:
                     code="invalid_value",
                 )
             return call
-        value = min(cap, self.max_output_tokens)
+        if isinstance(call, CompletionRequest):
+            # OpenAI's default for a legacy completion (a model left to run to its
+            # context's end instead would hold its slot for minutes).
+            value = COMPLETION_MAX_TOKENS if cap is None else min(cap, COMPLETION_MAX_TOKENS)
+        elif cap is None:
+            return call
+        else:
+            value = min(cap, self.max_output_tokens)
         if isinstance(call, ChatCompletionRequest):
             raw = {**call.raw, "max_completion_tokens": value} if call.raw else call.raw
             return attrs.evolve(call, max_completion_tokens=value, raw=raw)

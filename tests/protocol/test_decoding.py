@@ -593,3 +593,12 @@ def test_other_content_types_get_415(headers: tuple[tuple[bytes, bytes], ...]) -
     error = info.value.to_dict()["error"]
     assert info.value.status == 415
     assert (error["type"], error["code"]) == ("invalid_request_error", "unsupported_media_type")
+
+
+def test_an_integer_past_64_bits_is_not_called_a_decimal() -> None:
+    """The JSON parser yields a float for it; the message still says what was sent."""
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1'
+    with pytest.raises(InvalidRequestError) as info:
+        decode_chat(body + b"0" * 20 + b"}", RequestLimits())
+    assert info.value.param == "max_tokens"
+    assert "but got an integer out of range instead" in str(info.value)

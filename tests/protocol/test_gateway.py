@@ -525,7 +525,7 @@ def test_retry_after_is_clamped_and_agrees(hint: float, seconds: bytes, ms: byte
     [
         ("/v1/chat/completions", {"n": 5}, "n", "unsupported_parameter"),
         ("/v1/chat/completions", {"logprobs": True}, "logprobs", "unsupported_parameter"),
-        ("/v1/chat/completions", {"top_logprobs": 2}, "logprobs", "unsupported_parameter"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
         (
             "/v1/chat/completions",
             {"tools": [{"type": "function", "function": {"name": "f"}}]},

@@ -129,7 +129,7 @@ def check_capabilities(call: BackendCall, caps: Capabilities) -> None:
 
 def _check_chat(call: ChatCompletionRequest, caps: Capabilities) -> None:
     if (call.logprobs or call.top_logprobs is not None) and not caps.logprobs:
-        raise unsupported("logprobs", "log probabilities")
+        raise unsupported("logprobs" if call.logprobs else "top_logprobs", "log probabilities")
     if not caps.tools:
         if call.tools and not (call.tool_choice and call.tool_choice.mode == "none"):
             raise unsupported("tools", "tools (function calling)")

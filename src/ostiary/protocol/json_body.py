@@ -46,7 +46,10 @@ def kind_of(value: object) -> str:
     if isinstance(value, int):
         return "an integer"
     if isinstance(value, float):
-        return "a decimal"
+        # An integer past 64 bits is parsed as a float: not what the client wrote.
+        return (
+            "an integer out of range" if value.is_integer() and abs(value) >= 2**63 else "a decimal"
+        )
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):

@@ -27,14 +27,9 @@ from ostiary.protocol.limits import (
 )
 from ostiary.runtime import redis_limits
 from ostiary.runtime.config import RedisSettings
-from ostiary.runtime.redis_client import (
-    RedisAddress,
-    RedisClient,
-    RedisReplyError,
-    RedisUnavailableError,
-    Script,
-)
+from ostiary.runtime.redis_client import RedisAddress, RedisClient
 from ostiary.runtime.redis_limits import ADMIT, LimiterUnavailableError, RedisLimitStore
+from ostiary.runtime.resp import RedisReplyError, RedisUnavailableError, Script
 
 from .redis_server import RedisServer, free_port, redis_server
 

@@ -91,14 +91,8 @@ from ..protocol.limits import (
     Unit,
     deficit_at,
 )
-from .redis_client import (
-    RedisClient,
-    RedisError,
-    RedisMaybeRanError,
-    Script,
-    bulk,
-    evalsha_head,
-)
+from .redis_client import RedisClient
+from .resp import RedisError, RedisMaybeRanError, Script, bulk, evalsha_head
 
 __all__ = ["ADMIT", "RELEASE", "SETTLE", "LimiterUnavailableError", "RedisLimitStore"]
 

@@ -124,7 +124,7 @@ _UNIX_SCHEMES = ("unix", "redis+unix")
 @attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class RedisClient:
     """A pooled, pipelining Redis client; a call not answered within ``timeout``
-    seconds fails (see :meth:`Connection.expire` for what counts as answered).
+    seconds fails (see :meth:`.Connection.expire` for what counts as answered).
 
     Its owner runs its watchdog, :meth:`run`, in a nursery (``await
     nursery.start(client.run)``), or uses it as ``async with client:``, which runs
@@ -301,7 +301,7 @@ class RedisClient:
         return conn.wait(call)
 
     async def _wait_unwatched(self, conn: Connection, call: Call) -> list[Any]:
-        """:meth:`Connection.wait`, keeping the call's deadline itself: when it
+        """:meth:`.Connection.wait`, keeping the call's deadline itself: when it
         passes, the call is judged as the watchdog would judge it."""
         while True:
             try:
@@ -316,7 +316,7 @@ class RedisClient:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The watchdog, until cancelled: fail the calls Redis did not answer in time
-        (see :meth:`Connection.expire`). Cancelled, it keeps watching the calls it
+        (see :meth:`.Connection.expire`). Cancelled, it keeps watching the calls it
         was watching until their deadlines (the calls made from then on keep their
         own), then returns."""
         if self._alarm is not None:
@@ -341,7 +341,7 @@ class RedisClient:
                         await trio.sleep_forever()
 
     def _expire(self, now: float) -> float:
-        """Every connection's :meth:`Connection.expire`; when to look again."""
+        """Every connection's :meth:`.Connection.expire`; when to look again."""
         wake = math.inf
         for conn in list(self._conns):
             wake = min(wake, self._expire_one(conn, now))

@@ -27,8 +27,8 @@ __all__ = [
 
 #: What a command argument may be.
 Arg = str | int | float | bytes
-# hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.
 #: One command, packed: its arguments as one tuple.
+# hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.
 pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
 
@@ -39,7 +39,7 @@ def bulk(data: bytes) -> bytes:
 
 def evalsha_head(script: Script, keys: int, args: int) -> bytes:
     """The start of an EVALSHA of ``script`` with ``keys`` keys then ``args``
-    arguments, each to follow as :func:`bulk` (for :meth:`RedisClient.evalsha_packed`)."""
+    arguments, each to follow as :func:`bulk` (for :meth:`.RedisClient.evalsha_packed`)."""
     return b"*%d\r\n$7\r\nEVALSHA\r\n%b%b" % (
         3 + keys + args,
         bulk(script.sha.encode()),

@@ -59,14 +59,8 @@ from pathlib import Path
 
 import trio
 
-from ostiary.protocol.limits import (
-    BucketSpec,
-    Charge,
-    ConcurrencyLimit,
-    Limit,
-    MemoryLimitStore,
-    Unit,
-)
+from ostiary.protocol.buckets import BucketSpec, Charge, ConcurrencyLimit, Limit, Unit
+from ostiary.protocol.limits import MemoryLimitStore
 from ostiary.runtime.redis_client import RedisAddress, RedisClient
 from ostiary.runtime.redis_limits import RedisLimitStore
 from ostiary.runtime.shared_limits import SharedLimits

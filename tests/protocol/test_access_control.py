@@ -20,6 +20,7 @@ from ostiary.protocol.actions import (
     ShareFailedAuth,
 )
 from ostiary.protocol.auth import ApiKey, KeyTable, digest_secret, format_secret
+from ostiary.protocol.buckets import BucketSpec, Limit, Unit
 from ostiary.protocol.capabilities import Capabilities, ModelKind
 from ostiary.protocol.credentials import TokenClaims, UnknownSigningKey, looks_like_jwt
 from ostiary.protocol.errors import AuthenticationError
@@ -36,7 +37,7 @@ from ostiary.protocol.events import (
 from ostiary.protocol.gateway import ExchangeState, Gateway, ModelRoute
 from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.guard import format_reset
-from ostiary.protocol.limits import BucketSpec, Limit, MemoryLimitStore, Unit
+from ostiary.protocol.limits import MemoryLimitStore
 from ostiary.protocol.visibility import parse_networks
 from tests.conftest import ADMIN_SECRET, USER_SECRET, chat_body
 
@@ -383,7 +384,7 @@ def test_queued_requests_that_time_out_refund_their_tokens() -> None:
 
 
 def _limits(gw: Gateway) -> Any:
-    from ostiary.protocol.limits import Limit, Unit
+    from ostiary.protocol.buckets import Limit, Unit
 
     spec = gw.guard.access.roles["tenant"].buckets()[0][1]
     yield Limit("principal:key:" + "c" * 12, "tpm", spec, Unit.TOKENS)

@@ -17,16 +17,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from ostiary.protocol.limits import (
-    MAX_EXACT,
-    BucketSpec,
-    ConcurrencyLimit,
-    Hold,
-    Limit,
-    MemoryLimitStore,
-    Unit,
-    to_ms,
-)
+from ostiary.protocol.buckets import MAX_EXACT, BucketSpec, ConcurrencyLimit, Limit, Unit, to_ms
+from ostiary.protocol.limits import Hold, MemoryLimitStore
 
 
 def ceil(x: Fraction) -> int:

@@ -16,17 +16,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from ostiary.protocol.buckets import BucketSpec, ConcurrencyLimit, Limit, Unit
 from ostiary.protocol.guard import Guard, rate_headers
-from ostiary.protocol.limits import (
-    BucketSpec,
-    ConcurrencyLimit,
-    Decision,
-    Hold,
-    Limit,
-    MemoryLimitStore,
-    Plan,
-    Unit,
-)
+from ostiary.protocol.limits import Decision, Hold, MemoryLimitStore, Plan
 
 NAMES = {(Unit.REQUESTS, 60_000): "rpm", (Unit.TOKENS, 60_000): "tpm"}
 

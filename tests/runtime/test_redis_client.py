@@ -11,7 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from ostiary.runtime.redis_client import RedisClient, RedisUnavailableError, Script, _Connection
+from ostiary.runtime.redis_client import RedisClient
+from ostiary.runtime.redis_connection import Connection
+from ostiary.runtime.resp import RedisUnavailableError, Script
 
 from .redis_server import RedisServer, redis_server
 
@@ -135,7 +137,7 @@ def fake_redis(client: RedisClient) -> tuple[_Unseen, socket.socket]:
     ours, theirs = socket.socketpair()
     sock = _Unseen(fileno=ours.detach())
     sock.setblocking(False)
-    client._conns.append(_Connection(sock, client._conns))
+    client._conns.append(Connection(sock, client._conns))
     return sock, theirs
 
 
@@ -437,7 +439,7 @@ async def test_a_failure_judging_a_deadline_closes_the_connection_and_nothing_mo
         failed.append(str(raised.value))
 
     async with watched_or_not(client, monkeypatch, watched=watched):
-        monkeypatch.setattr(_Connection, "expire", broken)
+        monkeypatch.setattr(Connection, "expire", broken)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ping)
             await trio.testing.wait_all_tasks_blocked()

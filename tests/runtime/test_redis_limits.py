@@ -16,25 +16,13 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ostiary.protocol.limits import (
-    BucketSpec,
-    ConcurrencyLimit,
-    Decision,
-    Hold,
-    Limit,
-    MemoryLimitStore,
-    Unit,
-)
+from ostiary.protocol.buckets import BucketSpec, ConcurrencyLimit, Limit, Unit
+from ostiary.protocol.limits import Decision, Hold, MemoryLimitStore
 from ostiary.runtime import redis_limits
 from ostiary.runtime.config import RedisSettings
-from ostiary.runtime.redis_client import (
-    RedisAddress,
-    RedisClient,
-    RedisReplyError,
-    RedisUnavailableError,
-    Script,
-)
+from ostiary.runtime.redis_client import RedisAddress, RedisClient
 from ostiary.runtime.redis_limits import ADMIT, LimiterUnavailableError, RedisLimitStore
+from ostiary.runtime.resp import RedisReplyError, RedisUnavailableError, Script
 
 from .redis_server import RedisServer, free_port, redis_server
 

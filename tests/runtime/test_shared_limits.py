@@ -18,9 +18,9 @@ import trio.testing
 
 from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.access import AccessPolicy
+from ostiary.protocol.buckets import BucketSpec, ConcurrencyLimit, Limit, Unit
 from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
-from ostiary.protocol.limits import BucketSpec, ConcurrencyLimit, Limit, Unit
 from ostiary.runtime.driver import Driver
 from ostiary.runtime.redis_client import RedisClient
 from ostiary.runtime.redis_limits import RedisLimitStore

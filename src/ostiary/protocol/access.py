@@ -26,7 +26,8 @@ from typing import Any
 
 import attrs
 
-from .limits import BucketSpec, Charge, ConcurrencyLimit, Limit, Plan, Unit
+from .buckets import BucketSpec, Charge, ConcurrencyLimit, Limit, Unit
+from .limits import Plan
 
 __all__ = [
     "ADMIN_ENDPOINTS",

@@ -13,7 +13,8 @@ from typing import Any
 
 import attrs
 
-from .limits import Charge, ConcurrencyLimit, Hold, Limit
+from .buckets import Charge, ConcurrencyLimit, Limit
+from .limits import Hold
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = [

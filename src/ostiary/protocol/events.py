@@ -17,10 +17,11 @@ import attrs
 from .access import AccessPolicy
 from .admission import Admission, Refusal
 from .auth import KeyTable
+from .buckets import Limit
 from .credentials import TokenVerifier
 from .errors import OpenAIError
 from .generation import Delta, EmbeddingResult, Usage
-from .limits import Decision, Limit
+from .limits import Decision
 
 __all__ = [
     "AccessReplaced",

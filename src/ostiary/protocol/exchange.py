@@ -23,10 +23,11 @@ import attrs
 from .access import Principal
 from .actions import BackendCall, Respond
 from .admission import Endpoint, methods_of
+from .buckets import ConcurrencyLimit
 from .cors import CorsPolicy
 from .errors import BackendTimeoutError, OpenAIError
 from .generation import Usage
-from .limits import ConcurrencyLimit, Hold
+from .limits import Hold
 from .output import CompletionOutput
 from .responses import JSON_CONTENT, error_body, error_headers
 

@@ -37,20 +37,14 @@ from .access import AccessPolicy, Principal
 from .actions import (
     Action,
     BackendCall,
-    CancelBackend,
     CheckLimits,
     CheckReadiness,
     Count,
-    CountExchange,
-    EndStream,
     Log,
     RenderMetrics,
-    SendBytes,
-    StartStream,
 )
 from .admission import (
     ADMIN,
-    ENDPOINT_LABELS,
     PUBLIC,
     WITH_BODY,
     Admission,
@@ -63,6 +57,18 @@ from .capabilities import Capabilities, fit
 from .cors import CorsPolicy
 from .credentials import TokenVerifier, UnknownSigningKey
 from .dashboard import Assets
+from .endings import (
+    on_chunk,
+    on_client_gone,
+    on_embeddings,
+    on_failed,
+    on_finished,
+    on_sent,
+    on_shutdown,
+    on_tick,
+    on_viewer_left,
+    shutting_down,
+)
 from .errors import NotFoundError, OpenAIError, ServiceUnavailableError
 from .events import (
     AccessReplaced,
@@ -85,22 +91,16 @@ from .events import (
 )
 from .exchange import BackendPolicy, Exchange, ExchangeState, Reservation
 from .fair_queue import scheduler_for
-from .generation import Delta, Usage
 from .guard import Guard
 from .limits import Decision
 from .live import LiveSettings, Viewers, credentials
 from .output import CompletionOutput
+from .readiness import Readiness
 from .request_limits import RequestLimits
 from .requests import EmbeddingRequest
-from .responses import (
-    encode_embeddings,
-    encode_model,
-    encode_models,
-    retry_after_headers,
-)
+from .responses import encode_model, encode_models
 from .scheduler import Scheduler, Submitted
 from .slots import Backends
-from .sse import sse_error
 from .tokens import TokenCodec
 from .tool_validation import SchemaChecker
 from .visibility import (
@@ -127,8 +127,6 @@ _DECODERS: dict[Endpoint, Callable[[bytes, RequestLimits, frozenset[str]], Backe
 }
 #: Requests that ended kept for ``/v1/queue``'s ``recent`` (the dashboard's list).
 RECENT = 20
-#: 499: nginx's "client closed request"; only ever seen in our logs.
-CLIENT_GONE = 499
 #: The content type of ``/metrics`` (Prometheus text format 0.0.4).
 PROMETHEUS_CONTENT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
@@ -228,7 +226,7 @@ class Gateway:
         self._assets = assets if assets is not None else Assets()
         self._shutting_down = False
         #: What the last ``/readyz`` found (its changes are logged).
-        self._readiness = _READY
+        self._readiness = Readiness()
         #: The last requests that ended, newest last (for the dashboard).
         self._recent: deque[tuple[object, ...]] = deque(maxlen=RECENT)
         #: Whether an exchange's end brings its access-log record (``Log`` "request"):
@@ -389,7 +387,7 @@ class Gateway:
             call = fit(call, target.capabilities, self._tokens)
             call = self._guard.cap_output(call, principal.role)
             if self._shutting_down:
-                raise _shutting_down()
+                raise shutting_down()
         except OpenAIError as error:
             if error.status == 401:
                 share = self._guard.failed(exchange.client, event.wall)
@@ -526,21 +524,7 @@ class Gateway:
         )
         return [exchange.fail(error)]
 
-    # -- events that belong to no exchange ------------------------------------------
-
-    def _on_tick(self, event: Tick) -> list[Action]:
-        now = event.now
-        actions: list[Action] = []
-        for exchange, wait in self._backends.expired(now):
-            error = ServiceUnavailableError(
-                "The request waited too long for the model; retry shortly.",
-                code="queue_timeout",
-                retry_after=wait,
-            )
-            actions.append(exchange.fail(error))
-        for timed in self._backends.timed_out(now):
-            actions.extend(self._stop(timed, timed.timeout_error(now), now))
-        return actions
+    # -- events that belong to no exchange (ticks and the shutdown: :mod:`.endings`) -
 
     def _on_keys(self, event: KeysReplaced) -> list[Action]:
         self._keys = event.keys
@@ -557,107 +541,7 @@ class Gateway:
         self._guard.failures_shared(event.limit, event.deficit, event.wall)
         return []
 
-    def _on_shutdown(self, event: ShutdownStarted) -> list[Action]:
-        self._shutting_down = True
-        actions: list[Action] = [
-            exchange.fail(_shutting_down()) for exchange in self._backends.drain()
-        ]
-        actions.extend(self._viewers.close_all())
-        return actions
-
-    # -- backend output --------------------------------------------------------------
-
-    def _on_chunk(self, exchange: Exchange, event: BackendChunk) -> list[Action]:
-        actions: list[Action] = []
-        if exchange.last_output == -math.inf:
-            exchange.last_output = event.now
-            call = exchange.call
-            assert call is not None
-            labels = (("model", call.model),)
-            wait = event.now - exchange.dispatched
-            actions.append(Count("ostiary_time_to_first_token_seconds", labels, wait))
-        else:
-            exchange.last_output = event.now
-        deltas: list[Delta] = []
-        for piece in event.pieces:
-            if isinstance(piece, Usage):
-                exchange.usage = piece
-            else:
-                deltas.append(piece)
-        exchange.produced += len(deltas)
-        output = exchange.output
-        assert output is not None
-        try:
-            data = output.feed(deltas)
-        except OpenAIError as error:
-            return [*actions, *self._stop(exchange, error, event.now)]
-        if not data:
-            return actions
-        if exchange.state is ExchangeState.RUNNING:
-            exchange.state = ExchangeState.STREAMING
-            actions.append(StartStream(exchange.request_id, 200, exchange.stream_headers()))
-        actions.append(SendBytes(exchange.request_id, data))
-        return actions
-
-    def _on_finished(self, exchange: Exchange, event: BackendFinished) -> list[Action]:
-        call = exchange.call
-        if isinstance(call, EmbeddingRequest):
-            return self._stop(exchange, _no_output(), event.now, cancel=False)
-        output = exchange.output
-        assert output is not None
-        usage = exchange.usage if exchange.usage is not None else Usage(prompt_tokens=0)
-        exchange.usage = usage
-        try:
-            data = output.finish(usage)
-        except OpenAIError as error:
-            return self._stop(exchange, error, event.now, cancel=False)
-        actions = self._backends.release(exchange, event.now)
-        if not output.streaming:
-            actions.append(exchange.respond(200, data))
-            return actions
-        if exchange.state is ExchangeState.RUNNING:
-            actions.append(StartStream(exchange.request_id, 200, exchange.stream_headers()))
-        actions.append(SendBytes(exchange.request_id, data))
-        actions.append(EndStream(exchange.request_id))
-        exchange.state = ExchangeState.SENDING
-        exchange.status = 200
-        return actions
-
-    def _on_embeddings(self, exchange: Exchange, event: EmbeddingsComputed) -> list[Action]:
-        call = exchange.call
-        if not isinstance(call, EmbeddingRequest):
-            return self._stop(exchange, _no_output(), event.now, cancel=False)
-        exchange.usage = event.result.usage
-        actions = self._backends.release(exchange, event.now)
-        body = encode_embeddings(
-            event.result, model=call.model, encoding_format=call.encoding_format
-        )
-        actions.append(exchange.respond(200, body))
-        return actions
-
-    def _on_failed(self, exchange: Exchange, event: BackendFailed) -> list[Action]:
-        return self._stop(exchange, event.error, event.now, cancel=False)
-
-    def _stop(
-        self, exchange: Exchange, error: OpenAIError, now: float, *, cancel: bool = True
-    ) -> list[Action]:
-        """End a running (or checking) exchange with ``error``: cancel its backend
-        call if it may still run, free its slot, tell the client."""
-        actions: list[Action] = []
-        if cancel:
-            exchange.cancelled = True
-            actions.append(CancelBackend(exchange.request_id))
-        if exchange.running:
-            actions.extend(self._backends.release(exchange, now))
-        if exchange.state is ExchangeState.STREAMING:
-            exchange.state = ExchangeState.SENDING
-            exchange.status = error.status
-            exchange.error = error
-            actions.append(SendBytes(exchange.request_id, sse_error(error)))
-            actions.append(EndStream(exchange.request_id))
-            return actions
-        actions.append(exchange.fail(error))
-        return actions
+    # -- late backend news, readiness (backend output and endings: :mod:`.endings`) --
 
     def _on_late_output(self, exchange: Exchange, event: Event) -> list[Action]:
         """Backend news after the gateway cancelled the call: expected, ignored."""
@@ -668,131 +552,7 @@ class Gateway:
         return []
 
     def _on_readiness(self, exchange: Exchange, event: ReadinessChecked) -> list[Action]:
-        backends = tuple(sorted({name for name, _ in event.failures}))
-        redis, jwt = event.redis_unreachable, event.jwks_missing
-        # With "local", limits are counted in this process until Redis is back: still
-        # serving, so a load balancer should keep sending (every replica would go at once).
-        local = self._guard.on_failure == "local"
-        if backends or jwt or (redis and not local):
-            status = "unavailable"
-        else:
-            status = "degraded" if redis else "ready"
-        # Anyone may ask: components by name and state, never their error text.
-        body: dict[str, object] = {"status": status}
-        if backends:
-            body["backends"] = dict.fromkeys(backends, "unavailable")
-        if redis:
-            body["redis"] = "unavailable, limits counted locally" if local else "unavailable"
-        if jwt:
-            body["jwt"] = "no key set loaded"
-        if status == "unavailable":
-            wait = retry_after_headers(event.retry_after)
-            actions: list[Action] = [exchange.respond(503, orjson.dumps(body), extra=wait)]
-        else:
-            actions = [exchange.respond(200, orjson.dumps(body))]
-        # Logged on a change only: a load balancer polls every second.
-        readiness = (status, backends, redis, jwt)
-        if readiness != self._readiness:
-            actions.append(_readiness_log(self._readiness[0], readiness, event))
-            self._readiness = readiness
-        return actions
-
-    # -- endings ---------------------------------------------------------------------
-
-    def _on_client_gone(self, exchange: Exchange, event: ClientGone) -> list[Action]:
-        actions: list[Action] = []
-        state = exchange.state
-        if state is ExchangeState.QUEUED:
-            self._backends.cancel(exchange)
-        elif exchange.running:
-            actions.append(CancelBackend(exchange.request_id))
-            actions.extend(self._backends.release(exchange, event.now))
-        exchange.status = CLIENT_GONE
-        actions.extend(self._end(exchange, event.now))
-        return actions
-
-    def _on_viewer_left(self, exchange: Exchange, event: ResponseSent | ClientGone) -> list[Action]:
-        self._viewers.leave(exchange.request_id)
-        if isinstance(event, ClientGone):
-            exchange.status = CLIENT_GONE
-        return self._end(exchange, event.now)
-
-    def _on_sent(self, exchange: Exchange, event: ResponseSent) -> list[Action]:
-        return self._end(exchange, event.now)
-
-    def _end(self, exchange: Exchange, now: float) -> list[Action]:
-        """The exchange is over: its one access-log record, its counts; forget it."""
-        del self._exchanges[exchange.request_id]
-        status = exchange.status
-        call = exchange.call
-        model = call.model if call is not None else ""
-        endpoint = ENDPOINT_LABELS[exchange.endpoint] if exchange.endpoint is not None else "none"
-        principal = exchange.principal
-        self._recent.append(
-            (
-                exchange.request_id,
-                exchange.created,
-                endpoint,
-                model,
-                status,
-                exchange.duration_ms(now),
-                principal.id if principal is not None else "",
-            )
-        )
-        counted = CountExchange(endpoint, model, status, now - exchange.started)
-        usage = exchange.usage
-        if usage is not None and model:
-            counted.prompt_tokens = usage.prompt_tokens
-            counted.completion_tokens = usage.completion_tokens
-        error = exchange.error
-        if status == 401 and error is not None:
-            counted.auth_failure = error.code or "unknown"
-        actions: list[Action] = [counted]
-        if status == 429 and principal is None:
-            # Refused before its credentials were read: the failed-authentication
-            # budget of its address (every other 429 is counted when it is judged).
-            actions.append(Count("ostiary_rate_limited_total", (("scope", "failed_auth"),)))
-        if self.access_records:
-            level = "error" if status >= 500 and status != CLIENT_GONE else "info"
-            actions.insert(0, Log(level, "request", exchange.access_fields(now)))
-        reservation = exchange.reservation
-        if reservation is not None:
-            settle = self._guard.settle(reservation, exchange.usage, exchange.produced, now)
-            if settle is not None:
-                actions.append(settle)
-        return actions
-
-
-#: What ``/readyz`` last found: (status, failing backends, Redis down, no JWKS).
-_Readiness = tuple[str, tuple[str, ...], bool, bool]
-_READY: _Readiness = ("ready", (), False, False)
-
-
-def _readiness_log(was: str, now: _Readiness, event: ReadinessChecked) -> Log:
-    """The record of a change of readiness: the problems in full (for operators)."""
-    status, backends, redis, jwt = now
-    if status == "ready":
-        return Log("info", "ready again", {"was": was})
-    if status == "degraded":
-        return Log("warning", "redis unavailable; limits counted locally", {"was": was})
-    fields: dict[str, object] = {"was": was}
-    if backends:
-        fields["backends"] = dict(event.failures)
-    if redis:
-        fields["redis"] = "unreachable"
-    if jwt:
-        fields["jwt"] = "no JWKS key set loaded yet"
-    return Log("warning", "not ready", fields)
-
-
-def _shutting_down() -> ServiceUnavailableError:
-    return ServiceUnavailableError(
-        "The server is shutting down; retry on another instance.", code="shutting_down"
-    )
-
-
-def _no_output() -> OpenAIError:
-    return ServiceUnavailableError("The backend ended without a result.", code="backend_error")
+        return self._readiness.answer(exchange, event, self._guard.on_failure == "local")
 
 
 _S = ExchangeState
@@ -800,29 +560,29 @@ _S = ExchangeState
 #: usage error.
 TRANSITIONS: dict[tuple[ExchangeState, type], Callable[[Gateway, Exchange, Any], list[Action]]] = {
     # A request whose own handling broke (a bug) is still answered once, or ended.
-    (_S.RECEIVED, BackendFailed): Gateway._on_failed,
-    (_S.RECEIVED, ClientGone): Gateway._on_client_gone,
+    (_S.RECEIVED, BackendFailed): on_failed,
+    (_S.RECEIVED, ClientGone): on_client_gone,
     (_S.LIMITING, LimitsDecided): Gateway._on_limits,
-    (_S.LIMITING, BackendFailed): Gateway._on_failed,
-    (_S.LIMITING, ClientGone): Gateway._on_client_gone,
-    (_S.QUEUED, ClientGone): Gateway._on_client_gone,
-    (_S.RUNNING, BackendChunk): Gateway._on_chunk,
-    (_S.RUNNING, BackendFinished): Gateway._on_finished,
-    (_S.RUNNING, EmbeddingsComputed): Gateway._on_embeddings,
-    (_S.RUNNING, BackendFailed): Gateway._on_failed,
-    (_S.RUNNING, ClientGone): Gateway._on_client_gone,
-    (_S.STREAMING, BackendChunk): Gateway._on_chunk,
-    (_S.STREAMING, BackendFinished): Gateway._on_finished,
-    (_S.STREAMING, BackendFailed): Gateway._on_failed,
-    (_S.STREAMING, ClientGone): Gateway._on_client_gone,
+    (_S.LIMITING, BackendFailed): on_failed,
+    (_S.LIMITING, ClientGone): on_client_gone,
+    (_S.QUEUED, ClientGone): on_client_gone,
+    (_S.RUNNING, BackendChunk): on_chunk,
+    (_S.RUNNING, BackendFinished): on_finished,
+    (_S.RUNNING, EmbeddingsComputed): on_embeddings,
+    (_S.RUNNING, BackendFailed): on_failed,
+    (_S.RUNNING, ClientGone): on_client_gone,
+    (_S.STREAMING, BackendChunk): on_chunk,
+    (_S.STREAMING, BackendFinished): on_finished,
+    (_S.STREAMING, BackendFailed): on_failed,
+    (_S.STREAMING, ClientGone): on_client_gone,
     (_S.CHECKING, ReadinessChecked): Gateway._on_readiness,
     (_S.CHECKING, MetricsRendered): Gateway._on_metrics,
-    (_S.CHECKING, BackendFailed): Gateway._on_failed,
-    (_S.CHECKING, ClientGone): Gateway._on_client_gone,
-    (_S.SENDING, ResponseSent): Gateway._on_sent,
-    (_S.LIVE, ResponseSent): Gateway._on_viewer_left,
-    (_S.LIVE, ClientGone): Gateway._on_viewer_left,
-    (_S.SENDING, ClientGone): Gateway._on_client_gone,
+    (_S.CHECKING, BackendFailed): on_failed,
+    (_S.CHECKING, ClientGone): on_client_gone,
+    (_S.SENDING, ResponseSent): on_sent,
+    (_S.LIVE, ResponseSent): on_viewer_left,
+    (_S.LIVE, ClientGone): on_viewer_left,
+    (_S.SENDING, ClientGone): on_client_gone,
     (_S.SENDING, BackendChunk): Gateway._on_late_output,
     (_S.SENDING, BackendFinished): Gateway._on_late_output,
     (_S.SENDING, EmbeddingsComputed): Gateway._on_late_output,
@@ -832,9 +592,9 @@ TRANSITIONS: dict[tuple[ExchangeState, type], Callable[[Gateway, Exchange, Any],
 _STARTS: dict[type, Callable[[Gateway, Any], list[Action]]] = {
     RequestReceived: Gateway._on_request,
     RequestRefused: Gateway._on_refused,
-    Tick: Gateway._on_tick,
+    Tick: on_tick,
     KeysReplaced: Gateway._on_keys,
     AccessReplaced: Gateway._on_access,
     FailedAuthShared: Gateway._on_failed_auth_shared,
-    ShutdownStarted: Gateway._on_shutdown,
+    ShutdownStarted: on_shutdown,
 }

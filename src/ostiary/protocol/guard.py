@@ -24,7 +24,7 @@ choices), or, when it asks for nothing, the smaller of the role's cap and ``[lim
 max_output_tokens``, clamped to what the tightest token limit leaves after the
 prompt, so small limits still admit small requests. Without a counter the prompt is
 its text's length / 4. The real usage settles the reservation when the request ends
-(see :mod:`.limits` for what happens when it was larger).
+(see :mod:`.buckets` for what happens when it was larger).
 """
 
 from __future__ import annotations
@@ -37,22 +37,13 @@ from .access import AccessPolicy, Principal, Role, Scope
 from .actions import BackendCall, SettleLimits, ShareFailedAuth
 from .admission import ENDPOINT_LABELS, Endpoint
 from .auth import ApiKey, KeyTable
+from .buckets import Charge, ConcurrencyLimit, Limit, Unit, wait_ms
 from .client_ip import client_address
 from .credentials import TokenVerifier, looks_like_jwt
 from .errors import InvalidRequestError, PermissionDeniedError, RateLimitError
 from .exchange import Exchange, Reservation
 from .generation import Usage
-from .limits import (
-    RATE_HEADER_NAMES,
-    Charge,
-    ConcurrencyLimit,
-    Decision,
-    Limit,
-    MemoryLimitStore,
-    Plan,
-    Unit,
-    wait_ms,
-)
+from .limits import RATE_HEADER_NAMES, Decision, MemoryLimitStore, Plan
 from .requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .tokens import TokenCodec
 from .visibility import Network

@@ -53,6 +53,7 @@ from ostiary.protocol.actions import (
 )
 from ostiary.protocol.admission import Admission
 from ostiary.protocol.auth import KeyTable
+from ostiary.protocol.buckets import Limit
 from ostiary.protocol.credentials import TokenVerifier
 from ostiary.protocol.errors import InternalServerError, OpenAIError
 from ostiary.protocol.events import (
@@ -78,7 +79,6 @@ from ostiary.protocol.events import (
 from ostiary.protocol.exchange import ExchangeState
 from ostiary.protocol.gateway import Gateway
 from ostiary.protocol.generation import Delta, Usage
-from ostiary.protocol.limits import Limit
 from ostiary.protocol.requests import ChatCompletionRequest, EmbeddingRequest
 from ostiary.protocol.responses import error_body, error_headers
 from ostiary.protocol.visibility import Network

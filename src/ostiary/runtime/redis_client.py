@@ -35,79 +35,32 @@ It does what the limit store needs and no more:
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import hashlib
 import logging
 import math
 import socket
 import urllib.parse
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, cast
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import attrs
-import hiredis
 import trio
 from trio import current_time
-from trio.lowlevel import (
-    Abort,
-    Task,
-    checkpoint_if_cancelled,
-    current_task,
-    reschedule,
-    wait_readable,
-    wait_task_rescheduled,
+from trio.lowlevel import checkpoint_if_cancelled
+
+from .redis_connection import LOST, Call, Connection, LostError
+from .resp import (
+    Arg,
+    RedisMaybeRanError,
+    RedisReplyError,
+    RedisUnavailableError,
+    Script,
+    pack,
 )
 
-__all__ = [
-    "Arg",
-    "RedisAddress",
-    "RedisClient",
-    "RedisError",
-    "RedisMaybeRanError",
-    "RedisReplyError",
-    "RedisUnavailableError",
-    "Script",
-    "bulk",
-    "evalsha_head",
-]
+__all__ = ["RedisAddress", "RedisClient"]
 
 log = logging.getLogger("ostiary.redis")
-
-#: What a command argument may be.
-Arg = str | int | float | bytes
-_MISSING = object()
-# hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.
-_pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
-#: What one read takes at most (a reply is a few dozen bytes).
-_READ_SIZE = 65536
-
-
-def bulk(data: bytes) -> bytes:
-    """One command argument as RESP writes it: a piece of a packed command."""
-    return b"$%d\r\n%b\r\n" % (len(data), data)
-
-
-def evalsha_head(script: Script, keys: int, args: int) -> bytes:
-    """The start of an EVALSHA of ``script`` with ``keys`` keys then ``args``
-    arguments, each to follow as :func:`bulk` (for :meth:`RedisClient.evalsha_packed`)."""
-    return b"*%d\r\n$7\r\nEVALSHA\r\n%b%b" % (
-        3 + keys + args,
-        bulk(script.sha.encode()),
-        bulk(b"%d" % keys),
-    )
-
-
-class RedisError(Exception):
-    """Anything that went wrong talking to Redis."""
-
-
-class RedisUnavailableError(RedisError):
-    """Redis could not be reached, or did not answer within the timeout."""
-
-
-class RedisReplyError(RedisError):
-    """Redis answered with an error reply (``-ERR ...``)."""
 
 
 @attrs.frozen
@@ -167,312 +120,11 @@ class RedisAddress:
 _UNIX_SCHEMES = ("unix", "redis+unix")
 
 
-@attrs.frozen
-class Script:
-    """A Lua script known by its SHA1, loaded into Redis when Redis does not know it."""
-
-    source: str
-    sha: str = attrs.field(init=False)
-
-    @sha.default
-    def _sha(self) -> str:
-        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
-
-
-class _Call:
-    """One caller's commands, written to a connection, waiting for their replies."""
-
-    __slots__ = ("abandoned", "count", "deadline", "done", "error", "replies", "task", "turn")
-
-    def __init__(self, count: int, deadline: float) -> None:
-        self.count = count
-        #: When the watchdog judges Redis down if the replies are not in.
-        self.deadline = deadline
-        self.replies: list[Any] = []
-        self.error: RedisError | None = None
-        self.done = False
-        #: Holds the connection's read turn: it reads the replies of every call.
-        self.turn = False
-        #: Given up by its caller (cancelled from outside): its replies are dropped.
-        self.abandoned = False
-        #: The caller's task while it waits for another call to read its replies.
-        self.task: Task | None = None
-
-    async def park(self) -> None:
-        """Until :meth:`wake` (or a cancellation)."""
-        self.task = current_task()
-        await wait_task_rescheduled(self._abort)
-
-    def _abort(self, _: object) -> Abort:
-        self.task = None
-        return Abort.SUCCEEDED
-
-    def wake(self) -> None:
-        task = self.task
-        if task is not None:
-            self.task = None
-            reschedule(task)
-
-
-#: What a lost connection raises.
-_LOST = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, hiredis.ProtocolError)
-
-
-class _LostError(RedisUnavailableError):
-    """The connection broke under the call."""
-
-
-class RedisMaybeRanError(RedisUnavailableError):
-    """A call made with ``resend=False`` was cut off by a pooled connection that
-    broke: Redis may or may not have carried it out. The caller decides whether
-    to send it again (as it is, or in a form that is safe to repeat)."""
-
-
-class _Connection:
-    """A non-blocking socket, its reply parser, and the calls written to it.
-
-    Calls are pipelined: each writes its commands at once (a few hundred bytes
-    always fit in the socket buffer; a larger payload is queued and flushed by its
-    writer) and waits for its replies, which come in the order written. One waiting
-    call at a time holds the read turn: it waits for the socket to be readable, reads
-    whatever is there and hands every complete reply to its call; once its own are
-    in, it passes the turn to the oldest call still waiting. So nobody waits in line
-    to write, and a burst of replies costs one read. Only the reader reads while it
-    waits for the socket (``waiting``): anyone else reading then would take bytes
-    the reader is waiting to be told of.
-    """
-
-    __slots__ = (
-        "buffer",
-        "closed",
-        "fd",
-        "outbuf",
-        "pending",
-        "pool",
-        "reader",
-        "reading",
-        "sock",
-        "used",
-        "waiting",
-        "writer",
-    )
-
-    def __init__(self, sock: socket.socket, pool: list[_Connection]) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        #: The client's open connections: this one leaves it when it closes.
-        self.pool = pool
-        self.reader = hiredis.Reader(replyError=RedisReplyError, notEnoughData=_MISSING)
-        self.buffer = bytearray(_READ_SIZE)
-        #: Has answered a call (so a failure on reuse may mean Redis restarted).
-        self.used = False
-        self.closed = False
-        #: Calls written (or queued in ``outbuf``) whose replies are not all in.
-        self.pending: collections.deque[_Call] = collections.deque()
-        #: A call holds (or has been handed) the read turn.
-        self.reading = False
-        #: The reader is waiting for the socket to become readable.
-        self.waiting = False
-        #: Bytes not yet written, and the call that found it empty and flushes it.
-        self.outbuf = bytearray()
-        self.writer: _Call | None = None
-
-    def send(self, payload: bytes, count: int, deadline: float) -> _Call:
-        """Write ``payload``, or queue what does not fit (the call is then the
-        ``writer`` and must :meth:`flush`)."""
-        call = _Call(count, deadline)
-        if self.closed:
-            call.error = _LostError("the Redis connection was closed")
-            call.done = True
-            return call
-        self.pending.append(call)
-        if not self.reading:
-            self.reading = call.turn = True
-        if self.outbuf:  # someone is flushing: behind their bytes
-            self.outbuf += payload
-            return call
-        try:
-            sent = self.sock.send(payload)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.fail(_LostError(f"Redis connection lost: {exc}"))
-            return call
-        if sent < len(payload):
-            self.outbuf += payload[sent:]
-            self.writer = call
-        return call
-
-    async def flush(self, own: trio.CancelScope | None) -> None:
-        """Write the queued bytes; cut short (but by ``own``: see :meth:`wait`), the
-        connection cannot be used again."""
-        try:
-            while self.outbuf and not self.closed:
-                await trio.lowlevel.wait_writable(self.fd)
-                with contextlib.suppress(BlockingIOError):
-                    del self.outbuf[: self.sock.send(self.outbuf)]
-            self.writer = None
-        except _LOST as exc:
-            self.fail(_LostError(f"Redis connection lost: {exc}"))
-        except BaseException:
-            if own is None or not own.cancel_called:
-                self.fail(RedisUnavailableError("a write to Redis was cut short"))
-            raise
-
-    async def wait(self, call: _Call, own: trio.CancelScope | None = None) -> list[Any]:
-        """``call``'s replies; an error reply is returned in place.
-
-        Cut short from outside, the call takes its replies if they are already there
-        (read without blocking, unless the reader is waiting for the socket: then
-        they are the reader's to take); the cancellation is raised again at the
-        caller's next checkpoint. If not, the call is given up and its replies are
-        dropped when they come. Its deadline is the watchdog's business
-        (:meth:`expire`), or, with no watchdog, its caller's: ``own``, the scope
-        keeping it, is let through with the call kept as it was, for the caller to
-        judge as the watchdog would (or to give up, if it was cut short from
-        outside too).
-        """
-        if self.writer is call:
-            await self.flush(own)
-        try:
-            while not call.done:
-                if call.turn:
-                    self.waiting = True
-                    try:
-                        await wait_readable(self.fd)
-                    finally:
-                        self.waiting = False
-                    self.read(call)
-                else:
-                    await call.park()
-        except trio.Cancelled:
-            if not self.waiting:
-                self.read(call, until_empty=True)
-            if not call.done:
-                if own is None or not own.cancel_called:
-                    self.give_up(call)
-                raise
-        except _LOST as exc:  # closed under the reader by another call, or broke
-            self.fail(_LostError(f"Redis connection lost: {exc}"))
-        if call.turn:
-            if self.pending:
-                self._pass_turn()
-            else:
-                self.reading = False
-        if call.error is not None:
-            raise call.error
-        return call.replies
-
-    def read(self, by: _Call | None, *, until_empty: bool = False) -> None:
-        """Read what the socket has, without blocking, and hand out the replies
-        (``by``: the call reading, if a call)."""
-        if self.closed:
-            return
-        reader, pending = self.reader, self.pending
-        try:
-            while True:
-                try:
-                    size = self.sock.recv_into(self.buffer)
-                except BlockingIOError:  # woken spuriously, or nothing more
-                    return
-                if not size:
-                    raise trio.BrokenResourceError("Redis closed the connection")
-                reader.feed(self.buffer, 0, size)  # type: ignore[arg-type]  # a buffer
-                reply = reader.gets()
-                while reply is not _MISSING:
-                    if not pending:
-                        raise hiredis.ProtocolError("a reply nobody asked for")
-                    call = pending[0]
-                    replies = call.replies
-                    replies.append(reply)
-                    if len(replies) == call.count:
-                        pending.popleft()
-                        call.done = True
-                        self.used = True
-                        # The reader is not waiting for the socket while anyone
-                        # reads: it reads itself, or writes, or has been handed the
-                        # turn and will run.
-                        if call is not by:
-                            call.wake()
-                    reply = reader.gets()
-                if not until_empty:
-                    return
-        except _LOST as exc:
-            self.fail(_LostError(f"Redis connection lost: {exc}"))
-
-    def give_up(self, call: _Call) -> None:
-        """``call`` is cut short from outside: its replies are dropped when they come."""
-        if call.done or call.abandoned:
-            return
-        call.abandoned = True
-        if self.writer is call:  # its bytes are half written
-            self.fail(RedisUnavailableError("a write to Redis was cut short"))
-        elif call.turn:
-            call.turn = False
-            self._pass_turn()
-
-    def _pass_turn(self) -> None:
-        for call in self.pending:
-            if not call.abandoned:
-                call.turn = True
-                call.wake()
-                return
-        self.reading = False
-
-    def expire(self, now: float, late: Callable[[], RedisError]) -> float:
-        """The watchdog's look at the connection at ``now`` (or an unwatched call's,
-        at its deadline): if a call's deadline has passed unanswered and no reply
-        waits in the socket, Redis did not answer in time: the connection is closed,
-        failing every call on it with ``late()``. Returns when to look again
-        (``now``: at once, the reader having replies to take)."""
-        overdue = any(c.deadline <= now for c in self.pending if not c.abandoned)
-        if overdue and not self.waiting:
-            self.read(None, until_empty=True)  # nobody else would read them now
-            overdue = any(c.deadline <= now for c in self.pending if not c.abandoned)
-        if overdue:
-            if self.waiting and self._readable():
-                return now  # the reader has been told, or is about to be
-            self.fail(late())
-        return self.next_deadline()
-
-    def next_deadline(self) -> float:
-        return min((c.deadline for c in self.pending if not c.abandoned), default=math.inf)
-
-    def _readable(self) -> bool:
-        try:
-            self.sock.recv(1, socket.MSG_PEEK)  # b"" (the end) is news too
-        except BlockingIOError:
-            return False
-        except OSError:
-            pass  # the reader will find out
-        return True
-
-    def fail(self, error: RedisError) -> None:
-        """Close the connection; every call still waiting on it fails with ``error``."""
-        if self.closed:
-            return
-        self.closed = True
-        pending, self.pending = self.pending, collections.deque()
-        for call in pending:
-            call.error = error
-            call.done = True
-            call.wake()
-        self.reading = False
-        self.outbuf.clear()
-        if self in self.pool:
-            self.pool.remove(self)
-        trio.lowlevel.notify_closing(self.fd)
-        self.sock.close()
-
-    def close(self) -> None:
-        self.fail(RedisUnavailableError("the Redis client was closed"))
-
-
 # Validated once, at construction: no __setattr__ hook on the hot path's counters.
 @attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class RedisClient:
     """A pooled, pipelining Redis client; a call not answered within ``timeout``
-    seconds fails (see :meth:`_Connection.expire` for what counts as answered).
+    seconds fails (see :meth:`.Connection.expire` for what counts as answered).
 
     Its owner runs its watchdog, :meth:`run`, in a nursery (``await
     nursery.start(client.run)``), or uses it as ``async with client:``, which runs
@@ -490,7 +142,7 @@ class RedisClient:
     backoff_min: float = attrs.field(default=0.05, validator=attrs.validators.gt(0))
     backoff_max: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
     #: Open connections, the most recently used last; and connects under way.
-    _conns: list[_Connection] = attrs.field(factory=list, init=False)
+    _conns: list[Connection] = attrs.field(factory=list, init=False)
     _connecting: int = attrs.field(default=0, init=False)
     #: Set (and replaced) whenever a connect ends.
     _opened: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -555,14 +207,14 @@ class RedisClient:
 
     async def execute(self, *args: Arg) -> Any:
         """One command; an error reply raises :class:`RedisReplyError`."""
-        (reply,) = await self._call(_pack(args), 1)
+        (reply,) = await self._call(pack(args), 1)
         if isinstance(reply, RedisReplyError):
             raise reply
         return reply
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Several commands in one round trip; error replies come back in place."""
-        return await self._call(b"".join(_pack(tuple(c)) for c in commands), len(commands))
+        return await self._call(b"".join(pack(tuple(c)) for c in commands), len(commands))
 
     async def evalsha(
         self,
@@ -575,7 +227,7 @@ class RedisClient:
         """Run ``script``, loading it first if Redis does not know it (any more);
         both round trips together within the timeout (or by ``deadline``, if
         sooner)."""
-        payload = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        payload = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
         return await self.evalsha_packed(script, payload, deadline=deadline)
 
     async def evalsha_packed(
@@ -599,7 +251,7 @@ class RedisClient:
             if str(reply).startswith("NOSCRIPT"):
                 if current_time() >= deadline:
                     raise self._late()
-                load = _pack(("SCRIPT", "LOAD", script.source))
+                load = pack(("SCRIPT", "LOAD", script.source))
                 _, reply = await self._call(load + payload, 2, deadline, resend)
             if isinstance(reply, RedisReplyError):
                 raise reply
@@ -624,7 +276,7 @@ class RedisClient:
             conn = await self._connection(deadline)
         try:
             return await self._send(conn, payload, count, deadline)
-        except _LostError as exc:
+        except LostError as exc:
             if not conn.used:
                 raise
             self._drop_idle()
@@ -636,7 +288,7 @@ class RedisClient:
         return RedisUnavailableError(f"Redis did not answer within {self.timeout} s")
 
     def _send(
-        self, conn: _Connection, payload: bytes, count: int, deadline: float
+        self, conn: Connection, payload: bytes, count: int, deadline: float
     ) -> Coroutine[Any, Any, list[Any]]:
         """Write the call, have its deadline watched; the wait for its replies."""
         call = conn.send(payload, count, deadline)
@@ -648,8 +300,8 @@ class RedisClient:
             alarm.deadline = deadline
         return conn.wait(call)
 
-    async def _wait_unwatched(self, conn: _Connection, call: _Call) -> list[Any]:
-        """:meth:`_Connection.wait`, keeping the call's deadline itself: when it
+    async def _wait_unwatched(self, conn: Connection, call: Call) -> list[Any]:
+        """:meth:`.Connection.wait`, keeping the call's deadline itself: when it
         passes, the call is judged as the watchdog would judge it."""
         while True:
             try:
@@ -664,7 +316,7 @@ class RedisClient:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The watchdog, until cancelled: fail the calls Redis did not answer in time
-        (see :meth:`_Connection.expire`). Cancelled, it keeps watching the calls it
+        (see :meth:`.Connection.expire`). Cancelled, it keeps watching the calls it
         was watching until their deadlines (the calls made from then on keep their
         own), then returns."""
         if self._alarm is not None:
@@ -689,13 +341,13 @@ class RedisClient:
                         await trio.sleep_forever()
 
     def _expire(self, now: float) -> float:
-        """Every connection's :meth:`_Connection.expire`; when to look again."""
+        """Every connection's :meth:`.Connection.expire`; when to look again."""
         wake = math.inf
         for conn in list(self._conns):
             wake = min(wake, self._expire_one(conn, now))
         return wake
 
-    def _expire_one(self, conn: _Connection, now: float) -> float:
+    def _expire_one(self, conn: Connection, now: float) -> float:
         try:
             return conn.expire(now, self._late)
         except Exception:  # a bug here must not leave a call hanging, nor end the run
@@ -703,7 +355,7 @@ class RedisClient:
             conn.close()
             return math.inf
 
-    async def _connection(self, deadline: float) -> _Connection:
+    async def _connection(self, deadline: float) -> Connection:
         with trio.move_on_at(deadline):
             while True:
                 conn = self._pick()
@@ -714,13 +366,13 @@ class RedisClient:
                 await self._opened.wait()  # every connection is still being opened
         raise self._late()
 
-    def _pick(self) -> _Connection | None:
+    def _pick(self) -> Connection | None:
         """An idle connection (the most recently used), else, if the pool is full,
         the one with the fewest calls waiting; None: open another (or wait)."""
         conns = self._conns
         if conns and not conns[-1].pending:
             return conns[-1]
-        best: _Connection | None = None
+        best: Connection | None = None
         for conn in reversed(conns):
             if not conn.pending:
                 return conn
@@ -730,13 +382,13 @@ class RedisClient:
             return None
         return best
 
-    async def _checkout(self) -> _Connection:
+    async def _checkout(self) -> Connection:
         if current_time() < self._down_until:
             raise RedisUnavailableError("Redis is unreachable (waiting to reconnect)")
         self._connecting += 1
         try:
             conn = await self._connect()
-        except (*_LOST, RedisReplyError) as exc:
+        except (*LOST, RedisReplyError) as exc:
             now = current_time()
             if now >= self._down_until:  # callers failing together back off once
                 self._backoff = min(self.backoff_max, max(self.backoff_min, 2 * self._backoff))
@@ -750,7 +402,7 @@ class RedisClient:
         self._conns.append(conn)
         return conn
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         address = self.address
         if address.path is None:
             stream = await trio.open_tcp_stream(address.host, address.port)
@@ -765,7 +417,7 @@ class RedisClient:
                 raise
             sock = socket.socket(fileno=unix.detach())
         sock.setblocking(False)
-        conn = _Connection(sock, self._conns)
+        conn = Connection(sock, self._conns)
         setup: list[tuple[Arg, ...]] = []
         if address.password is not None:
             user = () if address.username is None else (address.username,)
@@ -774,7 +426,7 @@ class RedisClient:
             setup.append(("SELECT", address.db))
         if setup:
             try:
-                payload = b"".join(_pack(c) for c in setup)
+                payload = b"".join(pack(c) for c in setup)
                 # Within the connect's own deadline (the caller's).
                 for reply in await self._send(conn, payload, len(setup), math.inf):
                     if isinstance(reply, RedisReplyError):

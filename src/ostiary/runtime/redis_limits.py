@@ -3,7 +3,7 @@
 One Lua script per admission judges every layer at once and debits all or none,
 atomically, on Redis' own clock (``TIME``), so the clocks of the replicas cannot
 change a decision. It is the same integer arithmetic as
-:mod:`ostiary.protocol.limits`, operation for operation (``lua/bucket.lua``); a
+:mod:`ostiary.protocol.buckets`, operation for operation (``lua/bucket.lua``); a
 differential test keeps the two identical. Tests may pass an explicit ``now_ms``,
 which replaces Redis' clock; nothing else does.
 
@@ -82,24 +82,10 @@ from typing import Any
 import attrs
 import trio
 
-from ..protocol.limits import (
-    Charge,
-    ConcurrencyLimit,
-    Decision,
-    Hold,
-    Limit,
-    Refusal,
-    Unit,
-    deficit_at,
-)
-from .redis_client import (
-    RedisClient,
-    RedisError,
-    RedisMaybeRanError,
-    Script,
-    bulk,
-    evalsha_head,
-)
+from ..protocol.buckets import Charge, ConcurrencyLimit, Limit, Refusal, Unit, deficit_at
+from ..protocol.limits import Decision, Hold
+from .redis_client import RedisClient
+from .resp import RedisError, RedisMaybeRanError, Script, bulk, evalsha_head
 
 __all__ = ["ADMIT", "RELEASE", "SETTLE", "LimiterUnavailableError", "RedisLimitStore"]
 
@@ -141,7 +127,7 @@ _BUCKET = struct.Struct("<ddd")
 
 def _doubles(numbers: list[int]) -> bytes:
     """A script's numbers as it reads them (``ARGV[1]``): little-endian doubles, exact
-    below 2**53, which :class:`~ostiary.protocol.limits.BucketSpec` sees to."""
+    below 2**53, which :class:`~ostiary.protocol.buckets.BucketSpec` sees to."""
     return struct.pack(f"<{len(numbers)}d", *numbers)
 
 

@@ -43,7 +43,8 @@ from collections.abc import Callable, Sequence
 import attrs
 import trio
 
-from ostiary.protocol.limits import Charge, ConcurrencyLimit, Decision, Hold, Limit
+from ostiary.protocol.buckets import Charge, ConcurrencyLimit, Limit
+from ostiary.protocol.limits import Decision, Hold
 
 from .redis_client import RedisClient
 from .redis_limits import LimiterUnavailableError, RedisLimitStore

@@ -3,6 +3,7 @@ failed-auth budgets and the client address: DESIGN §5a, through ``Gateway``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -30,6 +31,7 @@ from ostiary.protocol.events import (
     BackendFinished,
     ClientGone,
     FailedAuthShared,
+    KeysReplaced,
     LimitsDecided,
     RequestReceived,
     ResponseSent,
@@ -351,6 +353,63 @@ def test_a_prompt_counted_only_up_to_the_limit_needs_at_least_its_cost() -> None
     # Counted whole (asking for too much output), the figure is exact.
     status, body, _ = response(request(gw, "r2", chat_body(max_tokens=100)))
     assert status == 429 and "needs at least" not in body["error"]["message"]
+
+
+def test_a_key_s_own_limits_hold_when_no_role_or_layer_has_any() -> None:
+    """A key's overrides (``keys create --requests-per-minute 2 --max-concurrent 1``)
+    are limits of their own: with the built-in roles and no ``[[rate_limits]]``,
+    nothing else is limited, and the key is still held to them."""
+    gw = gateway()
+    assert not gw.guard.access.limited
+    own = ApiKey(
+        "c" * 12, "own", "user", digest_secret(TENANT_SECRET),
+        requests_per_minute=2, max_concurrent=1, tokens_per_minute=40,
+    )  # fmt: skip
+    others = [k for k in keys().keys.values() if k.id != own.id]
+    gw.handle(KeysReplaced(KeyTable.of([*others, own]), 0.0))
+    first = request(gw, "r1", chat_body(max_tokens=5), now=0.0)
+    assert any(isinstance(a, Dispatch) for a in first)
+    # Still running: the slot is full.
+    status, body, _ = response(request(gw, "r2", chat_body(max_tokens=5), now=0.0))
+    assert status == 429 and "concurrent" in body["error"]["message"]
+    gw.handle(ResponseSent("r2", 0.0))
+    (ok,) = [a for a in finish(gw, "r1", now=0.0) if isinstance(a, Respond)]
+    headers = dict(ok.headers)
+    assert headers[b"x-ratelimit-limit-requests"] == b"2"
+    assert headers[b"x-ratelimit-limit-tokens"] == b"40"
+    # The slot is back; the minute's second request spends the budget.
+    assert any(isinstance(a, Dispatch) for a in request(gw, "r3", chat_body(max_tokens=5), now=0.0))
+    finish(gw, "r3", now=0.0)
+    status, body, headers = response(request(gw, "r4", chat_body(max_tokens=5), now=0.0))
+    assert status == 429 and "requests per minute" in body["error"]["message"]
+    assert headers[b"retry-after"] == b"30"
+    gw.handle(ResponseSent("r4", 0.0))
+    # Its token limit too: a reservation larger than 40 can never pass.
+    status, body, headers = response(request(gw, "r5", chat_body(max_tokens=100), now=60.0))
+    assert status == 429 and headers[b"x-should-retry"] == b"false"
+    # Another key, without overrides, is not limited at all.
+    plain = request(gw, "r6", chat_body(max_tokens=100), secret=USER_SECRET, now=60.0)
+    assert any(isinstance(a, Dispatch) for a in plain)
+
+
+def test_a_token_counter_loaded_later_comes_with_the_keys() -> None:
+    """The runtime loads the counter when a key with a token limit first appears (no
+    limit in the config needed it at start) and hands it over with the keys."""
+
+    class Words:
+        def decode(self, ids: Sequence[int]) -> str:
+            return ""
+
+        def count(self, text: str, limit: int) -> int:
+            return len(text.split())
+
+    gw = gateway()
+    assert gw.guard.tokens is None
+    counter = Words()
+    gw.handle(KeysReplaced(keys(), 0.0, tokens=counter))
+    assert gw.guard.tokens is counter
+    gw.handle(KeysReplaced(keys(), 1.0))  # none handed over: the one loaded stays
+    assert gw.guard.tokens is counter
 
 
 def test_concurrency_counts_from_admission_to_the_end_and_comes_back() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -324,7 +325,7 @@ class Tables:
     def __init__(self, keys: KeyTable) -> None:
         self.keys = keys
 
-    def replace(self, keys: KeyTable) -> None:
+    async def replace(self, keys: KeyTable) -> None:
         self.keys = keys
 
 
@@ -514,3 +515,50 @@ def test_dotted_and_namespaced_jwt_claim_paths_load() -> None:
     text = JWT_TABLE + 'roles_claim = "https://app.example/roles"\nsubject_claim = "a.b"\n'
     jwt = parse_config(text + SCRIPTED, "t").auth.jwt
     assert jwt is not None and jwt.subject_claim == "a.b"
+
+
+def test_the_listening_url_brackets_an_ipv6_host() -> None:
+    from urllib.parse import urlsplit
+
+    from ostiary.runtime.server import listening_url
+
+    assert listening_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    v6 = urlsplit(listening_url("::1", 8001))
+    assert (v6.hostname, v6.port) == ("::1", 8001)
+
+
+async def test_the_token_counter_is_loaded_once_a_limit_needs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key with a token limit of its own, created while the server runs with no
+    token limit in its config, gets its prompts counted with cl100k: the counter is
+    loaded then (once), and handed over with the keys."""
+    from types import SimpleNamespace
+
+    from ostiary.runtime import server as server_module
+
+    loads: list[int] = []
+    codec = object()
+
+    def load() -> object:
+        loads.append(1)
+        return codec
+
+    monkeypatch.setattr(server_module, "load_cl100k", load)
+    guard = SimpleNamespace(tokens=None)
+    driver: Any = SimpleNamespace(gateway=SimpleNamespace(guard=guard))
+    assert await server_module.counter_for(driver, needed=False) is None
+    assert await server_module.counter_for(driver, needed=True) is codec
+    guard.tokens = codec  # the gateway took it
+    assert await server_module.counter_for(driver, needed=True) is None
+    assert loads == [1]
+
+
+def test_a_key_table_counts_tokens_when_a_key_has_a_token_limit() -> None:
+    from tests.conftest import key_table
+
+    table = key_table()
+    assert not table.counts_tokens
+    (admin, user) = table.keys.values()
+    assert KeyTable.of([admin, attrs.evolve(user, tokens_per_day=500)]).counts_tokens
+    assert not KeyTable.of([admin, attrs.evolve(user, requests_per_minute=5)]).counts_tokens

@@ -117,6 +117,14 @@ class KeyTable:
     def of(cls, keys: Iterable[ApiKey]) -> KeyTable:
         return cls({k.id: k for k in keys})
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether a key has a token limit of its own (so prompts must be counted)."""
+        return any(
+            k.tokens_per_minute is not None or k.tokens_per_day is not None
+            for k in self.keys.values()
+        )
+
     def authenticate(self, authorization: bytes | None, wall: float | None = None) -> ApiKey:
         """The key an ``Authorization`` header value names, or AuthenticationError.
 

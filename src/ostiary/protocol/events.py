@@ -22,6 +22,7 @@ from .credentials import TokenVerifier
 from .errors import OpenAIError
 from .generation import Delta, EmbeddingResult, Usage
 from .limits import Decision
+from .tokens import TokenCodec
 
 __all__ = [
     "AccessReplaced",
@@ -180,10 +181,13 @@ class Tick:
 
 @attrs.define
 class KeysReplaced:
-    """The key store changed: authenticate against ``keys`` from now on."""
+    """The key store changed: authenticate against ``keys`` from now on. ``tokens``:
+    the token counter, when the runtime loaded it for these keys (a key with a token
+    limit, where nothing in the config needed one before); None: keep the one there."""
 
     keys: KeyTable
     now: float
+    tokens: TokenCodec | None = None
 
 
 @attrs.define
@@ -195,6 +199,8 @@ class AccessReplaced:
     verifier: TokenVerifier | None
     trusted_proxies: tuple[Any, ...]
     now: float
+    #: The token counter, when loaded for this config (see :class:`KeysReplaced`).
+    tokens: TokenCodec | None = None
 
 
 @attrs.define

@@ -397,7 +397,9 @@ class Gateway:
         exchange.call = call
         exchange.cost = estimate_cost(call, len(event.body))
         guard = self._guard
-        if guard.access.limited:
+        # Nothing in the config limits anyone, but a key may have limits of its own
+        # (its overrides: then its principal's limits are not its role's).
+        if guard.access.limited or principal.limits is not principal.role:
             if not guard.shared:
                 # The memory store, in this same call: reserved, or refused.
                 refused = guard.take(exchange, principal, call, endpoint, event.now)
@@ -528,14 +530,23 @@ class Gateway:
 
     def _on_keys(self, event: KeysReplaced) -> list[Action]:
         self._keys = event.keys
+        self._counter(event.tokens)
         self._keys_version += 1
         log = Log("info", "reloaded API keys", {"active_keys": len(event.keys.keys)})
         return [log, *self._viewers.revoked(event.keys)]
 
     def _on_access(self, event: AccessReplaced) -> list[Action]:
         self._guard.replace(event.access, event.verifier, event.trusted_proxies)
+        self._counter(event.tokens)
         fields = {"roles": sorted(event.access.roles), "rate_limits": len(event.access.layers)}
         return [Log("info", "reloaded roles and limits", fields)]
+
+    def _counter(self, tokens: TokenCodec | None) -> None:
+        """A token counter the runtime loaded because a limit came to need one."""
+        if tokens is not None:
+            self._guard.tokens = tokens
+            if self._tokens is None:
+                self._tokens = tokens
 
     def _on_failed_auth_shared(self, event: FailedAuthShared) -> list[Action]:
         self._guard.failures_shared(event.limit, event.deficit, event.wall)

@@ -81,6 +81,7 @@ from ostiary.protocol.gateway import Gateway
 from ostiary.protocol.generation import Delta, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, EmbeddingRequest
 from ostiary.protocol.responses import error_body, error_headers
+from ostiary.protocol.tokens import TokenCodec
 from ostiary.protocol.visibility import Network
 
 from .access_log import AccessLog
@@ -363,13 +364,16 @@ class Driver:
         access: AccessPolicy,
         verifier: TokenVerifier | None,
         trusted_proxies: tuple[Network, ...],
+        tokens: TokenCodec | None = None,
     ) -> None:
-        """The config was reloaded: new roles, limits, JWT settings, trusted proxies."""
-        self._feed(AccessReplaced(access, verifier, trusted_proxies, trio.current_time()))
+        """The config was reloaded: new roles, limits, JWT settings, trusted proxies
+        (and the token counter, if it was loaded for them)."""
+        self._feed(AccessReplaced(access, verifier, trusted_proxies, trio.current_time(), tokens))
 
-    def replace_keys(self, keys: KeyTable) -> None:
-        """The key store changed: the gateway authenticates against ``keys`` now."""
-        self._feed(KeysReplaced(keys, trio.current_time()))
+    def replace_keys(self, keys: KeyTable, tokens: TokenCodec | None = None) -> None:
+        """The key store changed: the gateway authenticates against ``keys`` now
+        (and counts with ``tokens``, if it was loaded for them)."""
+        self._feed(KeysReplaced(keys, trio.current_time(), tokens))
 
     def shutdown(self) -> None:
         """Draining began: queued requests are refused at once, running ones finish."""

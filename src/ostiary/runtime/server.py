@@ -23,6 +23,7 @@ from ostiary.protocol.auth import KeyTable
 from ostiary.protocol.capabilities import ModelKind
 from ostiary.protocol.cors import CorsPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
+from ostiary.protocol.tokens import TokenCodec
 from ostiary.protocol.visibility import parse_networks
 
 from .access_log import AccessLog
@@ -78,7 +79,7 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 
 async def watch_keys(
     store: KeyStore,
-    replace: Callable[[KeyTable], None],
+    replace: Callable[[KeyTable], Awaitable[None]],
     generation: int,
     every: float,
     run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] = _in_thread,
@@ -92,7 +93,7 @@ async def watch_keys(
             current = await run_sync(store.generation)
             if current != generation:
                 generation, table, _ = await run_sync(store.load)
-                replace(table)
+                await replace(table)
         except Exception as exc:
             # Keep serving with the keys we have; say why the reload failed.
             log.error("cannot reload API keys", extra={"fields": {"error": repr(exc)}})
@@ -184,8 +185,6 @@ async def reload_access(config: Config, driver: Driver) -> Config | None:
     )
     guard = driver.gateway.guard
     access = new.access_policy()
-    if access.counts_tokens and guard.tokens is None:
-        log.warning("config reload: token limits need a restart to load the token counter")
     verifier = guard.verifier
     if new.auth.jwt != config.auth.jwt:
         try:
@@ -196,8 +195,24 @@ async def reload_access(config: Config, driver: Driver) -> Config | None:
                 extra={"fields": {"error": f"[auth.jwt] JWKS: {exc}"}},
             )
             return None
-    driver.replace_access(access, verifier, parse_networks(new.auth.trusted_proxies))
+    tokens = await counter_for(driver, access.counts_tokens)
+    driver.replace_access(access, verifier, parse_networks(new.auth.trusted_proxies), tokens)
     return new
+
+
+def listening_url(host: str, port: int) -> str:
+    """The URL of a bound address, an IPv6 one in brackets (RFC 3986)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def counter_for(driver: Driver, needed: bool) -> TokenCodec | None:
+    """The token counter, loaded now if a limit has just come to need one (a reloaded
+    config's, or a new key's own) and the server runs without; None: not needed, or
+    loaded already. Loading takes about a second, in a worker thread, once."""
+    if not needed or driver.gateway.guard.tokens is not None:
+        return None
+    log.info("loading the token counter for token limits")
+    return await trio.to_thread.run_sync(load_cl100k)
 
 
 async def _reload_verifier(driver: Driver, new: Config) -> JwtVerifier | None:
@@ -237,9 +252,13 @@ async def run_server(
     ]
     tokens = None
     access = config.access_policy()
-    if access.counts_tokens or any(
-        r.capabilities.kind is ModelKind.EMBEDDING and not r.capabilities.token_inputs
-        for r in routes
+    if (
+        access.counts_tokens
+        or table.counts_tokens
+        or any(
+            r.capabilities.kind is ModelKind.EMBEDDING and not r.capabilities.token_inputs
+            for r in routes
+        )
     ):
         # Token limits count prompts, and token-id embedding input decodes, as
         # cl100k; loading it takes about a second, once.
@@ -302,13 +321,17 @@ async def run_server(
                 await nursery.start(verifier.run)
             if shared is not None:
                 await nursery.start(shared.run)
+
+            async def replace_keys(table: KeyTable) -> None:
+                driver.replace_keys(table, await counter_for(driver, table.counts_tokens))
+
             nursery.start_soon(
-                watch_keys, store, driver.replace_keys, generation, config.auth.key_reload_interval
+                watch_keys, store, replace_keys, generation, config.auth.key_reload_interval
             )
             await nursery.start(server.serve, listeners)
             for listener in listeners:
                 host, port = listener.socket.getsockname()[:2]
-                log.info("listening", extra={"fields": {"url": f"http://{host}:{port}"}})
+                log.info("listening", extra={"fields": {"url": listening_url(host, port)}})
             task_status.started(listeners)
             if not handle_signals:
                 await trio.sleep_forever()

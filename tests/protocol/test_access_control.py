@@ -607,14 +607,19 @@ def test_shared_limits_go_through_the_runtime_and_settle_there() -> None:
 def test_shared_store_down_refuses_or_counts_locally() -> None:
     refuse = gateway(Role(name="tenant", requests_per_minute=1), shared_limits=True)
     request(refuse, "r1", chat_body())
-    status, body, headers = response(refuse.handle(LimitsDecided("r1", None, 10.0)))
+    refused = refuse.handle(LimitsDecided("r1", None, 10.0))
+    status, body, headers = response(refused)
     assert status == 503 and body["error"]["code"] == "rate_limiter_unavailable"
+    undecided = Count("ostiary_limiter_unavailable_total", (("on_failure", "refuse"),))
+    assert undecided in refused
     assert headers[b"retry-after"] == b"1"
     local = gateway(
         Role(name="tenant", requests_per_minute=1), shared_limits=True, on_limits_failure="local"
     )
     request(local, "r1", chat_body())
-    assert any(isinstance(a, Dispatch) for a in local.handle(LimitsDecided("r1", None, 10.0)))
+    judged = local.handle(LimitsDecided("r1", None, 10.0))
+    assert any(isinstance(a, Dispatch) for a in judged)
+    assert Count("ostiary_limiter_unavailable_total", (("on_failure", "local"),)) in judged
     request(local, "r2", chat_body())
     assert response(local.handle(LimitsDecided("r2", None, 10.0)))[0] == 429
     # A local hold is settled locally, not through the runtime.

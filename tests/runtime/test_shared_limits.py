@@ -142,6 +142,23 @@ async def test_start_up_goes_on_without_redis(redis: RedisServer) -> None:
             assert await shared.decide([(RPM, 1)], []) is None
 
 
+async def test_undecided_admissions_are_logged_at_most_every_ten_seconds(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
+) -> None:
+    shared = shared_for(redis)
+    redis.kill()
+    with trio.fail_after(GUARD):
+        for _ in range(3):
+            assert await shared.decide([(RPM, 1)], []) is None
+    said = [r for r in caplog.records if "did not decide" in r.getMessage()]
+    assert len(said) == 1 and said[0].fields["undecided"] == 1  # type: ignore[attr-defined]
+    mock_clock.jump(10)
+    assert await shared.decide([(RPM, 1)], []) is None
+    said = [r for r in caplog.records if "did not decide" in r.getMessage()]
+    assert len(said) == 2 and said[1].fields["undecided"] == 3  # type: ignore[attr-defined]
+    await shared.store.client.aclose()
+
+
 async def test_script_flush_costs_no_decision(redis: RedisServer) -> None:
     shared = shared_for(redis)
     assert await shared.decide([(RPM, 1)], []) is not None

@@ -417,7 +417,6 @@ class Gateway:
 
     def _on_limits(self, exchange: Exchange, event: LimitsDecided) -> list[Action]:
         decision = event.decision
-        shared = True
         if decision is None:
             guard = self._guard
             if guard.on_failure != "local":
@@ -426,15 +425,16 @@ class Gateway:
                     code="rate_limiter_unavailable",
                     retry_after=1.0,
                 )
-                return [exchange.fail(error)]
+                return [_UNDECIDED_REFUSED, exchange.fail(error)]
             call = exchange.call
             assert call is not None and exchange.principal is not None and exchange.endpoint
             charges, slots, _ = guard.charges(
                 exchange.principal, exchange.client, call, exchange.endpoint
             )
             decision = guard.judge(charges, slots, event.now)
-            shared = False
-        return self._admit(exchange, decision, exchange.backend, event.now, shared=shared)
+            admitted = self._admit(exchange, decision, exchange.backend, event.now, shared=False)
+            return [_UNDECIDED_LOCAL, *admitted]
+        return self._admit(exchange, decision, exchange.backend, event.now, shared=True)
 
     def _admit(
         self, exchange: Exchange, decision: Decision, backend: str, now: float, *, shared: bool
@@ -565,6 +565,11 @@ class Gateway:
     def _on_readiness(self, exchange: Exchange, event: ReadinessChecked) -> list[Action]:
         return self._readiness.answer(exchange, event, self._guard.on_failure == "local")
 
+
+#: An admission the shared store did not decide in time, refused or judged here
+#: (``[redis] on_failure``).
+_UNDECIDED_REFUSED = Count("ostiary_limiter_unavailable_total", (("on_failure", "refuse"),))
+_UNDECIDED_LOCAL = Count("ostiary_limiter_unavailable_total", (("on_failure", "local"),))
 
 _S = ExchangeState
 #: The lifecycle: (state, event type) → what the gateway does. Anything missing is a

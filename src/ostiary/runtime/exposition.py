@@ -58,6 +58,11 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "ostiary_rate_limited_total": ("Requests refused by a rate limit, by scope.", ("scope",)),
     "ostiary_auth_failures_total": ("Requests refused with 401, by error code.", ("reason",)),
+    "ostiary_limiter_unavailable_total": (
+        "Admissions Redis did not decide in time, by what was done instead "
+        "([redis] on_failure: refuse, local).",
+        ("on_failure",),
+    ),
 }
 
 

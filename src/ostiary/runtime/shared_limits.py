@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -57,6 +58,8 @@ log = logging.getLogger("ostiary.limits")
 _RETRY_EVERY = 1.0
 #: Seconds the settlements left at shutdown may take.
 _FLUSH_TIMEOUT = 2.0
+#: Seconds between two records of admissions Redis did not decide in time.
+_UNDECIDED_LOG_EVERY = 10.0
 #: Seconds start-up waits for Redis' connections and scripts (:meth:`SharedLimits._warm`).
 _WARM_TIMEOUT = 2.0
 
@@ -80,6 +83,9 @@ class SharedLimits:
     #: Admissions answered None (Redis down, slow or failing).
     unavailable: int = attrs.field(default=0, init=False)
     _up: bool = attrs.field(default=True, init=False)
+    #: When undecided admissions were last logged, and the count then.
+    _undecided_logged: float = attrs.field(default=-math.inf, init=False)
+    _undecided_count: int = attrs.field(default=0, init=False)
     #: Settlements handed to the settlers and not yet tried.
     _queued: int = attrs.field(default=0, init=False)
     _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -118,13 +124,26 @@ class SharedLimits:
             deadline = trio.current_time() + self.timeout
         try:
             return await self.store.admit(charges, slots, deadline=deadline)
-        except LimiterUnavailableError:
+        except LimiterUnavailableError as exc:
             self.unavailable += 1
             self._beat_soon()  # Redis may have admitted it: a hold to reconcile
+            self._undecided(exc)
             return None
         except BaseException:
             self._beat_soon()  # cut short (the client left): the same
             raise
+
+    def _undecided(self, exc: LimiterUnavailableError) -> None:
+        """Say that admissions went undecided (on_failure applies to them), at most
+        once every ``_UNDECIDED_LOG_EVERY`` seconds, with how many since last said:
+        a timeout while the connection holds is no outage the heartbeat would see."""
+        now = trio.current_time()
+        if now < self._undecided_logged + _UNDECIDED_LOG_EVERY:
+            return
+        fields = {"undecided": self.unavailable - self._undecided_count, "error": str(exc)}
+        log.warning("Redis did not decide admissions in time", extra={"fields": fields})
+        self._undecided_logged = now
+        self._undecided_count = self.unavailable
 
     def settle(self, hold: Hold, actual_tokens: int) -> None:
         """Queue a settlement for the settlers, or for the heartbeat if they lag."""

@@ -365,6 +365,24 @@ async def test_run_rereads_a_file_when_it_changes(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_broken_file_is_read_again_only_when_it_changes(tmp_path: Path) -> None:
+    """A truncated JWKS file is judged once per version: the poll does not read (and
+    log) it again every second; the backoff's refresh and a new version do."""
+    path = tmp_path / "jwks.json"
+    path.write_bytes(jwks(RSA))
+    verifier = JwtVerifier(settings(jwks_file=str(path)), file_poll=0.01)
+    await verifier.load()
+    path.write_bytes(jwks(RSA)[:-7])
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert await verifier._file_changed()
+    with pytest.raises(JwksError):
+        await verifier._read_file()
+    assert not await verifier._file_changed()
+    path.write_bytes(jwks(RSA))
+    assert await verifier._file_changed()
+
+
 # -- rate limiting and sharing the refetch (MockClock) -------------------------------------
 
 

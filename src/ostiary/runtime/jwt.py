@@ -505,14 +505,15 @@ class JwtVerifier:
             document, stamp = await trio.to_thread.run_sync(read)
         except OSError as exc:
             raise JwksError(f"{path}: cannot read: {exc.strerror}") from None
+        # This version of the file is judged, good or bad: a bad one is read again
+        # when it changes, or at the backoff's next refresh, not at every poll.
+        self._file_stamp = stamp
         if len(document) > limit:
             raise JwksError(f"{path}: larger than jwks_max_bytes ({limit})")
         try:
-            snapshot = parse_jwks(document)
+            return parse_jwks(document)
         except JwksError as exc:
             raise JwksError(f"{path}: {exc}") from None
-        self._file_stamp = stamp
-        return snapshot
 
     async def _fetch_url(self) -> bytes:
         url = self.settings.jwks_url

@@ -562,3 +562,22 @@ def test_a_key_table_counts_tokens_when_a_key_has_a_token_limit() -> None:
     (admin, user) = table.keys.values()
     assert KeyTable.of([admin, attrs.evolve(user, tokens_per_day=500)]).counts_tokens
     assert not KeyTable.of([admin, attrs.evolve(user, requests_per_minute=5)]).counts_tokens
+
+
+def test_python_warnings_are_log_records_in_the_log_s_format() -> None:
+    """A library's warning (joserfc's SecurityWarning for a short RSA key) goes
+    through the same handler and format as every other record, not to stderr raw."""
+    import warnings
+
+    stream = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        setup_logging("info", "json", stream)
+        try:
+            warnings.warn("Key size should be >= 2048 bits", UserWarning, stacklevel=1)
+        finally:
+            logging.captureWarnings(False)
+            setup_logging("warning", "text")
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert "Key size should be >= 2048 bits" in line["msg"]
+    assert line["level"] == "warning"

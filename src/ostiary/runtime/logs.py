@@ -111,3 +111,6 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: TextIO | None 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Python warnings (a library's SecurityWarning, say) as records of the same
+    # stream and format, not raw lines beside them.
+    logging.captureWarnings(True)

@@ -570,6 +570,9 @@ def test_python_warnings_are_log_records_in_the_log_s_format() -> None:
     import warnings
 
     stream = io.StringIO()
+    # An earlier test's setup_logging left capture on, but pytest has since put its
+    # own showwarning back: start from capture off, as a fresh process does.
+    logging.captureWarnings(False)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         setup_logging("info", "json", stream)

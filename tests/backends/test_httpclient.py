@@ -10,6 +10,9 @@ import functools
 import ipaddress
 import math
 import ssl
+import sys
+import tracemalloc
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from ostiary.backends.httpclient import (
     HttpClientError,
     ReadTimeout,
     RemoteProtocolError,
+    ResponseTooLarge,
 )
 from tests.backends.upstream import (
     LAST_CHUNK,
@@ -331,6 +335,91 @@ async def test_body_over_the_limit(nursery: trio.Nursery) -> None:
             await client.request("GET", "/x")
     async with HttpClient(url, max_response_bytes=100) as client:
         assert len((await client.request("GET", "/x"))[2]) == 100
+
+
+def _large_locals(error: BaseException, floor: int) -> list[int]:
+    """Sizes of the byte buffers over ``floor`` that the frames of ``error``'s
+    traceback (and its causes') still hold."""
+    sizes = []
+    seen: BaseException | None = error
+    while seen is not None:
+        tb: types.TracebackType | None = seen.__traceback__
+        while tb is not None:
+            for value in tb.tb_frame.f_locals.values():
+                parts = value if isinstance(value, list | tuple) else [value]
+                size = sum(len(p) for p in parts if isinstance(p, bytes | bytearray | memoryview))
+                if size > floor:
+                    sizes.append(size)
+            tb = tb.tb_next
+        seen = seen.__cause__ or seen.__context__
+    return sizes
+
+
+async def test_declared_length_over_the_limit_is_refused_before_reading(
+    nursery: trio.Nursery,
+) -> None:
+    # The upstream declares 3 GB, sends a little and hangs up: the refusal comes
+    # from the head alone (reading on would meet the early close instead).
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 3000000000\r\n\r\n" + b"x" * 1000
+    url = await start_scripted(nursery, reply(head, False))
+    async with HttpClient(url, max_response_bytes=1 << 20) as client:
+        with pytest.raises(ResponseTooLarge, match="exceeds 1048576 bytes") as caught:
+            await client.request("GET", "/x")
+    assert caught.value.limit == 1 << 20
+
+
+async def test_chunked_body_over_the_limit_is_refused_and_dropped(nursery: trio.Nursery) -> None:
+    piece = b"a" * 65536
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        with contextlib.suppress(trio.BrokenResourceError):
+            for _ in range(64):  # 4 MiB, never ended
+                await stream.send_all(chunk)
+            await trio.sleep_forever()
+        return False
+
+    url = await start_scripted(nursery, handler)
+    async with HttpClient(url, max_response_bytes=1 << 20) as client:
+        with pytest.raises(ResponseTooLarge) as caught:
+            await client.request("GET", "/x")
+        # Nothing received stays referenced from the traceback's frames.
+        assert _large_locals(caught.value, 100_000) == []
+        # The limit of one call overrides the client's.
+        with pytest.raises(ResponseTooLarge, match="exceeds 1000 bytes"):
+            await client.request("GET", "/x", max_bytes=1000)
+
+
+async def test_body_in_many_pieces_is_held_once(nursery: trio.Nursery) -> None:
+    size = 4 << 20
+    body = bytes(range(256)) * (size // 256)
+    framed = {
+        "length": http_response(200, body),
+        "chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        + b"".join(b"%x\r\n%s\r\n" % (65536, body[i : i + 65536]) for i in range(0, size, 65536))
+        + LAST_CHUNK,
+    }
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        await stream.send_all(framed[request.path.rsplit("/", 1)[1]])
+        return True
+
+    url = await start_scripted(nursery, handler)
+    async with HttpClient(url, max_response_bytes=size) as client:
+        for kind in framed:
+            tracemalloc.start()
+            try:
+                _, _, data = await client.request("GET", f"/{kind}")
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert data == body
+            # Parts joined at the end would peak at twice the body.
+            assert peak < 1.5 * size, (kind, peak)
+            if kind == "length":
+                # Allocated once at the declared length: no slack from growing.
+                assert sys.getsizeof(data) - len(data) < 100
 
 
 async def test_connection_reset_mid_body(nursery: trio.Nursery) -> None:

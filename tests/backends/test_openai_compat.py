@@ -102,7 +102,10 @@ def test_settings_defaults_and_validation() -> None:
         600.0,
     )
     assert (s.max_connections, s.upstream_models) == (256, {})
+    assert (s.max_response_bytes, s.max_embeddings_response_bytes) == (16 << 20, 64 << 20)
     hash(s)
+    with pytest.raises(ValueError, match="max_response_bytes"):
+        settings("http://x", max_response_bytes=0)
     with pytest.raises(ValueError, match="base_url"):
         settings("127.0.0.1:8000")
     with pytest.raises(ValueError, match="read_timeout"):
@@ -723,6 +726,37 @@ async def test_embeddings_float_and_base64(nursery: trio.Nursery) -> None:
         raw = {"model": "ours", "input": "a", "encoding_format": "base64"}
         request = EmbeddingRequest(model="ours", input="a", encoding_format="base64", raw=raw)
         assert (await backend.embed(request)).vectors == (vector,)
+
+
+async def test_replies_over_the_limits_are_a_clear_502(nursery: trio.Nursery) -> None:
+    vectors = {"data": [{"index": 0, "embedding": [0.5] * 400}], "usage": {"prompt_tokens": 1}}
+    answer = orjson.dumps(
+        {"choices": [{"index": 0, "message": {"content": "x" * 3000}, "finish_reason": "stop"}]}
+    )
+
+    async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
+        embeddings = request.path.endswith("/embeddings")
+        await stream.send_all(http_response(200, orjson.dumps(vectors) if embeddings else answer))
+        return True
+
+    url = await start_scripted(nursery, handler)
+    limits = {"max_response_bytes": 2000, "max_embeddings_response_bytes": 4000}
+    async with backend_for(url, **limits) as backend:
+        for request in (chat(), chat(stream=True)):  # a stream answered with JSON too
+            with pytest.raises(BackendError) as caught:
+                await collect(backend.chat(request))
+            assert caught.value.code == "backend_error"
+            assert caught.value.message == (
+                "The upstream model server's reply is larger than the 2000 bytes "
+                "this gateway accepts."
+            )
+        # Embeddings have their own, larger limit: 2,000 bytes pass it.
+        raw = {"model": "ours", "input": "a"}
+        result = await backend.embed(EmbeddingRequest(model="ours", input="a", raw=raw))
+        assert len(result.vectors[0]) == 400
+    async with backend_for(url, max_embeddings_response_bytes=1000) as backend:
+        with pytest.raises(BackendError, match="larger than the 1000 bytes"):
+            await backend.embed(EmbeddingRequest(model="ours", input="a", raw=raw))
 
 
 async def test_embeddings_order_estimate_and_errors(nursery: trio.Nursery) -> None:

@@ -56,6 +56,7 @@ from ostiary.protocol.wire import (
     HttpClientError,
     ReadTimeout,
     RemoteProtocolError,
+    ResponseTooLarge,
     header_block,
     response_framing,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "HttpResponse",
     "ReadTimeout",
     "RemoteProtocolError",
+    "ResponseTooLarge",
 ]
 
 _RECEIVE_SIZE = 64 * 1024
@@ -176,17 +178,50 @@ class HttpResponse:
         chunk, so a consumer parses many small upstream chunks in one go."""
         return _BodyChunks(self)
 
-    async def read(self) -> bytes:
-        """The whole (remaining) body; :class:`RemoteProtocolError` if it exceeds the
-        client's ``max_response_bytes``."""
-        parts: list[bytes] = []
-        total = 0
-        while (chunk := await self._next_chunk()) is not None:
-            total += len(chunk)
-            if total > self._max_bytes:
-                raise RemoteProtocolError(f"response body exceeds {self._max_bytes} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+    async def read(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """The whole (remaining) body; :class:`ResponseTooLarge` as soon as its
+        declared length or the bytes received pass ``max_bytes`` (default: the
+        client's ``max_response_bytes``), before more is read.
+
+        The body is held once: a body that arrives in one piece is returned as is;
+        otherwise the pieces go into one ``bytearray`` (of the declared length when
+        there is one, so it never grows), never a list joined at the end. On any
+        failure nothing received is kept, not even by the traceback."""
+        limit = self._max_bytes if max_bytes is None else max_bytes
+        declared = self._body.length
+        if declared is not None and declared > limit:
+            raise ResponseTooLarge(limit)
+        chunk = await self._next_chunk()
+        if chunk is None:
+            return b""
+        if self._body.done and len(chunk) <= limit:
+            return chunk
+        buffer = bytearray(0 if declared is None else declared)
+        # With a declared length (within the limit; the framing never passes it)
+        # the pieces are copied into place; otherwise appended, checked one by one.
+        view = None if declared is None else memoryview(buffer)
+        filled = 0
+        try:
+            while chunk is not None:
+                end = filled + len(chunk)
+                if view is not None:
+                    view[filled:end] = chunk
+                elif end > limit:
+                    raise ResponseTooLarge(limit)
+                else:
+                    buffer += chunk
+                filled = end
+                chunk = await self._next_chunk()
+        except BaseException:
+            # The traceback keeps this frame, and so its locals: drop the body.
+            if view is not None:
+                view.release()
+            view, buffer, chunk = None, bytearray(), None
+            raise
+        if view is not None:
+            view.release()
+            del buffer[filled:]  # part of the body had been read before
+        return buffer
 
     async def _next_chunk(self) -> bytes | None:
         body = self._body
@@ -325,14 +360,17 @@ class HttpClient:
         *,
         headers: Sequence[tuple[str, str]] = (),
         body: bytes = b"",
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Send a request and read the whole response: ``(status, headers, body)``.
-        The steps of :meth:`stream`, without a context manager's overhead."""
+        max_bytes: int | None = None,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes | bytearray]:
+        """Send a request and read the whole response: ``(status, headers, body)``,
+        the body within ``max_bytes`` (default: ``max_response_bytes``) as for
+        :meth:`HttpResponse.read`. The steps of :meth:`stream`, without a context
+        manager's overhead."""
         wire, method_bytes = await self._begin(method, path, headers, body)
         try:
             conn, response = await self._send(wire, method_bytes)
             try:
-                content = await response.read()
+                content = await response.read(max_bytes)
             except BaseException:
                 conn.close()
                 raise

@@ -205,6 +205,7 @@ class OllamaBackend(UpstreamBackend):
                 orjson.dumps(body),
                 model=request.model,
                 aliases=_aliases(upstream),
+                max_bytes=self._settings.max_embeddings_response_bytes,
             )
             answer = _json_object(data)
             vectors = _embeddings(answer.get("embeddings"), len(texts))
@@ -466,7 +467,7 @@ def _usage(line: JsonObject) -> Usage:
     return Usage(_count(line, "prompt_eval_count"), _count(line, "eval_count"))
 
 
-def _json_object(data: bytes) -> JsonObject:
+def _json_object(data: bytes | bytearray) -> JsonObject:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:

@@ -120,7 +120,12 @@ class OpenAIBackend(UpstreamBackend):
         upstream = body["model"] = self._upstream(request.model)
         with self._failures():
             data = await self._call(
-                "POST", "/embeddings", orjson.dumps(body), model=request.model, aliases=(upstream,)
+                "POST",
+                "/embeddings",
+                orjson.dumps(body),
+                model=request.model,
+                aliases=(upstream,),
+                max_bytes=self._settings.max_embeddings_response_bytes,
             )
             try:
                 answer = orjson.loads(data)
@@ -250,7 +255,7 @@ class _StreamTranslator:
 
 
 def _whole_body(
-    data: bytes, request: ChatCompletionRequest | CompletionRequest, *, chat: bool
+    data: bytes | bytearray, request: ChatCompletionRequest | CompletionRequest, *, chat: bool
 ) -> list[Delta | Usage]:
     """A non-streamed answer: one Delta per choice (in index order), then Usage."""
     try:

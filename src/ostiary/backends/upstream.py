@@ -28,6 +28,8 @@ The mapping (DESIGN §5a)::
     connection refused       503 backend_unavailable
     connect or read timeout  504 backend_timeout
     garbage, a cut stream    502 backend_error
+    a reply too large        502 backend_error (``max_response_bytes``, and
+                             ``max_embeddings_response_bytes`` for embeddings)
 
 An upstream's 429 is its own limit, not the client's, so it is never passed on as a
 429. Its retry-after comes from ``retry-after-ms`` or ``retry-after`` (delta-seconds
@@ -64,6 +66,7 @@ from ostiary.backends.httpclient import (
     HttpClientError,
     HttpResponse,
     ReadTimeout,
+    ResponseTooLarge,
 )
 from ostiary.protocol.errors import (
     BackendError,
@@ -93,6 +96,7 @@ __all__ = [
 log = logging.getLogger("ostiary.upstream")
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
+RawBody = bytes | bytearray
 
 #: Longest upstream message passed on to a client (400 and 413 only).
 _MAX_CLIENT_MESSAGE = 500
@@ -123,6 +127,23 @@ class UpstreamSettings(BackendSettings):
     response_drain_timeout: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
     #: ... and the most bytes read from it, before the connection is closed instead.
     response_drain_max_bytes: int = attrs.field(default=64 * 1024, validator=attrs.validators.ge(0))
+    #: Largest whole (non-streamed) reply body read from the upstream; a longer one
+    #: (declared or received) is refused at once with a 502, so memory stays
+    #: bounded: at most this much per request in flight. 16 MiB is several times a
+    #: large completion (n=8 choices of 4,096 tokens is ~150 KB of text; with
+    #: ``top_logprobs: 20`` each token costs ~1.5 KB of JSON, ~50 MB for all 8
+    #: choices, so raise it for clients that ask for that much).
+    max_response_bytes: int = attrs.field(
+        default=16 * 1024 * 1024, validator=attrs.validators.ge(1)
+    )
+    #: The same for ``/embeddings`` replies, which are larger: vectors in JSON cost
+    #: ~20 bytes a number, so the largest batch (2,048 inputs, ``[limits]
+    #: max_batch_inputs``) of 1,536-dimension vectors (OpenAI's small model,
+    #: most of vLLM's) is ~63 MB. 3,072 dimensions need twice that (or
+    #: ``encoding_format: "base64"``, a quarter).
+    max_embeddings_response_bytes: int = attrs.field(
+        default=64 * 1024 * 1024, validator=attrs.validators.ge(1)
+    )
     #: Upper bound on the retry-after passed on from an upstream, in seconds.
     max_retry_after: float = attrs.field(
         default=60.0, validator=[attrs.validators.ge(0), attrs.validators.le(86400)]
@@ -170,6 +191,7 @@ class UpstreamBackend(ConfiguredBackend):
             max_connections=s.max_connections,
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
+            max_response_bytes=s.max_response_bytes,
             default_headers=self._default_headers(),
         )
         return self
@@ -206,10 +228,14 @@ class UpstreamBackend(ConfiguredBackend):
         *,
         model: str = "",
         aliases: Sequence[str] = (),
-    ) -> bytes:
+        max_bytes: int | None = None,
+    ) -> RawBody:
         """Send one request and read the whole answer: the body of a 2xx, else
-        the mapped error (``model`` and ``aliases`` as for :func:`status_error`)."""
-        status, headers, data = await self._http.request(method, path, body=body)
+        the mapped error (``model`` and ``aliases`` as for :func:`status_error`);
+        ``max_bytes`` bounds it (default: ``max_response_bytes``)."""
+        status, headers, data = await self._http.request(
+            method, path, body=body, max_bytes=max_bytes
+        )
         if not 200 <= status < 300:
             raise self._status_error(status, headers, data, model, aliases)
         return data
@@ -223,7 +249,7 @@ class UpstreamBackend(ConfiguredBackend):
             raise self._status_error(response.status, response.headers, data, model, aliases)
 
     def _status_error(
-        self, status: int, headers: RawHeaders, data: bytes, model: str, aliases: Sequence[str]
+        self, status: int, headers: RawHeaders, data: RawBody, model: str, aliases: Sequence[str]
     ) -> OpenAIError:
         return status_error(
             status,
@@ -235,7 +261,7 @@ class UpstreamBackend(ConfiguredBackend):
             max_retry_after=self._settings.max_retry_after,
         )
 
-    async def _ready_body(self, path: str) -> bytes:
+    async def _ready_body(self, path: str) -> RawBody:
         """GET ``path`` within ``connect_timeout``: a server that cannot answer a
         listing that fast is not ready. The body of a 2xx, else the mapped error."""
         try:
@@ -323,7 +349,7 @@ class _FailureBoundary:
 def status_error(
     status: int,
     headers: RawHeaders,
-    data: bytes,
+    data: RawBody,
     *,
     model: str,
     aliases: Sequence[str],
@@ -398,6 +424,12 @@ def transport_error(exc: HttpClientError) -> OpenAIError:
         return BackendTimeoutError(
             "The upstream model server did not answer in time.", code="backend_timeout"
         )
+    if isinstance(exc, ResponseTooLarge):
+        return BackendError(
+            f"The upstream model server's reply is larger than the {exc.limit} bytes "
+            "this gateway accepts.",
+            code="backend_error",
+        )
     return BackendError("The connection to the upstream model server failed.", code="backend_error")
 
 
@@ -466,7 +498,7 @@ def _until(value: bytes, wall: float) -> float | None:
     return max(0.0, when.timestamp() - wall)
 
 
-def _error_detail(data: bytes) -> tuple[str | None, str | None, str | None]:
+def _error_detail(data: RawBody) -> tuple[str | None, str | None, str | None]:
     """``(message, param, code)`` from an error body: OpenAI's ``{"error": {...}}``,
     vLLM's older top-level form or Ollama's ``{"error": "..."}``; Nones when the body
     is something else."""

@@ -25,6 +25,7 @@ __all__ = [
     "LengthBody",
     "ReadTimeout",
     "RemoteProtocolError",
+    "ResponseTooLarge",
     "header_block",
     "parse_head",
     "response_framing",
@@ -66,6 +67,14 @@ class ReadTimeout(HttpClientError):
 
 class RemoteProtocolError(HttpClientError):
     """The upstream sent garbage, closed mid-response, or a body over the limit."""
+
+
+class ResponseTooLarge(RemoteProtocolError):
+    """A response body, declared or received so far, is over the reader's limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"response body exceeds {limit} bytes")
+        self.limit = limit
 
 
 # -- the wire format, sans I/O ------------------------------------------------------------
@@ -153,9 +162,11 @@ class LengthBody:
     """A body of known length (``content-length``; 0 for HEAD, 204 and 304), or with
     ``length=None``, one that ends when the upstream closes the connection."""
 
-    __slots__ = ("_remaining", "done", "excess")
+    __slots__ = ("_remaining", "done", "excess", "length")
 
     def __init__(self, length: int | None) -> None:
+        #: The declared length (None: until the connection closes).
+        self.length = length
         self._remaining = length
         self.done = length == 0
         self.excess = False
@@ -194,6 +205,9 @@ class ChunkedBody:
     its own bytes alone, so a line trickling in byte by byte costs linear time."""
 
     __slots__ = ("_buffer", "_remaining", "_scan_from", "_state", "done", "excess")
+
+    #: Chunked bodies declare no length.
+    length: int | None = None
 
     def __init__(self) -> None:
         #: An unfinished line (after the CRLF ending the last chunk's data, in state

@@ -540,4 +540,4 @@ class JwtVerifier:
             raise JwksError(f"fetch failed: {exc}") from None
         if status != 200:
             raise JwksError(f"the identity provider answered HTTP {status}")
-        return body
+        return bytes(body)

@@ -564,7 +564,15 @@ def error_body(message: str, **fields: Any) -> bytes:
             None,
         ),
         (400, b"[]", (), InvalidRequestError, "rejected", None, None),
-        (413, error_body("too big"), (), RequestTooLargeError, "too big", None, None),
+        (
+            413,
+            error_body("too big"),
+            (),
+            RequestTooLargeError,
+            "too big",
+            None,
+            "request_too_large",
+        ),
         (
             401,
             error_body("Incorrect API key provided: sk-abc"),

@@ -23,7 +23,7 @@ def decode(chunks: list[bytes], max_event_bytes: int = 1 << 20) -> Outcome:
             events += decoder.feed(chunk)
         events += decoder.close()
     except BackendError as exc:
-        return events, "too large" if "over" in exc.message else "truncated"
+        return events, "too large" if "larger than" in exc.message else "truncated"
     return events, None
 
 
@@ -125,15 +125,18 @@ def test_close_dispatches_complete_lines_and_rejects_a_partial_line() -> None:
     assert decoder.close() == ["[DONE]"]
     decoder = SseDecoder()
     decoder.feed(b'data: {"trunc')
-    with pytest.raises(BackendError, match="middle of an event"):
+    with pytest.raises(BackendError, match="middle of an event") as caught:
         decoder.close()
+    assert caught.value.code == "backend_error"
+    assert caught.value.message.startswith("The upstream model server ")
 
 
 def test_event_size_limit() -> None:
     # "data: 12345\n" is 12 bytes: allowed at 12, refused at 11, complete or not.
     assert SseDecoder(12).feed(b"data: 12345\n\n") == ["12345"]
-    with pytest.raises(BackendError, match="over 11 bytes"):
+    with pytest.raises(BackendError, match="larger than the 11 bytes") as caught:
         SseDecoder(11).feed(b"data: 12345\n\n")
+    assert caught.value.code == "backend_error"
     decoder = SseDecoder(11)
     decoder.feed(b"data: 1234")
     with pytest.raises(BackendError):

@@ -18,7 +18,7 @@ The mapping (DESIGN §5a)::
 
     upstream                 the client sees
     400, 422                 400, the upstream's message (sanitised, bounded), param, code
-    413                      413, likewise
+    413                      413, likewise (code ``request_too_large`` if it gave none)
     404 with an error body   404 model_not_found, naming our model id
     401, 403                 502 backend_error: our credentials are wrong (generic message)
     429                      503 upstream_busy, with the upstream's retry-after
@@ -372,7 +372,9 @@ def status_error(
         )
     elif status == 413:
         error = RequestTooLargeError(
-            shown or "The request is too large for the upstream model server.", param=param
+            shown or "The request is too large for the upstream model server.",
+            param=param,
+            code=code or "request_too_large",
         )
     elif status == 404 and message and model:
         error = model_not_found(model)

@@ -151,10 +151,21 @@ class InternalServerError(OpenAIError):
 
 
 class BackendError(OpenAIError):
-    """The model backend answered with something we cannot use."""
+    """The model backend answered with something we cannot use; ``code`` is
+    ``backend_error`` unless given, so every such failure reads the same."""
 
     status = 502
     type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = "backend_error",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
 
 
 class ServiceUnavailableError(OpenAIError):

@@ -190,7 +190,9 @@ class SseDecoder:
         if not rest:
             return []
         if not rest.endswith(b"\n"):
-            raise BackendError("upstream event stream ended in the middle of an event")
+            raise BackendError(
+                "The upstream model server ended its response in the middle of an event."
+            )
         return self._dispatch(rest[:-1])
 
     def _check_partial(self, partial: bytes | bytearray) -> None:
@@ -200,7 +202,8 @@ class SseDecoder:
     def _too_large(self) -> None:
         self._buffer = bytearray()
         raise BackendError(
-            f"upstream sent an event stream event over {self._max_event_bytes} bytes"
+            f"The upstream model server sent a stream event larger than the "
+            f"{self._max_event_bytes} bytes this gateway accepts."
         )
 
     def _dispatch(self, block: bytes | bytearray) -> list[str]:

@@ -39,6 +39,7 @@ from tests.backends.upstream import (
     MockStats,
     ScriptedRequest,
     http_response,
+    replies,
     reply,
     sse_chunk,
     sse_head,
@@ -69,6 +70,7 @@ def chat(stream: bool = False, **raw: Any) -> ChatCompletionRequest:
         model="ours",
         messages=(ChatMessage(role="user", content="hi there"),),
         stream=stream,
+        n=raw.get("n"),
         raw=body,
     )
 
@@ -84,6 +86,12 @@ async def collect(generation: AsyncIterator[Item]) -> list[Item]:
 
 def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
     return orjson.dumps({"object": "chat.completion.chunk", "choices": choices, **extra})
+
+
+#: A choice's end, streamed; and a whole choice.
+STOP = {"index": 0, "delta": {}, "finish_reason": "stop"}
+STOPPED = Delta(finish_reason="stop")
+WHOLE = {"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}
 
 
 def text_of(items: Sequence[Item], choice: int = 0) -> str:
@@ -189,9 +197,10 @@ async def test_request_body_sent_upstream(nursery: trio.Nursery) -> None:
         bodies.append(orjson.loads(request.body))
         assert request.headers["content-type"] == "application/json"
         if bodies[-1].get("stream"):
-            await stream.send_all(sse_response([chunk([], usage={"prompt_tokens": 1}), b"[DONE]"]))
+            end = chunk([STOP], usage={"prompt_tokens": 1})
+            await stream.send_all(sse_response([end, b"[DONE]"]))
         else:
-            await stream.send_all(http_response(200, b'{"choices": []}'))
+            await stream.send_all(http_response(200, orjson.dumps({"choices": [WHOLE]})))
         return True
 
     url = await start_scripted(nursery, handler)
@@ -217,7 +226,8 @@ async def test_request_without_raw_is_rebuilt(nursery: trio.Nursery) -> None:
 
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
         bodies.append(orjson.loads(request.body))
-        await stream.send_all(http_response(200, b'{"choices": [], "data": []}'))
+        answer = {"choices": [WHOLE], "data": []}
+        await stream.send_all(http_response(200, orjson.dumps(answer)))
         return True
 
     async with backend_for(await start_scripted(nursery, handler)) as backend:
@@ -333,7 +343,7 @@ async def test_non_stream_tool_calls_and_multiple_choices(nursery: trio.Nursery)
     }
     url = await start_scripted(nursery, reply(http_response(200, orjson.dumps(body))))
     async with backend_for(url) as backend:
-        items = await collect(backend.chat(chat()))
+        items = await collect(backend.chat(chat(n=2)))
     assert items == [
         Delta(text="hey", finish_reason="stop"),
         Delta(
@@ -405,7 +415,7 @@ async def test_done_then_slow_end_of_body_keeps_the_connection(nursery: trio.Nur
     stats = MockStats()
 
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
-        await stream.send_all(sse_head() + sse_chunk(chunk([], usage={"prompt_tokens": 2})))
+        await stream.send_all(sse_head() + sse_chunk(chunk([STOP], usage={"prompt_tokens": 2})))
         await stream.send_all(sse_chunk(b"[DONE]"))
         await trio.lowlevel.checkpoint()
         await stream.send_all(LAST_CHUNK)
@@ -413,7 +423,8 @@ async def test_done_then_slow_end_of_body_keeps_the_connection(nursery: trio.Nur
 
     async with backend_for(await start_scripted(nursery, handler, stats)) as backend:
         for _ in range(3):
-            assert await collect(backend.chat(chat(stream=True))) == [Usage(2, 0)]
+            items = await collect(backend.chat(chat(stream=True)))
+            assert items == [Delta(finish_reason="stop"), Usage(2, 0)]
     assert stats.accepted == 1
 
 
@@ -429,7 +440,7 @@ async def test_done_without_end_of_body_gives_up_after_a_while(
 
     async def handler(request: ScriptedRequest, stream: trio.SocketStream) -> bool:
         tail = [b"", sse_chunk(b"x" * 300_000), b"zz\r\n"][stats.requests - 1]
-        await stream.send_all(sse_head() + sse_chunk(b"[DONE]"))
+        await stream.send_all(sse_head() + sse_chunk(chunk([STOP])) + sse_chunk(b"[DONE]"))
         await drains.acquire()
         await stream.send_all(tail)
         sent.release()
@@ -442,10 +453,80 @@ async def test_done_without_end_of_body_gives_up_after_a_while(
             return collect(backend.chat(chat(stream=True)))
 
         drained = DRAIN_SECONDS
-        assert await finishes_at(mock_clock, drained, stream, sent.acquire) == [Usage(6, 0)]
+        assert await finishes_at(mock_clock, drained, stream, sent.acquire) == [
+            STOPPED,
+            Usage(6, 0),
+        ]
         for _ in range(2):
-            assert await finishes_untimed(stream, sent.acquire) == [Usage(6, 0)]
+            assert await finishes_untimed(stream, sent.acquire) == [STOPPED, Usage(6, 0)]
     assert stats.accepted == 3
+
+
+# -- choices the upstream gets wrong -----------------------------------------------------------
+
+
+def text_chunk(index: int, text: str) -> bytes:
+    return chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+
+
+@pytest.mark.parametrize("index", [1, 99_999_999])
+async def test_a_choice_index_outside_n_is_an_invalid_response(
+    nursery: trio.Nursery, index: int
+) -> None:
+    stream = sse_response([text_chunk(0, "a"), text_chunk(index, "b"), chunk([STOP]), b"[DONE]"])
+    whole = http_response(200, orjson.dumps({"choices": [WHOLE, {**WHOLE, "index": index}]}))
+    url = await start_scripted(nursery, replies(stream, whole))
+    async with backend_for(url) as backend:
+        for request in (chat(stream=True), chat()):
+            with pytest.raises(BackendError, match="invalid response") as caught:
+                await collect(backend.chat(request))
+            assert caught.value.code == "backend_error"
+
+
+async def test_choice_indexes_of_completions_count_every_prompt(nursery: trio.Nursery) -> None:
+    def answer(*indexes: int) -> bytes:
+        choices = [{"index": i, "text": str(i), "finish_reason": "stop"} for i in indexes]
+        return http_response(200, orjson.dumps({"choices": choices}))
+
+    url = await start_scripted(nursery, replies(answer(0, 3), answer(0, 4)))
+    request = CompletionRequest(model="ours", prompt=("a", "b"), n=2, raw={"prompt": ["a", "b"]})
+    async with backend_for(url) as backend:
+        items = await collect(backend.complete(request))
+        assert [i.choice for i in items if isinstance(i, Delta)] == [0, 3]
+        with pytest.raises(BackendError, match="invalid response"):
+            await collect(backend.complete(request))
+
+
+async def test_done_before_a_finish_reason_makes_it_stop(nursery: trio.Nursery) -> None:
+    """As a whole body's choice without a finish reason reads: the upstream said
+    the output was complete, it left out why it stopped."""
+    events = [
+        text_chunk(0, "a"),
+        text_chunk(1, "b"),
+        chunk([{"index": 1, "delta": {}, "finish_reason": "length"}]),
+        chunk([{"index": 2, "delta": {"role": "assistant"}, "finish_reason": None}]),
+        b"[DONE]",
+    ]
+    # The same without [DONE]: accepted because a finish reason came.
+    url = await start_scripted(nursery, replies(sse_response(events), sse_response(events[:-1])))
+    async with backend_for(url) as backend:
+        for _ in range(2):
+            items = await collect(backend.chat(chat(stream=True, n=3)))
+            assert [i for i in items if isinstance(i, Delta) and i.finish_reason] == [
+                Delta(choice=1, finish_reason="length"),
+                Delta(choice=0, finish_reason="stop"),
+                Delta(choice=2, finish_reason="stop"),
+            ]
+
+
+async def test_an_answer_without_choices_is_an_invalid_response(nursery: trio.Nursery) -> None:
+    stream = sse_response([chunk([], usage={"prompt_tokens": 1}), b"[DONE]"])
+    whole = http_response(200, b'{"choices": [], "usage": {"prompt_tokens": 1}}')
+    url = await start_scripted(nursery, replies(stream, whole))
+    async with backend_for(url) as backend:
+        for request in (chat(stream=True), chat()):
+            with pytest.raises(BackendError, match="invalid response"):
+                await collect(backend.chat(request))
 
 
 # -- garbage from upstream -------------------------------------------------------------------

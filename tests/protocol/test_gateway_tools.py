@@ -129,3 +129,33 @@ def test_the_output_bounds_are_limits() -> None:
     respond = only(actions, Respond)
     assert respond.status == 502
     assert b"more than 1 tool calls" in respond.body
+
+
+def test_tool_calls_without_declared_tools_are_made_regular_too() -> None:
+    """An upstream may make calls the request declared no tools for (it has its own):
+    they go through the same normalizer, streamed and not."""
+    text = Delta(text="let me see")
+    for stream in (False, True):
+        gw = Gateway(routes=[ModelRoute("m", "b1")], keys=key_table())
+        gw.handle(request(gw, body=chat_body(stream=stream)))
+        actions = gw.handle(BackendChunk("r1", (text, *QUIRKY), 10.2))
+        actions += gw.handle(BackendFinished("r1", 10.5))
+        if not stream:
+            (choice,) = orjson.loads(only(actions, Respond).body)["choices"]
+            assert choice["message"]["tool_calls"] == CALLS
+            assert choice["finish_reason"] == "tool_calls"
+            continue
+        data = b"".join(a.data for a in actions if isinstance(a, SendBytes))
+        events = sse_events(data)[:-1]
+        starts = [
+            tc
+            for event in events
+            for tc in event["choices"][0]["delta"].get("tool_calls", ())
+            if "id" in tc
+        ]
+        assert [(tc["id"], tc["type"]) for tc in starts] == [
+            ("call_r1_0_0", "function"),
+            ("call_r1_0_1", "function"),
+        ]
+        assert events[0]["choices"][0]["delta"]["content"] == "let me see"
+        assert [e["choices"][0]["finish_reason"] for e in events][-1] == "tool_calls"

@@ -17,7 +17,9 @@ about the client's own request passes the upstream's message on) are
 :class:`~ostiary.backends.upstream.UpstreamBackend`'s, shared with ``ollama``.
 An error the upstream reports inside a stream, bad JSON or a cut stream is a 502,
 raised from the iterator.
-Finish reasons outside OpenAI's set become ``"stop"``; logprobs are not carried.
+Finish reasons outside OpenAI's set become ``"stop"``, and so does a missing one
+(see :class:`_StreamTranslator`); an answer with no choice, or a choice index
+outside the ``n`` asked for (per prompt), is a 502; logprobs are not carried.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ class OpenAIBackend(UpstreamBackend):
         body = dict(request.raw) or _fallback_body(request)
         upstream = body["model"] = self._upstream(request.model)
         aliases = (upstream,)
+        choices = _choices(request)
         if not request.stream:
             body.pop("stream", None)
             body.pop("stream_options", None)
@@ -158,7 +161,7 @@ class OpenAIBackend(UpstreamBackend):
                 data = await self._call(
                     "POST", path, orjson.dumps(body), model=request.model, aliases=aliases
                 )
-                items = _whole_body(data, request, chat=chat)
+                items = _whole_body(data, request, chat=chat, choices=choices)
             for item in items:
                 yield item
             return
@@ -168,13 +171,13 @@ class OpenAIBackend(UpstreamBackend):
             **(options if isinstance(options, dict) else {}),
             "include_usage": True,
         }
-        translator = _StreamTranslator(chat)
+        translator = _StreamTranslator(chat, choices)
         with self._failures():
             async with self._http.stream("POST", path, body=orjson.dumps(body)) as response:
                 await self._check_status(response, request.model, aliases)
                 content_type = response.header(b"content-type") or b""
                 if content_type.startswith(b"application/json"):
-                    items = _whole_body(await response.read(), request, chat=chat)
+                    items = _whole_body(await response.read(), request, chat=chat, choices=choices)
                 else:
                     decoder = SseDecoder()
                     chunks = response.iter_bytes()
@@ -188,7 +191,8 @@ class OpenAIBackend(UpstreamBackend):
                     else:
                         for delta in translator.feed(decoder.close()):
                             yield delta
-                        translator.check_finished()
+                        for delta in translator.check_finished():
+                            yield delta
                     usage = translator.usage or Usage(_estimate_prompt(request), translator.pieces)
                     items = [usage]
         for item in items:
@@ -196,22 +200,35 @@ class OpenAIBackend(UpstreamBackend):
 
 
 class _StreamTranslator:
-    """Upstream chunk objects in, Delta pieces out; remembers usage and progress."""
+    """Upstream chunk objects in, Delta pieces out; remembers usage and progress.
 
-    __slots__ = ("chat", "done", "finished", "pieces", "usage")
+    A choice index outside the ``choices`` the request asked for is an invalid
+    response, as it is in a whole body. A stream that ends (``[DONE]``, or a body
+    that ends after a finish reason) with a choice that began but never got a
+    finish reason has ``"stop"`` made up for it, as a whole body's choice without
+    one reads: the upstream said the output was complete, it only left out why it
+    stopped (a cut stream, with neither, is an error). A stream that ends with no
+    choice at all answered nothing: an invalid response, as ``"choices": []`` is."""
 
-    def __init__(self, chat: bool) -> None:
+    __slots__ = ("chat", "choices", "done", "finished", "open", "pieces", "seen", "usage")
+
+    def __init__(self, chat: bool, choices: int = 1) -> None:
         self.chat = chat
+        self.choices = choices
         self.done = False
         self.finished = False
         self.pieces = 0
         self.usage: Usage | None = None
+        #: Choices that began and have no finish reason yet.
+        self.open: set[int] = set()
+        self.seen = False
 
     def feed(self, payloads: list[str]) -> list[Delta]:
         deltas: list[Delta] = []
         for payload in payloads:
             if payload == "[DONE]":
                 self.done = True
+                self._close(deltas)
                 break
             try:
                 self._translate(orjson.loads(payload), deltas)
@@ -219,11 +236,22 @@ class _StreamTranslator:
                 raise invalid_response() from exc
         return deltas
 
-    def check_finished(self) -> None:
+    def check_finished(self) -> list[Delta]:
         """The body ended without a ``[DONE]`` event: fine if a finish reason came
-        (some servers omit the sentinel), else the stream was cut short."""
+        (some servers omit the sentinel), else the stream was cut short. Returns
+        the finish reasons still owed."""
         if not (self.finished or self.done):
             raise ended_early()
+        deltas: list[Delta] = []
+        if not self.done:
+            self._close(deltas)
+        return deltas
+
+    def _close(self, deltas: list[Delta]) -> None:
+        if not self.seen:
+            raise invalid_response()
+        deltas.extend(Delta(choice=i, finish_reason="stop") for i in sorted(self.open))
+        self.open.clear()
 
     def _translate(self, chunk: JsonObject, deltas: list[Delta]) -> None:
         if chunk.get("error") or chunk.get("object") == "error":
@@ -232,6 +260,8 @@ class _StreamTranslator:
         if usage:
             self.usage = _usage(usage)
         for choice in chunk.get("choices") or ():
+            index = _index(choice, self.choices)
+            self.seen = True
             if self.chat:
                 delta = choice.get("delta") or {}
                 text = delta.get("content") or ""
@@ -245,24 +275,35 @@ class _StreamTranslator:
             if text or calls:
                 self.pieces += 1
             elif reason is None:
+                self.open.add(index)
                 continue
             if reason is not None:
                 reason = _finish_reason(reason)
                 self.finished = True
-            deltas.append(
-                Delta(text=text, choice=_index(choice), tool_calls=calls, finish_reason=reason)
-            )
+                self.open.discard(index)
+            else:
+                self.open.add(index)
+            deltas.append(Delta(text=text, choice=index, tool_calls=calls, finish_reason=reason))
 
 
 def _whole_body(
-    data: bytes | bytearray, request: ChatCompletionRequest | CompletionRequest, *, chat: bool
+    data: bytes | bytearray,
+    request: ChatCompletionRequest | CompletionRequest,
+    *,
+    chat: bool,
+    choices: int,
 ) -> list[Delta | Usage]:
-    """A non-streamed answer: one Delta per choice (in index order), then Usage."""
+    """A non-streamed answer: one Delta per choice (in index order), then Usage.
+    No choice at all, or one outside the ``choices`` asked for, is invalid."""
     try:
         answer = orjson.loads(data)
         out: list[Delta | Usage] = []
         chars = 0
-        for choice in sorted(answer["choices"], key=_index):
+        given = answer["choices"]
+        if not given:
+            raise ValueError("no choices")
+        indexed = sorted(((_index(c, choices), c) for c in given), key=lambda pair: pair[0])
+        for index, choice in indexed:
             if chat:
                 message = choice.get("message") or {}
                 text = message.get("content") or ""
@@ -274,9 +315,7 @@ def _whole_body(
                 raise TypeError("text is not a string")
             chars += len(text) + sum(len(c.arguments) for c in calls)
             reason = _finish_reason(choice.get("finish_reason") or "stop")
-            out.append(
-                Delta(text=text, choice=_index(choice), tool_calls=calls, finish_reason=reason)
-            )
+            out.append(Delta(text=text, choice=index, tool_calls=calls, finish_reason=reason))
         usage = _usage(answer.get("usage"))
     except _PARSE_ERRORS as exc:
         raise invalid_response() from exc
@@ -284,10 +323,16 @@ def _whole_body(
     return out
 
 
-def _index(choice: JsonObject) -> int:
+def _choices(request: ChatCompletionRequest | CompletionRequest) -> int:
+    """How many choices the answer may have: ``n`` per prompt."""
+    n = request.n or 1
+    return n if isinstance(request, ChatCompletionRequest) else n * len(request.prompts())
+
+
+def _index(choice: JsonObject, choices: int) -> int:
     index = choice.get("index", 0)
-    if type(index) is not int or index < 0:
-        raise TypeError("choice index is not a non-negative integer")
+    if type(index) is not int or not 0 <= index < choices:
+        raise TypeError("choice index is not one of the choices asked for")
     return index
 
 

@@ -2,11 +2,12 @@
 
 A :class:`CompletionOutput` holds what turns normalized backend pieces into bytes:
 an SSE encoder for a streamed request, a choice accumulator otherwise, and, when the
-request has tools, the one tool-call normalizer that both paths go through (so the
-streamed and the whole answer agree), then, when the request asks for strict
-output, the :class:`~.strict_output.StrictOutput` check. Broken tool-call output
-raises :class:`~ostiary.protocol.errors.BackendError` from :meth:`feed` or
-:meth:`finish`; output strict mode refuses, its ``InvalidModelOutput``.
+request has tools (or the output has tool calls all the same), the one tool-call
+normalizer that both paths go through (so the streamed and the whole answer agree),
+then, when the request asks for strict output, the
+:class:`~.strict_output.StrictOutput` check. Broken tool-call output raises
+:class:`~ostiary.protocol.errors.BackendError` from :meth:`feed` or :meth:`finish`;
+output strict mode refuses, its ``InvalidModelOutput``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ __all__ = ["CompletionOutput"]
 class CompletionOutput:
     __slots__ = (
         "_call",
+        "_chat",
         "_collected",
         "_created",
         "_encoder",
+        "_limits",
+        "_request_id",
         "_response_id",
         "_strict",
         "_tool_calls",
@@ -44,7 +48,7 @@ class CompletionOutput:
         limits: RequestLimits,
         checker: SchemaChecker | None = None,
     ) -> None:
-        chat = isinstance(call, ChatCompletionRequest)
+        chat = self._chat = isinstance(call, ChatCompletionRequest)
         self._call = call
         self._created = created
         self._response_id = ("chatcmpl-" if chat else "cmpl-") + request_id
@@ -60,16 +64,21 @@ class CompletionOutput:
             )
         else:
             self._collected = ChoiceAccumulator()
+        self._request_id = request_id
+        self._limits = limits
         self._tool_calls: ToolCallNormalizer | None = None
         if isinstance(call, ChatCompletionRequest) and call.tools:
-            self._tool_calls = ToolCallNormalizer(
-                f"call_{request_id}",
-                max_calls=limits.max_output_tool_calls,
-                max_argument_bytes=limits.max_output_argument_bytes,
-            )
+            self._tool_calls = self._normalizer()
         self._strict: StrictOutput | None = None
         if isinstance(call, ChatCompletionRequest):
             self._strict = StrictOutput.of(call, checker, limits)
+
+    def _normalizer(self) -> ToolCallNormalizer:
+        return ToolCallNormalizer(
+            f"call_{self._request_id}",
+            max_calls=self._limits.max_output_tool_calls,
+            max_argument_bytes=self._limits.max_output_argument_bytes,
+        )
 
     @property
     def streaming(self) -> bool:
@@ -78,8 +87,13 @@ class CompletionOutput:
     def feed(self, deltas: list[Delta]) -> bytes:
         """Take output; return the SSE bytes it makes (``b""``: nothing to send yet,
         and always for a request that is not streamed)."""
-        if self._tool_calls is not None:
-            deltas = self._tool_calls.feed(deltas)
+        calls = self._tool_calls
+        if calls is None and self._chat and any(d.tool_calls for d in deltas):
+            # Tool calls the request did not declare tools for (an upstream that
+            # knows them some other way) are made regular all the same.
+            calls = self._tool_calls = self._normalizer()
+        if calls is not None:
+            deltas = calls.feed(deltas)
         if self._strict is not None:
             deltas = self._strict.feed(deltas)
         return self._out(deltas)

@@ -16,6 +16,7 @@ from ostiary.backends.base import Backend, Generation
 from ostiary.backends.httpclient import HttpClient
 from ostiary.backends.ollama import OllamaBackend, OllamaSettings
 from ostiary.backends.upstream import UpstreamBackend, UpstreamError
+from ostiary.protocol.capabilities import check_capabilities
 from ostiary.protocol.errors import (
     BackendError,
     BackendTimeoutError,
@@ -537,6 +538,7 @@ CHAT_REFUSED = [
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 0}, "top_logprobs"),
     ({"logit_bias": {"50256": -100.0}}, "logit_bias"),
     ({"tool_choice": ToolChoice(mode="required"), "tools": (WEATHER_TOOL,)}, "tool_choice"),
     ({"tool_choice": ToolChoice(mode="function", function="get_weather")}, "tool_choice"),
@@ -636,6 +638,8 @@ async def test_chat_refuses_what_ollama_cannot_honour(
         await collect(backend.chat(chat_request(**fields)))
     assert info.value.param == param
     assert info.value.status == 400
+    if param in ("n", "logprobs", "top_logprobs", "logit_bias", "tool_choice"):
+        assert info.value.code == "unsupported_parameter"
     assert fake.requests == []
 
 
@@ -660,6 +664,22 @@ async def test_complete_refuses_what_ollama_cannot_honour(
         await collect(backend.complete(request))
     assert info.value.param == param
     assert fake.requests == []
+    if param == "logprobs":
+        assert info.value.code == "unsupported_parameter"
+
+
+def test_the_gateway_refuses_logprobs_for_ollama_models_first() -> None:
+    """Ollama gives no logprobs: the model declares so, and the gateway refuses
+    ``logprobs`` and ``top_logprobs`` before the request is queued."""
+    caps = OllamaSettings(name="o", models=("llama3.2",)).capabilities("llama3.2")
+    for request in (
+        chat_request(logprobs=True),
+        chat_request(top_logprobs=0),
+        CompletionRequest(model="llama3.2", prompt="Hi", logprobs=0),
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            check_capabilities(request, caps)
+        assert (info.value.param, info.value.code) == ("logprobs", "unsupported_parameter")
 
 
 async def test_complete_accepts_neutral_values(backend: OllamaBackend) -> None:

@@ -71,6 +71,8 @@ def chat(stream: bool = False, **raw: Any) -> ChatCompletionRequest:
         messages=(ChatMessage(role="user", content="hi there"),),
         stream=stream,
         n=raw.get("n"),
+        logprobs=raw.get("logprobs"),
+        top_logprobs=raw.get("top_logprobs"),
         raw=body,
     )
 
@@ -527,6 +529,113 @@ async def test_an_answer_without_choices_is_an_invalid_response(nursery: trio.Nu
         for request in (chat(stream=True), chat()):
             with pytest.raises(BackendError, match="invalid response"):
                 await collect(backend.chat(request))
+
+
+# -- logprobs ---------------------------------------------------------------------------------
+
+
+def token(text: str, logprob: float, *alternatives: tuple[str, float]) -> dict[str, Any]:
+    """A chat token's logprob as the spec has it (and OpenAI sends it)."""
+    top = [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in alternatives]
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": top}
+
+
+async def test_chat_logprobs_are_carried_streamed_and_not(nursery: trio.Nursery) -> None:
+    hi, there = token("hi", -0.1, ("hi", -0.1), ("yo", -2.5)), token(" there", -0.25)
+    # What the upstream adds beyond the spec is left out, what it omits filled in.
+    sent_hi = {**hi, "extra": 1}
+    sent_there = {k: v for k, v in there.items() if k not in ("bytes", "top_logprobs")}
+    expected_there = {**there, "bytes": None}
+    stream = sse_response(
+        [
+            chunk([{"index": 0, "delta": {"role": "assistant"}, "logprobs": None}]),
+            chunk([{"index": 0, "delta": {"content": "hi"}, "logprobs": {"content": [sent_hi]}}]),
+            # A token whose text is empty still carries its logprob.
+            chunk([{"index": 0, "delta": {"content": ""}, "logprobs": {"content": [sent_there]}}]),
+            chunk([STOP]),
+            b"[DONE]",
+        ]
+    )
+    logprobs = {"content": [sent_hi, sent_there], "refusal": None}
+    whole = {"index": 0, "message": {"content": "hi there"}, "logprobs": logprobs}
+    url = await start_scripted(
+        nursery, replies(stream, http_response(200, orjson.dumps({"choices": [whole]})))
+    )
+    async with backend_for(url) as backend:
+        items = await collect(backend.chat(chat(stream=True, logprobs=True, top_logprobs=2)))
+        assert items[:3] == [
+            Delta(text="hi", logprobs={"content": [hi], "refusal": None}),
+            Delta(logprobs={"content": [expected_there], "refusal": None}),
+            Delta(finish_reason="stop"),
+        ]
+        # The objects, not just equal dicts: both keys present, nothing else.
+        first = items[0]
+        assert isinstance(first, Delta) and first.logprobs == {"content": [hi], "refusal": None}
+        items = await collect(backend.chat(chat(logprobs=True)))
+        assert items[0] == Delta(
+            "hi there", 0, (), "stop", {"content": [hi, expected_there], "refusal": None}
+        )
+
+
+async def test_completion_logprobs_are_carried(nursery: trio.Nursery) -> None:
+    legacy = {
+        "tokens": [" once", " more"],
+        "token_logprobs": [None, -0.5],
+        "top_logprobs": [None, {" more": -0.5, " again": -1.5}],
+        "text_offset": [0, 5],
+    }
+    answer = {"choices": [{"index": 0, "text": " once more", "logprobs": legacy}]}
+    stream = sse_response(
+        [
+            orjson.dumps(
+                {"choices": [{"index": 0, "text": " once", "logprobs": {"tokens": [" once"]}}]}
+            ),
+            orjson.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}),
+            b"[DONE]",
+        ]
+    )
+    url = await start_scripted(nursery, replies(http_response(200, orjson.dumps(answer)), stream))
+    raw = {"model": "ours", "prompt": "p", "logprobs": 2}
+    async with backend_for(url) as backend:
+        request = CompletionRequest(model="ours", prompt="p", logprobs=2, raw=raw)
+        items = await collect(backend.complete(request))
+        assert items[0] == Delta(" once more", 0, (), "stop", legacy)
+        request = CompletionRequest(
+            model="ours", prompt="p", logprobs=2, stream=True, raw={**raw, "stream": True}
+        )
+        items = await collect(backend.complete(request))
+        assert items[0] == Delta(
+            " once",
+            logprobs={
+                "tokens": [" once"],
+                "token_logprobs": [],
+                "top_logprobs": [],
+                "text_offset": [],
+            },
+        )
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        [1],
+        {"content": "x"},
+        {"content": [{"token": "a"}]},
+        {"content": [{"token": "a", "logprob": "high"}]},
+        {"content": [{"token": "a", "logprob": -1, "bytes": [300]}]},
+        {"content": [{"token": "a", "logprob": -1, "top_logprobs": {}}]},
+    ],
+)
+async def test_malformed_logprobs_are_an_invalid_response(
+    nursery: trio.Nursery, logprobs: object
+) -> None:
+    answer = {"choices": [{**WHOLE, "logprobs": logprobs}]}
+    url = await start_scripted(nursery, reply(http_response(200, orjson.dumps(answer))))
+    async with backend_for(url) as backend:
+        with pytest.raises(BackendError, match="invalid response"):
+            await collect(backend.chat(chat(logprobs=True)))
+        # Not asked for, what the upstream sends is not looked at.
+        assert (await collect(backend.chat(chat())))[0] == Delta("ok", finish_reason="stop")
 
 
 # -- garbage from upstream -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """A fake OpenAI-compatible upstream that makes two parallel tool calls in the
-broken shapes real servers send, one shape per model id (see :data:`QUIRKS`).
+broken shapes real servers send, one shape per model id (see :data:`QUIRKS`), and
+answers :data:`LOGPROBS_MODEL` with logprobs.
 
 It runs in a thread of the test process (``http.server``, loopback, port 0) so that
 a real Ostiary process can relay to it; every answer is computed in advance from
@@ -190,6 +191,75 @@ def whole_body(model: str) -> bytes:
     )
 
 
+#: The model id whose answers carry logprobs, chat's and the legacy completions'.
+LOGPROBS_MODEL = "logprobs"
+#: Its tokens: (text, logprob); each offers itself and one alternative.
+LOGPROBS_TOKENS = (("Hel", -0.25), ("lo", -0.5), ("!", -1.5))
+
+
+def _chat_token(text: str, logprob: float) -> dict[str, Any]:
+    top = [(text, logprob), ("~", logprob - 3)]
+    return {
+        "token": text,
+        "logprob": logprob,
+        "bytes": list(text.encode()),
+        "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in top],
+    }
+
+
+def _legacy(tokens: tuple[tuple[str, float], ...], offset: int) -> dict[str, Any]:
+    offsets = []
+    for text, _ in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": [t for t, _ in tokens],
+        "token_logprobs": [p for _, p in tokens],
+        "top_logprobs": [{t: p, "~": p - 3} for t, p in tokens],
+        "text_offset": offsets,
+    }
+
+
+def logprobs_body(chat: bool, stream: bool) -> bytes:
+    """An answer with logprobs (with a field the spec lacks, which must not pass)."""
+    text = "".join(t for t, _ in LOGPROBS_TOKENS)
+    usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    head = {"id": "up", "created": 1, "model": LOGPROBS_MODEL}
+    if not stream:
+        if chat:
+            content = [{**_chat_token(*t), "extra": 1} for t in LOGPROBS_TOKENS]
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": {"content": content, "refusal": None},
+                "finish_reason": "stop",
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": _legacy(LOGPROBS_TOKENS, 0)}
+            choice["finish_reason"] = "stop"
+        kind = "chat.completion" if chat else "text_completion"
+        return orjson.dumps({**head, "object": kind, "choices": [choice], "usage": usage})
+    events: list[dict[str, Any]] = []
+    offset = 0
+    for text, logprob in LOGPROBS_TOKENS:
+        if chat:
+            delta = {"content": text}
+            lp: dict[str, Any] = {"content": [_chat_token(text, logprob)], "refusal": None}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}
+        else:
+            lp = _legacy(((text, logprob),), offset)
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": None}
+        offset += len(text)
+        events.append({**head, "choices": [choice]})
+    end: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+    if chat:
+        end["delta"] = {}
+    else:
+        end["text"] = ""
+    events += [{**head, "choices": [end]}, {**head, "choices": [], "usage": usage}]
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -202,7 +272,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         request = orjson.loads(self.rfile.read(length))
         model = request.get("model", "")
         RECEIVED.append(model)
-        if model not in QUIRKS or not request.get("tools"):
+        if model == LOGPROBS_MODEL:
+            stream = bool(request.get("stream"))
+            kind = "text/event-stream" if stream else "application/json"
+            self._send(200, kind, logprobs_body(self.path.endswith("/chat/completions"), stream))
+        elif model not in QUIRKS or not request.get("tools"):
             self._send(400, "application/json", b'{"error":{"message":"no such quirk"}}')
         elif request.get("stream"):
             self._send(200, "text/event-stream", stream_body(model))

@@ -249,7 +249,9 @@ class OllamaBackend(UpstreamBackend):
 
 def _refuse(param: str, what: str | None = None) -> InvalidRequestError:
     return InvalidRequestError(
-        f"'{param}' is not supported by this model{': ' + what if what else ''}.", param=param
+        f"'{param}' is not supported by this model{': ' + what if what else ''}.",
+        param=param,
+        code="unsupported_parameter",
     )
 
 
@@ -279,7 +281,7 @@ def _chat_body(request: ChatCompletionRequest, upstream: str, keep_alive: str | 
         raise _refuse("n", "it generates one choice per request")
     if request.logprobs:
         raise _refuse("logprobs")
-    if request.top_logprobs:
+    if request.top_logprobs is not None:
         raise _refuse("top_logprobs")
     if request.logit_bias:
         raise _refuse("logit_bias")

@@ -19,7 +19,10 @@ An error the upstream reports inside a stream, bad JSON or a cut stream is a 502
 raised from the iterator.
 Finish reasons outside OpenAI's set become ``"stop"``, and so does a missing one
 (see :class:`_StreamTranslator`); an answer with no choice, or a choice index
-outside the ``n`` asked for (per prompt), is a 502; logprobs are not carried.
+outside the ``n`` asked for (per prompt), is a 502. Logprobs are carried when the
+request asks for them, checked and cut to the spec's shape (chat: ``content`` and
+``refusal`` lists; completions: the legacy four lists); a shape that does not fit
+is a 502 too.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import base64
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -47,6 +50,7 @@ from ostiary.protocol.generation import (
     FINISH_REASONS,
     Delta,
     EmbeddingResult,
+    Logprobs,
     ToolCallDelta,
     Usage,
 )
@@ -171,7 +175,7 @@ class OpenAIBackend(UpstreamBackend):
             **(options if isinstance(options, dict) else {}),
             "include_usage": True,
         }
-        translator = _StreamTranslator(chat, choices)
+        translator = _StreamTranslator(chat, choices, _logprobs_reader(request))
         with self._failures():
             async with self._http.stream("POST", path, body=orjson.dumps(body)) as response:
                 await self._check_status(response, request.model, aliases)
@@ -210,11 +214,23 @@ class _StreamTranslator:
     stopped (a cut stream, with neither, is an error). A stream that ends with no
     choice at all answered nothing: an invalid response, as ``"choices": []`` is."""
 
-    __slots__ = ("chat", "choices", "done", "finished", "open", "pieces", "seen", "usage")
+    __slots__ = (
+        "chat",
+        "choices",
+        "done",
+        "finished",
+        "logprobs",
+        "open",
+        "pieces",
+        "seen",
+        "usage",
+    )
 
-    def __init__(self, chat: bool, choices: int = 1) -> None:
+    def __init__(self, chat: bool, choices: int = 1, logprobs: _LogprobsReader = None) -> None:
         self.chat = chat
         self.choices = choices
+        #: Reads a choice's ``logprobs`` (None: the request asked for none).
+        self.logprobs = logprobs
         self.done = False
         self.finished = False
         self.pieces = 0
@@ -272,9 +288,11 @@ class _StreamTranslator:
             if not isinstance(text, str):
                 raise TypeError("text is not a string")
             reason = choice.get("finish_reason")
+            read = self.logprobs
+            logprobs = None if read is None else read(choice.get("logprobs"))
             if text or calls:
                 self.pieces += 1
-            elif reason is None:
+            elif reason is None and logprobs is None:
                 self.open.add(index)
                 continue
             if reason is not None:
@@ -283,7 +301,7 @@ class _StreamTranslator:
                 self.open.discard(index)
             else:
                 self.open.add(index)
-            deltas.append(Delta(text=text, choice=index, tool_calls=calls, finish_reason=reason))
+            deltas.append(Delta(text, index, calls, reason, logprobs))
 
 
 def _whole_body(
@@ -295,6 +313,7 @@ def _whole_body(
 ) -> list[Delta | Usage]:
     """A non-streamed answer: one Delta per choice (in index order), then Usage.
     No choice at all, or one outside the ``choices`` asked for, is invalid."""
+    read = _logprobs_reader(request)
     try:
         answer = orjson.loads(data)
         out: list[Delta | Usage] = []
@@ -315,12 +334,95 @@ def _whole_body(
                 raise TypeError("text is not a string")
             chars += len(text) + sum(len(c.arguments) for c in calls)
             reason = _finish_reason(choice.get("finish_reason") or "stop")
-            out.append(Delta(text=text, choice=index, tool_calls=calls, finish_reason=reason))
+            logprobs = None if read is None else read(choice.get("logprobs"))
+            out.append(Delta(text, index, calls, reason, logprobs))
         usage = _usage(answer.get("usage"))
     except _PARSE_ERRORS as exc:
         raise invalid_response() from exc
     out.append(usage or Usage(_estimate_prompt(request), math.ceil(chars / 4)))
     return out
+
+
+_LogprobsReader = Callable[[object], Logprobs | None] | None
+
+
+def _logprobs_reader(request: ChatCompletionRequest | CompletionRequest) -> _LogprobsReader:
+    """What reads a choice's ``logprobs``: None unless the request asked for them
+    (what an upstream sends unasked is not looked at)."""
+    if isinstance(request, ChatCompletionRequest):
+        return _chat_logprobs if request.logprobs else None
+    return _text_logprobs if request.logprobs is not None else None
+
+
+def _chat_logprobs(value: object) -> Logprobs | None:
+    """A chat choice's logprobs, in the spec's shape: both lists present (or
+    None), each token's ``token``, ``logprob``, ``bytes`` and ``top_logprobs``,
+    nothing else. TypeError or KeyError for anything that does not fit."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("logprobs is not an object")
+    out: Logprobs = {}
+    for key in ("content", "refusal"):
+        tokens = value.get(key)
+        if tokens is not None and not isinstance(tokens, list):
+            raise TypeError(f"logprobs.{key} is not a list")
+        out[key] = None if tokens is None else [_token_logprob(t, top=True) for t in tokens]
+    return out
+
+
+def _token_logprob(entry: JsonObject, *, top: bool) -> JsonObject:
+    token, logprob, raw = entry["token"], entry["logprob"], entry.get("bytes")
+    if not isinstance(token, str) or type(logprob) not in (int, float):
+        raise TypeError("malformed token logprob")
+    if raw is not None and (
+        not isinstance(raw, list) or not all(type(b) is int and 0 <= b < 256 for b in raw)
+    ):
+        raise TypeError("token bytes are not a list of bytes")
+    out: JsonObject = {"token": token, "logprob": logprob, "bytes": raw}
+    if top:
+        alternatives = _list(entry.get("top_logprobs"))
+        out["top_logprobs"] = [_token_logprob(t, top=False) for t in alternatives]
+    return out
+
+
+def _text_logprobs(value: object) -> Logprobs | None:
+    """A completion choice's legacy logprobs: the four lists (empty when absent),
+    typed as the spec has them, except that ``token_logprobs`` and ``top_logprobs``
+    may hold null where the upstream has none (vLLM's first echoed prompt token)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("logprobs is not an object")
+    tokens = _list(value.get("tokens"))
+    numbers = _list(value.get("token_logprobs"))
+    tops = _list(value.get("top_logprobs"))
+    offsets = _list(value.get("text_offset"))
+    if (
+        not all(isinstance(t, str) for t in tokens)
+        or not all(n is None or type(n) in (int, float) for n in numbers)
+        or not all(type(o) is int for o in offsets)
+        or not all(top is None or _alternatives(top) for top in tops)
+    ):
+        raise TypeError("malformed completion logprobs")
+    return {
+        "tokens": tokens,
+        "token_logprobs": numbers,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def _alternatives(top: object) -> bool:
+    return isinstance(top, dict) and all(type(n) in (int, float) for n in top.values())
+
+
+def _list(value: object) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TypeError("not a list")
+    return value
 
 
 def _choices(request: ChatCompletionRequest | CompletionRequest) -> int:

@@ -7,9 +7,11 @@ an :class:`EmbeddingResult`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
-__all__ = ["Delta", "EmbeddingResult", "FinishReason", "ToolCallDelta", "Usage"]
+__all__ = ["Delta", "EmbeddingResult", "FinishReason", "Logprobs", "ToolCallDelta", "Usage"]
 
 #: The finish reasons OpenAI's API defines.
 FinishReason = str
@@ -39,14 +41,24 @@ class ToolCallDelta:
     arguments: str = ""
 
 
+#: The log probabilities of a piece's tokens, in OpenAI's shape and checked by the
+#: backend that made it: for chat ``{"content": [...] | None, "refusal": [...] |
+#: None}`` (lists of ``{token, logprob, bytes, top_logprobs}``); for completions
+#: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``, four lists.
+#: The pieces of one choice concatenate, list by list.
+Logprobs = dict[str, Any]
+
+
 @attrs.frozen
 class Delta:
-    """New output for choice ``choice``; ``finish_reason`` set on its last piece."""
+    """New output for choice ``choice``; ``finish_reason`` set on its last piece;
+    ``logprobs`` only when the request asked for them (and the model gave them)."""
 
     text: str = ""
     choice: int = 0
     tool_calls: tuple[ToolCallDelta, ...] = ()
     finish_reason: FinishReason | None = None
+    logprobs: Logprobs | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .errors import MethodNotAllowedError, OpenAIError
-from .generation import Delta, EmbeddingResult, Usage
+from .generation import Delta, EmbeddingResult, Logprobs, Usage
 from .requests import ChatCompletionRequest, CompletionRequest
 
 __all__ = [
@@ -96,9 +96,10 @@ def error_headers(error: OpenAIError, request_id: str) -> tuple[Header, ...]:
 class ChoiceAccumulator:
     """Collects the pieces of each choice for a non-streamed response."""
 
-    __slots__ = ("_finish", "_text", "_tools")
+    __slots__ = ("_finish", "_logprobs", "_text", "_tools")
 
     def __init__(self) -> None:
+        self._logprobs: dict[int, Logprobs] = {}
         self._text: dict[int, list[str]] = {}
         self._tools: dict[int, dict[int, dict[str, Any]]] = {}
         self._finish: dict[int, str | None] = {}
@@ -125,6 +126,17 @@ class ChoiceAccumulator:
                 call["function"]["arguments"] += tc.arguments
         if delta.finish_reason is not None:
             self._finish[i] = delta.finish_reason
+        if delta.logprobs is not None:
+            held = self._logprobs.get(i)
+            if held is None:
+                held = self._logprobs[i] = {}
+            for key, values in delta.logprobs.items():
+                if values is None:
+                    held.setdefault(key, None)
+                elif held.get(key) is None:
+                    held[key] = list(values)
+                else:
+                    held[key].extend(values)
 
     def _indexes(self) -> list[int]:
         return sorted(self._text.keys() | self._finish.keys()) or [0]
@@ -145,7 +157,7 @@ class ChoiceAccumulator:
                 {
                     "index": i,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": self._logprobs.get(i),
                     "finish_reason": self._finish.get(i) or "stop",
                 }
             )
@@ -156,7 +168,7 @@ class ChoiceAccumulator:
             {
                 "index": i,
                 "text": "".join(self._text.get(i, ())),
-                "logprobs": None,
+                "logprobs": self._logprobs.get(i),
                 "finish_reason": self._finish.get(i) or "stop",
             }
             for i in self._indexes()

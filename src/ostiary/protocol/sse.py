@@ -88,7 +88,7 @@ class SseEncoder:
             return {
                 "index": delta.choice,
                 "text": delta.text,
-                "logprobs": None,
+                "logprobs": delta.logprobs,
                 "finish_reason": delta.finish_reason,
             }
         body: dict[str, Any] = {}
@@ -103,7 +103,7 @@ class SseEncoder:
         return {
             "index": delta.choice,
             "delta": body,
-            "logprobs": None,
+            "logprobs": delta.logprobs,
             "finish_reason": delta.finish_reason,
         }
 

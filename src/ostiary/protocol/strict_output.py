@@ -122,7 +122,7 @@ class StrictOutput:
                 out.append(delta)
                 continue
             self._reasons[delta.choice] = delta.finish_reason
-            if delta.text or delta.tool_calls:
+            if delta.text or delta.tool_calls or delta.logprobs is not None:
                 out.append(attrs.evolve(delta, finish_reason=None))
         return out
 

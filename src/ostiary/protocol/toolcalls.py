@@ -174,7 +174,7 @@ class ToolCallNormalizer:
         out: list[Delta] = []
         for delta in deltas:
             if not delta.tool_calls and delta.finish_reason is None:
-                if delta.text:
+                if delta.text or delta.logprobs is not None:
                     out.append(delta)
                 continue
             state = self._choice(delta.choice)
@@ -184,8 +184,8 @@ class ToolCallNormalizer:
             reason = delta.finish_reason
             if reason is not None:
                 reason = self._close(delta.choice, state, reason, pieces)
-            if delta.text or pieces or reason is not None:
-                out.append(Delta(delta.text, delta.choice, tuple(pieces), reason))
+            if delta.text or pieces or reason is not None or delta.logprobs is not None:
+                out.append(Delta(delta.text, delta.choice, tuple(pieces), reason, delta.logprobs))
         return out
 
     def finish(self) -> list[Delta]:

@@ -164,8 +164,10 @@ def test_non_stream_tool_calls_and_choices() -> None:
     _, body, _ = json_of(gw.handle(BackendFinished("r1", 11.0)))
     first, second = body["choices"]
     assert first["message"]["content"] is None
+    # No tools declared, but the calls are made regular all the same: the first
+    # id and name stand, a name is never concatenated.
     assert first["message"]["tool_calls"] == [
-        {"id": "c1b", "type": "function", "function": {"name": "getx", "arguments": '{"a":1}'}}
+        {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"a":1}'}}
     ]
     assert first["finish_reason"] == "tool_calls"
     assert second["message"]["content"] == "second"

@@ -672,14 +672,14 @@ def test_the_gateway_refuses_logprobs_for_ollama_models_first() -> None:
     """Ollama gives no logprobs: the model declares so, and the gateway refuses
     ``logprobs`` and ``top_logprobs`` before the request is queued."""
     caps = OllamaSettings(name="o", models=("llama3.2",)).capabilities("llama3.2")
-    for request in (
-        chat_request(logprobs=True),
-        chat_request(top_logprobs=0),
-        CompletionRequest(model="llama3.2", prompt="Hi", logprobs=0),
+    for request, param in (
+        (chat_request(logprobs=True), "logprobs"),
+        (chat_request(top_logprobs=0), "top_logprobs"),
+        (CompletionRequest(model="llama3.2", prompt="Hi", logprobs=0), "logprobs"),
     ):
         with pytest.raises(InvalidRequestError) as info:
             check_capabilities(request, caps)
-        assert (info.value.param, info.value.code) == ("logprobs", "unsupported_parameter")
+        assert (info.value.param, info.value.code) == (param, "unsupported_parameter")
 
 
 async def test_complete_accepts_neutral_values(backend: OllamaBackend) -> None:

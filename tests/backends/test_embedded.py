@@ -318,7 +318,7 @@ async def test_a_reader_that_lags_gets_everything_in_order(engine: EmbeddedEngin
 UNDECLARED_CHAT: list[tuple[dict[str, Any], str]] = [
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
     ({"extensions": {"dry_multiplier": 0.8}}, "dry_multiplier"),
 ]
 

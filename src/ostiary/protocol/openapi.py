@@ -49,6 +49,14 @@ def _ref(name: str) -> Schema:
     return {"$ref": _REF + name}
 
 
+def _obj(properties: Schema, *required: str) -> Schema:
+    """An object schema with these properties, ``required`` of them required."""
+    schema: Schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
 def _nullable(schema: Schema) -> Schema:
     if "type" in schema and isinstance(schema["type"], str):
         return {**schema, "type": [schema["type"], "null"]}
@@ -231,19 +239,15 @@ def _request_schemas() -> Schema:
                 "file": {"type": "object"},
             },
         },
-        "ToolCall": {
-            "type": "object",
-            "required": ["id", "function"],
-            "properties": {
+        "ToolCall": _obj(
+            {
                 "id": _STRING,
                 "type": {"const": "function"},
-                "function": {
-                    "type": "object",
-                    "required": ["name", "arguments"],
-                    "properties": {"name": _STRING, "arguments": _STRING},
-                },
+                "function": _obj({"name": _STRING, "arguments": _STRING}, "name", "arguments"),
             },
-        },
+            "id",
+            "function",
+        ),
         "Tool": {
             "type": "object",
             "required": ["function"],
@@ -299,6 +303,51 @@ _FINISH: Schema = {
 }
 
 
+def _assistant(tool_call: Schema, *, required: bool) -> Schema:
+    """A choice's ``message`` (whole) or ``delta`` (streamed)."""
+    schema: Schema = {
+        "type": "object",
+        "properties": {
+            "role": {"const": "assistant"},
+            "content": {"type": ["string", "null"]},
+            "refusal": {"type": ["string", "null"]},
+            "tool_calls": {"type": "array", "items": tool_call},
+        },
+    }
+    if required:
+        schema["required"] = ["role", "content"]
+    return schema
+
+
+def _generated(kind: str, output: Schema, usage: Schema) -> Schema:
+    """A completion, chat completion or chunk: the envelope and its choices, each
+    with ``output`` (its field: the message, the delta or the text)."""
+    (field,) = output
+    choice = {
+        "type": "object",
+        "required": ["index", field] if field == "delta" else ["index", field, "finish_reason"],
+        "properties": {
+            "index": _INTEGER,
+            "finish_reason": _FINISH,
+            "logprobs": {"type": ["object", "null"]},
+            **output,
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": _STRING,
+            "object": {"const": kind},
+            "created": _INTEGER,
+            "model": _STRING,
+            "system_fingerprint": _STRING,
+            "choices": {"type": "array", "items": choice},
+            "usage": usage,
+        },
+    }
+
+
 def _response_schemas() -> Schema:
     tool_call_delta = {
         "type": "object",
@@ -331,96 +380,19 @@ def _response_schemas() -> Schema:
             },
         },
         "Usage": _USAGE,
-        "CreateChatCompletionResponse": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices"],
-            "properties": {
-                "id": _STRING,
-                "object": {"const": "chat.completion"},
-                "created": _INTEGER,
-                "model": _STRING,
-                "system_fingerprint": _STRING,
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "message", "finish_reason"],
-                        "properties": {
-                            "index": _INTEGER,
-                            "finish_reason": _FINISH,
-                            "logprobs": {"type": ["object", "null"]},
-                            "message": {
-                                "type": "object",
-                                "required": ["role", "content"],
-                                "properties": {
-                                    "role": {"const": "assistant"},
-                                    "content": {"type": ["string", "null"]},
-                                    "refusal": {"type": ["string", "null"]},
-                                    "tool_calls": {"type": "array", "items": _ref("ToolCall")},
-                                },
-                            },
-                        },
-                    },
-                },
-                "usage": _ref("Usage"),
-            },
-        },
-        "CreateChatCompletionStreamResponse": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices"],
-            "properties": {
-                "id": _STRING,
-                "object": {"const": "chat.completion.chunk"},
-                "created": _INTEGER,
-                "model": _STRING,
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "delta"],
-                        "properties": {
-                            "index": _INTEGER,
-                            "finish_reason": _FINISH,
-                            "logprobs": {"type": ["object", "null"]},
-                            "delta": {
-                                "type": "object",
-                                "properties": {
-                                    "role": {"const": "assistant"},
-                                    "content": {"type": ["string", "null"]},
-                                    "refusal": {"type": ["string", "null"]},
-                                    "tool_calls": {"type": "array", "items": tool_call_delta},
-                                },
-                            },
-                        },
-                    },
-                },
-                "usage": _nullable(_ref("Usage")),
-            },
-        },
-        "CreateCompletionResponse": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices"],
-            "properties": {
-                "id": _STRING,
-                "object": {"const": "text_completion"},
-                "created": _INTEGER,
-                "model": _STRING,
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "text", "finish_reason"],
-                        "properties": {
-                            "index": _INTEGER,
-                            "text": _STRING,
-                            "finish_reason": _FINISH,
-                            "logprobs": {"type": ["object", "null"]},
-                        },
-                    },
-                },
-                "usage": _nullable(_ref("Usage")),
-            },
-        },
+        "CreateChatCompletionResponse": _generated(
+            "chat.completion",
+            {"message": _assistant(_ref("ToolCall"), required=True)},
+            _ref("Usage"),
+        ),
+        "CreateChatCompletionStreamResponse": _generated(
+            "chat.completion.chunk",
+            {"delta": _assistant(tool_call_delta, required=False)},
+            _nullable(_ref("Usage")),
+        ),
+        "CreateCompletionResponse": _generated(
+            "text_completion", {"text": _STRING}, _nullable(_ref("Usage"))
+        ),
         "CreateEmbeddingResponse": {
             "type": "object",
             "required": ["object", "data", "model", "usage"],
@@ -448,23 +420,20 @@ def _response_schemas() -> Schema:
                         },
                     },
                 },
-                "usage": {
-                    "type": "object",
-                    "required": ["prompt_tokens", "total_tokens"],
-                    "properties": {"prompt_tokens": _INTEGER, "total_tokens": _INTEGER},
-                },
+                "usage": _obj(
+                    {"prompt_tokens": _INTEGER, "total_tokens": _INTEGER},
+                    "prompt_tokens",
+                    "total_tokens",
+                ),
             },
         },
-        "Model": {
-            "type": "object",
-            "required": ["id", "object", "created", "owned_by"],
-            "properties": {
-                "id": _STRING,
-                "object": {"const": "model"},
-                "created": _INTEGER,
-                "owned_by": _STRING,
-            },
-        },
+        "Model": _obj(
+            {"id": _STRING, "object": {"const": "model"}, "created": _INTEGER, "owned_by": _STRING},
+            "id",
+            "object",
+            "created",
+            "owned_by",
+        ),
         "ListModelsResponse": {
             "type": "object",
             "required": ["object", "data"],

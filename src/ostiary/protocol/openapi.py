@@ -663,6 +663,12 @@ def _operations() -> dict[str, Schema]:
             "Each text message is a QueueSnapshot.",
             "parameters": [
                 {
+                    "name": "connection",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"const": "upgrade"},
+                },
+                {
                     "name": "upgrade",
                     "in": "header",
                     "required": True,

@@ -725,7 +725,7 @@ def _reference(
     hdrs = [*headers, (b"date", FIXED_DATE)]
     if close:
         hdrs.append((b"connection", b"close"))
-    if status != 204:
+    if status not in (204, 304):  # neither says a length (RFC 9110 8.6)
         hdrs.append((b"content-length", str(len(body)).encode()))
     reason = _reason(status)
     data = conn.send(h11.Response(status_code=status, headers=hdrs, reason=reason)) or b""

@@ -11,7 +11,8 @@ judged once.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 import attrs
 
@@ -31,7 +32,10 @@ from .errors import (
 
 __all__ = [
     "ADMIN",
+    "ANY_PRINCIPAL",
     "ENDPOINT_LABELS",
+    "MODEL_PATH",
+    "ROUTES",
     "Admission",
     "Endpoint",
     "Refusal",
@@ -61,6 +65,7 @@ class Endpoint(enum.Enum):
     QUEUE_LIVE = "queue.live"
     DASHBOARD = "dashboard"
     METRICS = "metrics"
+    OPENAPI = "openapi"
 
 
 #: The name metrics and the dashboard give each route: DESIGN §5a's, where
@@ -84,11 +89,18 @@ _ROUTES: dict[str, tuple[str, Endpoint]] = {
     "/dashboard.js": ("GET", Endpoint.DASHBOARD),
     "/dashboard.css": ("GET", Endpoint.DASHBOARD),
     "/metrics": ("GET", Endpoint.METRICS),
+    "/openapi.json": ("GET", Endpoint.OPENAPI),
 }
+#: The fixed paths, read-only (the OpenAPI document is built from them).
+ROUTES: Mapping[str, tuple[str, Endpoint]] = MappingProxyType(_ROUTES)
 _MODEL_PREFIX = "/v1/models/"
+#: The one templated path, ``GET`` (``{model}`` percent-decoded).
+MODEL_PATH = _MODEL_PREFIX + "{model}"
 PUBLIC = frozenset({Endpoint.HEALTH, Endpoint.READY, Endpoint.PREFLIGHT, Endpoint.DASHBOARD})
 #: Endpoints for the ``admin`` role only (``/metrics`` also for ``metrics_allow``).
 ADMIN = frozenset({Endpoint.QUEUE, Endpoint.QUEUE_LIVE, Endpoint.METRICS})
+#: Endpoints any authenticated principal may read, whatever its role's endpoints.
+ANY_PRINCIPAL = frozenset({Endpoint.OPENAPI})
 #: Endpoints whose requests carry a JSON body.
 WITH_BODY = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
 

@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 import orjson
 
-from . import decoding
+from . import decoding, openapi
 from .access import AccessPolicy, Principal
 from .actions import (
     Action,
@@ -367,6 +367,8 @@ class Gateway:
             if endpoint is Endpoint.METRICS and peer_allowed(admission.peer, self._metrics_allow):
                 return self._render_metrics(exchange)
             principal = exchange.principal = self._principal(admission, event)
+            if endpoint is Endpoint.OPENAPI:
+                return [openapi.respond(exchange, event.headers)]
             if endpoint in ADMIN:
                 return self._on_admin(exchange, endpoint, event.now, event.headers)
             if endpoint is Endpoint.MODELS:

@@ -35,7 +35,7 @@ import attrs
 
 from .access import AccessPolicy, Principal, Role, Scope
 from .actions import BackendCall, SettleLimits, ShareFailedAuth
-from .admission import ENDPOINT_LABELS, Endpoint
+from .admission import ANY_PRINCIPAL, ENDPOINT_LABELS, Endpoint
 from .auth import ApiKey, KeyTable
 from .buckets import Charge, ConcurrencyLimit, Limit, Unit, wait_ms
 from .client_ip import client_address
@@ -211,7 +211,7 @@ class Guard:
 
     @staticmethod
     def check_endpoint(principal: Principal, endpoint: Endpoint) -> None:
-        if not principal.role.may_use_endpoint(endpoint.value):
+        if endpoint not in ANY_PRINCIPAL and not principal.role.may_use_endpoint(endpoint.value):
             raise PermissionDeniedError(
                 f"This {_kind(principal)}'s role may not use the "
                 f"{ENDPOINT_LABELS[endpoint]} endpoint.",

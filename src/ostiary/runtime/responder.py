@@ -129,7 +129,7 @@ class Responder:
         data = self._plain_response(status, headers, body)
         if data is None:
             hdrs = self._headers(headers)
-            if status != 204:
+            if status not in (204, 304):
                 hdrs.append((b"content-length", str(len(body)).encode()))
             head = h11.Response(status_code=status, headers=hdrs, reason=_reason(status))
             data = self._send(head)

@@ -543,3 +543,76 @@ async def test_a_stream_nobody_reads_gives_its_slot_back_after_the_send_timeout(
             assert 3.5 <= trio.current_time() - start <= 5.5  # queued until the cut
             nursery.cancel_scope.cancel()
         assert driver.gateway.in_flight == 0
+
+
+class _LeavesAtDone(trio.abc.Stream):
+    """The server's side of a connection to a client that, like the OpenAI SDK,
+    closes as soon as it has read ``data: [DONE]``: bytes written after the write
+    that carried it find the client gone. With ``split``, the write that carries it
+    is handed over in two parts, the client leaving (end of input) between them;
+    without, it leaves once the write is handed over, before ``send_all`` returns
+    (a transport that yields after it has taken the bytes)."""
+
+    def __init__(self, client: trio.abc.Stream, server: trio.abc.Stream, *, split: bool) -> None:
+        self._client = client
+        self._server = server
+        self._split = split
+        self.received = b""
+        self.gone = False
+
+    async def _leave(self) -> None:
+        self.gone = True
+        await self._client.send_eof()  # type: ignore[attr-defined]
+        await trio.testing.wait_all_tasks_blocked()  # the server has seen it
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.gone:
+            raise trio.BrokenResourceError("the client has closed")
+        data = bytes(data)
+        done = data.find(b"data: [DONE]\n\n")
+        if done < 0:
+            self.received += data
+            return
+        end = done + len(b"data: [DONE]\n\n")
+        self.received += data[:end]
+        if not self._split:
+            self.received += data[end:]
+            await self._leave()
+            return
+        await self._leave()
+        self.received += data[end:]  # the rest of this write: handed over all the same
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._server.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._server.aclose()
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_a_stream_read_to_done_by_a_client_that_leaves_at_once_is_a_success(
+    split: bool, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """F7: ``[DONE]`` and the chunked terminator go out in one write, and a client that
+    half-closes while that last write is being handed over is not abandoned: the
+    exchange is a 200, not a 499 (the SDK closes at ``[DONE]``)."""
+    caplog.set_level("INFO")
+    async with running() as (_, driver, _):
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        stream = _LeavesAtDone(client_stream, server_stream, split=split)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(HttpServer(driver).serve_connection, stream)
+            await Client(client_stream).request(
+                target="/v1/chat/completions",
+                body=chat_body(model="s", stream=True),
+                authorization=auth_headers()[0][1].decode(),
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert driver.gateway.in_flight == 0
+    records = [r for r in caplog.records if r.name == "ostiary.access"]
+    assert [r.fields["status"] for r in records] == [200]  # type: ignore[attr-defined]
+    assert stream.received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")

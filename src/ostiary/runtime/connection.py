@@ -118,6 +118,11 @@ class Connection:
         if abandon_on_eof and self.eof:
             scope.cancel()
 
+    def finishing(self) -> None:
+        """The handler has begun the last write of its response: end of input no
+        longer cancels it (the client has all it asked for once the write is done)."""
+        self._abandon_on_eof = False
+
     def take_over(self) -> None:
         """The connection switched protocols (h11 is done with it): what h11 holds
         past the request, and all that comes later, goes to :meth:`receive_raw`."""

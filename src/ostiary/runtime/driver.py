@@ -384,10 +384,22 @@ class Driver:
     async def _run(self, ctx: _Context, actions: Sequence[Action]) -> None:
         responder = ctx.responder
         rid = ctx.request_id
-        for action in actions:
+        count = len(actions)
+        i = 0
+        while i < count:
+            action = actions[i]
+            i += 1
             try:
                 if isinstance(action, SendBytes):
-                    await responder.send(action.data)
+                    if i < count and isinstance(actions[i], EndStream):
+                        # A stream's last events and its end in one write: an SDK
+                        # closes as soon as it reads ``[DONE]``, and must not find
+                        # the end still to come.
+                        i += 1
+                        await responder.end(action.data)
+                        self._feed(ResponseSent(rid, trio.current_time()))
+                    else:
+                        await responder.send(action.data)
                 elif isinstance(action, Respond):
                     await responder.respond(action.status, action.headers, action.body)
                     self._feed(ResponseSent(rid, trio.current_time()))

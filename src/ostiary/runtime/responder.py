@@ -103,6 +103,11 @@ class Responder:
 
     async def _write(self, data: bytes, *, last: bool = False) -> None:
         scope = self._scope
+        if last and self._connection is not None:
+            # The whole rest of the response goes in this write: a client that
+            # half-closes now (an SDK that stops at ``[DONE]``) is not abandoned; only
+            # a write that fails means it left before it had everything.
+            self._connection.finishing()
         try:
             if scope is None:
                 with trio.fail_after(self._send_timeout):
@@ -182,9 +187,14 @@ class Responder:
         if data and not self._head:
             await self._write(self._send(h11.Data(data=data)))
 
-    async def end(self) -> None:
+    async def end(self, data: bytes = b"") -> None:
+        """End the stream; ``data``, its last bytes, goes out in the same write as
+        the terminator (a client that leaves once it has read them does not race
+        the end)."""
+        out = self._send(h11.Data(data=data)) if data and not self._head else b""
+        out += self._send(h11.EndOfMessage())
         self.finished = True
-        await self._write(self._send(h11.EndOfMessage()), last=True)
+        await self._write(out, last=True)
 
     async def switch_protocol(self, headers: tuple[Header, ...]) -> Tunnel:
         """Answer ``101 Switching Protocols`` with ``headers`` (the client proposed
@@ -274,5 +284,5 @@ class RawResponder:
     async def send(self, data: bytes) -> None:
         raise ClientDisconnected()
 
-    async def end(self) -> None:
+    async def end(self, data: bytes = b"") -> None:
         raise ClientDisconnected()

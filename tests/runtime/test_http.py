@@ -584,6 +584,29 @@ async def test_buffered_request_and_eof_are_answered(
             assert await client.closed()
 
 
+@pytest.mark.parametrize("partial", [b"", b"POST / HTTP/1.1\r\nhost: t\r\ncontent-le"])
+async def test_pipelined_requests_then_half_close_are_all_answered(
+    partial: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    """F5: every whole request read before the end of input is answered, and the last
+    response says it closes; a partial request after them (known to be partial only
+    when read) goes unanswered as the connection closes."""
+    async with serving() as (server, recorder, connect):
+        client = await connect()
+        get = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
+        await client.send_raw(get * 3 + partial)
+        await client.stream.send_eof()
+        received = b""
+        while data := await client.stream.receive_some(65536):
+            received += data
+        responses = received.split(b"HTTP/1.1 ")[1:]
+        assert [r.startswith(b"200 ") for r in responses] == [True] * 3
+        closing = [b"connection: close" in r for r in responses]
+        assert closing == [False, False, not partial]
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(recorder.requests), server.connections) == (3, 0)
+
+
 async def test_half_close_abandons_a_model_request(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -608,6 +631,31 @@ def _get_then_half_close(port: int) -> bytes:
             while data := sock.recv(65536):
                 received += data
         return received
+
+
+def _pipelined_then_half_close(port: int) -> bytes:
+    """Three GET /healthz in one write, then a half-close, from a blocking socket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n" * 3)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                received += data
+        return received
+
+
+async def test_pipelined_requests_then_half_close_over_loopback_are_all_answered() -> None:
+    server = HttpServer(Recorder(), HttpSettings())
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, listeners)
+        answers = [
+            await trio.to_thread.run_sync(_pipelined_then_half_close, port) for _ in range(5)
+        ]
+        nursery.cancel_scope.cancel()
+    assert [a.count(b"HTTP/1.1 200 ") for a in answers] == [3] * 5
 
 
 async def test_half_close_over_loopback_is_always_answered() -> None:

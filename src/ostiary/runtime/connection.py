@@ -107,6 +107,11 @@ class Connection:
         self._unread = 0
         return arrived
 
+    def pending(self) -> bool:
+        """Whether bytes past the current request wait in h11's buffer (requests
+        the client pipelined; whole or not, the next read tells)."""
+        return bool(self.h11.trailing_data[0])
+
     def start_handling(self, scope: trio.CancelScope, *, abandon_on_eof: bool) -> None:
         """While ``scope``'s handler runs, end of input means the client left (the
         scope is cancelled, at once if the input has already ended) only if

@@ -18,9 +18,10 @@ request is being handled it keeps reading, so if the client goes away during a m
 request (``POST /v1/...``) the handler's cancel scope is cancelled at once and its
 backend work stops. End of input is taken as the client leaving only for those, as
 nginx does: a client that half-closes after any other request (``nc -N``, health
-checkers) is answered, and the connection closes after the response. A request whose
-head the handler's admission refuses (unknown route, bad credentials, a route that
-takes no body) is answered without its body ever being read. Every response carries ``date``.
+checkers) is answered (so is every whole request it pipelined before), and the
+connection closes after the last response. A request whose head the handler's
+admission refuses (unknown route, bad credentials, a route that takes no body) is
+answered without its body ever being read. Every response carries ``date``.
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ class HttpServer:
                     return
                 finally:
                     conn.stop_handling()
-                if conn.eof:
+                if conn.eof and not conn.pending():
                     return  # the client stopped sending: it may have left
                 if request.body_skipped:
                     scope.deadline = math.inf  # the last write's, left for the handler's end
@@ -322,9 +323,10 @@ class HttpServer:
     def _closer(self, conn: Connection, served: int, body_skipped: bool) -> Callable[[], bool]:
         """Whether the response to the ``served``-th request must close the
         connection; asked when its head is written, so a drain that began (or an end
-        of input that came) while it was being handled is honoured."""
+        of input that came) while it was being handled is honoured. Requests the
+        client pipelined before its end of input are answered first."""
         last = body_skipped or served >= self.settings.max_requests_per_connection
-        return lambda: last or self._draining or conn.eof
+        return lambda: last or self._draining or (conn.eof and not conn.pending())
 
     async def _read_request(
         self,

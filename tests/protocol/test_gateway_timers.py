@@ -201,6 +201,7 @@ def test_shutdown_refuses_the_queued_and_lets_the_running_finish() -> None:
         (Refusal.BODY_TIMEOUT, 408, "request_timeout"),
         (Refusal.HEAD_TOO_LARGE, 431, "headers_too_large"),
         (Refusal.BODY_TOO_LARGE, 413, "request_too_large"),
+        (Refusal.TOO_MANY_CHUNKS, 413, "too_many_body_chunks"),
         (Refusal.CONNECTION_LIMIT, 503, "connection_limit"),
         (Refusal.OLD_CHUNKED, 400, "invalid_request"),
         (Refusal.UNSUPPORTED_CODING, 501, "unsupported_transfer_coding"),
@@ -221,3 +222,5 @@ def test_http_refusals_are_answered_and_logged_by_the_core(
     assert log.fields["error_code"] == code
     if refusal is Refusal.BODY_TOO_LARGE:
         assert "99 bytes" in body["error"]["message"]
+    if refusal is Refusal.TOO_MANY_CHUNKS:
+        assert "more than 99 chunks" in body["error"]["message"]

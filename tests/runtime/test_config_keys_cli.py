@@ -47,6 +47,7 @@ host = "0.0.0.0"
 port = 9000
 header_timeout = 5
 max_connections = 10
+max_body_chunks = 64
 access_log = false
 log_format = "text"
 [auth]
@@ -73,6 +74,7 @@ max_concurrency = 2
     assert config.server.header_timeout == 5.0
     assert isinstance(config.server.header_timeout, float)
     assert config.server.http().max_connections == 10
+    assert config.server.http().max_body_chunks == 64
     assert config.limits.max_messages == 3
     assert config.auth.key_reload_interval == 0.5
     scripted, upstream = config.backends
@@ -114,6 +116,7 @@ def test_decoding_bounds_are_limits_keys() -> None:
         ("[server]\naccess_log = 1\n" + SCRIPTED, "invalid value for 'server.access_log'"),
         ("[server]\nlog_level = 'loud'\n" + SCRIPTED, "log_level"),
         ("[limits]\nmax_n = 0\n" + SCRIPTED, "max_n"),
+        ("[server]\nmax_body_chunks = 0\n" + SCRIPTED, "max_body_chunks"),
         (SCRIPTED + "chunkz = 1\n", "unknown key 'backends[0] (\"s\").chunkz'"),
         (SCRIPTED + "chunks = 0\n", "chunks"),
         (SCRIPTED.replace("scripted", "magic"), "kind must be one of"),

@@ -12,6 +12,7 @@ from typing import Any
 from unittest import mock
 
 import h11
+import orjson
 import pytest
 import trio
 import trio.testing
@@ -542,6 +543,41 @@ async def test_chunk_declared_over_the_limit_is_refused_at_once(
         assert (status, headers[b"connection"]) == (413, b"close")
         assert trio.current_time() == start  # not after the body timeout
         assert recorder.requests == []
+
+
+@pytest.mark.parametrize(("chunks", "status"), [(4, 200), (5, 413)])
+async def test_a_body_in_too_many_chunks_is_refused(
+    chunks: int, status: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """F9: every chunk costs CPU however small it is, so a chunked body may have at
+    most ``max_body_chunks`` of them (a chunk that arrives in pieces is one)."""
+    async with serving(HttpSettings(max_body_chunks=4)) as (_, recorder, connect):
+        client = await connect()
+        await client.send_raw(CHUNKED_HEAD + b"3\r\nab")
+        await trio.testing.wait_all_tasks_blocked()  # the first chunk in two pieces
+        await client.send_raw(b"c\r\n" + b"1\r\nx\r\n" * (chunks - 1) + b"0\r\n\r\n")
+        got, headers, body = await client.response()
+        assert got == status
+        if status == 413:
+            error = orjson.loads(body)["error"]
+            assert error["code"] == "too_many_body_chunks"
+            assert "more than 4 chunks" in error["message"]
+            assert headers[b"connection"] == b"close"
+            assert recorder.requests == []
+        else:
+            assert [r.body for r in recorder.requests] == [b"abcxxx"]
+
+
+async def test_a_content_length_body_in_many_reads_is_not_counted_in_chunks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(HttpSettings(max_body_chunks=1)) as (_, _recorder, connect):
+        client = await connect()
+        await client.send_raw(POST_HEAD + b"content-length: 5\r\n\r\n")
+        for byte in b"12345":
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send_raw(bytes([byte]))
+        assert (await client.response())[::2] == (200, b"5")
 
 
 async def test_chunk_filling_the_limit_exactly_is_read(

@@ -117,6 +117,7 @@ class Refusal(enum.Enum):
     BODY_TIMEOUT = "body_timeout"
     HEAD_TOO_LARGE = "head_too_large"
     BODY_TOO_LARGE = "body_too_large"
+    TOO_MANY_CHUNKS = "too_many_chunks"
     CONNECTION_LIMIT = "connection_limit"
 
 
@@ -226,6 +227,12 @@ def refusal_error(refusal: Refusal, limit: int = 0) -> OpenAIError:
     if refusal is Refusal.BODY_TOO_LARGE:
         return RequestTooLargeError(
             f"The request body is larger than {limit} bytes.", code="request_too_large"
+        )
+    if refusal is Refusal.TOO_MANY_CHUNKS:
+        return RequestTooLargeError(
+            f"The request body came in more than {limit} chunks; send it with a"
+            " Content-Length, or in fewer, larger chunks.",
+            code="too_many_body_chunks",
         )
     if refusal is Refusal.HEAD_TOO_LARGE:
         return HeadersTooLargeError("The request headers are too large.", code="headers_too_large")

@@ -74,6 +74,10 @@ class HttpSettings:
     max_connections: int = attrs.field(default=1024, validator=attrs.validators.gt(0))
     #: Requests served on one connection before it is closed.
     max_requests_per_connection: int = attrs.field(default=10_000, validator=attrs.validators.gt(0))
+    #: Chunks of one chunked request body (413 beyond): each costs some
+    #: microseconds of CPU however small it is, so a body of 1-byte chunks must not
+    #: cost seconds of it.
+    max_body_chunks: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     #: Bytes of pipelined requests read ahead while one request is being handled
     #: (past it, reading pauses until the handler is done).
     max_pipelined_bytes: int = attrs.field(
@@ -467,18 +471,25 @@ class HttpServer:
         h = conn.h11
         parts: list[bytes] = []
         size = 0
+        # Chunks counted as they start (a Content-Length body has none): h11 hands
+        # over at least one event each, whatever its size.
+        chunks = self.settings.max_body_chunks
         while True:
             event = _event(h)
-            if event is h11.NEED_DATA:
+            if type(event) is h11.Data:
+                data = event.data
+                size += len(data)
+                if size > limit:
+                    raise _BadRequest(Refusal.BODY_TOO_LARGE, limit)
+                if event.chunk_start:
+                    chunks -= 1
+                    if chunks < 0:
+                        raise _BadRequest(Refusal.TOO_MANY_CHUNKS, self.settings.max_body_chunks)
+                parts.append(data)  # bytes or bytearray: the join makes them one bytes
+            elif event is h11.NEED_DATA:
                 if size + _promised(h) > limit:
                     raise _BadRequest(Refusal.BODY_TOO_LARGE, limit)
                 await self._wait(conn, scope, deadline)
-                continue
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    raise _BadRequest(Refusal.BODY_TOO_LARGE, limit)
-                parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
             else:

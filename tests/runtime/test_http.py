@@ -641,6 +641,8 @@ async def test_pipelined_requests_then_half_close_are_all_answered(
         assert closing == [False, False, not partial]
         await trio.testing.wait_all_tasks_blocked()
         assert (len(recorder.requests), server.connections) == (3, 0)
+    # Connection.pending reads the length of h11's buffer, not a copy of it.
+    assert len(h11.Connection(h11.SERVER)._receive_buffer) == 0
 
 
 async def test_half_close_abandons_a_model_request(

@@ -109,8 +109,14 @@ class Connection:
 
     def pending(self) -> bool:
         """Whether bytes past the current request wait in h11's buffer (requests
-        the client pipelined; whole or not, the next read tells)."""
-        return bool(self.h11.trailing_data[0])
+        the client pipelined; whole or not, the next read tells). Asked once per
+        response after an end of input: h11's ``trailing_data`` copies the whole
+        buffer (up to ``max_pipelined_bytes``, for each of many tiny requests), so
+        its buffer's length is read, and the copy is only a fallback."""
+        buffer = getattr(self.h11, "_receive_buffer", None)
+        if buffer is not None:
+            return len(buffer) > 0
+        return bool(self.h11.trailing_data[0])  # pragma: no cover (h11 renamed it)
 
     def start_handling(self, scope: trio.CancelScope, *, abandon_on_eof: bool) -> None:
         """While ``scope``'s handler runs, end of input means the client left (the

@@ -21,6 +21,7 @@ from ostiary.protocol.actions import (
 from ostiary.protocol.events import (
     BackendFinished,
     ClientGone,
+    OutputTaken,
     Refusal,
     RequestRefused,
     ResponseSent,
@@ -144,6 +145,26 @@ def test_a_stalled_stream_ends_with_an_error_event() -> None:
     data = only(actions, SendBytes).data
     assert orjson.loads(data[len(b"data: ") :])["error"]["code"] == "backend_stalled"
     assert isinstance(actions[-1], EndStream)
+
+
+def test_a_slow_reader_s_waits_do_not_count_as_the_model_stalling() -> None:
+    """While a write waits for a slow client, the backend is paused behind it: the
+    stall clock starts again when the client has taken the output (OutputTaken),
+    and only the model's own silence after that counts."""
+    gw = gateway(stall_timeout=2.0, first_output_timeout=100.0, total_timeout=100.0)
+    gw.handle(request(gw, "a", chat_body(stream=True), now=0.0))
+    gw.handle(chunk("a", (Delta("x"),), now=1.0))
+    assert gw.handle(OutputTaken("a", 2.5)) == []  # the write took 1.5 s
+    assert gw.handle(Tick(3.0)) == []  # would have been the stall deadline
+    assert gw.next_deadline() == 4.5
+    assert gw.handle(OutputTaken("a", 2.0)) == []  # an older write: nothing moves back
+    assert gw.next_deadline() == 4.5
+    actions = gw.handle(Tick(4.5))
+    data = only(actions, SendBytes).data
+    assert orjson.loads(data[len(b"data: ") :])["error"]["code"] == "backend_stalled"
+    # Once the exchange has moved on (or ended), a late OutputTaken changes nothing.
+    assert gw.handle(OutputTaken("a", 5.0)) == []
+    assert gw.handle(OutputTaken("gone", 5.0)) == []
 
 
 def test_no_output_at_all_times_out_after_the_first_output_timeout() -> None:

@@ -545,6 +545,62 @@ async def test_a_stream_nobody_reads_gives_its_slot_back_after_the_send_timeout(
         assert driver.gateway.in_flight == 0
 
 
+class _SlowReader(trio.abc.Stream):
+    """A client that takes what is written to it slowly: each write is handed over
+    only after ``pause`` seconds, longer than the stall timeout (a reader whose
+    socket buffer is full)."""
+
+    def __init__(self, server: trio.abc.Stream, pause: float) -> None:
+        self._server = server
+        self._pause = pause
+        self.received = b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep(self._pause)
+        self.received += bytes(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._server.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._server.aclose()
+
+
+async def test_a_slow_reader_is_not_taken_for_a_stalled_model(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While a write waits for the client, the backend is paused behind it: the
+    stall timeout (2 s) counts the model's silence, not the reader's (3 s a write,
+    within the 60 s send_timeout). The stream ends with [DONE], not backend_stalled."""
+    async with running(stall_timeout=2.0, first_output_timeout=5.0, total_timeout=600.0) as (
+        _,
+        driver,
+        _,
+    ):
+        server = HttpServer(driver, HttpSettings(send_timeout=60.0))
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        reader = _SlowReader(server_stream, pause=3.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_connection, reader)
+            client = Client(client_stream)
+            await client.request(
+                target="/v1/chat/completions",
+                body=chat_body(model="s", stream=True),
+                authorization=auth_headers()[0][1].decode(),
+            )
+            with trio.move_on_after(300):
+                while b"[DONE]" not in reader.received:
+                    await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    assert b"backend_stalled" not in reader.received, reader.received
+    assert b"[DONE]" in reader.received, reader.received
+    assert reader.received.count(b"data: {") >= 4  # every piece came through
+    assert driver.gateway.in_flight == 0
+
+
 class _LeavesAtDone(trio.abc.Stream):
     """The server's side of a connection to a client that, like the OpenAI SDK,
     closes as soon as it has read ``data: [DONE]``: bytes written after the write

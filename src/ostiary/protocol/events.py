@@ -36,6 +36,7 @@ __all__ = [
     "KeysReplaced",
     "LimitsDecided",
     "MetricsRendered",
+    "OutputTaken",
     "ReadinessChecked",
     "Refusal",
     "RequestReceived",
@@ -113,6 +114,18 @@ class BackendFailed:
 class ClientGone:
     """The client left, or a write to it failed or timed out, before the exchange's
     last byte was sent."""
+
+    request_id: str
+    now: float
+
+
+@attrs.define
+class OutputTaken:
+    """A stream's output was waiting for the client at ``now``: a write that had to
+    wait ended then, or is still waiting when a deadline comes. The backend is
+    paused behind it (output reaches a client through a bounded buffer), so its
+    stall clock starts again from here: a slow reader is ``send_timeout``'s
+    business, not a stalled model."""
 
     request_id: str
     now: float
@@ -219,6 +232,7 @@ Event = (
     | BackendFailed
     | ClientGone
     | ResponseSent
+    | OutputTaken
     | ReadinessChecked
     | MetricsRendered
     | LimitsDecided

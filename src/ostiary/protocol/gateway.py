@@ -82,6 +82,7 @@ from .events import (
     KeysReplaced,
     LimitsDecided,
     MetricsRendered,
+    OutputTaken,
     ReadinessChecked,
     RequestReceived,
     RequestRefused,
@@ -543,6 +544,14 @@ class Gateway:
         fields = {"roles": sorted(event.access.roles), "rate_limits": len(event.access.layers)}
         return [Log("info", "reloaded roles and limits", fields)]
 
+    def _on_output_taken(self, event: OutputTaken) -> list[Action]:
+        """See :class:`OutputTaken`. The exchange may have ended or moved on while
+        the write waited (timed out, cancelled): then nothing changes."""
+        exchange = self._exchanges.get(event.request_id)
+        if exchange is not None and exchange.state is ExchangeState.STREAMING:
+            exchange.last_output = max(exchange.last_output, event.now)
+        return []
+
     def _counter(self, tokens: TokenCodec | None) -> None:
         """A token counter the runtime loaded because a limit came to need one."""
         if tokens is not None:
@@ -615,4 +624,5 @@ _STARTS: dict[type, Callable[[Gateway, Any], list[Action]]] = {
     AccessReplaced: Gateway._on_access,
     FailedAuthShared: Gateway._on_failed_auth_shared,
     ShutdownStarted: on_shutdown,
+    OutputTaken: Gateway._on_output_taken,
 }

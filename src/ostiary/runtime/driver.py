@@ -68,6 +68,7 @@ from ostiary.protocol.events import (
     KeysReplaced,
     LimitsDecided,
     MetricsRendered,
+    OutputTaken,
     ReadinessChecked,
     Refusal,
     RequestReceived,
@@ -99,6 +100,9 @@ log = logging.getLogger("ostiary.driver")
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _INTERNAL = "The server had an error while processing your request."
+#: Seconds a stream write may take before the core is told the backend waited for
+#: the client (:class:`OutputTaken`); quicker writes cost it no event.
+_SLOW_WRITE = 0.01
 #: Pieces of a non-streamed generation handed to the gateway at once.
 _BATCH = 256
 #: Actions one request may have waiting in its mailbox: far more than the gateway
@@ -186,6 +190,9 @@ class Driver:
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
         self._contexts: dict[str, _Context] = {}
+        #: Requests whose stream output is being written (the backend paused behind
+        #: the client): a Tick first tells the core they wait (see OutputTaken).
+        self._writing: set[str] = set()
         self._timer: trio.CancelScope | None = None
 
     def settle_limits(self, action: SettleLimits) -> None:
@@ -357,6 +364,8 @@ class Driver:
             self._timer = None
             now = trio.current_time()
             if now >= self.gateway.next_deadline():
+                for rid in list(self._writing):
+                    self._feed(OutputTaken(rid, now))
                 self._feed(Tick(now))
 
     def replace_access(
@@ -399,12 +408,26 @@ class Driver:
                         await responder.end(action.data)
                         self._feed(ResponseSent(rid, trio.current_time()))
                     else:
-                        await responder.send(action.data)
+                        before = trio.current_time()
+                        self._writing.add(rid)
+                        try:
+                            await responder.send(action.data)
+                        finally:
+                            self._writing.discard(rid)
+                        after = trio.current_time()
+                        if after - before > _SLOW_WRITE:
+                            # The backend waited for this client: its stall
+                            # clock starts again (see OutputTaken).
+                            self._feed(OutputTaken(rid, after))
                 elif isinstance(action, Respond):
                     await responder.respond(action.status, action.headers, action.body)
                     self._feed(ResponseSent(rid, trio.current_time()))
                 elif isinstance(action, StartStream):
-                    await responder.start(action.status, action.headers)
+                    self._writing.add(rid)
+                    try:
+                        await responder.start(action.status, action.headers)
+                    finally:
+                        self._writing.discard(rid)
                 elif isinstance(action, EndStream):
                     await responder.end()
                     self._feed(ResponseSent(rid, trio.current_time()))

@@ -813,3 +813,11 @@ def test_readiness_with_redis_down_depends_on_on_failure() -> None:
         request(gw2, "r2", target="/readyz", method="GET")
         checked = ReadinessChecked("r2", (("b1", "down"),), 1.0, redis_unreachable=True)
         assert response(gw2.handle(checked))[0] == 503
+
+
+def test_a_refused_stream_is_logged_as_a_stream() -> None:
+    gw = gateway(Role(name="tenant", requests_per_minute=1))
+    request(gw, "r1", chat_body(stream=True), now=0.0)
+    assert response(request(gw, "r2", chat_body(stream=True), now=0.0))[0] == 429
+    (record,) = [a for a in gw.handle(ResponseSent("r2", 0.0)) if isinstance(a, Log)]
+    assert record.fields["status"] == 429 and record.fields["stream"] is True

@@ -213,7 +213,11 @@ class Exchange:
         call = self.call
         if call is not None:
             fields["model"] = call.model
-            fields["stream"] = self.output is not None and self.output.streaming
+            # What the client asked for (a refused stream was still one).
+            output = self.output
+            fields["stream"] = (
+                output.streaming if output is not None else bool(getattr(call, "stream", False))
+            )
         usage = self.usage
         if usage is not None:
             fields["prompt_tokens"] = usage.prompt_tokens

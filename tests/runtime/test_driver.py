@@ -554,10 +554,13 @@ class _SlowReader(trio.abc.Stream):
         self._server = server
         self._pause = pause
         self.received = b""
+        self.ended = trio.Event()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.sleep(self._pause)
         self.received += bytes(data)
+        if self.received.endswith(b"0\r\n\r\n"):
+            self.ended.set()
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -592,8 +595,7 @@ async def test_a_slow_reader_is_not_taken_for_a_stalled_model(
                 authorization=auth_headers()[0][1].decode(),
             )
             with trio.move_on_after(300):
-                while b"[DONE]" not in reader.received:
-                    await trio.sleep(1)
+                await reader.ended.wait()
             nursery.cancel_scope.cancel()
     assert b"backend_stalled" not in reader.received, reader.received
     assert b"[DONE]" in reader.received, reader.received

@@ -545,22 +545,13 @@ async def test_a_stream_nobody_reads_gives_its_slot_back_after_the_send_timeout(
         assert driver.gateway.in_flight == 0
 
 
-class _SlowReader(trio.abc.Stream):
-    """A client that takes what is written to it slowly: each write is handed over
-    only after ``pause`` seconds, longer than the stall timeout (a reader whose
-    socket buffer is full)."""
+class _ServerEnd(trio.abc.Stream):
+    """The server's side of a connection whose writes a test plays the client for
+    (``send_all``, what it received in ``received``); reads come from ``server``."""
 
-    def __init__(self, server: trio.abc.Stream, pause: float) -> None:
+    def __init__(self, server: trio.abc.Stream) -> None:
         self._server = server
-        self._pause = pause
         self.received = b""
-        self.ended = trio.Event()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.sleep(self._pause)
-        self.received += bytes(data)
-        if self.received.endswith(b"0\r\n\r\n"):
-            self.ended.set()
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -570,6 +561,23 @@ class _SlowReader(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._server.aclose()
+
+
+class _SlowReader(_ServerEnd):
+    """A client that takes what is written to it slowly: each write is handed over
+    only after ``pause`` seconds, longer than the stall timeout (a reader whose
+    socket buffer is full)."""
+
+    def __init__(self, server: trio.abc.Stream, pause: float) -> None:
+        super().__init__(server)
+        self._pause = pause
+        self.ended = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep(self._pause)
+        self.received += bytes(data)
+        if self.received.endswith(b"0\r\n\r\n"):
+            self.ended.set()
 
 
 async def test_a_slow_reader_is_not_taken_for_a_stalled_model(
@@ -603,7 +611,7 @@ async def test_a_slow_reader_is_not_taken_for_a_stalled_model(
     assert driver.gateway.in_flight == 0
 
 
-class _LeavesAtDone(trio.abc.Stream):
+class _LeavesAtDone(_ServerEnd):
     """The server's side of a connection to a client that, like the OpenAI SDK,
     closes as soon as it has read ``data: [DONE]``: bytes written after the write
     that carried it find the client gone. With ``split``, the write that carries it
@@ -612,10 +620,9 @@ class _LeavesAtDone(trio.abc.Stream):
     (a transport that yields after it has taken the bytes)."""
 
     def __init__(self, client: trio.abc.Stream, server: trio.abc.Stream, *, split: bool) -> None:
+        super().__init__(server)
         self._client = client
-        self._server = server
         self._split = split
-        self.received = b""
         self.gone = False
 
     async def _leave(self) -> None:
@@ -639,15 +646,6 @@ class _LeavesAtDone(trio.abc.Stream):
             return
         await self._leave()
         self.received += data[end:]  # the rest of this write: handed over all the same
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._server.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self._server.aclose()
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
-from ostiary.protocol import openapi
+from ostiary.protocol import openapi, openapi_schemas
 from ostiary.protocol.actions import Respond
 from ostiary.protocol.admission import MODEL_PATH, PUBLIC, ROUTES, Endpoint, route
 from ostiary.protocol.decoding import decode_chat, decode_completion, decode_embedding
@@ -162,7 +162,7 @@ def test_null_is_accepted_where_the_schema_says_so(name: str, cls: type, decoder
         assert schema.is_valid(body) or field in not_null, field
 
 
-@pytest.mark.parametrize(("field", "bounds"), sorted(openapi.RANGES.items()))
+@pytest.mark.parametrize(("field", "bounds"), sorted(openapi_schemas.RANGES.items()))
 def test_fixed_ranges_match_the_decoder(field: str, bounds: tuple[float, float]) -> None:
     name = {
         "logprobs": "CreateCompletionRequest",

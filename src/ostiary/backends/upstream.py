@@ -123,8 +123,11 @@ class UpstreamSettings(BackendSettings):
     max_connections: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     #: Our model id -> the upstream's name for it; unlisted ids are sent unchanged.
     upstream_models: dict[str, str] = attrs.field(factory=dict, hash=False)
-    #: After a stream's end, the longest wait for the rest of its HTTP body.
-    response_drain_timeout: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    #: After a stream's end, the longest wait for the rest of its HTTP body. The
+    #: client's ``[DONE]`` waits for it, so it is short: a server that ends its body
+    #: sends the end right behind its last event; one that keeps it open costs the
+    #: connection (closed, not pooled), not the client a second.
+    response_drain_timeout: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
     #: ... and the most bytes read from it, before the connection is closed instead.
     response_drain_max_bytes: int = attrs.field(default=64 * 1024, validator=attrs.validators.ge(0))
     #: Largest whole (non-streamed) reply body read from the upstream; a longer one

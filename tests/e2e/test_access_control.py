@@ -159,3 +159,38 @@ def test_wrong_keys_slow_one_address_but_not_another(api: Api, server: ServerPro
     )
     with other:
         assert other.get("/models", headers=good).status_code == 200
+
+
+def test_a_key_s_own_limits_hold_on_a_config_that_limits_nothing(
+    launch_server: Launcher, openapi: spec.OpenAPI
+) -> None:
+    """As an operator would: the default config (built-in roles, no limits), then
+    ``keys create --requests-per-minute 1 --tokens-per-minute 5000`` while it runs.
+    The key is held to them, and its prompts are counted with the token counter,
+    which the server loads then (nothing needed it at start)."""
+    from tests.e2e.conftest import SCRIPTED_BACKEND
+
+    server = launch_server("own-limits", SCRIPTED_BACKEND)
+    created = server.cli(
+        "keys", "create", "--name", "own", "--role", "user",
+        "--requests-per-minute", "1", "--tokens-per-minute", "5000",
+    )  # fmt: skip
+    secret = created.stdout.strip()
+    server.secrets.append(secret)
+    server.wait_for_log("reloaded API keys", 1, 10.0)
+    assert server.log_records("loading the token counter for token limits")
+    api = Api(server, openapi)
+    try:
+        client = api.sdk(secret)
+        raw = client.chat.completions.with_raw_response.create(
+            model="scripted", messages=MESSAGES, max_tokens=5
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "1"
+        assert raw.headers["x-ratelimit-limit-tokens"] == "5000"
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=5)
+        assert limited.value.code == "rate_limit_exceeded"
+        # The admin key, without limits of its own, is not limited.
+        assert api.sdk(server.key).chat.completions.create(model="scripted", messages=MESSAGES)
+    finally:
+        api.close()

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import orjson
 import pytest
 import trio
@@ -17,7 +18,7 @@ from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.errors import BackendUnavailableError
 from ostiary.protocol.exchange import BackendPolicy
 from ostiary.protocol.gateway import Gateway, ModelRoute
-from ostiary.protocol.generation import Delta, EmbeddingResult, Usage
+from ostiary.protocol.generation import Delta, EmbeddingResult, ToolCallDelta, Usage
 from ostiary.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ostiary.runtime.access_log import AccessLog
 from ostiary.runtime.driver import Driver
@@ -545,6 +546,57 @@ async def test_a_stream_nobody_reads_gives_its_slot_back_after_the_send_timeout(
         assert driver.gateway.in_flight == 0
 
 
+class _RefusedOutput(ScriptedBackend):
+    """Text, a whole tool call, then more arguments for it: output the gateway's
+    tool-call normalizer refuses, so the gateway stops the call mid-output."""
+
+    def __init__(self) -> None:
+        super().__init__(ScriptedSettings(name="refused", models=("refused",)))
+
+    def chat(self, request: ChatCompletionRequest) -> Generation:
+        return self._gen()
+
+    async def _gen(self) -> Generation:
+        yield Delta("hello")
+        await trio.sleep(1)
+        yield Delta(tool_calls=(ToolCallDelta(0, id="c1", name="f", arguments="{}"),))
+        await trio.sleep(1)
+        yield Delta(tool_calls=(ToolCallDelta(0, arguments='{"x":1}'),))
+        yield Usage(1, 1)  # pragma: no cover (the call is stopped before)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_output_the_gateway_refuses_is_answered_with_its_error(
+    stream: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The gateway stops the call from inside the backend's own cancel scope (the
+    chunk it is fed there is the one it refuses); its error answer must still be
+    written, whole: it was dropped (a whole answer: no response at all) or cut
+    short by that scope (a stream: no error event, a truncated body)."""
+    refused = _RefusedOutput()
+    routes = [
+        ModelRoute("refused", "refused", capabilities=refused._settings.capabilities("refused"))
+    ]
+    gateway = Gateway(routes=routes, keys=key_table(), backends=[BackendPolicy(name="refused")])
+    driver = Driver(gateway, {"refused": refused})
+    async with in_memory(driver) as connect:
+        client = await connect()
+        await client.request(
+            target="/v1/chat/completions",
+            body=chat_body(model="refused", stream=stream),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        with trio.fail_after(60):
+            status, _, body = await client.response()
+    assert b"backend_error" in body
+    if stream:
+        assert status == 200 and body.startswith(b"data: ")
+        assert orjson.loads(body.split(b"data: ")[-1])["error"]["code"] == "backend_error"
+    else:
+        assert status == 502
+    assert driver.gateway.in_flight == 0
+
+
 class _ServerEnd(trio.abc.Stream):
     """The server's side of a connection whose writes a test plays the client for
     (``send_all``, what it received in ``received``); reads come from ``server``."""
@@ -578,6 +630,63 @@ class _SlowReader(_ServerEnd):
         self.received += bytes(data)
         if self.received.endswith(b"0\r\n\r\n"):
             self.ended.set()
+
+
+class _HalfThenSlow(_ServerEnd):
+    """A client whose socket takes half of each write at once and the rest
+    ``pause`` seconds later: a stop while a write is under way meets it halfway."""
+
+    def __init__(self, server: trio.abc.Stream, pause: float) -> None:
+        super().__init__(server)
+        self._pause = pause
+        self.ended = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        data = bytes(data)
+        half = len(data) // 2
+        self.received += data[:half]
+        await trio.sleep(self._pause)
+        self.received += data[half:]
+        if self.received.endswith(b"0\r\n\r\n"):
+            self.ended.set()
+
+
+async def test_a_stop_during_a_write_never_cuts_the_write_short(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The total timeout (4 s) passes while a write waits for the client: the write
+    ends whole, then the error event follows; the chunked body parses to the end
+    (it was cut mid-chunk, the error written after the partial chunk)."""
+    timeouts: dict[str, Any] = {
+        "stall_timeout": 100.0, "first_output_timeout": 5.0, "total_timeout": 4.0,
+    }  # fmt: skip
+    async with running(**timeouts) as (_, driver, _):
+        server = HttpServer(driver, HttpSettings(send_timeout=60.0))
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        reader = _HalfThenSlow(server_stream, pause=3.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_connection, reader)
+            client = Client(client_stream)
+            await client.request(
+                target="/v1/chat/completions",
+                body=chat_body(model="slow", stream=True),
+                authorization=auth_headers()[0][1].decode(),
+            )
+            with trio.move_on_after(200):
+                await reader.ended.wait()
+            nursery.cancel_scope.cancel()
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("host", "t")]))
+    conn.receive_data(reader.received)
+    body = b""
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+        assert event is not h11.NEED_DATA, reader.received
+        if isinstance(event, h11.Data):
+            body += event.data
+    events = [orjson.loads(e[len(b"data: ") :]) for e in body.split(b"\n\n") if e]
+    assert all("choices" in e for e in events[:-1])
+    assert events[-1]["error"]["code"] == "backend_timeout"
+    assert driver.gateway.in_flight == 0
 
 
 async def test_a_slow_reader_is_not_taken_for_a_stalled_model(

@@ -482,10 +482,14 @@ class Driver:
                     else:
                         generation = backend.complete(call)
                     if call.stream:
-                        failure = await self._pump(ctx, generation)
+                        failure, stopped = await self._pump(ctx, generation)
+                        if stopped:
+                            # The gateway stopped it: its answer is in the mailbox.
+                            ctx.backend_scope = None
+                            return
                         now = trio.current_time()
                     else:
-                        now = await self._collect(rid, generation)
+                        now = await self._collect(ctx, generation)
                         failure = None
                     event = (
                         BackendFinished(rid, now)
@@ -504,50 +508,74 @@ class Driver:
             return  # the gateway stopped it; what it has to say is in the mailbox
         await self._run(ctx, self._feed(event))
 
-    async def _collect(self, rid: str, generation: Generation) -> float:
+    async def _collect(self, ctx: _Context, generation: Generation) -> float:
         """Feed a non-streamed generation to the gateway in batches, yielding to
         other tasks between them (a huge answer must not stall the event loop).
         Returns the time it ended (no checkpoint since: one clock read fewer)."""
+        rid = ctx.request_id
         batch: list[Delta | Usage] = []
         try:
             async for piece in generation:
                 batch.append(piece)
                 if len(batch) >= _BATCH:
-                    self._feed(BackendChunk(rid, tuple(batch), trio.current_time()))
+                    self._output(ctx, BackendChunk(rid, tuple(batch), trio.current_time()))
                     batch = []
                     await trio.lowlevel.checkpoint()
         finally:
             await generation.aclose()
         now = trio.current_time()
         if batch:
-            self._feed(BackendChunk(rid, tuple(batch), now))
+            self._output(ctx, BackendChunk(rid, tuple(batch), now))
         return now
 
-    async def _pump(self, ctx: _Context, generation: Generation) -> OpenAIError | None:
+    def _output(self, ctx: _Context, event: BackendChunk) -> list[Action]:
+        """Feed the backend's output; returns the actions to carry out here. If the
+        gateway stopped the call for it (output it refuses: the tool-call
+        normalizer's, strict mode's...), its answer goes to the mailbox instead:
+        the backend's scope, the one running now, is cancelled, and whatever ran in
+        it would be cut short; the request's task carries the mailbox out once the
+        call has unwound."""
+        actions = self._feed(event)
+        scope = ctx.backend_scope
+        if actions and scope is not None and scope.cancel_called:
+            for action in actions:
+                ctx.post(action)
+            return []
+        return actions
+
+    async def _pump(self, ctx: _Context, generation: Generation) -> tuple[OpenAIError | None, bool]:
         """Stream a generation to the client through a bounded channel, sending
-        whatever has piled up in one write. Returns the backend's error, if any."""
+        whatever has piled up in one write. Returns the backend's error, if any, and
+        whether the gateway stopped the call (``CancelBackend``).
+
+        ``CancelBackend`` cancels the producer alone: the writes to the client run
+        outside its scope, so a stop (a timeout, output the gateway refuses) never
+        cuts a write short in the middle of a chunk; the write in progress ends, and
+        the gateway's answer (an error event) follows it from the mailbox."""
         rid = ctx.request_id
         send, receive = trio.open_memory_channel[Delta | Usage](self._stream_buffer)
         failure: OpenAIError | None = None
+        producer = ctx.backend_scope = trio.CancelScope()
 
         async def produce() -> None:
             nonlocal failure
-            async with send, aclosing(generation):
-                try:
-                    async for piece in generation:
-                        # No checkpoint while there is room: what the backend has
-                        # ready piles up and goes out in one write.
-                        try:
-                            send.send_nowait(piece)
-                        except trio.WouldBlock:
-                            await send.send(piece)
-                except trio.BrokenResourceError:
-                    pass  # the consumer stopped first; it reports why
-                except OpenAIError as error:
-                    failure = error
-                except Exception:
-                    log.exception("backend failed", extra={"fields": {"request_id": rid}})
-                    failure = InternalServerError(_INTERNAL)
+            with producer:
+                async with send, aclosing(generation):
+                    try:
+                        async for piece in generation:
+                            # No checkpoint while there is room: what the backend
+                            # has ready piles up and goes out in one write.
+                            try:
+                                send.send_nowait(piece)
+                            except trio.WouldBlock:
+                                await send.send(piece)
+                    except trio.BrokenResourceError:
+                        pass  # the consumer stopped first; it reports why
+                    except OpenAIError as error:
+                        failure = error
+                    except Exception:
+                        log.exception("backend failed", extra={"fields": {"request_id": rid}})
+                        failure = InternalServerError(_INTERNAL)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
@@ -559,9 +587,11 @@ class Driver:
                             batch.append(receive.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
+                    if producer.cancel_called:
+                        continue  # stopped: what is left is the gateway's to drop
                     event = BackendChunk(rid, tuple(batch), trio.current_time())
-                    await self._run(ctx, self._feed(event))
-        return failure
+                    await self._run(ctx, self._output(ctx, event))
+        return failure, producer.cancel_called
 
     # -- readiness -------------------------------------------------------------------
 

@@ -587,3 +587,32 @@ def test_python_warnings_are_log_records_in_the_log_s_format() -> None:
     (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
     assert "Key size should be >= 2048 bits" in line["msg"]
     assert line["level"] == "warning"
+
+
+async def test_a_key_table_that_failed_to_apply_is_tried_again(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``replace`` may fail (loading the token counter, say): the store's change is
+    then applied at the next poll, not skipped until the store changes again."""
+    store = SqliteKeyStore(tmp_path / "k.sqlite3")
+    generation = store.load()[0]
+    applied: list[KeyTable] = []
+    failures = [RuntimeError("counter")]
+
+    async def replace(keys: KeyTable) -> None:
+        if failures:
+            raise failures.pop()
+        applied.append(keys)
+
+    async def inline(fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_keys, store, replace, generation, 1.0, inline)
+        await trio.testing.wait_all_tasks_blocked()  # it sleeps till its first poll
+        store.create("n", "user")
+        for _ in range(2):
+            mock_clock.jump(1.0)
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert not failures and len(applied) == 1 and len(applied[0].keys) == 1

@@ -215,3 +215,33 @@ async def test_readyz_is_unavailable_until_a_key_set_is_loaded(
         await trio.sleep(2)  # past the readiness cache (mock clock)
         await client.request("GET", "/readyz")
         assert (await client.response())[0] == 200
+
+
+async def test_a_reload_whose_token_counter_cannot_load_is_refused_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token limits added by SIGHUP need the counter: if it cannot be loaded, nothing
+    of the reload is applied (the JWT settings included), and the server goes on."""
+    from ostiary.runtime import server as server_module
+
+    def broken() -> None:
+        raise OSError("no cl100k")
+
+    monkeypatch.setattr(server_module, "load_cl100k", broken)
+    first = tmp_path / "first.json"
+    first.write_bytes(jwks(RSA))
+    path = tmp_path / "cfg.toml"
+    path.write_text(config_text(jwt_table(first, ISSUER)), encoding="utf-8")
+    config = load_config(path)
+    verifier = await load_verifier(config)
+    assert verifier is not None
+    async with serving(verifier) as (connect, driver):
+        limited = config_text(jwt_table(first, "https://other.test")).replace(
+            'name = "tenant"\n', 'name = "tenant"\ntokens_per_minute = 1000\n'
+        )
+        path.write_text(limited, encoding="utf-8")
+        assert await reload_access(config, driver) is None
+        refusals = [getattr(r, "fields", {}).get("error", "") for r in caplog.records]
+        assert any("cannot load the token counter" in e for e in refusals)
+        assert (await ask(connect, tok(RSA)))[0] == 200  # the old issuer still holds
+        assert not driver.gateway.guard.access.counts_tokens

@@ -92,8 +92,9 @@ async def watch_keys(
         try:
             current = await run_sync(store.generation)
             if current != generation:
-                generation, table, _ = await run_sync(store.load)
+                loaded, table, _ = await run_sync(store.load)
                 await replace(table)
+                generation = loaded  # only once applied: a failure is tried again
         except Exception as exc:
             # Keep serving with the keys we have; say why the reload failed.
             log.error("cannot reload API keys", extra={"fields": {"error": repr(exc)}})
@@ -185,6 +186,14 @@ async def reload_access(config: Config, driver: Driver) -> Config | None:
     )
     guard = driver.gateway.guard
     access = new.access_policy()
+    try:  # first: nothing is applied yet if it fails
+        tokens = await counter_for(driver, access.counts_tokens)
+    except Exception as exc:
+        log.error(
+            "config reload refused; the old config stays",
+            extra={"fields": {"error": f"cannot load the token counter: {exc!r}"}},
+        )
+        return None
     verifier = guard.verifier
     if new.auth.jwt != config.auth.jwt:
         try:
@@ -195,7 +204,6 @@ async def reload_access(config: Config, driver: Driver) -> Config | None:
                 extra={"fields": {"error": f"[auth.jwt] JWKS: {exc}"}},
             )
             return None
-    tokens = await counter_for(driver, access.counts_tokens)
     driver.replace_access(access, verifier, parse_networks(new.auth.trusted_proxies), tokens)
     return new
 

@@ -15,8 +15,10 @@ import trio.testing
 
 from ostiary.runtime.asgi import AsgiResponder, OstiaryApp, create_app
 from ostiary.runtime.config import Config, parse_config
+from ostiary.runtime.driver import Driver
 from ostiary.runtime.responder import ClientDisconnected
 from tests.conftest import chat_body
+from tests.runtime.test_driver import events
 
 Message = dict[str, Any]
 
@@ -146,15 +148,6 @@ async def drained(call: Call) -> AsyncIterator[Message]:
             return
 
 
-def sse(body: bytes) -> list[Any]:
-    out = []
-    for block in body.split(b"\n\n"):
-        if block:
-            payload = block.removeprefix(b"data: ")
-            out.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
-    return out
-
-
 async def test_chat_completion_whole_and_streamed(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -173,7 +166,7 @@ async def test_chat_completion_whole_and_streamed(
         assert status == 200
         assert headers[b"content-type"].startswith(b"text/event-stream")
         assert b"content-length" not in headers
-        chunks = sse(body)
+        chunks = events(body)
         assert chunks[-1] == "[DONE]"
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
         assert text == reply["choices"][0]["message"]["content"]
@@ -195,7 +188,7 @@ async def test_a_stream_goes_out_piece_by_piece(
                 break
         # Eight pieces a second apart (then the usage-less end and [DONE]).
         assert sum(1 for m in pieces if m.get("more_body")) >= 8
-        assert sse(b"".join(m["body"] for m in pieces))[-1] == "[DONE]"
+        assert events(b"".join(m["body"] for m in pieces))[-1] == "[DONE]"
 
 
 async def test_no_key_is_401(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
@@ -208,14 +201,20 @@ async def test_no_key_is_401(tmp_path: Path, autojump_clock: trio.testing.MockCl
         assert headers[b"content-length"] == str(len(body)).encode()
 
 
+async def slow_stream(server: Server) -> tuple[Driver, Call]:
+    """A slow stream begun (its head read), and the driver serving it."""
+    driver = server.app.driver
+    assert driver is not None
+    call = await server.post("/v1/chat/completions", chat_body(model="slow", stream=True))
+    assert (await call.from_app.receive())["type"] == "http.response.start"
+    return driver, call
+
+
 async def test_a_client_gone_mid_stream_frees_its_slot(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with serving(tmp_path) as server:
-        driver = server.app.driver
-        assert driver is not None
-        call = await server.post("/v1/chat/completions", chat_body(model="slow", stream=True))
-        assert (await call.from_app.receive())["type"] == "http.response.start"
+        driver, call = await slow_stream(server)
         first = await call.from_app.receive()
         assert first["more_body"] is True
         assert driver.gateway.in_flight == 1
@@ -234,10 +233,7 @@ async def test_a_failing_send_is_the_client_gone(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with serving(tmp_path) as server:
-        driver = server.app.driver
-        assert driver is not None
-        call = await server.post("/v1/chat/completions", chat_body(model="slow", stream=True))
-        assert (await call.from_app.receive())["type"] == "http.response.start"
+        driver, call = await slow_stream(server)
         began = trio.current_time()
         call.from_app.close()  # the app's next send fails
         await call.done.wait()

@@ -326,8 +326,9 @@ async def test_shutdown_cancels_what_outlasts_the_drain(
         began = trio.current_time()
         await lifespan.to_app.send({"type": "lifespan.shutdown"})
         assert (await lifespan.from_app.receive())["type"] == "lifespan.shutdown.complete"
-        assert 2.0 <= trio.current_time() - began < 8.0  # the drain, not the whole stream
-        await call.done.wait()
+        assert trio.current_time() - began == 2.0  # the drain, not the whole stream
+        # The request was cancelled and unwound before the shutdown completed.
+        assert call.done.is_set()
         assert driver.gateway.in_flight == 0
 
 

@@ -62,6 +62,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 #: The environment variable :func:`create_app` reads the config file's path from.
 CONFIG_ENV = "OSTIARY_CONFIG"
+#: Seconds the handlers a drain cancelled may take to unwind.
+_UNWIND_TIMEOUT = 1.0
 
 
 class AsgiResponder:
@@ -207,11 +209,17 @@ class OstiaryApp:
         )
         driver.shutdown()
         with trio.move_on_after(timeout):
-            while self._handling:
-                self._idle = trio.Event()
-                await self._idle.wait()
+            await self._until_idle()
         for scope in list(self._handling):
             scope.cancel()
+        # The cancelled handlers unwind (telling the gateway) before the backends close.
+        with trio.move_on_after(_UNWIND_TIMEOUT):
+            await self._until_idle()
+
+    async def _until_idle(self) -> None:
+        while self._handling:
+            self._idle = trio.Event()
+            await self._idle.wait()
 
     # -- http ----------------------------------------------------------------------------
 

@@ -87,10 +87,11 @@ from ostiary.protocol.visibility import Network
 
 from .access_log import AccessLog
 from .exposition import Exposition
-from .http import ClientDisconnected, HttpRequest, Responder
+from .http import ClientDisconnected, HttpRequest
 from .jwt import KeyRefresher
 from .live import serve_viewer
 from .metrics import Metrics
+from .responder import ResponseWriter
 from .shared_limits import SharedLimits
 
 __all__ = ["Driver"]
@@ -117,7 +118,7 @@ class _Context:
 
     __slots__ = ("backend_scope", "mailbox", "request_id", "responder", "waiter")
 
-    def __init__(self, request_id: str, responder: Responder) -> None:
+    def __init__(self, request_id: str, responder: ResponseWriter) -> None:
         self.request_id = request_id
         self.responder = responder
         self.mailbox: list[Action] = []
@@ -226,7 +227,7 @@ class Driver:
             admission = self.gateway.admits(method, target, headers, peer, time.time())
         return admission
 
-    async def handle(self, request: HttpRequest, responder: Responder) -> None:
+    async def handle(self, request: HttpRequest, responder: ResponseWriter) -> None:
         rid = self.next_request_id()
         ctx = _Context(rid, responder)
         event = RequestReceived(
@@ -242,7 +243,7 @@ class Driver:
         await self._serve(ctx, event)
 
     async def refuse(
-        self, refusal: Refusal, responder: Responder, method: str, target: str, limit: int
+        self, refusal: Refusal, responder: ResponseWriter, method: str, target: str, limit: int
     ) -> None:
         rid = self.next_request_id()
         event = RequestRefused(

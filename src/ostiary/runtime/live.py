@@ -31,7 +31,7 @@ from wsproto.frame_protocol import CloseReason
 
 from ostiary.protocol.actions import AcceptWebSocket, Action, CloseWebSocket
 
-from .responder import ClientDisconnected, Responder, Tunnel
+from .responder import ClientDisconnected, ResponseWriter, Tunnel
 
 __all__ = ["serve_viewer"]
 
@@ -109,7 +109,7 @@ class _Viewer:
 
 
 async def serve_viewer(
-    responder: Responder,
+    responder: ResponseWriter,
     action: AcceptWebSocket,
     snapshot: Callable[[float], bytes],
     take: Callable[[], Awaitable[Sequence[Action]]],

@@ -14,13 +14,14 @@ import math
 import time
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol
 
 import h11
 import trio
 
 from .connection import Connection
 
-__all__ = ["ClientDisconnected", "RawResponder", "Responder", "Tunnel"]
+__all__ = ["ClientDisconnected", "RawResponder", "Responder", "ResponseWriter", "Tunnel"]
 
 log = logging.getLogger("ostiary.http")
 
@@ -51,6 +52,24 @@ class _HttpDate:
 
 
 _date = _HttpDate()
+
+
+class ResponseWriter(Protocol):
+    """What a handler writes one response through, whichever door the request came
+    in by: :class:`Responder` (h11) or the ASGI adapter's (:mod:`.asgi`)."""
+
+    started: bool
+    finished: bool
+
+    async def respond(self, status: int, headers: tuple[Header, ...], body: bytes) -> None: ...
+
+    async def start(self, status: int, headers: tuple[Header, ...]) -> None: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def end(self, data: bytes = b"") -> None: ...
+
+    async def switch_protocol(self, headers: tuple[Header, ...]) -> Tunnel: ...
 
 
 class Responder:

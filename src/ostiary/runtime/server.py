@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
 import attrs
@@ -37,7 +37,14 @@ from .schemas import JsonSchemaChecker
 from .shared_limits import SharedLimits
 from .tokenizer import load_cl100k
 
-__all__ = ["StartupError", "bootstrap_keys", "load_verifier", "run_server", "watch_keys"]
+__all__ = [
+    "StartupError",
+    "bootstrap_keys",
+    "load_verifier",
+    "open_driver",
+    "run_server",
+    "watch_keys",
+]
 
 log = logging.getLogger("ostiary.server")
 T = TypeVar("T")
@@ -240,17 +247,18 @@ async def _reload_verifier(driver: Driver, new: Config) -> JwtVerifier | None:
     return current
 
 
-async def run_server(
-    config: Config,
-    *,
-    access_log: AccessLog | None = None,
-    handle_signals: bool = True,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``config`` until a signal (or cancellation); ``task_status.started``
-    reports the bound listeners (useful with port 0). With ``access_log`` (and
-    ``[server] access_log`` on), request records go through it, flushed by a task of
-    the server's nursery and once more at the end; without, through ``logging``."""
+@asynccontextmanager
+async def open_driver(
+    config: Config, *, access_log: AccessLog | None = None
+) -> AsyncIterator[Driver]:
+    """The gateway of ``config`` behind a ready :class:`Driver`, for either door (the
+    h11 server of :func:`run_server`, or the ASGI app of :mod:`.asgi`): the keys
+    loaded (a bootstrap admin key written on first start), every backend entered, and
+    the background tasks (timers, key watcher, JWKS, shared limits, access log
+    writer) running in a nursery for as long as the block runs; leaving it cancels
+    them and closes the backends. With ``access_log`` (and ``[server] access_log``
+    on), request records go through it, flushed by a task of the nursery and once
+    more at the end; without, through ``logging``."""
     store = await trio.to_thread.run_sync(bootstrap_keys, config)
     generation, table, _ = await trio.to_thread.run_sync(store.load)
     routes = [
@@ -319,8 +327,6 @@ async def run_server(
         )
         if writer is not None:
             stack.callback(writer.flush)  # what was logged while the nursery unwound
-        server = HttpServer(driver, config.server.http())
-        listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
         async with trio.open_nursery() as nursery:
             if writer is not None:
                 await nursery.start(writer.run)
@@ -336,6 +342,25 @@ async def run_server(
             nursery.start_soon(
                 watch_keys, store, replace_keys, generation, config.auth.key_reload_interval
             )
+            yield driver
+            nursery.cancel_scope.cancel()
+
+
+async def run_server(
+    config: Config,
+    *,
+    access_log: AccessLog | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``config`` until a signal (or cancellation); ``task_status.started``
+    reports the bound listeners (useful with port 0). ``access_log``: see
+    :func:`open_driver`."""
+    async with open_driver(config, access_log=access_log) as driver:
+        gateway = driver.gateway
+        server = HttpServer(driver, config.server.http())
+        listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
+        async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listeners)
             for listener in listeners:
                 host, port = listener.socket.getsockname()[:2]

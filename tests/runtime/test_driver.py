@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import h11
 import orjson
@@ -651,6 +651,31 @@ class _HalfThenSlow(_ServerEnd):
             self.ended.set()
 
 
+Reader = TypeVar("Reader", "_SlowReader", "_HalfThenSlow")
+
+
+async def _stream_chat(
+    driver: Driver, model: str, client_end: Callable[[trio.abc.Stream], Reader]
+) -> Reader:
+    """One streamed chat to ``model``, its writes handed to the client end that
+    ``client_end`` makes of the server's stream, until the body's end was written
+    (or 300 s of the mock clock); that end, with what it received."""
+    server = HttpServer(driver, HttpSettings(send_timeout=60.0))
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    reader = client_end(server_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_connection, reader)
+        await Client(client_stream).request(
+            target="/v1/chat/completions",
+            body=chat_body(model=model, stream=True),
+            authorization=auth_headers()[0][1].decode(),
+        )
+        with trio.move_on_after(300):
+            await reader.ended.wait()
+        nursery.cancel_scope.cancel()
+    return reader
+
+
 async def test_a_stop_during_a_write_never_cuts_the_write_short(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -661,20 +686,7 @@ async def test_a_stop_during_a_write_never_cuts_the_write_short(
         "stall_timeout": 100.0, "first_output_timeout": 5.0, "total_timeout": 4.0,
     }  # fmt: skip
     async with running(**timeouts) as (_, driver, _):
-        server = HttpServer(driver, HttpSettings(send_timeout=60.0))
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        reader = _HalfThenSlow(server_stream, pause=3.0)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.serve_connection, reader)
-            client = Client(client_stream)
-            await client.request(
-                target="/v1/chat/completions",
-                body=chat_body(model="slow", stream=True),
-                authorization=auth_headers()[0][1].decode(),
-            )
-            with trio.move_on_after(200):
-                await reader.ended.wait()
-            nursery.cancel_scope.cancel()
+        reader = await _stream_chat(driver, "slow", lambda server: _HalfThenSlow(server, 3.0))
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method="POST", target="/", headers=[("host", "t")]))
     conn.receive_data(reader.received)
@@ -700,20 +712,7 @@ async def test_a_slow_reader_is_not_taken_for_a_stalled_model(
         driver,
         _,
     ):
-        server = HttpServer(driver, HttpSettings(send_timeout=60.0))
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        reader = _SlowReader(server_stream, pause=3.0)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.serve_connection, reader)
-            client = Client(client_stream)
-            await client.request(
-                target="/v1/chat/completions",
-                body=chat_body(model="s", stream=True),
-                authorization=auth_headers()[0][1].decode(),
-            )
-            with trio.move_on_after(300):
-                await reader.ended.wait()
-            nursery.cancel_scope.cancel()
+        reader = await _stream_chat(driver, "s", lambda server: _SlowReader(server, 3.0))
     assert b"backend_stalled" not in reader.received, reader.received
     assert b"[DONE]" in reader.received, reader.received
     assert reader.received.count(b"data: {") >= 4  # every piece came through

@@ -17,7 +17,7 @@ import trio.testing
 from ostiary.backends.scripted import ScriptedBackend, ScriptedSettings
 from ostiary.protocol.access import AccessPolicy, Role
 from ostiary.protocol.gateway import Gateway, ModelRoute
-from ostiary.runtime.config import load_config
+from ostiary.runtime.config import Config, load_config
 from ostiary.runtime.driver import Driver
 from ostiary.runtime.jwt import JwtVerifier
 from ostiary.runtime.server import load_verifier, reload_access
@@ -147,17 +147,25 @@ def jwt_table(jwks_file: Path, issuer: str) -> str:
     )
 
 
-async def test_sighup_reloads_the_jwt_settings(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    first, second = tmp_path / "first.json", tmp_path / "second.json"
+async def jwt_config(tmp_path: Path) -> tuple[Path, Path, Config, JwtVerifier]:
+    """A config file with ``[auth.jwt]`` on a JWKS file of the RSA key: the JWKS
+    file, the config file, the config loaded and its verifier (its keys loaded)."""
+    first = tmp_path / "first.json"
     first.write_bytes(jwks(RSA))
-    second.write_bytes(jwks(ROTATED))
     path = tmp_path / "cfg.toml"
     path.write_text(config_text(jwt_table(first, ISSUER)), encoding="utf-8")
     config = load_config(path)
     verifier = await load_verifier(config)
     assert verifier is not None
+    return first, path, config, verifier
+
+
+async def test_sighup_reloads_the_jwt_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, path, config, verifier = await jwt_config(tmp_path)
+    second = tmp_path / "second.json"
+    second.write_bytes(jwks(ROTATED))
     async with serving(verifier) as (connect, driver):
         old = tok(RSA)
         assert (await ask(connect, old))[0] == 200
@@ -228,13 +236,7 @@ async def test_a_reload_whose_token_counter_cannot_load_is_refused_whole(
         raise OSError("no cl100k")
 
     monkeypatch.setattr(server_module, "load_cl100k", broken)
-    first = tmp_path / "first.json"
-    first.write_bytes(jwks(RSA))
-    path = tmp_path / "cfg.toml"
-    path.write_text(config_text(jwt_table(first, ISSUER)), encoding="utf-8")
-    config = load_config(path)
-    verifier = await load_verifier(config)
-    assert verifier is not None
+    first, path, config, verifier = await jwt_config(tmp_path)
     async with serving(verifier) as (connect, driver):
         limited = config_text(jwt_table(first, "https://other.test")).replace(
             'name = "tenant"\n', 'name = "tenant"\ntokens_per_minute = 1000\n'
